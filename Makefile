@@ -24,6 +24,8 @@ $(VENV)/.installed: setup.py constraints.txt
 demo: setup
 	$(SCMM) data demo --out $(DEMO)/corpus --overwrite
 	$(SCMM) data info $(DEMO)/corpus
+	rm -rf $(DEMO)/stage1
+	OMP_NUM_THREADS=2 $(SCMM) pretrain --config configs/stage1_demo.yaml
 
 test: setup
 	$(PY) -m pytest -q

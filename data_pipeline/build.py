@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from data_pipeline.h5ad import H5adSource, open_h5ad
 from data_pipeline.ontology import Ontology, get_ontology
 from data_pipeline.splits import SPLITS, plan_splits
-from data_pipeline.store import OBS_COLUMNS, SCHEMA_VERSION, label_keys, shard_checksum
+from data_pipeline.store import OBS_COLUMNS, SCHEMA_VERSION, label_keys, shard_checksums
 from data_pipeline.text import describe, metadata_from_obs
 from data_pipeline.vocab import GeneVocab, check_coverage, map_genes
 from scmm.errors import ScmmError
@@ -234,7 +234,7 @@ class _ShardWriter:
             rec["count"] += 1
             rec["splits"][split] += 1
         self.entries.append({"name": name, "split": split, "n_cells": int(n), "nnz": int(head_m.nnz),
-                             "columns": list(self.columns), "sha256": shard_checksum(arrays)})
+                             "columns": list(self.columns), "checksums": shard_checksums(arrays)})
 
 
 def write_array(group: zarr.Group, key: str, value: np.ndarray) -> None:

@@ -2,7 +2,7 @@
 
 Layout of a corpus folder::
 
-    manifest.json            schema version, vocab hash, counts, splits, cell types, per-shard checksums
+    manifest.json            schema version, vocab hash, counts, splits, cell types, per-array checksums
     vocab.json               the gene vocabulary the corpus was built against
     zarr.json                root group
     genes/vocab_id           int32 [n_genes]  vocabulary id of each panel gene
@@ -34,17 +34,20 @@ OBS_COLUMNS = ("cell_type_ontology_term_id", "cell_type", "tissue_ontology_term_
 NUMERIC_ARRAYS = ("indptr", "indices", "data")
 
 
-def shard_checksum(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over a shard's arrays in name order (numbers as little-endian bytes, strings as UTF-8)."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.asarray(arrays[name])
-        h.update(name.encode())
-        if a.dtype.kind in "iuf":
-            h.update(np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False)).tobytes())
-        else:
-            h.update("\x1f".join(map(str, a.tolist())).encode())
+def column_checksum(name: str, values: np.ndarray) -> str:
+    """sha256 of one shard array (numbers as little-endian bytes, strings as UTF-8 joined by \\x1f)."""
+    h = hashlib.sha256(name.encode())
+    a = np.asarray(values)
+    if a.dtype.kind in "iuf":
+        h.update(np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False)).tobytes())
+    else:
+        h.update("\x1f".join(map(str, a.tolist())).encode())
     return h.hexdigest()
+
+
+def shard_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """Per-array checksums of a shard, so that a read of some columns verifies just those."""
+    return {name: column_checksum(name, arrays[name]) for name in sorted(arrays)}
 
 
 def label_keys(term_ids, labels) -> list[str]:
@@ -126,16 +129,19 @@ class Corpus:
 
     # --- data -------------------------------------------------------------------------------------
     def read_shard(self, name: str, columns: tuple[str, ...] | None = None) -> Shard:
-        """Load one shard; a shard that fails to decode or to match its checksum is an error naming it."""
+        """Load one shard (the expression and `columns`, default all); what is read is checked against its
+        checksums, and a shard that fails to decode or to match is an error naming it."""
         entry = self.shard_entry(name)
-        want = tuple(entry["columns"]) if columns is None or self.verify else columns
+        want = tuple(entry["columns"]) if columns is None else tuple(columns)
         try:
             group = self._root[f"shards/{name}"]
-            arrays = {key: group[key][:] for key in NUMERIC_ARRAYS + tuple(want)}
+            arrays = {key: group[key][:] for key in NUMERIC_ARRAYS + want}
         except Exception as exc:  # zarr/codec errors on damaged chunk files
             raise ScmmError(f"corpus shard '{name}' in {self.path} is corrupted ({type(exc).__name__}: {exc})") from None
-        if self.verify and shard_checksum(arrays) != entry["sha256"]:
-            raise ScmmError(f"corpus shard '{name}' in {self.path} is corrupted (checksum mismatch)")
+        if self.verify:
+            for key, value in arrays.items():
+                if column_checksum(key, value) != entry["checksums"][key]:
+                    raise ScmmError(f"corpus shard '{name}' in {self.path} is corrupted (checksum mismatch in '{key}')")
         n = entry["n_cells"]
         try:
             matrix = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=(n, self.n_genes))

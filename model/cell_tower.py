@@ -88,6 +88,7 @@ class CellTowerConfig:
     d_hid: int = 512
     nlayers: int = 12
     dropout: float = 0.2
+    attn_dropout: Optional[float] = None  # dropout on attention weights; None = `dropout` (as upstream scGPT)
     pad_value: float = -2.0
     mask_value: float = -1.0
     input_emb_style: str = "continuous"
@@ -237,7 +238,8 @@ class CellTowerLayer(nn.Module):
         super().__init__()
         d, eps = config.d_model, config.layer_norm_eps
         self.pre_norm = config.pre_norm
-        self.self_attn = SelfAttention(d, config.nhead, config.dropout)
+        attn_dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
+        self.self_attn = SelfAttention(d, config.nhead, attn_dropout)
         self.linear1 = nn.Linear(d, config.d_hid)
         self.linear2 = nn.Linear(config.d_hid, d)
         self.norm1 = nn.LayerNorm(d, eps=eps)

@@ -282,7 +282,8 @@ class AlignmentHeads(nn.Module):
         self.cell_proj = nn.Linear(hidden_size, embed_dim)
         self.text_proj = nn.Linear(text_hidden_size, embed_dim)
         self.itm_head = nn.Linear(hidden_size, 2)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # shape [1], not a 0-dim scalar: DeepSpeed broadcasts parameters as bytes, which 0-dim tensors cannot be
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
         self.max_log_scale = math.log(max_logit_scale)
 
     def cell_features(self, query_out: torch.Tensor) -> torch.Tensor:
@@ -295,4 +296,4 @@ class AlignmentHeads(nn.Module):
         return self.itm_head(query_out).mean(dim=1)
 
     def get_logit_scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+        return self.logit_scale.clamp(max=self.max_log_scale).exp().squeeze(0)

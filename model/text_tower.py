@@ -122,12 +122,13 @@ class TextTower(nn.Module):
             self.model.eval()
         return self
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Pad to the longest text (at most ``max_length`` tokens): {"input_ids", "attention_mask"} as [B, T]
         CPU tensors; attention_mask is 1 for real tokens (HF convention)."""
         if isinstance(texts, str):
             texts = [texts]
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.max_length,
+        enc = self.tokenizer(list(texts), padding=True, truncation=True,
+                             max_length=min(max_length or self.config.max_length, self.config.max_length),
                              return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 

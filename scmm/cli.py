@@ -157,10 +157,27 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     info.set_defaults(func=cmd_data_info)
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pretrain.train import load_config, train
+    train(load_config(args.config), resume=args.resume, deepspeed_json=args.deepspeed_config, stop_at=args.stop_at)
+    return 0
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="stage 1: cell–text alignment (single process; use the deepspeed "
+                       "launcher on pretrain/train.py for several)")
+    p.add_argument("--config", required=True, help="stage-1 YAML config")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--deepspeed_config", help="DeepSpeed JSON (overrides the config's)")
+    p.add_argument("--stop-at", type=int, help="end this launch after that step, with a checkpoint")
+    p.set_defaults(func=cmd_pretrain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scmm", description="scmm: language-enhanced single-cell transcriptomics")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _data_parser(sub)
+    _train_parser(sub)
     return parser
 
 

@@ -80,7 +80,7 @@ def test_build_is_deterministic(tmp_path: Path, h5ad_path: Path):
     for name in ("a", "b"):
         build_corpus(BuildConfig(inputs=[h5ad_path], out=tmp_path / name, shard_size=32, progress=False))
     ma, mb = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("a", "b"))
-    assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
+    assert [s["checksums"] for s in ma["shards"]] == [s["checksums"] for s in mb["shards"]]
 
 
 def test_labels_by_name_log_input_and_two_files(tmp_path: Path):

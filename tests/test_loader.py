@@ -121,3 +121,15 @@ def test_memory_stays_bounded_by_the_shuffle_window(small_corpus: Path, monkeypa
     n = sum(len(b) for b in _ids(loader))
     assert n == Corpus(small_corpus).manifest["splits"]["train"]
     assert len(reads) == len(set(reads)) == len(Corpus(small_corpus).shards("train"))
+
+
+def test_binning_equals_the_quantile_digitize_definition():
+    """The one-sort implementation gives upstream's edges (np.quantile) and digitize sides exactly."""
+    data = np.random.default_rng(1)
+    for n in (1, 2, 7, 50, 333):
+        values = np.round(data.lognormal(size=n), 1)  # rounding makes ties
+        edges = np.quantile(values, np.linspace(0, 1, 50))
+        left, right = np.digitize(values, edges), np.digitize(values, edges, right=True)
+        u = np.random.default_rng(5).random(n)
+        expect = np.ceil(u * (right - left) + left)
+        np.testing.assert_array_equal(binning(values, 51, np.random.default_rng(5)), expect)

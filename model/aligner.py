@@ -1,0 +1,255 @@
+"""The stage-1 model: cell tower + text tower + Q-Former + heads, trained with three objectives.
+
+One forward pass of the cell tower serves all three losses: a share of the gene values is masked
+(scGPT style) and the tower's outputs feed the reconstruction head and the Q-Former. Masking doubles
+as augmentation for the contrastive and matching objectives and halves the cost of a step, the part
+that dominates training on a CPU. At inference nothing is masked.
+
+Saved as a folder (`save_pretrained`/`from_pretrained`, no DeepSpeed needed)::
+
+    config.json           AlignerConfig (+ format and version)
+    cell_tower/           CellTower.save_pretrained (config.json, model.safetensors, vocab.json)
+    text_tower/           the Hugging Face encoder and its tokenizer
+    aligner.safetensors   Q-Former, heads and expression decoder
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.cell_tower import CellTower, CellTowerConfig, atomic_write_folder
+from model.expr_decoder import ExprDecoder, ExprDecoderConfig
+from model.losses import (contrastive_loss, gather_features, itm_hard_negatives, itm_loss, mask_values,
+                          masked_expression_loss)
+from model.qformer import AlignmentHeads, QFormer, QFormerConfig
+from model.text_tower import TextTower, TextTowerConfig
+from scmm.errors import ScmmError
+
+log = logging.getLogger(__name__)
+FORMAT = "scmm-aligner"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CellTowerOptions:
+    """The cell tower's shape, or `init_from` an scGPT checkpoint folder (its args.json then decides)."""
+
+    d_model: int = 512
+    nhead: int = 8
+    d_hid: int = 512
+    nlayers: int = 12
+    dropout: float = 0.1
+    attn_dropout: float | None = None  # None: as `dropout` (upstream); 0 lets attention skip a costly mask
+    input_emb_style: str = "continuous"
+    n_input_bins: int = 51
+    init_from: str | None = None
+
+
+@dataclass
+class QFormerOptions:
+    num_queries: int = 32
+    num_layers: int = 6
+    cross_attention_freq: int = 2
+    embed_dim: int = 256
+    dropout: float = 0.1
+    init_from_text: bool = True
+
+
+@dataclass
+class LossOptions:
+    contrastive: float = 1.0
+    matching: float = 1.0
+    reconstruction: float = 1.0
+    mask_ratio: float = 0.25
+    matching_max_length: int = 64  # text tokens seen by the matching head (the cell type comes first)
+    matching_max_cells: int = 0  # cells of a batch that enter the matching loss (0: all); it is the costly part
+    same_label_not_negative: bool = True
+
+
+@dataclass
+class AlignerConfig:
+    cell_tower: CellTowerOptions = field(default_factory=CellTowerOptions)
+    text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)
+    qformer: QFormerOptions = field(default_factory=QFormerOptions)
+    loss: LossOptions = field(default_factory=LossOptions)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True when `flag` holds on any rank (just `flag` outside a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+            torch.distributed.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class CellTextAligner(nn.Module):
+    """Cell tower, text tower, Q-Former and alignment heads; `forward(batch)` returns the losses."""
+
+    def __init__(self, config: AlignerConfig, vocab: dict[str, int], cell_tower: CellTower | None = None,
+                 text_tower: TextTower | None = None):
+        super().__init__()
+        self.config, self.vocab = config, dict(vocab)
+        ct = config.cell_tower
+        if cell_tower is None:
+            if ct.init_from:
+                cell_tower, ckpt_vocab = CellTower.from_scgpt(ct.init_from, allow_missing_heads=True,
+                                                              dropout=ct.dropout)
+                if ckpt_vocab != self.vocab:
+                    raise ScmmError(f"the scGPT checkpoint {ct.init_from} has its own gene vocabulary; build the "
+                                    f"corpus with --vocab {ct.init_from}")
+            else:
+                cell_tower = CellTower(CellTowerConfig(
+                    vocab_size=len(self.vocab) if not self.vocab else max(self.vocab.values()) + 1,
+                    pad_token_id=self.vocab["<pad>"], d_model=ct.d_model, nhead=ct.nhead, d_hid=ct.d_hid,
+                    nlayers=ct.nlayers, dropout=ct.dropout, attn_dropout=ct.attn_dropout, input_emb_style=ct.input_emb_style,
+                    n_input_bins=ct.n_input_bins))
+        self.cell_tower = cell_tower
+        self.text_tower = text_tower if text_tower is not None else TextTower(config.text_tower)
+        q = config.qformer
+        qcfg = QFormerConfig.from_text_config(self.text_tower.model.config, num_queries=q.num_queries,
+                                              num_layers=q.num_layers, cross_attention_freq=q.cross_attention_freq,
+                                              encoder_width=self.cell_tower.d_model, embed_dim=q.embed_dim,
+                                              dropout=q.dropout)
+        self.qformer = QFormer(qcfg)
+        if q.init_from_text:
+            self.qformer.init_from_bert(self.text_tower.model)
+        self.heads = AlignmentHeads(qcfg.hidden_size, self.text_tower.hidden_size, q.embed_dim)
+        self.expr_decoder = ExprDecoder(ExprDecoderConfig(d_model=self.cell_tower.d_model))
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    # --- encoders ---------------------------------------------------------------------------------
+    def encode_cells(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-gene states [B,L,D], Q-Former query outputs [B,Q,H])."""
+        states = self.cell_tower(gene_ids, values, padding_mask)
+        return states, self.qformer(states, padding_mask)
+
+    def cell_features(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """The aligned, L2-normalised cell embedding [B, embed_dim] (`obsm['X_scmm']`)."""
+        return self.heads.cell_features(self.encode_cells(gene_ids, values, padding_mask)[1])
+
+    def text_pooled(self, texts: list[str]) -> torch.Tensor:
+        """Pooled text-tower outputs; cached per text when the text tower is frozen (texts repeat a lot)."""
+        device = next(self.heads.parameters()).device
+        if not self.config.text_tower.freeze:
+            tok = self.text_tower.tokenize(texts)
+            return self.text_tower(tok["input_ids"].to(device), tok["attention_mask"].to(device))[0]
+        missing = sorted({t for t in texts if t not in self._text_cache})
+        # in a training step under ZeRO-3 a forward gathers weights, so every rank must join it; outside
+        # training (e.g. rank 0 evaluating alone) there is no lockstep and no collective
+        if (_any_rank(bool(missing), device) if self.training else bool(missing)):
+            missing = missing or texts[:1]
+            with torch.no_grad():
+                tok = self.text_tower.tokenize(missing)
+                pooled = self.text_tower(tok["input_ids"].to(device), tok["attention_mask"].to(device))[0]
+            for t, p in zip(missing, pooled.float()):
+                self._text_cache[t] = p.detach()
+        return torch.stack([self._text_cache[t] for t in texts]).to(device)
+
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        """The aligned, L2-normalised text embedding [B, embed_dim]."""
+        pooled = self.text_pooled(texts)
+        return self.heads.text_features(pooled.to(self.heads.text_proj.weight.dtype))
+
+    # --- training ---------------------------------------------------------------------------------
+    def forward(self, batch: dict, step: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0) -> dict:
+        """All three losses and their weighted sum for one batch; randomness is seeded by (seed, step, rank)."""
+        lo = self.config.loss
+        device = next(self.heads.parameters()).device
+        gen = torch.Generator().manual_seed(hash((seed, step, rank)) & 0x7FFFFFFF)
+        dtype = self.heads.text_proj.weight.dtype  # bf16 under DeepSpeed's bf16 mode
+        gene_ids, values = batch["gene_ids"].to(device), batch["values"].to(device)
+        pad = batch["padding_mask"].to(device)
+        labels = batch["labels"].to(device) if lo.same_label_not_negative else None
+        masked, mask = mask_values(values.cpu(), pad.cpu(), lo.mask_ratio,
+                                   self.cell_tower.config.mask_value, generator=gen)
+        states, query = self.encode_cells(gene_ids, masked.to(device, dtype), pad)
+        cell_f = self.heads.cell_features(query).float()
+        text_f = self.text_features(batch["text"]).float()
+        out = {"contrastive": contrastive_loss(cell_f, text_f, self.heads.get_logit_scale(), labels, rank, world_size)}
+        pred = self.expr_decoder(states)
+        out["reconstruction"] = masked_expression_loss(pred.float(), values.float(), mask.to(device))
+        out["matching"] = self._matching_loss(states, pad, cell_f, text_f, batch["text"], labels, gen) \
+            if lo.matching > 0 else torch.zeros((), device=device)
+        out["loss"] = lo.contrastive * out["contrastive"] + lo.matching * out["matching"] + \
+            lo.reconstruction * out["reconstruction"]
+        return out
+
+    def _matching_loss(self, states, pad, cell_f, text_f, texts, labels, gen) -> torch.Tensor:
+        """Cell–text matching on the positives plus one hard negative per cell and per text (local batch)."""
+        with torch.no_grad():
+            sim = cell_f.float() @ text_f.float().t()
+            neg_text, neg_cell = itm_hard_negatives(sim, sim.t(), labels, generator=gen)
+        tok = self.text_tower.tokenize(texts, max_length=self.config.loss.matching_max_length)
+        ids, attn = tok["input_ids"].to(states.device), tok["attention_mask"].to(states.device)
+        n = states.shape[0]
+        idx = torch.arange(n, device=states.device)
+        keep_t, keep_c = neg_text >= 0, neg_cell >= 0
+        limit = self.config.loss.matching_max_cells
+        if 0 < limit < n:  # positives, negative texts and negative cells for the first `limit` items only
+            idx = idx[:limit]
+            keep_t, keep_c = keep_t[:limit], keep_c[:limit]
+            neg_text, neg_cell, n = neg_text[:limit], neg_cell[:limit], limit
+        cell_idx = torch.cat([idx, idx[keep_t], neg_cell[keep_c]])
+        text_idx = torch.cat([idx, neg_text[keep_t], idx[keep_c]])
+        targets = torch.cat([torch.ones(n), torch.zeros(int(keep_t.sum()) + int(keep_c.sum()))]).long()
+        query, _ = self.qformer(states[cell_idx], pad[cell_idx], text_mask=attn[text_idx], text_input_ids=ids[text_idx])
+        return itm_loss(self.heads.itm_logits(query).float(), targets.to(states.device))
+
+    # --- folders ----------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the model folder atomically (see the module docstring)."""
+        def write(tmp: Path) -> None:
+            self.cell_tower.save_pretrained(tmp / "cell_tower", vocab=self.vocab)
+            self.text_tower.model.save_pretrained(tmp / "text_tower")
+            self.text_tower.tokenizer.save_pretrained(tmp / "text_tower")
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                     if not k.startswith(("cell_tower.", "text_tower."))}
+            save_file(state, str(tmp / "aligner.safetensors"))
+            cfg = asdict(self.config)
+            cfg["text_tower"]["path"] = "text_tower"  # relative to the folder
+            (tmp / "config.json").write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                         **cfg}, indent=1))
+        return atomic_write_folder(folder, write)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "CellTextAligner":
+        from scmm.config import from_dict
+        folder = Path(folder)
+        try:
+            raw = json.loads((folder / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ScmmError(f"{folder} is not an scmm model folder ({exc})") from None
+        if raw.pop("format", None) != FORMAT:
+            raise ScmmError(f"{folder} is not an scmm stage-1 model folder")
+        version = raw.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ScmmError(f"{folder} was written by another scmm version (format {version}, "
+                            f"this scmm reads {FORMAT_VERSION})")
+        raw["text_tower"]["path"] = str(folder / "text_tower")
+        raw["cell_tower"]["init_from"] = None
+        config = from_dict(AlignerConfig, raw)
+        try:
+            cell_tower = CellTower.from_pretrained(folder / "cell_tower")
+            vocab = json.loads((folder / "cell_tower" / "vocab.json").read_text())
+            model = cls(config, vocab, cell_tower=cell_tower, text_tower=TextTower(config.text_tower))
+            state = load_file(str(folder / "aligner.safetensors"))
+        except ScmmError:
+            raise
+        except Exception as exc:
+            raise ScmmError(f"cannot load the model in {folder}: {type(exc).__name__}: {exc}") from None
+        own = {k for k in model.state_dict() if not k.startswith(("cell_tower.", "text_tower."))}
+        missing, unexpected = own - set(state), set(state) - own
+        if missing or unexpected:
+            raise ScmmError(f"{folder}/aligner.safetensors does not match the model: missing "
+                            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        model.load_state_dict(state, strict=False)
+        return model.eval()

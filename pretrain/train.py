@@ -1,0 +1,347 @@
+"""Stage 1: cell–text alignment pretraining under DeepSpeed.
+
+    scmm pretrain --config configs/stage1_demo.yaml [--resume]
+    deepspeed pretrain/train.py --config FILE --deepspeed_config configs/deepspeed/zero2.json
+    torchrun --standalone --nproc_per_node 2 pretrain/train.py --config FILE
+
+The loop reads top to bottom: set up the process group, build the corpus loader and the model, wrap
+them in a DeepSpeed engine, then step, log and checkpoint. A checkpoint holds the engine (weights,
+optimizer, scheduler) plus, per rank, the loader position and RNG states, so `--resume` continues
+with exactly the batches and losses of an uninterrupted run. At the end the consolidated fp32
+weights are exported to `<out>/model/`, a folder that loads without DeepSpeed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script by a launcher: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_pipeline.loader import CorpusLoader, LoaderConfig
+from data_pipeline.store import Corpus
+from eval.annotate import zero_shot_accuracy
+from model.aligner import AlignerConfig, CellTextAligner
+from scmm.config import load_yaml
+from scmm.errors import ScmmError
+
+log = logging.getLogger("scmm.pretrain")
+PRECISIONS = ("fp32", "bf16", "autocast-bf16")
+
+
+@dataclass
+class TrainOptions:
+    steps: int = 1000
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    precision: str = "bf16"  # fp32 | bf16 (DeepSpeed bf16 weights) | autocast-bf16 (fp32 weights, bf16 matmuls)
+    activation_checkpointing: bool = False
+    optimizer: str = "auto"  # auto: DeepSpeed's fused AdamW on GPU, torch AdamW on CPU | torch | deepspeed
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    tensorboard: bool = False
+    threads: int = 0  # torch intra-op threads per process (0: leave as is)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'")
+        if self.optimizer not in ("auto", "torch", "deepspeed"):
+            raise ValueError(f"train.optimizer must be auto, torch or deepspeed, not '{self.optimizer}'")
+        if self.steps < 1 or self.grad_accum < 1 or self.save_every < 1 or self.keep_last < 1:
+            raise ValueError("train.steps, grad_accum, save_every and keep_last must be >= 1")
+
+
+@dataclass
+class Stage1Config:
+    corpus: str
+    out: str
+    name: str = "stage1"
+    seed: int = 0
+    deepspeed: str | None = None  # DeepSpeed JSON (ZeRO stage, ...); None: configs/deepspeed/zero2.json's content
+    model: AlignerConfig = field(default_factory=AlignerConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    train: TrainOptions = field(default_factory=TrainOptions)
+
+
+# --- set-up ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join (or, without a launcher, create) the process group; returns (rank, world size, device)."""
+    if "RANK" not in os.environ:  # a single process without a launcher: what DeepSpeed would expect
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def deepspeed_config(cfg: Stage1Config, path: str | None, world: int) -> dict:
+    """The DeepSpeed JSON with the values this config owns filled in (batch, accumulation, clipping, precision)."""
+    path = path or cfg.deepspeed or str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json")
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ScmmError(f"cannot read the DeepSpeed config {path}: {exc}") from None
+    t = cfg.train
+    ds.update(train_micro_batch_size_per_gpu=cfg.loader.batch_size, gradient_accumulation_steps=t.grad_accum,
+              train_batch_size=cfg.loader.batch_size * t.grad_accum * world, gradient_clipping=t.grad_clip,
+              steps_per_print=10 ** 9, wall_clock_breakdown=False)
+    ds["bf16"] = {"enabled": t.precision == "bf16"}
+    ds.pop("fp16", None)
+    if t.tensorboard:
+        ds["tensorboard"] = {"enabled": True, "output_path": str(Path(cfg.out) / "tensorboard"), "job_name": cfg.name}
+    if use_deepspeed_optimizer(t):
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay,
+                                                       "betas": [0.9, 0.98], "eps": 1e-8}}
+    return ds
+
+
+def use_deepspeed_optimizer(t: TrainOptions) -> bool:
+    return t.optimizer == "deepspeed" or (t.optimizer == "auto" and torch.cuda.is_available())
+
+
+def lr_lambda(t: TrainOptions):
+    """Linear warmup, then cosine decay to `min_lr_ratio` at the last step."""
+    def fn(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return fn
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on biases, norms, embeddings' padding rows or the temperature)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "logit_scale" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, loader: CorpusLoader, rank: int, keep_last: int) -> None:
+    """DeepSpeed checkpoint of the engine, plus this rank's loader position and RNG states; keep the last K."""
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
+    torch.save({"step": step, "loader": loader.state_dict(), "rng": _rng_state()},
+               ckpt_dir / tag / f"trainer_state_rank{rank}.pt")
+    torch.distributed.barrier()
+    if rank == 0:
+        tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
+        for old in tags[:-keep_last]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    torch.distributed.barrier()
+
+
+def load_checkpoint(engine, ckpt_dir: Path, loader: CorpusLoader, rank: int) -> int:
+    """Restore the latest checkpoint; returns the step to continue from."""
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        raise ScmmError(f"--resume: no checkpoint in {ckpt_dir}")
+    tag = latest.read_text().strip()
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise ScmmError(f"--resume: cannot load checkpoint {ckpt_dir / tag}")
+    state_file = ckpt_dir / tag / f"trainer_state_rank{rank}.pt"
+    if not state_file.is_file():
+        raise ScmmError(f"--resume: {state_file} is missing (was the run launched with another number of ranks?)")
+    state = torch.load(state_file, weights_only=False)
+    loader.load_state_dict(state["loader"])
+    _set_rng_state(state["rng"])
+    return int(client["step"])
+
+
+def export_model(cfg: Stage1Config, vocab: dict, ckpt_dir: Path, out: Path) -> None:
+    """Consolidate the fp32 weights of the last checkpoint (any ZeRO stage) into a model folder."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir))
+    model = CellTextAligner(cfg.model, vocab)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    missing = [k for k in missing if k not in frozen]  # frozen weights are the ones the model was built with
+    if missing or unexpected:
+        raise RuntimeError(f"export: state dict mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.save_pretrained(out)
+
+
+# --- the loop -------------------------------------------------------------------------------------
+def train(cfg: Stage1Config, resume: bool = False, deepspeed_json: str | None = None,
+          stop_at: int | None = None) -> dict:
+    """Run stage 1; returns the last logged metrics (rank 0).
+
+    `stop_at` ends this launch after that step with a checkpoint (for time-limited cluster jobs);
+    `--resume` continues from there.
+    """
+    rank, world, device = init_distributed()
+    import deepspeed
+    from tqdm.auto import tqdm
+    t = cfg.train
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    if not resume and ckpt_dir.exists():
+        raise ScmmError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose another out")
+    torch.distributed.barrier()
+    corpus = Corpus(cfg.corpus)
+    vocab = json.loads((Path(cfg.corpus) / "vocab.json").read_text())
+    loader = CorpusLoader(corpus, "train", cfg.loader, vocab["<cls>"], vocab["<pad>"], rank=rank, world_size=world)
+
+    torch.manual_seed(cfg.seed)
+    model = CellTextAligner(cfg.model, vocab)
+    if t.activation_checkpointing:
+        model.cell_tower.gradient_checkpointing_enable()
+    optimizer = None if use_deepspeed_optimizer(t) else \
+        torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.98), eps=1e-8)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=param_groups(model, t.weight_decay) if optimizer is None
+        else None, config=deepspeed_config(cfg, deepspeed_json, world),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t)))
+    step = load_checkpoint(engine, ckpt_dir, loader, rank) if resume else 0
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("stage 1: %d ranks, %s, %.1fM parameters (%.1fM trained), %d train cells, %d batches/epoch/rank",
+                 world, t.precision, n_params / 1e6, n_train / 1e6, corpus.manifest["splits"]["train"], len(loader))
+
+    batches = iter(loader)
+
+    def next_batch() -> dict:
+        nonlocal batches
+        for _ in range(2):
+            try:
+                return next(batches)
+            except StopIteration:  # the epoch ended: the loader now stands at the next one
+                batches = iter(loader)
+        raise ScmmError("the train split yields no batch (fewer cells than one batch per rank?)")
+
+    metrics_path = out / "metrics.jsonl"
+    bar = tqdm(total=t.steps, initial=step, desc="stage 1", unit="step", disable=rank != 0 or None)
+    window = {"loss": 0.0, "contrastive": 0.0, "matching": 0.0, "reconstruction": 0.0, "cells": 0, "n": 0}
+    digest = hashlib.sha1()  # of the cell IDs this rank trained on since the last log line
+    tic, last = time.perf_counter(), {}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "autocast-bf16")
+    engine.train()
+    while step < t.steps:
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        for _ in range(t.grad_accum):
+            batch = next_batch()
+            with autocast:
+                losses = engine(batch, step=step, rank=rank, world_size=world, seed=cfg.seed)
+            engine.backward(losses["loss"])
+            engine.step()
+            for k in ("loss", "contrastive", "matching", "reconstruction"):
+                window[k] += float(losses[k].detach())
+            window["cells"] += batch["gene_ids"].shape[0]
+            digest.update("\x1f".join(batch["cell_id"]).encode())
+            window["n"] += 1
+        step += 1
+        if step % t.log_every == 0 or step == t.steps:
+            summary = torch.tensor([window[k] for k in ("loss", "contrastive", "matching", "reconstruction", "cells")]
+                                   + [window["n"]], dtype=torch.float64)
+            torch.distributed.all_reduce(summary)  # means over ranks and micro-steps, cells over ranks
+            elapsed = time.perf_counter() - tic
+            n = summary[-1].item()
+            last = {"step": step, "epoch": loader.epoch, "lr": lr,
+                    **{k: summary[i].item() / n for i, k in enumerate(("loss", "contrastive", "matching",
+                                                                       "reconstruction"))},
+                    "cells_per_s": summary[4].item() / elapsed, "batch_digest": digest.hexdigest()[:16]}
+            if rank == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
+                if engine.monitor.enabled:
+                    engine.monitor.write_events([(f"stage1/{k}", v, step) for k, v in last.items()
+                                                 if isinstance(v, float)])
+                bar.set_postfix(loss=f"{last['loss']:.3f}", cells_s=f"{last['cells_per_s']:.0f}")
+            window = {k: 0.0 if k != "cells" else 0 for k in window}
+            digest = hashlib.sha1()
+            tic = time.perf_counter()
+        bar.update(1)
+        if step % t.save_every == 0 or step == t.steps or step == stop_at:
+            save_checkpoint(engine, ckpt_dir, step, loader, rank, t.keep_last)
+        if step == stop_at:
+            break
+    bar.close()
+    if rank == 0 and step == t.steps:
+        export_model(cfg, vocab, ckpt_dir, out / "model")
+        exported = CellTextAligner.from_pretrained(out / "model")
+        acc = zero_shot_accuracy(exported, corpus, "val", cfg.loader)
+        (out / "model" / "train_summary.json").write_text(json.dumps({"val_zero_shot_accuracy": acc, **last}))
+        log.info("exported the stage-1 model to %s; zero-shot cell-type accuracy on the val split: %.3f",
+                 out / "model", acc)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return last
+
+
+def load_config(path: str) -> Stage1Config:
+    return load_yaml(path, Stage1Config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="scmm stage 1: cell–text alignment pretraining")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (overrides the config's)")
+    parser.add_argument("--stop-at", type=int, default=None, help="end this launch after that step (checkpointed)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        train(load_config(args.config), resume=args.resume, deepspeed_json=args.deepspeed_config,
+              stop_at=args.stop_at)
+    except ScmmError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

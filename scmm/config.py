@@ -1,0 +1,79 @@
+"""YAML -> dataclasses, with every key validated: a typo is an error, never a silent default."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from scmm.errors import ScmmError
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ScmmError(f"config key '{where}' must be a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ScmmError(f"config key '{where}' must be a list")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        out = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 3e-4 as a string
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ScmmError(f"config key '{where}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict, where: str = "") -> T:
+    """Build dataclass `cls` from a dict; unknown keys and wrongly typed values are errors naming the key."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ScmmError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)} "
+                        f"(allowed here: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ScmmError(f"config {where or cls.__name__}: {exc}") from None
+    except ValueError as exc:
+        raise ScmmError(f"config {where or cls.__name__}: {exc}") from None
+
+
+def load_yaml(path: str | Path, cls: type[T]) -> T:
+    """Read a YAML file into dataclass `cls`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScmmError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ScmmError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ScmmError(f"config file {path} must hold a mapping")
+    return from_dict(cls, data)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,216 @@
+"""Evaluation metrics against values computed by hand on tiny fixtures, and the baselines on a small corpus."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from data_pipeline.ontology import get_ontology
+from eval.baselines import (expression_matrix, highly_variable_genes, knn_smoothing, logistic_regression_baseline,
+                            majority_baseline, pca_knn_baseline, run_corpus_baselines)
+from eval.knn import build_index, knn_search, knn_vote, pseudocell_knn_accuracy
+from eval.metrics import (annotation_metrics, apply_unknown, choose_unknown_threshold, confusion_matrix_png,
+                          text_generation_metrics)
+from eval.ontology_score import ontology_score, ppr_similarity
+from eval.retrieval import retrieval_metrics
+
+CD8_T, CD4_T, MATURE_AB_T, T_CELL = "CL:0000625", "CL:0000624", "CL:0000791", "CL:0000084"
+B_CELL, CD14_MONO, HEPATOCYTE, EPITHELIAL, CELL = "CL:0000236", "CL:0001054", "CL:0000182", "CL:0000066", "CL:0000000"
+
+
+@pytest.fixture(scope="module")
+def onto():
+    return get_ontology()
+
+
+# --- ontology scores -----------------------------------------------------------------------------------
+
+def test_ontology_path_score_by_hand(onto):
+    assert onto.parents(CD8_T) == [MATURE_AB_T] and onto.parents(CD4_T) == [MATURE_AB_T]
+    assert ontology_score(CD8_T, CD8_T, onto) == 1.0
+    assert ontology_score(MATURE_AB_T, CD8_T, onto) == pytest.approx(0.8)  # parent: 1 step
+    assert ontology_score(CD8_T, MATURE_AB_T, onto) == pytest.approx(0.8)  # child: 1 step
+    assert ontology_score(CD4_T, CD8_T, onto) == pytest.approx(0.64)  # sibling: 1 + 1 steps
+    # CD8 T -> mature ab T -> mature T -> T cell: 3 steps (shortest upward path)
+    assert ontology_score(T_CELL, CD8_T, onto) == pytest.approx(0.8 ** 3)
+    # B cell -> lymphocyte of B lineage -> lymphocyte (2) + CD8 T -> ... -> lymphocyte (4)
+    assert ontology_score(B_CELL, CD8_T, onto) == pytest.approx(0.8 ** 6)
+    # CD14 monocyte and hepatocyte share only 'eukaryotic cell' and 'cell' (generic): unrelated
+    assert ontology_score(CD14_MONO, HEPATOCYTE, onto) == 0.0
+    assert ontology_score(CELL, CD8_T, onto) == 0.0  # a generic prediction earns nothing
+    assert ontology_score(HEPATOCYTE, EPITHELIAL, onto, decay=0.5) == pytest.approx(0.5)
+
+
+def test_non_cl_labels_score_by_string_equality(onto):
+    for fn in (ontology_score, ppr_similarity):
+        assert fn("T cell", "T cell", onto) == 1.0
+        assert fn("unknown", CD8_T, onto) == 0.0
+        assert fn("some free text", "other text", onto) == 0.0
+        assert fn("UBERON:0000178", CD8_T, onto) == 0.0
+        assert fn("CL:9999999", "CL:9999999", onto) == 1.0
+
+
+def test_ppr_similarity_two_way(onto):
+    assert ppr_similarity(CD8_T, CD8_T, onto) == 1.0
+    # hepatocyte's only non-generic ancestor is 'epithelial cell', whose parents are generic: a 2-node graph,
+    # the walk from either end hits the other at its first step with probability 1 - alpha
+    assert ppr_similarity(EPITHELIAL, HEPATOCYTE, onto) == pytest.approx(0.85, abs=1e-9)
+    assert ppr_similarity(HEPATOCYTE, EPITHELIAL, onto, alpha=0.3) == pytest.approx(0.7, abs=1e-9)
+    parent, t_cell = ppr_similarity(MATURE_AB_T, CD8_T, onto), ppr_similarity(T_CELL, CD8_T, onto)
+    child = ppr_similarity(CD8_T, MATURE_AB_T, onto)
+    unrelated = ppr_similarity(HEPATOCYTE, CD8_T, onto)
+    assert unrelated == 0.0 and ppr_similarity(CD14_MONO, HEPATOCYTE, onto) == 0.0
+    assert child == pytest.approx(parent)  # symmetric: the direction problem is gone
+    assert 1.0 > parent > t_cell > ppr_similarity(B_CELL, CD8_T, onto) > unrelated
+    assert ppr_similarity(CELL, CD8_T, onto) == 0.0
+
+
+# --- annotation metrics ----------------------------------------------------------------------------------
+
+def test_annotation_metrics_six_cells(onto, tmp_path):
+    y_true = [CD8_T, CD8_T, CD8_T, CD4_T, CD4_T, B_CELL]
+    y_pred = [CD8_T, CD8_T, CD4_T, CD4_T, B_CELL, B_CELL]
+    m = annotation_metrics(y_true, y_pred, onto)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # F1: CD8 (P 1, R 2/3) 0.8; CD4 (P 1/2, R 1/2) 0.5; B (P 1/2, R 1) 2/3
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    # 4 exact + sibling (0.64) + B cell for CD4 T (0.8**6)
+    assert m["ontology_score"] == pytest.approx((4 + 0.64 + 0.8 ** 6) / 6)
+    assert 0.0 < m["ppr_score"] < 1.0
+    assert m["n_cells"] == 6 and m["n_classes"] == 3
+    rows = {r["label"]: r for r in m["per_class"]}
+    assert rows[CD8_T]["precision"] == 1.0 and rows[CD8_T]["recall"] == pytest.approx(2 / 3)
+    assert rows[B_CELL]["support"] == 1 and rows[B_CELL]["name"] == "B cell"
+    # an extra requested label is reported but does not enter the macro average
+    m2 = annotation_metrics(y_true, y_pred, onto, labels=[B_CELL, CD4_T, CD8_T, CD14_MONO])
+    assert [r["label"] for r in m2["per_class"]] == [B_CELL, CD4_T, CD8_T, CD14_MONO]
+    assert m2["macro_f1"] == pytest.approx(m["macro_f1"])
+    path = confusion_matrix_png(y_true, y_pred[:-1] + ["unknown"], [CD8_T, CD4_T, B_CELL],
+                                [onto.label(c) for c in (CD8_T, CD4_T, B_CELL)], tmp_path / "cm.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_threshold_on_validation_then_applied():
+    scores = [0.9, 0.8, 0.7, 0.4, 0.3, 0.2]
+    correct = [True, True, False, True, False, False]
+    # correct decisions per threshold: keep all 3/6; <0.25: 4; <0.35: 5; <0.55: 4; <0.75: 5; <0.85: 4
+    assert choose_unknown_threshold(scores, correct) == pytest.approx(0.35)  # lowest of the tied best
+    # accuracy of kept cells is 1 at 0.75 (coverage 1/3); with >= 50 % coverage 0.35 is best (3/4)
+    assert choose_unknown_threshold(scores, correct, criterion="accuracy") == pytest.approx(0.75)
+    assert choose_unknown_threshold(scores, correct, "accuracy", min_coverage=0.5) == pytest.approx(0.35)
+    assert choose_unknown_threshold([0.1, 0.5], [True, True]) == -math.inf
+    out = apply_unknown(["a", "b", "c"], [0.5, 0.3, 0.35], 0.35)
+    assert out.tolist() == ["a", "unknown", "c"]
+    assert apply_unknown(["a"], [-5.0], -math.inf).tolist() == ["a"]
+
+
+def test_text_generation_metrics_by_hand():
+    same = text_generation_metrics(["a cd8 positive t cell from blood"], ["a cd8 positive t cell from blood"])
+    assert all(v == pytest.approx(1.0) for v in same.values()) and set(same) == {"bleu2", "bleu4", "rouge1",
+                                                                                  "rouge2", "rougeL"}
+    disjoint = text_generation_metrics(["alpha beta gamma delta"], ["one two three four"])
+    assert all(v == 0.0 for v in disjoint.values())
+    m = text_generation_metrics(["the cat sat on the mat"], ["the cat sat on a mat"])
+    # unigram 5/6, bigram 3/5, trigram 2/4, 4-gram 1/3 matches; equal lengths, so no brevity penalty
+    assert m["bleu2"] == pytest.approx(math.sqrt(5 / 6 * 3 / 5), abs=1e-6)
+    assert m["bleu4"] == pytest.approx((5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25, abs=1e-6)
+    assert m["rouge1"] == pytest.approx(5 / 6) and m["rouge2"] == pytest.approx(3 / 5)
+    assert m["rougeL"] == pytest.approx(5 / 6)  # LCS "the cat sat on mat"
+
+
+# --- k-NN --------------------------------------------------------------------------------------------------
+
+def test_knn_vote_majority_and_ties():
+    lab = np.array([[1, 2, 2, 1, 3],   # 1 and 2 tie (2 votes): 1 is nearest
+                    [2, 1, 1, 2, 3],   # tie: 2 is nearest
+                    [3, 1, 2, 1, 2],   # 1 and 2 tie: 1 occurs first
+                    [3, 3, 0, 0, 0],   # plain majority
+                    [0, 0, 1, -1, -1]])  # missing neighbours do not vote
+    pred, conf = knn_vote(lab, n_classes=4)
+    assert pred.tolist() == [1, 2, 1, 0, 0]
+    assert conf.tolist() == pytest.approx([0.4, 0.4, 0.4, 0.6, 2 / 3])
+    spred, _ = knn_vote(np.array([["b", "a", "a", "b"]]))
+    assert spred.tolist() == ["b"]
+
+
+def test_faiss_search_exact():
+    x = np.array([[0, 0], [1, 0], [5, 5]], dtype=np.float32)
+    _, ids = knn_search(build_index(x, "l2"), np.array([[0.9, 0.1]], dtype=np.float32), 2)
+    assert ids.tolist() == [[1, 0]]
+
+
+def test_pseudocell_knn_accuracy_excludes_rare_types():
+    rng = np.random.default_rng(0)
+    centres = {"a": (0, 0), "b": (10, 0), "c": (0, 10)}
+    ref_lab = ["a"] * 6 + ["b"] * 6 + ["c"] * 2  # 'c' has 2 < k = 5 reference cells
+    ref = np.array([centres[t] for t in ref_lab]) + rng.normal(0, 0.1, (14, 2))
+    gen_lab = ["a", "a", "a", "b", "b", "b", "c", "c", "d"]
+    gen_at = ["a", "a", "a", "b", "b", "a", "c", "c", "a"]  # one 'b' pseudo-cell lands among the 'a' cells
+    gen = np.array([centres[t] for t in gen_at]) + rng.normal(0, 0.1, (9, 2))
+    r = pseudocell_knn_accuracy(gen, gen_lab, ref, ref_lab, k=5)
+    assert r["knn_accuracy"] == pytest.approx(5 / 6) and r["k"] == 5 and r["n_scored"] == 6
+    assert r["random_baseline"] == pytest.approx(1 / 2)
+    assert r["excluded_types"] == {"c": 2, "d": 0}
+    assert r["per_type"]["a"]["accuracy"] == 1.0 and r["per_type"]["b"]["accuracy"] == pytest.approx(2 / 3)
+    assert pseudocell_knn_accuracy(gen, gen_lab, ref, ref_lab, k=5, metric="ip")["k"] == 5
+
+
+# --- retrieval ---------------------------------------------------------------------------------------------
+
+def test_retrieval_recall_and_mean_rank_3x3():
+    cells = np.eye(3, dtype=np.float32)
+    texts = np.array([[0.8, 0.6, 0.0], [0.6, 0.0, 0.8], [0.0, 0.8, 0.6]], dtype=np.float32)
+    # cell->text scores = texts.T: the match ranks 1 (0.8 top), 3 (0 lowest), 2 (0.6 below 0.8)
+    r = retrieval_metrics(cells, texts, cell_labels=["x", "y", "x"])
+    for d in ("cell_to_text", "text_to_cell"):
+        assert r[f"{d}_recall@1"] == pytest.approx(1 / 3)
+        assert r[f"{d}_recall@5"] == 1.0 and r[f"{d}_recall@10"] == 1.0
+        assert r[f"{d}_mean_rank"] == pytest.approx(2.0)
+    # top-1 text of cell 0 is text 0 (x: hit), of cell 1 text 2 (x != y), of cell 2 text 1 (y != x)
+    assert r["cell_to_text_label_recall@1"] == pytest.approx(1 / 3)
+    assert r["cell_to_text_label_recall@5"] == 1.0
+
+
+def test_retrieval_ties_count_as_random_order():
+    cells = np.array([[1, 0], [0.9, 0.1], [0, 1]], dtype=np.float32)
+    texts = np.array([[1, 0], [1, 0], [0, 1]], dtype=np.float32)  # cells 0 and 1 share one text
+    r = retrieval_metrics(cells, texts)
+    assert r["cell_to_text_recall@1"] == pytest.approx((0.5 + 0.5 + 1) / 3)
+    assert r["cell_to_text_mean_rank"] == pytest.approx((1.5 + 1.5 + 1) / 3)
+    assert r["cell_to_text_recall@5"] == 1.0
+
+
+# --- baselines ---------------------------------------------------------------------------------------------
+
+def test_baselines_on_small_corpus(small_corpus, onto):
+    from data_pipeline.store import Corpus
+
+    corpus = Corpus(small_corpus)
+    x_train, y_train = expression_matrix(corpus, "train")
+    assert x_train.shape == (320, 20) and x_train.dtype == np.float32 and len(y_train) == 320
+    assert np.expm1(x_train.astype(np.float64)).sum(axis=1) == pytest.approx(np.full(320, 1e4), rel=1e-4)
+    genes = highly_variable_genes(corpus, n=8)
+    assert len(genes) == 8 and np.all(np.diff(genes) > 0) and genes.max() < 20
+    sub, _ = expression_matrix(corpus, "train", genes=corpus.gene_symbols[genes])
+    assert np.array_equal(sub, x_train[:, genes])
+    out = run_corpus_baselines(corpus, n_genes=2000)
+    y = out["y_true"]
+    scores = {name: annotation_metrics(y, p, onto)["accuracy"] for name, p in out["predictions"].items()}
+    assert scores["logistic_regression"] >= 0.9 and scores["pca_knn"] >= 0.9
+    assert scores["logistic_regression"] > scores["majority"] + 0.4
+    assert majority_baseline(["b", "a", "b", "a"], 2).tolist() == ["a", "a"]  # tie -> smallest label
+    # k-NN smoothing repairs scattered errors in another model's predictions
+    noisy = out["predictions"]["logistic_regression"].copy()
+    noisy[::8] = CD8_T
+    smoothed = knn_smoothing(noisy, out["x_test"], k=15)
+    assert np.mean(smoothed == y) > np.mean(noisy == y)
+    assert logistic_regression_baseline(x_train, y_train, x_train[:3]).shape == (3,)
+    assert pca_knn_baseline(x_train, y_train, x_train[:3], k=1).tolist() == list(y_train[:3])
+
+
+def test_knn_smoothing_by_hand():
+    x = np.array([[0, 0], [0.1, 0], [0, 0.1], [5, 5], [5.1, 5], [5, 5.1]], dtype=np.float32)
+    pred = ["a", "a", "b", "b", "b", "b"]
+    assert knn_smoothing(pred, x, k=3).tolist() == ["a", "a", "a", "b", "b", "b"]
+    assert knn_smoothing(pred, x, k=1).tolist() == pred  # a cell is its own nearest neighbour
