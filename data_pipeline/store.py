@@ -28,7 +28,7 @@ import zarr
 
 from scmm.errors import ScmmError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 OBS_COLUMNS = ("cell_type_ontology_term_id", "cell_type", "tissue_ontology_term_id", "tissue",
                "disease_ontology_term_id", "disease", "donor_id", "dataset_id")
 NUMERIC_ARRAYS = ("indptr", "indices", "data")

@@ -69,6 +69,16 @@ def label_prototypes(model, labels: list[str], free_text: dict[str, str] | None 
     return np.stack(protos).astype(np.float32)
 
 
+def corpus_label_texts(corpus: Corpus) -> list[str]:
+    """Every phrasing of every cell type of a corpus (types kept as free text use their label)."""
+    ontology = get_ontology()
+    texts = []
+    for key, rec in corpus.manifest["cell_types"].items():
+        texts += label_texts(rec["label"], ontology, label=rec["label"]) if key.startswith("unmatched:") \
+            else label_texts(key, ontology)
+    return texts
+
+
 def predict_by_text(embeddings: np.ndarray, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(index of the most similar prototype, its cosine similarity) per cell."""
     sim = embeddings @ prototypes.T

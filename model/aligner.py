@@ -1,9 +1,17 @@
 """The stage-1 model: cell tower + text tower + Q-Former + heads, trained with three objectives.
 
 One forward pass of the cell tower serves all three losses: a share of the gene values is masked
-(scGPT style) and the tower's outputs feed the reconstruction head and the Q-Former. Masking doubles
-as augmentation for the contrastive and matching objectives and halves the cost of a step, the part
-that dominates training on a CPU. At inference nothing is masked.
+(scGPT style); the outputs at masked genes feed the reconstruction head, the outputs at the other
+genes feed the Q-Former. Hiding the masked genes from the Q-Former matters: their states are trained
+to predict expression, so they would become the cell's signature, which a cell at inference (nothing
+masked) lacks. Masking doubles as augmentation for the contrastive and matching objectives and
+halves the cost of a step compared with a second, unmasked pass. At inference nothing is masked.
+
+Two choices make the alignment learnable on small data from scratch (measured on the demo corpus,
+where without them the cell features collapsed to one vector for all cells): text features are
+centred on the mean text-tower output of the corpus's label texts before the projection
+(`set_text_center`), and the cell feature adds the projected `<cls>` output of the cell tower to the
+mean of the projected query outputs (`QFormerOptions.cls_shortcut`).
 
 Saved as a folder (`save_pretrained`/`from_pretrained`, no DeepSpeed needed)::
 
@@ -59,6 +67,7 @@ class QFormerOptions:
     embed_dim: int = 256
     dropout: float = 0.1
     init_from_text: bool = True
+    cls_shortcut: bool = True  # add the projected <cls> output to the cell feature (see AlignmentHeads)
 
 
 @dataclass
@@ -121,7 +130,8 @@ class CellTextAligner(nn.Module):
         self.qformer = QFormer(qcfg)
         if q.init_from_text:
             self.qformer.init_from_bert(self.text_tower.model)
-        self.heads = AlignmentHeads(qcfg.hidden_size, self.text_tower.hidden_size, q.embed_dim)
+        self.heads = AlignmentHeads(qcfg.hidden_size, self.text_tower.hidden_size, q.embed_dim,
+                                    cell_width=self.cell_tower.d_model if q.cls_shortcut else None)
         self.expr_decoder = ExprDecoder(ExprDecoderConfig(d_model=self.cell_tower.d_model))
         self._text_cache: dict[str, torch.Tensor] = {}
 
@@ -134,7 +144,8 @@ class CellTextAligner(nn.Module):
 
     def cell_features(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """The aligned, L2-normalised cell embedding [B, embed_dim] (`obsm['X_scmm']`)."""
-        return self.heads.cell_features(self.encode_cells(gene_ids, values, padding_mask)[1])
+        states, query = self.encode_cells(gene_ids, values, padding_mask)
+        return self.heads.cell_features(query, states[:, 0])
 
     def text_pooled(self, texts: list[str]) -> torch.Tensor:
         """Pooled text-tower outputs; cached per text when the text tower is frozen (texts repeat a lot)."""
@@ -154,6 +165,15 @@ class CellTextAligner(nn.Module):
                 self._text_cache[t] = p.detach()
         return torch.stack([self._text_cache[t] for t in texts]).to(device)
 
+    @torch.no_grad()
+    def set_text_center(self, texts: list[str]) -> None:
+        """Centre text features on the mean text-tower output of `texts` (e.g. every candidate label's texts)."""
+        was_training = self.training
+        self.eval()
+        pooled = torch.cat([self.text_pooled(texts[i:i + 64]).float() for i in range(0, len(texts), 64)])
+        self.heads.text_center.copy_(pooled.mean(0).to(self.heads.text_center))
+        self.train(was_training)
+
     def text_features(self, texts: list[str]) -> torch.Tensor:
         """The aligned, L2-normalised text embedding [B, embed_dim]."""
         pooled = self.text_pooled(texts)
@@ -171,13 +191,16 @@ class CellTextAligner(nn.Module):
         labels = batch["labels"].to(device) if lo.same_label_not_negative else None
         masked, mask = mask_values(values.cpu(), pad.cpu(), lo.mask_ratio,
                                    self.cell_tower.config.mask_value, generator=gen)
-        states, query = self.encode_cells(gene_ids, masked.to(device, dtype), pad)
-        cell_f = self.heads.cell_features(query).float()
+        states = self.cell_tower(gene_ids, masked.to(device, dtype), pad)
+        # the Q-Former does not see the masked genes: their states are trained to predict expression and
+        # would become the cell's signature, which a cell at inference (nothing masked) does not have
+        query = self.qformer(states, pad | mask.to(device))
+        cell_f = self.heads.cell_features(query, states[:, 0]).float()
         text_f = self.text_features(batch["text"]).float()
         out = {"contrastive": contrastive_loss(cell_f, text_f, self.heads.get_logit_scale(), labels, rank, world_size)}
         pred = self.expr_decoder(states)
         out["reconstruction"] = masked_expression_loss(pred.float(), values.float(), mask.to(device))
-        out["matching"] = self._matching_loss(states, pad, cell_f, text_f, batch["text"], labels, gen) \
+        out["matching"] = self._matching_loss(states, pad | mask.to(device), cell_f, text_f, batch["text"], labels, gen) \
             if lo.matching > 0 else torch.zeros((), device=device)
         out["loss"] = lo.contrastive * out["contrastive"] + lo.matching * out["matching"] + \
             lo.reconstruction * out["reconstruction"]

@@ -277,20 +277,31 @@ class AlignmentHeads(nn.Module):
     """
 
     def __init__(self, hidden_size: int, text_hidden_size: int, embed_dim: int = 256,
-                 init_temperature: float = 0.07, max_logit_scale: float = 100.0):
+                 init_temperature: float = 0.07, max_logit_scale: float = 100.0, cell_width: int | None = None):
         super().__init__()
         self.cell_proj = nn.Linear(hidden_size, embed_dim)
+        # the cell tower's <cls> output, projected and added to the query features: a direct path that carries
+        # the cell's identity from the first steps, while the freshly initialised cross-attention catches up
+        # (without it, a from-scratch tower + Q-Former collapsed to one feature for all cells on small data)
+        self.cls_proj = nn.Linear(cell_width, embed_dim) if cell_width else None
         self.text_proj = nn.Linear(text_hidden_size, embed_dim)
+        # subtracted from the text tower's output before the projection: sentence embeddings of texts from one
+        # domain share a large common component (cosine ~0.9 between cell types), which a fresh projection
+        # would otherwise spend many steps learning to ignore; set by CellTextAligner.set_text_center
+        self.register_buffer("text_center", torch.zeros(text_hidden_size))
         self.itm_head = nn.Linear(hidden_size, 2)
         # shape [1], not a 0-dim scalar: DeepSpeed broadcasts parameters as bytes, which 0-dim tensors cannot be
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
         self.max_log_scale = math.log(max_logit_scale)
 
-    def cell_features(self, query_out: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.cell_proj(query_out).mean(dim=1), dim=-1)
+    def cell_features(self, query_out: torch.Tensor, cell_cls: torch.Tensor | None = None) -> torch.Tensor:
+        feats = self.cell_proj(query_out).mean(dim=1)
+        if self.cls_proj is not None and cell_cls is not None:
+            feats = feats + self.cls_proj(cell_cls)
+        return F.normalize(feats, dim=-1)
 
     def text_features(self, text_pooled: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(text_pooled), dim=-1)
+        return F.normalize(self.text_proj(text_pooled - self.text_center), dim=-1)
 
     def itm_logits(self, query_out: torch.Tensor) -> torch.Tensor:
         return self.itm_head(query_out).mean(dim=1)

@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the project
 
 from data_pipeline.loader import CorpusLoader, LoaderConfig
 from data_pipeline.store import Corpus
-from eval.annotate import zero_shot_accuracy
+from eval.annotate import corpus_label_texts, zero_shot_accuracy
 from model.aligner import AlignerConfig, CellTextAligner
 from scmm.config import load_yaml
 from scmm.errors import ScmmError
@@ -234,6 +234,7 @@ def train(cfg: Stage1Config, resume: bool = False, deepspeed_json: str | None = 
 
     torch.manual_seed(cfg.seed)
     model = CellTextAligner(cfg.model, vocab)
+    model.set_text_center(corpus_label_texts(corpus))  # a checkpoint restores it too (it is a buffer)
     if t.activation_checkpointing:
         model.cell_tower.gradient_checkpointing_enable()
     optimizer = None if use_deepspeed_optimizer(t) else \
@@ -311,6 +312,8 @@ def train(cfg: Stage1Config, resume: bool = False, deepspeed_json: str | None = 
     bar.close()
     if rank == 0 and step == t.steps:
         export_model(cfg, vocab, ckpt_dir, out / "model")
+        # how cells were encoded in training: inference (eval, embed, annotate) encodes them the same way
+        (out / "model" / "loader.json").write_text(json.dumps(asdict(cfg.loader), indent=1))
         exported = CellTextAligner.from_pretrained(out / "model")
         acc = zero_shot_accuracy(exported, corpus, "val", cfg.loader)
         (out / "model" / "train_summary.json").write_text(json.dumps({"val_zero_shot_accuracy": acc, **last}))

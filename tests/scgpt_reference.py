@@ -69,11 +69,18 @@ def _install_stand_ins() -> None:
 
 
 def upstream_module() -> types.ModuleType:
-    """``scgpt.model.model`` (imports scgpt with the stand-ins)."""
+    """``scgpt.model.model`` (imports scgpt with the stand-ins, which are removed again afterwards so that
+    other libraries -- matplotlib probes ``IPython`` -- never see them)."""
+    before = set(sys.modules)
     _install_stand_ins()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "flash_attn is not installed", deprecations
-        import scgpt.model.model as upstream
+    stand_ins = {name for name in ("torchtext", "torchtext.vocab", "IPython") if name not in before}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "flash_attn is not installed", deprecations
+            import scgpt.model.model as upstream
+    finally:
+        for name in stand_ins:
+            sys.modules.pop(name, None)
     return upstream
 
 
