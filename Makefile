@@ -26,12 +26,15 @@ demo: setup
 	$(SCMM) data info $(DEMO)/corpus
 	rm -rf $(DEMO)/stage1
 	OMP_NUM_THREADS=2 $(SCMM) pretrain --config configs/stage1_demo.yaml
+	$(SCMM) eval --model $(DEMO)/stage1/model --corpus $(DEMO)/corpus --out $(DEMO)/eval
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) benchmarks/bench_loader.py
+	test -d runs/demo/corpus || $(SCMM) data demo --out runs/demo/corpus --quiet
+	$(PY) benchmarks/bench_stage1_precision.py
 
 clean:
 	rm -rf runs .cache .pytest_cache

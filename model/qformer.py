@@ -301,7 +301,7 @@ class AlignmentHeads(nn.Module):
         return F.normalize(feats, dim=-1)
 
     def text_features(self, text_pooled: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(text_pooled - self.text_center), dim=-1)
+        return F.normalize(self.text_proj(text_pooled - self.text_center.to(text_pooled.dtype)), dim=-1)
 
     def itm_logits(self, query_out: torch.Tensor) -> torch.Tensor:
         return self.itm_head(query_out).mean(dim=1)

@@ -173,16 +173,40 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_pretrain)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from eval.harness import evaluate
+    from eval.report import main_table
+    metrics = evaluate(args.model, args.corpus, args.out, tasks=args.tasks, seed=args.seed,
+                       progress=not args.quiet, labels=args.labels)
+    print(main_table(metrics))
+    print(f"wrote {args.out}/metrics.json and {args.out}/report.md")
+    return 0
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model on a corpus's test split, with baselines side by side")
+    p.add_argument("--model", required=True, help="model folder (e.g. runs/demo/stage1/model)")
+    p.add_argument("--corpus", required=True, help="corpus folder")
+    p.add_argument("--out", required=True, help="folder for metrics.json, report.md and plots")
+    p.add_argument("--tasks", default="annotate,retrieve", help="comma list of annotate, retrieve, describe, generate")
+    p.add_argument("--labels", help="candidate labels: comma list or file (CL IDs or free text); default the corpus's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scmm", description="scmm: language-enhanced single-cell transcriptomics")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _data_parser(sub)
     _train_parser(sub)
+    _eval_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried is noise to users
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

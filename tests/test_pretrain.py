@@ -93,3 +93,16 @@ def test_bad_config_is_one_error_line(tmp_path: Path, small_corpus: Path):
     r = run_cli("pretrain", "--config", str(path))
     assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and "train.stpes" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_single_process_without_launcher_in_deepspeed_bf16(tmp_path: Path, small_corpus: Path):
+    """`scmm pretrain` alone (no launcher) with DeepSpeed's bf16 weights: trains, exports an fp32 model."""
+    from conftest import run_cli
+    config = _config(tmp_path, small_corpus, "bf16", steps=3, precision="bf16")
+    r = run_cli("pretrain", "--config", str(config))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _metrics(tmp_path / "bf16")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    from safetensors.torch import load_file
+    state = load_file(str(tmp_path / "bf16" / "model" / "aligner.safetensors"))
+    assert all(v.dtype == torch.float32 for v in state.values())

@@ -1,0 +1,152 @@
+"""``report.md`` of an evaluation run: scmm side by side with the baselines, per task.
+
+:func:`main_table` is the headline (``make demo`` prints it): method | accuracy | macro-F1 for scmm's
+zero-shot annotation by text, scmm + kNN smoothing and each baseline. :func:`write_report` adds the run's
+context (model, corpus, splits, seeds, loader settings), the ontology-aware scores, the 'unknown' threshold,
+retrieval, the per-class table and links to the PNGs. Both read the ``metrics`` dict of
+:func:`eval.harness.evaluate` (the content of ``metrics.json``) and, for the report, a ``context`` dict.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["main_table", "retrieval_table", "write_report", "METHOD_NAMES"]
+
+# display names of the rows; the metrics key is shown beside each
+METHOD_NAMES = {
+    "scmm": "scmm (zero-shot by text)",
+    "scmm_knn_smoothing": "scmm + kNN smoothing",
+    "majority": "majority class",
+    "logistic_regression": "logistic regression (log1p HVG)",
+    "pca_knn": "PCA + 15-NN (log1p HVG)",
+}
+BASELINE_ORDER = ("scmm_knn_smoothing", "majority", "logistic_regression", "pca_knn")
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]], align: list[str] | None = None) -> str:
+    align = align or ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _method(name: str) -> str:
+    shown = METHOD_NAMES.get(name, name)
+    return shown if name == "scmm" else f"{shown} (`{name}`)"
+
+
+def main_table(metrics: Mapping[str, Any]) -> str:
+    """Markdown table: method | accuracy | macro-F1 (scmm, scmm + kNN smoothing, baselines).
+
+    Without an annotation section (e.g. only retrieval ran) the retrieval table is returned instead.
+    """
+    ann = metrics.get("annotation")
+    if not ann:
+        return retrieval_table(metrics) if metrics.get("retrieval") else "(no annotation or retrieval metrics)"
+    rows = [[_method("scmm"), ann["accuracy"], ann["macro_f1"]]]
+    baselines = metrics.get("baselines", {})
+    names = [n for n in BASELINE_ORDER if n in baselines] + sorted(n for n in baselines if n not in BASELINE_ORDER)
+    rows += [[_method(n), baselines[n]["accuracy"], baselines[n]["macro_f1"]] for n in names]
+    return _table(["method", "accuracy", "macro-F1"], rows)
+
+
+def retrieval_table(metrics: Mapping[str, Any]) -> str:
+    """Markdown table of recall@k, label recall@k and mean rank, cell->text and text->cell."""
+    r = metrics.get("retrieval") or {}
+    ks = sorted({int(k.rsplit("@", 1)[1]) for k in r if k.startswith("cell_to_text_recall@")})
+    header = ["direction"] + [f"R@{k}" for k in ks] + [f"label R@{k}" for k in ks] + ["mean rank"]
+    rows = []
+    for prefix, label in (("cell_to_text", "cell → text"), ("text_to_cell", "text → cell")):
+        rows.append([label] + [r.get(f"{prefix}_recall@{k}") for k in ks]
+                    + [r.get(f"{prefix}_label_recall@{k}") for k in ks] + [r.get(f"{prefix}_mean_rank")])
+    return _table(header, rows)
+
+
+def write_report(metrics: Mapping[str, Any], out_dir: str | Path, context: Mapping[str, Any]) -> Path:
+    """Write ``out_dir/report.md`` and return its path."""
+    out = Path(out_dir) / "report.md"
+    c = dict(context)
+    lines = ["# scmm evaluation", ""]
+    lines += [f"- model: `{c.get('model', '?')}`", f"- corpus: `{c.get('corpus', '?')}`"]
+    splits = c.get("splits") or {}
+    if splits:
+        lines.append("- splits (cells): " + ", ".join(f"{k} {v}" for k, v in splits.items())
+                     + f"; split seed {c.get('split_seed', '?')}, grouped by {c.get('split_group_by', '?')}")
+    lines.append(f"- tasks: {', '.join(c.get('tasks', []))}; evaluation seed {c.get('seed', 0)}"
+                 + (f"; {c['n_cell_types']} cell types in the corpus" if "n_cell_types" in c else ""))
+    if "loader_source" in c:
+        loader = c.get("loader") or {}
+        enc = "continuous log1p values" if loader.get("n_bins", 0) == 0 else f"{loader.get('n_bins')} value bins"
+        lines.append(f"- value encoding: {enc} (loader settings from {c['loader_source']}); every expressed gene kept")
+    if "seconds" in c:
+        lines.append(f"- wall time: {c['seconds']} s")
+    lines.append("")
+
+    ann = metrics.get("annotation")
+    det = c.get("annotation") or {}
+    if ann:
+        lines += ["## Cell-type annotation (test split)", "",
+                  f"scmm predicts the candidate label ({c.get('labels', 'corpus cell types')}, "
+                  f"{len(det.get('candidates', [])) or '?'} candidates) whose text is most similar to the cell "
+                  "embedding; the baselines are fitted on the train split"
+                  + (f" ({det['n_hvg']} highly variable genes)" if "n_hvg" in det else "") + ".", "",
+                  main_table(metrics), ""]
+        bdet = det.get("baselines") or {}
+        rows = [[_method("scmm"), ann.get("ontology_score"), ann.get("ppr_score")]]
+        rows += [[_method(n), bdet[n].get("ontology_score"), bdet[n].get("ppr_score")]
+                 for n in BASELINE_ORDER if n in bdet]
+        lines += ["### Ontology-aware scores", "",
+                  "Partial credit for near misses in the Cell Ontology (1 exact, 0 unrelated): the path score "
+                  "(0.8 per step through the closest shared informative ancestor) and the two-way "
+                  "Personalized-PageRank similarity; definitions in `eval/ontology_score.py`.", "",
+                  _table(["method", "ontology score", "PPR score"], rows), ""]
+        wu = ann.get("with_unknown")
+        lines += ["### 'Unknown' option", ""]
+        if wu:
+            lines += ["Cells whose best similarity is below a threshold chosen on the val split "
+                      f"({wu.get('n_val_cells', '?')} cells; never on test) are called `unknown` (counted wrong "
+                      "in accuracy; kept accuracy is over the assigned cells). A threshold of -1 keeps every cell.", "",
+                      _table(["threshold", "accuracy", "macro-F1", "ontology score", "unknown rate", "kept accuracy"],
+                             [[wu.get("threshold"), wu.get("accuracy"), wu.get("macro_f1"), wu.get("ontology_score"),
+                               wu.get("unknown_rate"), wu.get("kept_accuracy")]]), ""]
+        else:
+            lines += ["Not evaluated (no val split to choose the threshold on).", ""]
+        per_class = det.get("per_class") or []
+        if per_class:
+            lines += ["### Per class (scmm)", "",
+                      _table(["cell type", "label", "precision", "recall", "F1", "support"],
+                             [[r["name"], f"`{r['label']}`", r["precision"], r["recall"], r["f1"], r["support"]]
+                              for r in per_class], ["---", "---"] + ["---:"] * 4), ""]
+        lines.append(f"Cells: {ann.get('n_cells')}, classes in the test split: {ann.get('n_classes')}.")
+        lines.append("")
+    ret = metrics.get("retrieval")
+    if ret:
+        lines += ["## Cell ↔ text retrieval (test split)", "",
+                  f"Each of the {ret.get('n_pairs', '?')} test cells is paired with its own text. R@k: the exact "
+                  "pair within the top k (ties shared); label R@k: any of the top k has the query's cell type.", "",
+                  retrieval_table(metrics), ""]
+    pngs = (det.get("pngs") or []) if ann else []
+    if pngs:
+        lines += ["## Plots", ""]
+        titles = {"confusion_matrix.png": "Confusion matrix (scmm, test split)",
+                  "umap.png": "UMAP of test cell embeddings, by true and by predicted type"}
+        for p in pngs:
+            lines += [f"![{titles.get(p, p)}]({p})", ""]
+    notes = c.get("notes") or []
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    return out
