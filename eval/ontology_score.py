@@ -109,12 +109,18 @@ def _up_distances(ontology: Ontology, term: str) -> dict[str, int]:
 def ontology_score(pred: str, true: str, ontology: Ontology, decay: float = DEFAULT_DECAY,
                    generic: Iterable[str] = GENERIC_TERMS) -> float:
     """Path score ``decay ** (shortest path through a shared informative ancestor)``; see the module docstring."""
+    generic = frozenset(generic)
+    trivial = _trivial_score(pred, true, ontology, generic)
+    return trivial if trivial is not None else _path_score(ontology, pred, true, float(decay), generic)
+
+
+def _trivial_score(pred: str, true: str, ontology: Ontology, generic: frozenset[str]) -> float | None:
+    """1 for the same label, 0 when either side is generic or not a CL term; None when the graph must decide."""
     if pred == true:
         return 1.0
-    generic = frozenset(generic)
     if pred in generic or true in generic or not (is_cl_term(pred, ontology) and is_cl_term(true, ontology)):
         return 0.0
-    return _path_score(ontology, pred, true, float(decay), generic)
+    return None
 
 
 @functools.lru_cache(maxsize=65536)
@@ -129,11 +135,10 @@ def _path_score(ontology: Ontology, pred: str, true: str, decay: float, generic:
 def ppr_similarity(pred: str, true: str, ontology: Ontology, alpha: float = DEFAULT_ALPHA,
                    generic: Iterable[str] = GENERIC_TERMS) -> float:
     """Symmetric two-way PPR hitting similarity of two CL terms; see the module docstring."""
-    if pred == true:
-        return 1.0
     generic = frozenset(generic)
-    if pred in generic or true in generic or not (is_cl_term(pred, ontology) and is_cl_term(true, ontology)):
-        return 0.0
+    trivial = _trivial_score(pred, true, ontology, generic)
+    if trivial is not None:
+        return trivial
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     a, b = sorted((pred, true))  # symmetric: cache one order
