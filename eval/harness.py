@@ -44,6 +44,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -124,7 +125,7 @@ def _find_loader_config(model_dir: Path) -> tuple[LoaderConfig, str]:
             return from_dict(LoaderConfig, raw), str(path)
         except ScmmError as exc:
             raise ScmmError(f"loader settings in {path}: {exc}") from None
-    return LoaderConfig(n_bins=0), "default (continuous log1p values, n_bins 0)"
+    return LoaderConfig(n_bins=0), "defaults (no loader settings found beside the model)"
 
 
 def loader_config_for(model_dir: str | Path) -> LoaderConfig:
@@ -312,7 +313,7 @@ def _annotate(model, corpus: Corpus, cands: Candidates, loader_cfg: LoaderConfig
     for k, n in zip(cands.keys, cands.names):
         names.setdefault(k, n)
     confusion_matrix_png(y_true, pred, [r["label"] for r in per_class], row_names, tmp / "confusion_matrix.png",
-                         title="scmm zero-shot annotation, test split (rows: true, normalised)")
+                         title="scmm, test split (rows: true type, normalised)")
     details["pngs"] = ["confusion_matrix.png"]
     if _umap_png(emb.embeddings, [names.get(t, t) for t in y_true], [names.get(p, p) for p in pred],
                  tmp / "umap.png", seed, details["notes"]):
@@ -353,8 +354,11 @@ def _umap_png(x: np.ndarray, true_names: list[str], pred_names: list[str], path:
     adata.uns["predicted type_colors"] = palette
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     size = max(4.0, min(60.0, 12000.0 / len(idx)))
-    for ax, column in zip(axes, ("true type", "predicted type")):
-        sc.pl.umap(adata, color=column, ax=ax, show=False, size=size, legend_fontsize=7, title=column)
+    with warnings.catch_warnings():  # scanpy's own deprecation notices about matplotlib calls
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for ax, column in zip(axes, ("true type", "predicted type")):
+            sc.pl.umap(adata, color=column, ax=ax, show=False, size=size, legend_fontsize=7, title=column)
     fig.suptitle("scmm cell embeddings (test split)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -454,6 +458,9 @@ def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
     created = [p for p in [out_dir.parent, *out_dir.parent.parents] if not p.exists()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder gets normal permissions
     ok = False
     try:
         metrics: dict[str, Any] = {}

@@ -90,7 +90,7 @@ def write_report(metrics: Mapping[str, Any], out_dir: str | Path, context: Mappi
     if "loader_source" in c:
         loader = c.get("loader") or {}
         enc = "continuous log1p values" if loader.get("n_bins", 0) == 0 else f"{loader.get('n_bins')} value bins"
-        lines.append(f"- value encoding: {enc} (loader settings from {c['loader_source']}); every expressed gene kept")
+        lines.append(f"- value encoding: {enc}, every expressed gene kept (loader settings: {c['loader_source']})")
     if "seconds" in c:
         lines.append(f"- wall time: {c['seconds']} s")
     lines.append("")
@@ -102,7 +102,8 @@ def write_report(metrics: Mapping[str, Any], out_dir: str | Path, context: Mappi
                   f"scmm predicts the candidate label ({c.get('labels', 'corpus cell types')}, "
                   f"{len(det.get('candidates', [])) or '?'} candidates) whose text is most similar to the cell "
                   "embedding; the baselines are fitted on the train split"
-                  + (f" ({det['n_hvg']} highly variable genes)" if "n_hvg" in det else "") + ".", "",
+                  + (f" on {det['n_hvg']} genes (the train split's most variable, at most 2,000)" if "n_hvg" in det else "")
+                  + ".", "",
                   main_table(metrics), ""]
         bdet = det.get("baselines") or {}
         rows = [[_method("scmm"), ann.get("ontology_score"), ann.get("ppr_score")]]

@@ -13,6 +13,9 @@ DESIGN_KEYS = {
     "annotation": {"accuracy", "macro_f1", "ontology_score", "n_cells", "n_classes"},
     "retrieval": {"cell_to_text_recall@1", "cell_to_text_recall@5", "text_to_cell_recall@1", "text_to_cell_recall@5"},
 }
+BASELINES = {"majority", "logistic_regression", "pca_knn", "scmm_knn_smoothing"}
+COUNTS = {"n_cells", "n_classes", "n_pairs", "n_val_cells"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -34,22 +37,122 @@ def tiny_model(tmp_path_factory, small_corpus: Path) -> Path:
     return folder
 
 
-def test_eval_writes_every_design_key_reproducibly(tiny_model: Path, small_corpus: Path, tmp_path: Path):
+@pytest.fixture(scope="module")
+def first_run(tiny_model: Path, small_corpus: Path, tmp_path_factory) -> tuple[dict, Path]:
     from eval.harness import evaluate
-    metrics = evaluate(tiny_model, small_corpus, tmp_path / "a", progress=False)
+    out = tmp_path_factory.mktemp("eval") / "a"
+    return evaluate(tiny_model, small_corpus, out, progress=False), out
+
+
+def _check_ranges(section: str, values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _check_ranges(f"{section}.{key}", value)
+        elif key in COUNTS:
+            assert isinstance(value, int) and value >= 0, (section, key, value)
+        elif key.endswith("mean_rank"):
+            assert value >= 1.0, (section, key, value)
+        elif key == "threshold":  # a cosine similarity
+            assert -1.0 <= value <= 1.0, (section, key, value)
+        else:
+            assert isinstance(value, float) and 0.0 <= value <= 1.0, (section, key, value)
+
+
+def test_eval_writes_every_design_key_reproducibly(first_run, tiny_model: Path, small_corpus: Path, tmp_path: Path):
+    from eval.harness import evaluate
+    metrics, out = first_run
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert set(metrics) == {"annotation", "retrieval", "baselines"}
     for section, keys in DESIGN_KEYS.items():
         assert keys <= set(metrics[section]), (section, keys - set(metrics[section]))
-    for key in ("accuracy", "macro_f1", "ontology_score"):
-        assert 0.0 <= metrics["annotation"][key] <= 1.0
-    assert metrics["annotation"]["n_cells"] == json.loads((small_corpus / "manifest.json").read_text())["splits"]["test"]
-    assert set(metrics["baselines"]) == {"majority", "logistic_regression", "pca_knn", "scmm_knn_smoothing"}
+    for section, values in metrics.items():
+        _check_ranges(section, values)
+    manifest = json.loads((small_corpus / "manifest.json").read_text())
+    assert metrics["annotation"]["n_cells"] == manifest["splits"]["test"] == metrics["retrieval"]["n_pairs"]
+    assert {"threshold", "accuracy", "unknown_rate"} <= set(metrics["annotation"]["with_unknown"])
+    assert metrics["annotation"]["with_unknown"]["n_val_cells"] == manifest["splits"]["val"]
+    assert set(metrics["baselines"]) == BASELINES
+    assert all(set(v) == {"accuracy", "macro_f1"} for v in metrics["baselines"].values())
+    # the marker genes of the fixture make the expression baselines easy
     assert metrics["baselines"]["logistic_regression"]["accuracy"] > metrics["baselines"]["majority"]["accuracy"]
-    report = (tmp_path / "a" / "report.md").read_text()
-    assert all(name in report for name in ("scmm", "majority", "logistic_regression", "pca_knn"))
+    report = (out / "report.md").read_text()
+    assert all(name in report for name in ("scmm (zero-shot by text)", *BASELINES))
     for png in ("confusion_matrix.png", "umap.png"):
-        assert (tmp_path / "a" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({png})" in report
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
     evaluate(tiny_model, small_corpus, tmp_path / "b", progress=False)
-    assert (tmp_path / "a" / "metrics.json").read_text() == (tmp_path / "b" / "metrics.json").read_text()
+    assert (out / "metrics.json").read_text() == (tmp_path / "b" / "metrics.json").read_text()
+
+
+def test_main_table_lists_scmm_and_every_baseline(first_run):
+    from eval.report import main_table
+    metrics, _ = first_run
+    lines = main_table(metrics).splitlines()
+    assert lines[0] == "| method | accuracy | macro-F1 |"
+    assert len(lines) == 2 + 1 + len(BASELINES)
+    assert "scmm (zero-shot by text)" in lines[2] and f"{metrics['annotation']['accuracy']:.3f}" in lines[2]
+    assert all(any(f"`{name}`" in line for line in lines) for name in BASELINES)
+
+
+def test_rerun_into_the_same_folder_replaces_outputs(tiny_model: Path, small_corpus: Path, tmp_path: Path):
+    from eval.harness import evaluate
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's file")
+    (out / "umap.png").write_bytes(b"stale")  # an earlier run's plot that this run does not produce
+    metrics = evaluate(tiny_model, small_corpus, out, tasks="retrieve", progress=False)
+    assert set(metrics) == {"retrieval"}
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert (out / "keep.txt").read_text() == "the user's file" and not (out / "umap.png").exists()
+    assert "retrieval" in (out / "report.md").read_text()
+
+
+def test_cli_eval_with_user_labels(tiny_model: Path, small_corpus: Path, tmp_path: Path, capsys):
+    from scmm.cli import main
+    labels = tmp_path / "labels.txt"
+    labels.write_text("# candidates\nCL:0000236\nT cell\n\nnatural killer cells\nsomething never seen\n")
+    rc = main(["eval", "--model", str(tiny_model), "--corpus", str(small_corpus), "--out", str(tmp_path / "e"),
+               "--tasks", "annotate", "--labels", str(labels), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("| method | accuracy | macro-F1 |") and "scmm_knn_smoothing" in printed
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert set(metrics) == {"annotation", "baselines"}
+    report = (tmp_path / "e" / "report.md").read_text()
+    assert "`CL:0000084`" in report and "something never seen" in report  # free text matched / kept as is
+
+
+def test_candidates_and_options():
+    from data_pipeline.ontology import get_ontology
+    from eval.harness import parse_tasks, read_labels_option, resolve_candidates
+    from scmm.errors import ScmmError
+    assert parse_tasks("retrieve, annotate,retrieve") == ("retrieve", "annotate")
+    with pytest.raises(ScmmError, match="unknown task"):
+        parse_tasks("annotate,summarise")
+    with pytest.raises(ScmmError, match="no task"):
+        parse_tasks(" , ")
+    assert read_labels_option("CL:0000236, T cell") == ["CL:0000236", "T cell"]
+    with pytest.raises(ScmmError, match="no label"):
+        read_labels_option(" , ")
+    onto = get_ontology()
+    c = resolve_candidates(["CL:0000236", "T cell", "a cell nobody named"], corpus=None, ontology=onto)
+    assert c.keys == ["CL:0000236", "CL:0000084", "a cell nobody named"]
+    assert c.names == ["B cell", "T cell", "a cell nobody named"]
+    with pytest.raises(ScmmError, match="not a known Cell Ontology"):
+        resolve_candidates(["CL:9999999"], corpus=None, ontology=onto)
+
+
+def test_loader_config_for(tmp_path: Path):
+    from eval.harness import loader_config_for
+    model = tmp_path / "run" / "model"
+    model.mkdir(parents=True)
+    assert loader_config_for(model).n_bins == 0  # nothing beside the model: defaults, continuous values
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": {}, "loader": {"n_bins": 21}}))
+    assert loader_config_for(model).n_bins == 21  # the stage-1 run config one level up
+    (model / "loader.json").write_text(json.dumps({"n_bins": 11, "max_len": 300}))
+    cfg = loader_config_for(model)  # the model folder's own settings come first
+    assert (cfg.n_bins, cfg.max_len) == (11, 300)
 
 
 def test_eval_bad_input(tiny_model: Path, small_corpus: Path, tmp_path: Path):
@@ -59,3 +162,23 @@ def test_eval_bad_input(tiny_model: Path, small_corpus: Path, tmp_path: Path):
     r = run_cli("eval", "--model", str(tiny_model), "--corpus", str(small_corpus), "--out", str(tmp_path / "o"),
                 "--tasks", "describe")
     assert r.returncode == 2 and "stage-2" in r.stderr and not (tmp_path / "o").exists()
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_eval_bad_input_in_process(tiny_model: Path, small_corpus: Path, tmp_path: Path, capsys):
+    """More bad input through `main` (no subprocess start-up): one error line, exit 2, nothing written."""
+    from scmm.cli import main
+    out = tmp_path / "deep" / "o"
+    cases = [
+        (["--model", str(tiny_model), "--corpus", str(tmp_path / "no_corpus")], "corpus not found"),
+        (["--model", str(tiny_model), "--corpus", str(small_corpus), "--tasks", "annotate,bogus"], "unknown task"),
+        (["--model", str(small_corpus), "--corpus", str(small_corpus)], "not an scmm"),
+        (["--model", str(tiny_model), "--corpus", str(small_corpus), "--labels", "CL:9999999"], "CL"),
+        (["--model", str(tiny_model), "--corpus", str(small_corpus), "--tasks", "retrieve", "--labels", "T cell"],
+         "annotate"),
+    ]
+    for args, message in cases:
+        assert main(["eval", *args, "--out", str(out), "--quiet"]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
+        assert not (tmp_path / "deep").exists(), args
