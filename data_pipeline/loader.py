@@ -155,10 +155,8 @@ class CorpusStream(IterableDataset):
                              self.cfg.shuffle_buffer)
         collator = _Collator(self.cfg, corpus.gene_vocab_ids, self.cls_id, self.pad_id,
                              corpus.manifest["normalization"], {c: i for i, c in enumerate(corpus.cell_types)})
-        remaining = np.bincount(order[:, 0], minlength=len(entries)) if len(order) else np.zeros(len(entries), int)
         pos = self.start[local]
-        remaining_before = np.bincount(order[:pos, 0], minlength=len(entries)) if pos else 0
-        remaining = remaining - remaining_before
+        remaining = np.bincount(order[pos:, 0], minlength=len(entries))  # cells still due, per shard
         cache: dict[int, object] = {}
         bs = self.cfg.batch_size
         while pos < len(order):
