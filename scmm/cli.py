@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
     import tempfile
     from data_pipeline.build import BuildConfig, build_corpus
     from data_pipeline.demo_data import pbmc_demo_adata
+    h5ad = Path(args.h5ad) if args.h5ad else None
+    if h5ad is not None and h5ad.exists() and not args.overwrite:
+        raise ScmmError(f"output {h5ad} already exists (pass --overwrite to replace it)")
     adata = pbmc_demo_adata()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pbmc68k_reduced.h5ad"
@@ -79,6 +83,11 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
         cfg = BuildConfig(inputs=[path], out=Path(args.out), shard_size=args.shard_size, chunk_size=args.chunk_size,
                           seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
         manifest = build_corpus(cfg)
+        if h5ad is not None:  # the same cells as the corpus, for `scmm annotate` / `describe` walk-throughs
+            h5ad.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, h5ad.with_name(h5ad.name + ".tmp"))
+            os.replace(h5ad.with_name(h5ad.name + ".tmp"), h5ad)
+            print(f"wrote {h5ad}: {adata.n_obs} cells x {adata.n_vars} genes")
     _print_summary(args.out, manifest)
     return 0
 
@@ -136,6 +145,7 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     build.set_defaults(func=cmd_data_build)
 
     demo = dsub.add_parser("demo", help="corpus from scanpy's bundled real PBMCs (pbmc68k_reduced)")
+    demo.add_argument("--h5ad", help="also write the demo AnnData (raw counts, CELLxGENE schema) to this file")
     _add_build_options(demo)
     demo.set_defaults(func=cmd_data_demo, shard_size=64)
 
@@ -195,12 +205,193 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+# --- scmm embed | annotate | describe | index | package (inference; logic in scmm/api.py) ---------------
+def _add_inference_options(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
+    p.add_argument("--model", required=True, help="packaged model folder (scmm package) or a stage-1 model folder")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"cells per forward pass (default {batch_size})")
+    p.add_argument("--chunk-size", type=int, default=10_000, help="rows read from the h5ad at a time (default 10000)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: bf16 autocast on a GPU, fp32 on CPU (measured faster there)")
+    p.add_argument("--layer", help="expression to read: X, raw, or a layer name (default: raw counts first)")
+    p.add_argument("--gene-column", help="var column of gene symbols (default feature_name, else var names)")
+    p.add_argument("--min-gene-coverage", type=float, default=0.5,
+                   help="stop when a smaller share of the input genes maps to the model's gene vocabulary "
+                        "(default 0.5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _inference_kw(args: argparse.Namespace) -> dict:
+    return {"batch_size": args.batch_size, "chunk_size": args.chunk_size, "device": args.device,
+            "precision": args.precision, "layer": args.layer, "gene_column": args.gene_column,
+            "min_gene_coverage": args.min_gene_coverage, "progress": not args.quiet}
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from scmm.api import embed_file
+    print(f"wrote {embed_file(args.input, args.out, args.model, overwrite=args.overwrite, **_inference_kw(args))}")
+    return 0
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from scmm.api import annotate_file
+    out = annotate_file(args.input, args.out, args.model, labels=args.labels, unknown_threshold=args.unknown_threshold,
+                        smooth=args.smooth, k=args.k, overwrite=args.overwrite, **_inference_kw(args))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from scmm.api import describe_file
+    kw = _inference_kw(args)
+    kw.pop("precision")
+    out = describe_file(args.input, args.out, args.model, overwrite=args.overwrite, constrained=args.constrained,
+                        num_beams=args.num_beams, precision="auto", **kw)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from scmm.api import build_index
+    if not Path(args.reference).is_file():
+        raise ScmmError(f"input file not found: {args.reference}")
+    out = build_index(args.reference, args.model, args.label_column, args.out, overwrite=args.overwrite,
+                      **_inference_kw(args))
+    print(f"wrote index {out}")
+    return 0
+
+
+def cmd_index_query(args: argparse.Namespace) -> int:
+    from scmm.api import query_index_file
+    out = query_index_file(args.index, args.input, args.out, args.model, k=args.k,
+                           unknown_threshold=args.unknown_threshold, overwrite=args.overwrite, **_inference_kw(args))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    from model.package import package_model
+    out = package_model(Path(args.stage1), Path(args.corpus), Path(args.out),
+                        stage2=Path(args.stage2) if args.stage2 else None,
+                        metrics=Path(args.metrics) if args.metrics else None)
+    print(f"wrote model package {out}")
+    return 0
+
+
+def _inference_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="cell embeddings -> obsm['X_scmm'] of a copy of the input")
+    p.add_argument("input", help="input .h5ad (read chunk by chunk, never modified)")
+    p.add_argument("--out", required=True, help="output .h5ad: a copy of the input plus obsm['X_scmm']")
+    _add_inference_options(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("annotate", help="zero-shot cell types by text -> obs scmm_cell_type, "
+                       "scmm_cell_type_ontology_term_id, scmm_confidence (+ obsm['X_scmm'])")
+    p.add_argument("input", help="input .h5ad (never modified)")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--labels", help="candidate labels: comma list or a file, one per line (CL IDs or free text); "
+                   "default the model's training cell types")
+    p.add_argument("--unknown-threshold", type=float, help="cosine similarity below which a cell is 'unknown' "
+                   "(scmm eval's annotation.with_unknown.threshold); default none")
+    p.add_argument("--smooth", action="store_true", help="smooth predictions over the k-NN graph of the input's "
+                   "embeddings")
+    p.add_argument("--k", type=int, default=15, help="neighbours for --smooth (default 15)")
+    _add_inference_options(p)
+    p.set_defaults(func=cmd_annotate)
+
+    p = sub.add_parser("describe", help="text descriptions from the stage-2 model -> obs['scmm_description']")
+    p.add_argument("input", help="input .h5ad (never modified)")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--constrained", action="store_true", help="constrain cell-type words to known labels")
+    p.add_argument("--num-beams", type=int, default=1)
+    _add_inference_options(p, batch_size=16)
+    p.set_defaults(func=cmd_describe)
+
+    index = sub.add_parser("index", help="FAISS reference index for label transfer")
+    isub = index.add_subparsers(dest="index_command", required=True, parser_class=_Parser)
+    p = isub.add_parser("build", help="embed a labelled reference h5ad into an index folder")
+    p.add_argument("reference", help="reference .h5ad")
+    p.add_argument("--label-column", required=True, help="obs column of labels (CL IDs or free text)")
+    p.add_argument("--out", required=True, help="index folder to create")
+    _add_inference_options(p)
+    p.set_defaults(func=cmd_index_build)
+    p = isub.add_parser("query", help="label an h5ad by k-NN vote against an index")
+    p.add_argument("index", help="index folder (scmm index build)")
+    p.add_argument("input", help="input .h5ad (never modified)")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--k", type=int, default=15, help="neighbours that vote (default 15)")
+    p.add_argument("--unknown-threshold", type=float, help="vote share below which a cell is 'unknown'")
+    _add_inference_options(p)
+    p.set_defaults(func=cmd_index_query)
+
+    p = sub.add_parser("package", help="one model folder for inference: stage 1 (+ stage 2), labels, metrics, card")
+    p.add_argument("--stage1", required=True, help="stage-1 model folder (e.g. runs/demo/stage1/model)")
+    p.add_argument("--corpus", required=True, help="the training corpus (candidate labels, gene panel, card)")
+    p.add_argument("--stage2", help="stage-2 model folder")
+    p.add_argument("--metrics", help="metrics.json of scmm eval")
+    p.add_argument("--out", required=True, help="package folder to write (an earlier package there is replaced)")
+    p.set_defaults(func=cmd_package)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    if args.action == "init-lm":
+        from finetune.init_lm import init_lm, load_config
+        if args.resume:
+            raise ScmmError("--resume does not apply to `scmm finetune init-lm`")
+        out = init_lm(load_config(args.config), progress=not args.quiet)
+        print(f"wrote language model {out} (summary in {out}/init_lm_summary.json)")
+        return 0
+    try:
+        from finetune.train import main_from_cli
+    except ModuleNotFoundError as exc:
+        if exc.name != "finetune.train":
+            raise
+        raise ScmmError("stage-2 training (finetune/train.py) is not available in this installation") from None
+    return main_from_cli(args)
+
+
+def _finetune_parser(sub: argparse._SubParsersAction) -> None:
+    """`scmm finetune --config FILE [--resume]` (stage 2) and `scmm finetune init-lm --config FILE`."""
+    p = sub.add_parser("finetune", help="stage 2: LLM bridge (LoRA); `finetune init-lm` trains a small demo LLM")
+    p.add_argument("action", nargs="?", choices=("init-lm",),
+                   help="init-lm: train a small from-scratch LLM (tokenizer + Llama) for offline demos")
+    p.add_argument("--config", required=True, help="stage-2 YAML config (or init-lm config)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--deepspeed_config", help="DeepSpeed JSON (overrides the config's; stage 2 only)")
+    p.add_argument("--stop-at", type=int, help="end this launch after that step, with a checkpoint (stage 2 only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (init-lm)")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from finetune.generate import generate_to_h5ad
+    out = generate_to_h5ad(args.model, args.text, args.n, args.out, seed=args.seed, noise=args.noise)
+    print(f"wrote {out}: {args.n} pseudo-cells")
+    return 0
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    """`scmm generate --model DIR --text "..." --n N --out OUT.h5ad [--seed S]` (stage 2: text -> pseudo-cells)."""
+    p = sub.add_parser("generate", help="text -> pseudo-cells (log1p CP10k over the model's HVG panel) as h5ad")
+    p.add_argument("--model", required=True, help="stage-2 model folder (or a packaged model with stage 2)")
+    p.add_argument("--text", required=True, help="a description of the cells to generate")
+    p.add_argument("--n", type=int, required=True, help="number of pseudo-cells")
+    p.add_argument("--out", required=True, help="output .h5ad (must not exist)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    p.add_argument("--noise", type=float, default=1.0, help="scale of the sampling noise (default 1; 0: means)")
+    p.set_defaults(func=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scmm", description="scmm: language-enhanced single-cell transcriptomics")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _data_parser(sub)
     _train_parser(sub)
+    _finetune_parser(sub)
     _eval_parser(sub)
+    _inference_parsers(sub)
+    _generate_parser(sub)
     return parser
 
 

@@ -1,0 +1,373 @@
+"""Inference: `scmm embed | annotate | describe | index build | index query | package` and scmm.api.
+
+A tiny untrained stage-1 model is trained on nothing: it is built on a corpus made from a subset of the real
+PBMC demo data (scanpy's pbmc68k_reduced), packaged, and run on that subset and on a synthetic h5ad
+(`scmm data synth`). What is checked is the plumbing: fields, chunk invariance, atomic outputs, the input
+left untouched, errors.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import types
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from conftest import run_cli
+
+OBS_FIELDS = ("scmm_cell_type", "scmm_cell_type_ontology_term_id", "scmm_confidence")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("inference")
+
+
+@pytest.fixture(scope="module")
+def pbmc_h5ad(work: Path) -> Path:
+    """175 real PBMCs (every 4th cell of pbmc68k_reduced, raw counts in X)."""
+    from data_pipeline.demo_data import pbmc_demo_adata
+    adata = pbmc_demo_adata()[::4].copy()
+    path = work / "pbmc.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(work: Path, pbmc_h5ad: Path) -> Path:
+    from data_pipeline.build import BuildConfig, build_corpus
+    build_corpus(BuildConfig(inputs=[pbmc_h5ad], out=work / "corpus", shard_size=64, progress=False))
+    return work / "corpus"
+
+
+@pytest.fixture(scope="module")
+def stage1(work: Path, corpus: Path) -> Path:
+    from data_pipeline.loader import LoaderConfig
+    from data_pipeline.store import Corpus
+    from eval.annotate import corpus_label_texts
+    from model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
+    from model.text_tower import TextTowerConfig
+    from dataclasses import asdict
+    torch.manual_seed(0)
+    vocab = json.loads((corpus / "vocab.json").read_text())
+    cfg = AlignerConfig(cell_tower=CellTowerOptions(d_model=16, nhead=2, d_hid=32, nlayers=1),
+                        text_tower=TextTowerConfig(freeze=True, max_length=64),
+                        qformer=QFormerOptions(num_queries=2, num_layers=1, embed_dim=16))
+    model = CellTextAligner(cfg, vocab)
+    model.set_text_center(corpus_label_texts(Corpus(corpus)))
+    folder = work / "stage1" / "model"
+    model.save_pretrained(folder)
+    (folder / "loader.json").write_text(json.dumps(asdict(LoaderConfig(n_bins=0, max_len=256))))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def package(work: Path, stage1: Path, corpus: Path) -> Path:
+    metrics = work / "metrics.json"
+    metrics.write_text(json.dumps({"annotation": {"accuracy": 0.5, "macro_f1": 0.4, "ontology_score": 0.6,
+                                                  "n_cells": 16, "n_classes": 9},
+                                   "baselines": {"majority": {"accuracy": 0.3, "macro_f1": 0.05}}}))
+    from scmm.cli import main
+    assert main(["package", "--stage1", str(stage1), "--corpus", str(corpus), "--metrics", str(metrics),
+                 "--out", str(work / "pkg")]) == 0
+    return work / "pkg"
+
+
+@pytest.fixture(scope="module")
+def model(package: Path):
+    from scmm.api import load_model
+    return load_model(package)
+
+
+@pytest.fixture(scope="module")
+def synth_h5ad(work: Path) -> Path:
+    path = work / "synth.h5ad"
+    r = run_cli("data", "synth", "--cells", "150", "--genes", "300", "--out", str(path), "--quiet")
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+def _cli(*args: str) -> int:
+    from scmm.cli import main
+    return main(list(args))
+
+
+# --- package ----------------------------------------------------------------------------------------
+def test_package_layout_and_round_trip(package: Path, model, stage1: Path, corpus: Path):
+    manifest = json.loads((package / "scmm_model.json").read_text())
+    assert manifest["format"] == "scmm-model" and manifest["format_version"] == 1
+    assert manifest["components"] == ["stage1", "metrics"]
+    for rel, digest in manifest["files"].items():
+        assert _sha(package / rel) == digest
+    assert (package / "stage1" / "loader.json").is_file() and (package / "README.md").is_file()
+    card = (package / "README.md").read_text()
+    assert "scmm annotate" in card and "| method | accuracy | macro-F1 |" in card and "B cell" in card
+    labels = json.loads((package / "labels.json").read_text())["labels"]
+    cm = json.loads((corpus / "manifest.json").read_text())["cell_types"]
+    assert {r["key"] for r in labels} == set(cm)
+    assert all(r["count"] == cm[r["key"]]["count"] and r["texts"] for r in labels)
+    assert model.packaged and not model.has_stage2 and model.metrics["annotation"]["accuracy"] == 0.5
+    # the bare stage-1 folder gives the same embedding space (same fingerprint)
+    from scmm.api import load_model
+    assert load_model(stage1).fingerprint == model.fingerprint
+
+
+def test_package_corrupted_file_and_wrong_version(package: Path, tmp_path: Path):
+    import shutil
+    from scmm.api import load_model
+    from scmm.errors import ScmmError
+    bad = tmp_path / "bad"
+    shutil.copytree(package, bad)
+    weights = bad / "stage1" / "aligner.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ScmmError, match="checksum mismatch in stage1/aligner.safetensors"):
+        load_model(bad)
+    weights.unlink()
+    with pytest.raises(ScmmError, match="stage1/aligner.safetensors is missing"):
+        load_model(bad)
+    old = tmp_path / "old"
+    shutil.copytree(package, old)
+    m = json.loads((old / "scmm_model.json").read_text())
+    m["format_version"] = 99
+    (old / "scmm_model.json").write_text(json.dumps(m))
+    with pytest.raises(ScmmError, match="format_version 99"):
+        load_model(old)
+
+
+# --- embed / annotate -------------------------------------------------------------------------------
+def test_embed_cli_writes_copy_plus_embedding(package: Path, pbmc_h5ad: Path, work: Path):
+    before = _sha(pbmc_h5ad)
+    out = work / "embedded.h5ad"
+    r = run_cli("embed", str(pbmc_h5ad), "--model", str(package), "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "genes map to the model's vocabulary" in r.stderr  # coverage reported before the work
+    assert _sha(pbmc_h5ad) == before
+    src, res = ad.read_h5ad(pbmc_h5ad), ad.read_h5ad(out)
+    emb = res.obsm["X_scmm"]
+    assert emb.shape == (src.n_obs, 16) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert (res.X != src.X).nnz == 0 and list(res.obs_names) == list(src.obs_names)
+    pd.testing.assert_frame_equal(res.obs, src.obs)
+    assert not [p for p in work.iterdir() if p.name.startswith(".embedded")]
+
+
+def test_embedding_matches_the_training_pipeline(model, corpus: Path):
+    """The reader + collate path gives the embeddings the corpus loader gives for the same cells."""
+    from data_pipeline.store import Corpus
+    from eval.annotate import embed_split
+    from scmm.api import embed
+    from data_pipeline.demo_data import pbmc_demo_adata
+    c = Corpus(corpus)
+    ref = embed_split(model.aligner, c, "test", model.loader_config, progress=False)
+    adata = pbmc_demo_adata()[::4].copy()
+    out = embed(adata[ref.cell_ids].copy(), model)
+    np.testing.assert_allclose(out.obsm["X_scmm"], ref.embeddings, atol=1e-5)
+
+
+def test_chunked_equals_one_chunk(model, pbmc_h5ad: Path, synth_h5ad: Path):
+    from scmm.api import annotate
+    for path in (pbmc_h5ad, synth_h5ad):
+        whole = annotate(str(path), model, chunk_size=100_000, batch_size=64)
+        chunked = annotate(str(path), model, chunk_size=7, batch_size=3)
+        np.testing.assert_allclose(chunked.obsm["X_scmm"], whole.obsm["X_scmm"], atol=1e-6)
+        for col in OBS_FIELDS[:2]:
+            assert list(chunked.obs[col]) == list(whole.obs[col])
+        np.testing.assert_allclose(chunked.obs["scmm_confidence"], whole.obs["scmm_confidence"], atol=1e-5)
+
+
+def test_api_returns_new_anndata_and_leaves_input_alone(model, pbmc_h5ad: Path):
+    from scmm.api import annotate
+    adata = ad.read_h5ad(pbmc_h5ad)
+    snapshot = adata.copy()
+    out = annotate(adata, model, labels=["CL:0000236", "T cell", "something never seen"], unknown_threshold=-2)
+    assert out is not adata and "X_scmm" not in adata.obsm and "scmm_cell_type" not in adata.obs
+    assert (adata.X != snapshot.X).nnz == 0
+    assert set(out.obs["scmm_cell_type"]) <= {"B cell", "T cell", "something never seen"}
+    ids = dict(zip(out.obs["scmm_cell_type"], out.obs["scmm_cell_type_ontology_term_id"]))
+    assert ids.get("B cell", "CL:0000236") == "CL:0000236" and ids.get("something never seen", "") == ""
+    everything_unknown = annotate(adata, model, unknown_threshold=1.01)
+    assert set(everything_unknown.obs["scmm_cell_type"]) == {"unknown"}
+
+
+def test_annotate_cli_default_labels_smooth_and_unknown(package: Path, pbmc_h5ad: Path, work: Path):
+    before = _sha(pbmc_h5ad)
+    out = work / "annotated.h5ad"
+    assert _cli("annotate", str(pbmc_h5ad), "--model", str(package), "--out", str(out), "--smooth",
+                "--chunk-size", "50", "--batch-size", "16", "--quiet") == 0
+    assert _sha(pbmc_h5ad) == before
+    res = ad.read_h5ad(out)
+    labels = json.loads((package / "labels.json").read_text())["labels"]
+    assert set(res.obs["scmm_cell_type_ontology_term_id"]) <= {r["key"] for r in labels}
+    conf = res.obs["scmm_confidence"].to_numpy()
+    assert conf.dtype == np.float32 and ((conf > 0) & (conf <= 1.0 + 1e-6)).all()
+    assert res.obsm["X_scmm"].shape == (res.n_obs, 16)
+    assert _cli("annotate", str(pbmc_h5ad), "--model", str(package), "--out", str(out), "--overwrite",
+                "--unknown-threshold", "1.5", "--quiet") == 0
+    assert set(ad.read_h5ad(out).obs["scmm_cell_type"]) == {"unknown"}
+
+
+# --- describe ---------------------------------------------------------------------------------------
+def test_describe_without_stage2_is_an_error(package: Path, pbmc_h5ad: Path, work: Path):
+    out = work / "described.h5ad"
+    r = run_cli("describe", str(pbmc_h5ad), "--model", str(package), "--out", str(out))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "stage-2" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_describe_calls_the_stage2_model(stage1: Path, corpus: Path, pbmc_h5ad: Path, tmp_path: Path,
+                                         monkeypatch):
+    """With a stand-in for finetune.model.Stage2Model: descriptions land in obs in the input's row order."""
+    seen = {}
+
+    class FakeStage2:
+        @classmethod
+        def from_pretrained(cls, folder):
+            seen["folder"] = Path(folder)
+            return cls()
+
+        def describe_cells(self, batch, task="describe", constrained=False, num_beams=1):
+            assert task == "describe" and set(batch) >= {"gene_ids", "values", "padding_mask"}
+            n_genes = (~batch["padding_mask"]).sum(1) - 1
+            return [f"a cell expressing {int(n)} genes" for n in n_genes]
+
+    fake = types.ModuleType("finetune.model")
+    fake.Stage2Model = FakeStage2
+    monkeypatch.setitem(sys.modules, "finetune.model", fake)
+    stage2 = tmp_path / "stage2"
+    stage2.mkdir()
+    (stage2 / "config.json").write_text("{}")
+    from model.package import package_model
+    pkg = package_model(stage1, corpus, tmp_path / "pkg2", stage2=stage2)
+    out = tmp_path / "d.h5ad"
+    assert _cli("describe", str(pbmc_h5ad), "--model", str(pkg), "--out", str(out), "--chunk-size", "33",
+                "--quiet") == 0
+    assert seen["folder"] == pkg / "stage2"
+    res = ad.read_h5ad(out)
+    x = ad.read_h5ad(pbmc_h5ad)
+    from scmm.api import load_model
+    panel = set(load_model(pkg).panel_vocab_ids.tolist())
+    vocab = json.loads((corpus / "vocab.json").read_text())
+    expressed = [sum(1 for g in np.asarray(x.var["feature_name"])[row.indices] if vocab.get(str(g)) in panel)
+                 for row in sp.csr_matrix(x.X)]
+    assert list(res.obs["scmm_description"]) == [f"a cell expressing {n} genes" for n in expressed]
+
+
+# --- index ------------------------------------------------------------------------------------------
+def test_index_round_trip(package: Path, pbmc_h5ad: Path, work: Path):
+    before = _sha(pbmc_h5ad)
+    index = work / "ref_index"
+    r = run_cli("index", "build", str(pbmc_h5ad), "--model", str(package), "--label-column",
+                "cell_type_ontology_term_id", "--out", str(index), "--quiet")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((index / "index.json").read_text())
+    assert meta["kind"] == "flat" and meta["n"] == 175 and meta["model_fingerprint"]
+    out = work / "queried.h5ad"
+    assert _cli("index", "query", str(index), str(pbmc_h5ad), "--model", str(package), "--out", str(out),
+                "--k", "1", "--quiet") == 0
+    assert _sha(pbmc_h5ad) == before
+    res = ad.read_h5ad(out)
+    assert list(res.obs["scmm_cell_type_ontology_term_id"].astype(str)) == \
+        list(res.obs["cell_type_ontology_term_id"].astype(str))
+    assert list(res.obs["scmm_cell_type"].astype(str)) == list(res.obs["cell_type"].astype(str))
+    assert (res.obs["scmm_confidence"] == 1.0).all()
+    # k-NN vote with a larger k: confidences are vote shares
+    from scmm.api import query_index
+    q = query_index(index, str(pbmc_h5ad), str(package), k=5)
+    assert set(np.round(q.obs["scmm_confidence"] * 5, 4)) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+def test_index_model_mismatch_and_ivf(package: Path, pbmc_h5ad: Path, work: Path, tmp_path: Path, monkeypatch):
+    import scmm.index as sindex
+    from scmm.api import build_index, load_model, query_index
+    index = work / "ref_index"
+    if not index.exists():
+        pytest.skip("needs test_index_round_trip's index")
+    meta = json.loads((index / "index.json").read_text())
+    meta["model_fingerprint"] = "0" * 64
+    other = tmp_path / "other_index"
+    import shutil
+    shutil.copytree(index, other)
+    (other / "index.json").write_text(json.dumps(meta))
+    r = run_cli("index", "query", str(other), str(pbmc_h5ad), "--model", str(package), "--out",
+                str(tmp_path / "q.h5ad"))
+    assert r.returncode == 2 and "another model" in r.stderr and not (tmp_path / "q.h5ad").exists()
+    # above the size threshold the index is IVF; the vote still finds a cell's own label
+    monkeypatch.setattr(sindex, "FLAT_MAX_CELLS", 10)
+    model = load_model(package)
+    build_index(str(pbmc_h5ad), model, "cell_type", tmp_path / "ivf")
+    assert json.loads((tmp_path / "ivf" / "index.json").read_text())["kind"] == "ivf_flat"
+    q = query_index(tmp_path / "ivf", str(pbmc_h5ad), model, k=1)
+    assert (q.obs["scmm_cell_type"].astype(str) == q.obs["cell_type"].astype(str)).mean() > 0.95
+
+
+# --- bad input --------------------------------------------------------------------------------------
+def _assert_clean_error(r, out: Path, needle: str) -> None:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert lines and lines[-1].startswith("error:") and needle in lines[-1], r.stderr
+    assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in r.stderr
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_bad_inputs_exit_2_with_one_error_line(package: Path, pbmc_h5ad: Path, tmp_path: Path):
+    out = tmp_path / "out.h5ad"
+    r = run_cli("annotate", str(tmp_path / "missing.h5ad"), "--model", str(package), "--out", str(out))
+    _assert_clean_error(r, out, "input file not found")
+    # no gene overlap
+    x = ad.AnnData(X=sp.csr_matrix(np.ones((5, 4), dtype=np.float32)),
+                   var=pd.DataFrame(index=[f"NOT_A_GENE_{i}" for i in range(4)]))
+    x.obs_names = [f"c{i}" for i in range(5)]
+    nogene = tmp_path / "nogene.h5ad"
+    x.write_h5ad(nogene)
+    r = run_cli("embed", str(nogene), "--model", str(package), "--out", str(out))
+    _assert_clean_error(r, out, "map to the gene vocabulary")
+    # unknown label column
+    idx = tmp_path / "idx"
+    r = run_cli("index", "build", str(pbmc_h5ad), "--model", str(package), "--label-column", "no_such_column",
+                "--out", str(idx))
+    _assert_clean_error(r, idx, "label column 'no_such_column'")
+    # missing model
+    r = run_cli("embed", str(pbmc_h5ad), "--model", str(tmp_path / "nomodel"), "--out", str(out))
+    _assert_clean_error(r, out, "model folder not found")
+
+
+def test_output_rules(package: Path, pbmc_h5ad: Path, work: Path, tmp_path: Path):
+    from scmm.api import embed_file
+    from scmm.errors import ScmmError
+    with pytest.raises(ScmmError, match="never modifies its input"):
+        embed_file(pbmc_h5ad, pbmc_h5ad, package, overwrite=True)
+    out = tmp_path / "o.h5ad"
+    out.write_text("x")
+    with pytest.raises(ScmmError, match="already exists"):
+        embed_file(pbmc_h5ad, out, package)
+    assert out.read_text() == "x"
+
+
+def test_log_normalised_input_is_detected(model, pbmc_h5ad: Path):
+    """log1p CP10k values as input give the same embedding as the counts they came from."""
+    from scmm.api import embed
+    counts = ad.read_h5ad(pbmc_h5ad)
+    panel = set(model.panel_vocab_ids.tolist())
+    keep = np.array([model.vocab.get(str(g), -1) in panel for g in counts.var["feature_name"]])
+    counts = counts[:, keep].copy()
+    logn = counts.copy()
+    x = sp.csr_matrix(logn.X, dtype=np.float64)
+    x = sp.diags(1e4 / np.asarray(x.sum(1)).ravel()) @ x
+    x.data = np.log1p(x.data)
+    logn.X = sp.csr_matrix(x, dtype=np.float32)
+    a, b = embed(counts, model).obsm["X_scmm"], embed(logn, model).obsm["X_scmm"]
+    np.testing.assert_allclose(a, b, atol=1e-5)
