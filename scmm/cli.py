@@ -279,6 +279,54 @@ def cmd_package(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot_umap(args: argparse.Namespace) -> int:
+    import anndata as ad
+    import h5py
+    import numpy as np
+    from eval.plots import umap_png
+    src, out = Path(args.input), Path(args.out)
+    if not src.is_file():
+        raise ScmmError(f"input file not found: {src}")
+    if out.suffix.lower() != ".png":
+        raise ScmmError(f"--out must be a .png file, not {out}")
+    columns = [c.strip() for c in args.color.split(",") if c.strip()]
+    try:
+        with h5py.File(src, "r") as f:  # only obs and one obsm entry are read, never X
+            obsm = f.get("obsm")
+            if obsm is None or args.basis not in obsm:
+                raise ScmmError(f"{src} has no obsm['{args.basis}'] (run `scmm embed` or `scmm annotate` first)")
+            x = np.asarray(ad.io.read_elem(obsm[args.basis]), dtype=np.float32)
+            obs = ad.io.read_elem(f["obs"])
+    except OSError as exc:
+        raise ScmmError(f"cannot read {src} as h5ad: {exc}") from None
+    missing = [c for c in columns if c not in obs.columns]
+    if missing or not columns:
+        raise ScmmError(f"--color names obs columns {missing or args.color!r} that {src} does not have; it has: "
+                        f"{', '.join(map(str, obs.columns[:20]))}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    notes: list[str] = []
+    if not umap_png(x, {c: obs[c].astype(str).tolist() for c in columns}, tmp, seed=args.seed,
+                    title=f"UMAP of obsm['{args.basis}'] ({src.name})", notes=notes):
+        raise ScmmError("; ".join(notes))
+    os.replace(tmp, out)
+    print(f"wrote {out}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return 0
+
+
+def _plot_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="figures of an annotated h5ad")
+    psub = p.add_subparsers(dest="plot_command", required=True, parser_class=_Parser)
+    u = psub.add_parser("umap", help="UMAP of obsm['X_scmm'], one panel per obs column")
+    u.add_argument("input", help="an h5ad written by scmm embed / annotate / describe")
+    u.add_argument("--color", default="scmm_cell_type",
+                   help="comma-separated obs columns, one panel each (default scmm_cell_type)")
+    u.add_argument("--basis", default="X_scmm", help="obsm key of the embedding (default X_scmm)")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--out", required=True, help="output .png")
+    u.set_defaults(func=cmd_plot_umap)
+
+
 def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="cell embeddings -> obsm['X_scmm'] of a copy of the input")
     p.add_argument("input", help="input .h5ad (read chunk by chunk, never modified)")
@@ -391,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     _finetune_parser(sub)
     _eval_parser(sub)
     _inference_parsers(sub)
+    _plot_parsers(sub)
     _generate_parser(sub)
     return parser
 
