@@ -4,10 +4,12 @@
   cell as ``log1p(x / total * 1e4)``, ``total`` being the cell's count over the whole corpus gene panel (before
   any gene subset); corpora built from log-normalised input (``manifest['normalization'] == 'log1p'``) are used
   as stored.
-* **Highly variable genes** (:func:`highly_variable_genes`): over the train split, per gene mean ``m`` and
-  variance ``v`` of the log1p values (streamed sums); dispersion ``log(v / m)``; genes binned into 20
-  equal-width bins of ``m`` and the dispersion z-scored within each bin (Seurat-style; a bin with one gene gets
-  z = 0); the ``n`` genes with the highest normalised dispersion among genes with ``m > 0``, ties by panel order.
+* **Highly variable genes** (:func:`highly_variable_genes`): :func:`data_pipeline.hvg.hvg_panel` over the train
+  split (scanpy's ``flavor="seurat"`` statistic, streamed shard by shard; the whole panel when ``n`` >= its size).
+* **Memory** (:func:`run_corpus_baselines`): the models are fitted on at most ``BASELINE_MAX_TRAIN_CELLS``
+  (20,000) train cells, a seeded uniform subsample (``numpy.random.default_rng(seed)``) beyond that, held dense
+  over the HVG panel (20,000 x 2,000 float32 = 160 MB); the evaluated split is streamed shard by shard (one
+  shard dense at a time, predictions and 50-d PCA coordinates kept), so memory does not grow with its size.
 * **Majority**: the most frequent train label (ties: the smallest label).
 * **Logistic regression**: scikit-learn ``LogisticRegression`` (lbfgs, multinomial, L2 with ``C = 1``,
   ``max_iter = 1000``) on the log1p values *without* standardisation, as in the reference of DESIGN.md
@@ -16,7 +18,14 @@
   by Euclidean distance (FAISS), majority vote with the nearest tied label winning (reference 0.793 / 0.628).
 * **k-NN smoothing** (:func:`knn_smoothing`): a post-processing of *another* model's predictions, reported as
   its own row: each cell takes the majority of the predicted labels of its ``k`` nearest neighbours (itself
-  included, so a tie keeps its own label) among the cells being predicted, in a PCA space of their expression.
+  included, so a tie keeps its own label) among the cells being predicted, in a PCA space of their expression
+  (in :func:`run_corpus_baselines`: the PCA fitted on the train cells, ``z_test``). ``k`` scales with the number
+  of cells ``n`` being smoothed (:func:`smoothing_k`): ``k = min(15, max(3, round(sqrt(n) / 2)))``. Reasoning,
+  fixed before looking at any test score: a vote over ``k`` neighbours erases every class with fewer than about
+  ``k / 2`` cells in the split (its members' neighbourhoods are mostly other cells), so ``k`` must stay well
+  below the size of the small classes; class sizes grow with ``n``, so ``k`` grows sub-linearly with it,
+  capped at the usual 15 (reached at 900 cells) and at least 3 so that a vote can overrule a single cell.
+  A 70-cell split gets ``k = 4``.
 
 Each baseline returns predictions; score them with :func:`eval.metrics.annotation_metrics`.
 """
@@ -27,13 +36,15 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from data_pipeline.hvg import hvg_panel, iter_log1p_profiles, log1p_profiles
 from data_pipeline.store import Corpus, label_keys
 from eval.knn import build_index, knn_search, knn_vote
 
 __all__ = ["expression_matrix", "highly_variable_genes", "majority_baseline", "logistic_regression_baseline",
-           "pca_knn_baseline", "knn_smoothing", "run_corpus_baselines"]
+           "pca_knn_baseline", "knn_smoothing", "smoothing_k", "run_corpus_baselines", "BASELINE_MAX_TRAIN_CELLS"]
 
 TARGET_SUM = 1e4
+BASELINE_MAX_TRAIN_CELLS = 20_000
 
 
 def _normalise(matrix: sp.csr_matrix, normalization: str) -> sp.csr_matrix:
@@ -96,35 +107,10 @@ def expression_matrix(corpus: Corpus, split: str, genes: Sequence | np.ndarray |
 
 
 def highly_variable_genes(corpus: Corpus, n: int = 2000, n_bins: int = 20) -> np.ndarray:
-    """Panel indices (ascending) of the ``n`` most variable genes of the train split (module docstring)."""
-    normalization = corpus.manifest.get("normalization", "counts")
-    total = np.zeros(corpus.n_genes)
-    total_sq = np.zeros(corpus.n_genes)
-    n_cells = 0
-    for entry in corpus.shards("train"):
-        m = _normalise(corpus.read_shard(entry["name"]).matrix, normalization)
-        total += np.asarray(m.sum(axis=0), dtype=np.float64).ravel()
-        total_sq += np.asarray(m.multiply(m).sum(axis=0), dtype=np.float64).ravel()
-        n_cells += m.shape[0]
-    if n_cells < 2:
-        raise ValueError("highly variable genes need at least 2 train cells")
-    mean = total / n_cells
-    var = np.maximum(total_sq / n_cells - mean ** 2, 0.0) * n_cells / (n_cells - 1)
-    expressed = np.flatnonzero(mean > 0)
-    if n >= len(expressed):
-        return expressed
-    disp = np.log(np.maximum(var[expressed], 1e-12) / mean[expressed])
-    m = mean[expressed]
-    edges = np.linspace(m.min(), m.max(), n_bins + 1)
-    bins = np.clip(np.searchsorted(edges, m, side="right") - 1, 0, n_bins - 1)
-    z = np.zeros_like(disp)
-    for b in np.unique(bins):
-        sel = bins == b
-        if sel.sum() > 1:
-            sd = disp[sel].std(ddof=1)
-            z[sel] = (disp[sel] - disp[sel].mean()) / sd if sd > 0 else 0.0
-    order = np.lexsort((expressed, -z))  # highest z first, ties by panel index
-    return np.sort(expressed[order[:n]])
+    """Panel indices (ascending) of the ``n`` most variable genes of the train split (:func:`hvg_panel`)."""
+    if n_bins != 20:
+        raise ValueError("highly_variable_genes uses scanpy's 20 mean bins")
+    return hvg_panel(corpus, n, "train")
 
 
 def majority_baseline(y_train: Sequence, n: int) -> np.ndarray:
@@ -167,20 +153,28 @@ def pca_knn_baseline(x_train: np.ndarray, y_train: Sequence, x_test: np.ndarray,
     return pred.astype(object)
 
 
-def knn_smoothing(pred_labels: Sequence, x_expr: np.ndarray, k: int = 15, n_components: int = 50,
-                  seed: int = 0) -> np.ndarray:
+def smoothing_k(n: int) -> int:
+    """Neighbours of the k-NN smoothing for ``n`` cells: ``min(15, max(3, round(sqrt(n) / 2)))`` (module doc)."""
+    return int(min(15, max(3, round(np.sqrt(max(n, 0)) / 2))))
+
+
+def knn_smoothing(pred_labels: Sequence, x_expr: np.ndarray, k: int | None = 15, n_components: int = 50,
+                  seed: int = 0, fit_pca: bool = True) -> np.ndarray:
     """Each cell's label by majority over the predicted labels of its ``k`` nearest cells (itself included).
 
     Neighbours are found among the same cells, by Euclidean distance in a PCA(``n_components``) space fitted
-    on ``x_expr`` (log1p expression of those cells).
+    on ``x_expr`` (log1p expression of those cells), or directly in ``x_expr`` with ``fit_pca=False`` (e.g.
+    coordinates already in a PCA space). ``k=None``: :func:`smoothing_k` of the number of cells.
     """
     pred = np.asarray(pred_labels).astype(str)
     if len(pred) != x_expr.shape[0]:
         raise ValueError(f"{len(pred)} predictions for {x_expr.shape[0]} cells")
     if len(pred) <= 1:
         return pred.astype(object)
+    if k is None:
+        k = smoothing_k(len(pred))
     x = np.asarray(x_expr.toarray() if sp.issparse(x_expr) else x_expr, dtype=np.float32)
-    z = _pca(x, n_components, seed).transform(x).astype(np.float32)
+    z = _pca(x, n_components, seed).transform(x).astype(np.float32) if fit_pca else np.ascontiguousarray(x)
     _, ids = knn_search(build_index(z, "l2"), z, min(k, len(z)))
     # each cell is its own nearest neighbour, even when exact duplicates tie with it
     self_id = np.arange(len(z))[:, None]
@@ -191,18 +185,47 @@ def knn_smoothing(pred_labels: Sequence, x_expr: np.ndarray, k: int = 15, n_comp
 
 
 def run_corpus_baselines(corpus: Corpus, n_genes: int = 2000, seed: int = 0, n_components: int = 50,
-                         k: int = 15, split: str = "test") -> dict[str, Any]:
-    """Fit the baselines on the train split and predict ``split``: {"y_true", "genes", "predictions": {...}}.
+                         k: int = 15, split: str = "test",
+                         max_train_cells: int | None = BASELINE_MAX_TRAIN_CELLS) -> dict[str, Any]:
+    """Fit the baselines on the train split and predict ``split`` (streamed; see the module docstring).
 
-    ``predictions`` maps ``majority``, ``logistic_regression`` and ``pca_knn`` to label arrays. ``x_test``
-    (the HVG log1p matrix of ``split``) is returned for :func:`knn_smoothing` of scmm's predictions.
+    Returns {"y_true", "genes", "predictions", "z_test", "n_train_used"}: ``predictions`` maps ``majority``,
+    ``logistic_regression`` and ``pca_knn`` to label arrays in shard order; ``z_test`` [n, n_components] holds the
+    cells of ``split`` in the train-fitted PCA space, for :func:`knn_smoothing` (``fit_pca=False``) of scmm's
+    predictions. ``max_train_cells`` None fits on every train cell.
     """
+    from sklearn.linear_model import LogisticRegression
+
     genes = highly_variable_genes(corpus, n_genes)
-    x_train, y_train = expression_matrix(corpus, "train", genes)
-    x_test, y_test = expression_matrix(corpus, split, genes)
+    x_train, _, y_train = log1p_profiles(corpus, "train", genes, max_cells=max_train_cells, seed=seed)
+    y_train = np.asarray(y_train).astype(str)
+    if len(y_train) < 2:
+        raise ValueError(f"the baselines need at least 2 train cells, found {len(y_train)}")
+    lr = None
+    if len(np.unique(y_train)) >= 2:
+        lr = LogisticRegression(C=1.0, max_iter=1000, random_state=seed).fit(x_train, y_train)
+    pca = _pca(x_train, n_components, seed)
+    z_train = pca.transform(x_train).astype(np.float32)
+    del x_train
+    index = build_index(z_train, "l2")
+    k_train = min(k, len(z_train))
+    majority = majority_baseline(y_train, 1)[0]
+    y_true, pred_lr, pred_knn, z_parts = [], [], [], []
+    for x, _, labels in iter_log1p_profiles(corpus, split, genes):
+        y_true += labels
+        pred_lr.append(lr.predict(x).astype(object) if lr is not None else np.full(len(x), majority, dtype=object))
+        z = pca.transform(x).astype(np.float32)
+        _, ids = knn_search(index, z, k_train)
+        pred_knn.append(knn_vote(y_train[ids])[0].astype(object))
+        z_parts.append(z)
+    index.reset()
+    y = np.asarray(y_true, dtype=object)
+    empty = np.zeros(0, dtype=object)
     predictions = {
-        "majority": majority_baseline(y_train, len(y_test)),
-        "logistic_regression": logistic_regression_baseline(x_train, y_train, x_test, seed=seed),
-        "pca_knn": pca_knn_baseline(x_train, y_train, x_test, n_components=n_components, k=k, seed=seed),
+        "majority": majority_baseline(y_train, len(y)),
+        "logistic_regression": np.concatenate(pred_lr) if pred_lr else empty,
+        "pca_knn": np.concatenate(pred_knn) if pred_knn else empty,
     }
-    return {"y_true": y_test, "genes": genes, "x_test": x_test, "predictions": predictions}
+    z_test = np.concatenate(z_parts) if z_parts else np.zeros((0, z_train.shape[1]), dtype=np.float32)
+    return {"y_true": y, "genes": genes, "z_test": z_test, "predictions": predictions,
+            "n_train_used": int(len(y_train))}

@@ -15,10 +15,12 @@ Tasks (``TASKS``):
   **val** split (:func:`eval.metrics.choose_unknown_threshold`, criterion ``decision``) and applied to test:
   ``annotation.with_unknown`` (``threshold`` is a cosine similarity in [-1, 1]; -1 means "keep every cell").
   Plots: ``confusion_matrix.png`` and ``umap.png`` (test cell embeddings coloured by true and by predicted
-  type; at most ``UMAP_MAX_CELLS`` cells, a seeded subsample beyond).
+  type; at most ``eval.plots.UMAP_MAX_CELLS`` cells, a seeded subsample beyond).
   **Baselines** run with annotate, fitted on train and scored on test (:mod:`eval.baselines`): ``majority``,
   ``logistic_regression``, ``pca_knn``, and ``scmm_knn_smoothing`` (scmm's test predictions smoothed over the
-  k-NN graph of the test cells in expression space): ``baselines.<name> = {accuracy, macro_f1}``.
+  k-NN graph of the test cells in expression space, with ``k`` from :func:`eval.baselines.smoothing_k`):
+  ``baselines.<name> = {accuracy, macro_f1}``. The baselines are fitted on at most
+  ``eval.baselines.BASELINE_MAX_TRAIN_CELLS`` train cells (a seeded subsample beyond).
 * **retrieve**: :func:`eval.retrieval.retrieval_metrics` between the test cells' embeddings and the text
   features of their own texts (recall@1/5/10 both ways, mean ranks, label-level recall).
 * **describe**, **generate**: stage-2 tasks; a stage-1 model folder has no stage-2 parts, so asking for them
@@ -44,7 +46,6 @@ import re
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,6 +54,7 @@ import numpy as np
 
 from data_pipeline.loader import LoaderConfig
 from data_pipeline.store import Corpus, label_keys
+from eval.plots import umap_png
 from scmm.errors import ScmmError
 
 log = logging.getLogger("scmm.eval")
@@ -61,8 +63,7 @@ TASKS = ("annotate", "retrieve", "describe", "generate")
 STAGE1_TASKS = ("annotate", "retrieve")
 STAGE2_TASKS = ("describe", "generate")
 DEFAULT_TASKS = ("annotate", "retrieve")
-UMAP_MAX_CELLS = 20_000
-TEXT_BATCH = 256
+TEXT_BATCH = 64  # texts per text-tower call: bounds the activation memory (~100 MB at 128 tokens)
 UNMATCHED_PREFIX = "unmatched:"
 # every file this harness may write (stale ones are removed when a later run into the same folder skips them)
 OUTPUT_FILES = ("metrics.json", "report.md", "confusion_matrix.png", "umap.png")
@@ -290,7 +291,7 @@ def _annotate(model, corpus: Corpus, cands: Candidates, loader_cfg: LoaderConfig
         details["notes"].append("the corpus has no val split: no 'unknown' threshold was chosen")
 
     # baselines (train -> test) and scmm + kNN smoothing
-    from eval.baselines import knn_smoothing, run_corpus_baselines
+    from eval.baselines import knn_smoothing, run_corpus_baselines, smoothing_k
     try:
         base = run_corpus_baselines(corpus, seed=seed)
     except ValueError as exc:
@@ -298,7 +299,8 @@ def _annotate(model, corpus: Corpus, cands: Candidates, loader_cfg: LoaderConfig
     if list(base["y_true"]) != list(y_true):
         raise ScmmError("baselines: the test cells of the expression matrix do not match the embedded cells")
     preds = dict(base["predictions"])
-    preds["scmm_knn_smoothing"] = knn_smoothing(pred, base["x_test"], seed=seed)
+    k_smooth = smoothing_k(len(pred))
+    preds["scmm_knn_smoothing"] = knn_smoothing(pred, base["z_test"], k=k_smooth, fit_pca=False, seed=seed)
     baselines, base_details = {}, {}
     for name in BASELINE_NAMES:
         m = annotation_metrics(y_true, preds[name], ontology, labels=classes)
@@ -306,6 +308,8 @@ def _annotate(model, corpus: Corpus, cands: Candidates, loader_cfg: LoaderConfig
         base_details[name] = {"ontology_score": m["ontology_score"], "ppr_score": m["ppr_score"]}
     details["baselines"] = base_details
     details["n_hvg"] = int(len(base["genes"]))
+    details["smoothing_k"] = int(k_smooth)
+    details["baseline_train_cells"] = int(base["n_train_used"])
 
     # plots
     row_names = [r["name"] for r in per_class]
@@ -315,66 +319,12 @@ def _annotate(model, corpus: Corpus, cands: Candidates, loader_cfg: LoaderConfig
     confusion_matrix_png(y_true, pred, [r["label"] for r in per_class], row_names, tmp / "confusion_matrix.png",
                          title="scmm, test split (rows: true type, normalised)")
     details["pngs"] = ["confusion_matrix.png"]
-    if _umap_png(emb.embeddings, [names.get(t, t) for t in y_true], [names.get(p, p) for p in pred],
-                 tmp / "umap.png", seed, details["notes"]):
+    panels = {"true type": [names.get(t, t) for t in y_true], "predicted type": [names.get(p, p) for p in pred]}
+    if umap_png(emb.embeddings, panels, tmp / "umap.png", seed, "scmm cell embeddings (test split)",
+                details["notes"]):
         details["pngs"].append("umap.png")
     details["candidates"] = [{"key": k, "name": n} for k, n in zip(cands.keys, cands.names)]
     return {"annotation": metrics, "baselines": baselines}, details
-
-
-def _umap_png(x: np.ndarray, true_names: list[str], pred_names: list[str], path: Path, seed: int,
-              notes: list[str]) -> bool:
-    """UMAP of the cell embeddings, coloured by true and by predicted type (two panels, shared colours)."""
-    n = len(x)
-    if n < 4:
-        notes.append(f"UMAP skipped: {n} test cells (at least 4 needed)")
-        return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import anndata as ad
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import scanpy as sc
-
-    idx = np.arange(n)
-    if n > UMAP_MAX_CELLS:
-        idx = np.sort(np.random.default_rng(seed).choice(n, UMAP_MAX_CELLS, replace=False))
-        notes.append(f"UMAP drawn on a seeded subsample of {UMAP_MAX_CELLS} of {n} test cells")
-    t = [true_names[i] for i in idx]
-    p = [pred_names[i] for i in idx]
-    categories = list(dict.fromkeys(sorted(set(t)) + sorted(set(p) - set(t))))
-    adata = ad.AnnData(obs=pd.DataFrame({"true type": pd.Categorical(t, categories=categories),
-                                         "predicted type": pd.Categorical(p, categories=categories)},
-                                        index=[str(i) for i in idx]))
-    adata.obsm["X_scmm"] = np.ascontiguousarray(x[idx], dtype=np.float32)
-    sc.pp.neighbors(adata, use_rep="X_scmm", n_neighbors=min(15, len(idx) - 1), random_state=seed)
-    sc.tl.umap(adata, random_state=seed)
-    palette = _palette(len(categories))
-    adata.uns["true type_colors"] = palette
-    adata.uns["predicted type_colors"] = palette
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    size = max(4.0, min(60.0, 12000.0 / len(idx)))
-    with warnings.catch_warnings():  # scanpy's own deprecation notices about matplotlib calls
-        warnings.simplefilter("ignore", PendingDeprecationWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for ax, column in zip(axes, ("true type", "predicted type")):
-            sc.pl.umap(adata, color=column, ax=ax, show=False, size=size, legend_fontsize=7, title=column)
-    fig.suptitle("scmm cell embeddings (test split)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _palette(n: int) -> list[str]:
-    import matplotlib
-    from matplotlib.colors import to_hex
-    base = list(matplotlib.colormaps["tab20"].colors) + list(matplotlib.colormaps["tab20b"].colors) + \
-        list(matplotlib.colormaps["tab20c"].colors)
-    if n <= len(base):
-        return [to_hex(c) for c in base[:n]]
-    cmap = matplotlib.colormaps["gist_ncar"]
-    return [to_hex(cmap(i / max(n - 1, 1))) for i in range(n)]
 
 
 def _retrieve(model, test) -> dict:

@@ -27,6 +27,22 @@ def palette(n: int) -> list[str]:
     return [to_hex(cmap(i / max(n - 1, 1))) for i in range(n)]
 
 
+def _neighbours_and_umap(adata, n_neighbors: int, seed: int) -> None:
+    """scanpy's neighbour graph and UMAP, leaving torch's thread count as it was.
+
+    numba's OpenMP start-up inside `sc.pp.neighbors` resets torch's intra-op threads to every core, which
+    changes the summation order of later matmuls (1e-7 differences between two evaluations in one process).
+    """
+    import scanpy as sc
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        sc.pp.neighbors(adata, use_rep="X_scmm", n_neighbors=n_neighbors, random_state=seed)
+        sc.tl.umap(adata, random_state=seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def umap_png(x: np.ndarray, panels: Mapping[str, Sequence[str]], path: str | Path, seed: int = 0,
              title: str = "scmm cell embeddings", notes: list[str] | None = None) -> bool:
     """Draw a UMAP of `x` [N, D] with one panel per entry of `panels` (title -> a label per cell).
@@ -57,8 +73,7 @@ def umap_png(x: np.ndarray, panels: Mapping[str, Sequence[str]], path: str | Pat
     adata = ad.AnnData(obs=pd.DataFrame({name: pd.Categorical(v, categories=categories)
                                          for name, v in columns.items()}, index=[str(i) for i in idx]))
     adata.obsm["X_scmm"] = np.ascontiguousarray(x[idx], dtype=np.float32)
-    sc.pp.neighbors(adata, use_rep="X_scmm", n_neighbors=min(15, len(idx) - 1), random_state=seed)
-    sc.tl.umap(adata, random_state=seed)
+    _neighbours_and_umap(adata, min(15, len(idx) - 1), seed)
     colours = palette(len(categories))
     for name in columns:
         adata.uns[f"{name}_colors"] = colours

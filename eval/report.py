@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["main_table", "retrieval_table", "write_report", "METHOD_NAMES"]
+__all__ = ["main_table", "retrieval_table", "pseudocell_section", "write_report", "METHOD_NAMES"]
 
 # display names of the rows; the metrics key is shown beside each
 METHOD_NAMES = {
@@ -73,6 +73,50 @@ def retrieval_table(metrics: Mapping[str, Any]) -> str:
         rows.append([label] + [r.get(f"{prefix}_recall@{k}") for k in ks]
                     + [r.get(f"{prefix}_label_recall@{k}") for k in ks] + [r.get(f"{prefix}_mean_rank")])
     return _table(header, rows)
+
+
+SPACE_NAMES = {"expression_pca": "expression PCA (log1p HVG, PCA fitted on train)",
+               "stage1_embedding": "stage-1 cell embedding"}
+
+
+def pseudocell_section(p: Mapping[str, Any]) -> list[str]:
+    """Markdown lines of the pseudo-cell k-NN section from a :func:`eval.pseudocell.pseudocell_report` dict."""
+    spaces = p.get("spaces") or {p.get("space", "expression_pca"): p}
+    k = p.get("k", "?")
+    lines = ["## Pseudo-cells: k-NN accuracy against real held-out cells", "",
+             f"Each pseudo-cell takes its {k} nearest real cells of the "
+             f"{'+'.join(p.get('reference_splits') or ['val', 'test'])} split(s) "
+             f"({p.get('n_reference', '?')} cells, {p.get('n_genes', '?')} panel genes) and hits when their majority "
+             "label is the type it was generated from. Class-mean reference: each type's mean train profile plus "
+             "noise of the type's own per-gene spread, as many cells as pseudo-cells, scored the same way. "
+             "Random: 1 / number of types scored.", ""]
+    rows = []
+    for name, sp in spaces.items():
+        rows.append([SPACE_NAMES.get(name, name) + f" (`{name}`)", sp.get("knn_accuracy"),
+                     sp.get("class_mean_reference"), sp.get("random_baseline"), sp.get("n_types_scored"),
+                     sp.get("n_scored")])
+    lines += [_table(["space", "scmm", "class-mean reference", "random", "types scored", "pseudo-cells scored"],
+                     rows), ""]
+    first = next(iter(spaces.values()), {})
+    per_type = first.get("per_type") or {}
+    if per_type:
+        header = ["cell type"] + [f"{n} scmm" if len(spaces) == 1 else f"{n}: scmm" for n in spaces] + \
+            [f"{n}: class mean" for n in spaces] + ["pseudo-cells", "reference cells"]
+        prow = []
+        for t, row in per_type.items():
+            prow.append([f"`{t}`"] + [(spaces[n].get("per_type") or {}).get(t, {}).get("accuracy") for n in spaces]
+                        + [(spaces[n].get("per_type") or {}).get(t, {}).get("class_mean_accuracy") for n in spaces]
+                        + [row.get("n"), row.get("n_reference")])
+        lines += ["### Per type", "", _table(header, prow, ["---"] + ["---:"] * (len(header) - 1)), ""]
+    excluded = first.get("excluded_types") or {}
+    if excluded:
+        lines += [f"Left out of the accuracy (fewer than k = {k} reference cells, a majority vote cannot pick them): "
+                  + ", ".join(f"`{t}` ({n})" for t, n in sorted(excluded.items())) + ".", ""]
+    for note in p.get("notes") or []:
+        lines.append(f"- {note}")
+    if p.get("notes"):
+        lines.append("")
+    return lines
 
 
 def write_report(metrics: Mapping[str, Any], out_dir: str | Path, context: Mapping[str, Any]) -> Path:
@@ -139,6 +183,8 @@ def write_report(metrics: Mapping[str, Any], out_dir: str | Path, context: Mappi
                   f"Each of the {ret.get('n_pairs', '?')} test cells is paired with its own text. R@k: the exact "
                   "pair within the top k (ties shared); label R@k: any of the top k has the query's cell type.", "",
                   retrieval_table(metrics), ""]
+    if metrics.get("pseudocell"):
+        lines += pseudocell_section(metrics["pseudocell"])
     pngs = (det.get("pngs") or []) if ann else []
     if pngs:
         lines += ["## Plots", ""]

@@ -12,12 +12,19 @@ cell whose text is shared by ``n`` cells finds *its* copy at rank 1 with probabi
 Label-level recall (``*_label_recall@k``, only when ``cell_labels`` is given) counts a hit when any of the top
 ``k`` retrieved items has the query's label (ties inside the top k broken arbitrarily).
 
-Computation: the mean rank needs every score, so retrieval is one exact blocked pass over the N x N inner
-products (torch matmul, on CUDA when available), never materialising the full matrix: each block of cells
-gives the cell->text counts of its rows and adds to the text->cell counts of every column, and a running top
-k per row and per column serves the label-level recall. A FAISS flat index (:mod:`eval.knn`) would be a second
-full pass over the same products; the blocked pass already yields the exact top k. Memory: a block holds about
-``block_bytes`` (default 64 MiB) of scores; 100,000 pairs of 256-d embeddings stay well within 2 GB.
+Computation, in two parts, both bounded in memory:
+
+* **Top k through FAISS** (:mod:`eval.knn`): an exact ``IndexFlatIP`` over the L2-normalised targets (texts for
+  cell->text, cells for text->cell), a GPU index when the faiss build and a GPU are present, the CPU index
+  otherwise; queries are searched in batches. These are the retrieved lists (label-level recall).
+* **Exact ranks**: ``g`` and ``e`` need every score of a query against all targets, so they are counted in one
+  blocked pass over the N x N inner products (torch matmul, on CUDA when available), never materialising the
+  matrix: each block of cells gives the cell->text counts of its rows and adds to the text->cell counts of
+  every column. A block holds about ``block_bytes`` (default 64 MiB) of scores. Exact-pair recall and mean
+  rank come from these counts, so they are exact and tie-aware whatever FAISS returns among tied scores.
+
+Memory at 100,000 pairs of 256-d embeddings: the two embedding matrices (2 x 100 MB), one 64 MiB score block
+plus its boolean masks, and the [N, 10] FAISS results; well within 2 GB (``benchmarks/bench_eval_memory.py``).
 """
 from __future__ import annotations
 
@@ -26,11 +33,24 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from eval.knn import l2_normalise
+from eval.knn import build_index, knn_search, l2_normalise
 
-__all__ = ["retrieval_metrics", "match_counts"]
+__all__ = ["retrieval_metrics", "match_counts", "faiss_topk"]
 
 DEFAULT_KS = (1, 5, 10)
+
+
+def faiss_topk(queries: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:
+    """Indices [M, min(k, N)] of the highest inner-product targets per query, best first (exact FAISS search)."""
+    k = min(int(k), len(targets))
+    if k < 1:
+        return np.zeros((len(queries), 0), dtype=np.int64)
+    index = build_index(targets, "ip")
+    try:
+        _, ids = knn_search(index, queries, k)
+    finally:
+        index.reset()
+    return ids
 
 
 def match_counts(queries: np.ndarray, targets: np.ndarray, tie_tol: float = 1e-5, topk: int = 0,
@@ -39,7 +59,8 @@ def match_counts(queries: np.ndarray, targets: np.ndarray, tie_tol: float = 1e-5
 
     Returns ``g_row``, ``e_row`` (query ``i`` = ``queries[i]`` against all targets), ``g_col``, ``e_col``
     (query ``j`` = ``targets[j]`` against all queries) and, with ``topk > 0``, ``top_row`` [N, topk] /
-    ``top_col`` [N, topk]: indices of the highest-scoring targets per query row / queries per target column.
+    ``top_col`` [N, topk]: indices of the highest-scoring targets per query row / queries per target column,
+    found by FAISS (:func:`faiss_topk`).
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
     t = np.ascontiguousarray(targets, dtype=np.float32)
@@ -54,9 +75,6 @@ def match_counts(queries: np.ndarray, targets: np.ndarray, tie_tol: float = 1e-5
     hi_t, lo_t = torch.from_numpy(hi_all).to(dev), torch.from_numpy(lo_all).to(dev)
     block = max(1, min(n, block_bytes // max(1, 4 * n)))
     out = {name: np.zeros(n, dtype=np.int64) for name in ("g_row", "e_row", "g_col", "e_col")}
-    k = min(topk, n)
-    top_row = np.zeros((n, k), dtype=np.int64)
-    col_vals = col_ids = None
     for start in range(0, n, block):
         stop = min(n, start + block)
         s_t = qt[start:stop] @ tt.T  # [b, n]
@@ -73,24 +91,15 @@ def match_counts(queries: np.ndarray, targets: np.ndarray, tie_tol: float = 1e-5
             out["e_row"][start:stop] = (s_t >= lo).sum(1).cpu().numpy()
             out["g_col"] += (s_t > hi_t[None, :]).sum(0).cpu().numpy()
             out["e_col"] += (s_t >= lo_t[None, :]).sum(0).cpu().numpy()
-        if k:
-            top_row[start:stop] = torch.topk(s_t, k, dim=1).indices.cpu().numpy()
-            kb = min(k, stop - start)
-            v, i = torch.topk(s_t, kb, dim=0)  # [kb, n]
-            i = i + start
-            if col_vals is not None:
-                v, i = torch.cat([col_vals, v]), torch.cat([col_ids, i])
-                keep = torch.topk(v, min(k, len(v)), dim=0).indices
-                v, i = torch.gather(v, 0, keep), torch.gather(i, 0, keep)
-            col_vals, col_ids = v, i
+        del s_t
     # the match itself is counted in e (>= its own score minus tol) and must not be
     out["g_row"] = np.minimum(out["g_row"], n - 1)
     out["e_row"] = np.maximum(out["e_row"] - out["g_row"] - 1, 0)
     out["g_col"] = np.minimum(out["g_col"], n - 1)
     out["e_col"] = np.maximum(out["e_col"] - out["g_col"] - 1, 0)
-    if k:
-        out["top_row"] = top_row
-        out["top_col"] = col_ids.T.cpu().numpy()
+    if topk > 0:
+        out["top_row"] = faiss_topk(q, t, topk)
+        out["top_col"] = faiss_topk(t, q, topk)
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -182,3 +183,32 @@ def test_eval_bad_input_in_process(tiny_model: Path, small_corpus: Path, tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
         assert not (tmp_path / "deep").exists(), args
+
+
+def test_pseudocell_stage1_space_encodes_like_the_loader(tiny_model: Path, small_corpus: Path):
+    from data_pipeline.hvg import log1p_profiles
+    from data_pipeline.loader import LoaderConfig
+    from data_pipeline.store import Corpus
+    from eval.annotate import embed_split
+    from eval.harness import _load_model
+    from eval.pseudocell import embed_profiles, pseudocell_report
+
+    corpus = Corpus(small_corpus)
+    model = _load_model(tiny_model)
+    cfg = LoaderConfig(n_bins=0)
+    genes = np.arange(corpus.n_genes)
+    x, ids, y = log1p_profiles(corpus, "test", genes)
+    emb = embed_split(model, corpus, "test", cfg, progress=False)
+    pos = {c: i for i, c in enumerate(emb.cell_ids)}
+    ours = embed_profiles(model, x, genes, corpus.gene_vocab_ids, cfg)
+    # a real cell given as its log1p profile over the whole panel embeds exactly as the loader encodes it
+    np.testing.assert_allclose(ours, emb.embeddings[[pos[c] for c in ids]], atol=1e-5)
+    panel = np.arange(0, corpus.n_genes, 2)
+    r = pseudocell_report(corpus, x[:, panel], y, panel, k=3, n_components=4, aligner=model, loader_cfg=cfg)
+    assert set(r["spaces"]) == {"expression_pca", "stage1_embedding"}
+    sp = r["spaces"]["stage1_embedding"]
+    assert sp["metric"] == "ip" and 0 <= sp["knn_accuracy"] <= 1 and 0 <= sp["class_mean_reference"] <= 1
+    assert sp["random_baseline"] == r["random_baseline"] and sp["n_scored"] == len(y)
+    binned = pseudocell_report(corpus, x[:, panel], y, panel, k=3, n_components=4, aligner=model,
+                               loader_cfg=LoaderConfig(n_bins=51))
+    assert 0 <= binned["spaces"]["stage1_embedding"]["knn_accuracy"] <= 1

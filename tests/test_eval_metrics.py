@@ -181,6 +181,38 @@ def test_retrieval_ties_count_as_random_order():
     assert r["cell_to_text_recall@5"] == 1.0
 
 
+def test_retrieval_faiss_topk_and_blocked_ranks_match_brute_force():
+    from eval.knn import l2_normalise
+    from eval.retrieval import faiss_topk, match_counts
+    rng = np.random.default_rng(0)
+    cells = l2_normalise(rng.normal(size=(300, 16)))
+    texts = l2_normalise(cells + rng.normal(scale=0.8, size=cells.shape))
+    labels = rng.integers(0, 6, 300).astype(str)
+    s = cells @ texts.T
+    top = faiss_topk(cells, texts, 10)
+    assert top.shape == (300, 10)
+    np.testing.assert_array_equal(top, np.argsort(-s, axis=1, kind="stable")[:, :10])
+    assert faiss_topk(cells[:3], texts[:4], 10).shape == (3, 4)  # k capped at the number of targets
+    counts = match_counts(cells, texts, topk=10, block_bytes=4 * 300 * 7)  # blocks of 7 rows
+    d = np.diag(s)
+    rank_row = 1 + (s > d[:, None] + 1e-5).sum(1)
+    rank_col = 1 + (s > d[None, :] + 1e-5).sum(0)
+    np.testing.assert_array_equal(counts["g_row"] + 1, rank_row)
+    np.testing.assert_array_equal(counts["g_col"] + 1, rank_col)
+    r = retrieval_metrics(cells, texts, cell_labels=labels)
+    assert r["cell_to_text_mean_rank"] == pytest.approx(rank_row.mean() + counts["e_row"].mean() / 2)
+    assert r["text_to_cell_mean_rank"] == pytest.approx(rank_col.mean() + counts["e_col"].mean() / 2)
+    for k in (1, 5, 10):
+        assert r[f"cell_to_text_recall@{k}"] == pytest.approx(np.mean(rank_row <= k))
+        assert r[f"text_to_cell_recall@{k}"] == pytest.approx(np.mean(rank_col <= k))
+        brute = np.argsort(-s, axis=1)[:, :k]
+        assert r[f"cell_to_text_label_recall@{k}"] == pytest.approx(
+            np.mean((labels[brute] == labels[:, None]).any(1)))
+        brute_t = np.argsort(-s.T, axis=1)[:, :k]
+        assert r[f"text_to_cell_label_recall@{k}"] == pytest.approx(
+            np.mean((labels[brute_t] == labels[:, None]).any(1)))
+
+
 # --- baselines ---------------------------------------------------------------------------------------------
 
 def test_baselines_on_small_corpus(small_corpus, onto):
@@ -203,10 +235,26 @@ def test_baselines_on_small_corpus(small_corpus, onto):
     # k-NN smoothing repairs scattered errors in another model's predictions
     noisy = out["predictions"]["logistic_regression"].copy()
     noisy[::8] = CD8_T
-    smoothed = knn_smoothing(noisy, out["x_test"], k=15)
+    smoothed = knn_smoothing(noisy, out["z_test"], k=15, fit_pca=False)
     assert np.mean(smoothed == y) > np.mean(noisy == y)
+    assert out["z_test"].shape[0] == len(y) and out["n_train_used"] == 320
+    # the train cap: a seeded subsample, the same for a seed
+    capped = run_corpus_baselines(corpus, n_genes=2000, max_train_cells=50, seed=3)
+    assert capped["n_train_used"] == 50 and list(capped["y_true"]) == list(y)
+    again = run_corpus_baselines(corpus, n_genes=2000, max_train_cells=50, seed=3)
+    assert all(np.array_equal(capped["predictions"][n], again["predictions"][n]) for n in capped["predictions"])
+    # the streamed baselines agree with the in-memory functions fitted on the same cells
+    x_test, _ = expression_matrix(corpus, "test", genes=out["genes"])
+    assert out["predictions"]["pca_knn"].tolist() == pca_knn_baseline(x_train[:, out["genes"]], y_train, x_test).tolist()
+    assert out["predictions"]["logistic_regression"].tolist() == \
+        logistic_regression_baseline(x_train[:, out["genes"]], y_train, x_test).tolist()
     assert logistic_regression_baseline(x_train, y_train, x_train[:3]).shape == (3,)
     assert pca_knn_baseline(x_train, y_train, x_train[:3], k=1).tolist() == list(y_train[:3])
+
+
+def test_smoothing_k_rule():
+    from eval.baselines import smoothing_k
+    assert [smoothing_k(n) for n in (0, 10, 40, 70, 400, 900, 10 ** 5)] == [3, 3, 3, 4, 10, 15, 15]
 
 
 def test_knn_smoothing_by_hand():
@@ -214,3 +262,73 @@ def test_knn_smoothing_by_hand():
     pred = ["a", "a", "b", "b", "b", "b"]
     assert knn_smoothing(pred, x, k=3).tolist() == ["a", "a", "a", "b", "b", "b"]
     assert knn_smoothing(pred, x, k=1).tolist() == pred  # a cell is its own nearest neighbour
+
+
+# --- pseudo-cells (eval.pseudocell) ------------------------------------------------------------------------
+
+def test_pseudocell_report_real_cells_hit_and_class_mean_is_seeded(small_corpus):
+    from data_pipeline.hvg import log1p_profiles
+    from data_pipeline.store import Corpus
+    from eval.pseudocell import class_mean_profiles, pseudocell_report, type_moments
+    from eval.report import pseudocell_section
+
+    corpus = Corpus(small_corpus)
+    genes = np.arange(corpus.n_genes)
+    # pseudo-cells that are copies of real held-out cells of their type: their neighbours are their own kind
+    x_val, _, y_val = log1p_profiles(corpus, "val", genes)
+    x_test, _, y_test = log1p_profiles(corpus, "test", genes)
+    x, y = np.concatenate([x_val, x_test]), np.array(y_val + y_test)
+    r = pseudocell_report(corpus, x, y, genes, k=5, n_components=5)
+    assert r["knn_accuracy"] == 1.0 and r["space"] == "expression_pca" and r["k"] == 5
+    assert r["random_baseline"] == pytest.approx(1 / 4) and set(r["spaces"]) == {"expression_pca"}
+    sp = r["spaces"]["expression_pca"]
+    assert sp["n_scored"] == len(y) and sp["excluded_types"] == {} and sp["knn_accuracy"] == 1.0
+    assert 0.9 <= r["class_mean_reference"] <= 1.0  # well separated types: the class means hit too
+    assert set(sp["per_type"]) == set(y) and all(v["n_reference"] >= 5 for v in sp["per_type"].values())
+    assert r["n_reference"] == len(y) and r["notes"] == []  # >= 20 pseudo-cells per type
+    # the class-mean reference is deterministic for a seed, and changes with it
+    assert pseudocell_report(corpus, x, y, genes, k=5, n_components=5)["class_mean_reference"] == \
+        r["class_mean_reference"]
+    moments = type_moments(corpus, genes)
+    a, la, _ = class_mean_profiles(moments, {"CL:0000084": 3, "CL:0000236": 2}, seed=1)
+    b, lb, _ = class_mean_profiles(moments, {"CL:0000084": 3, "CL:0000236": 2}, seed=1)
+    c, _, missing = class_mean_profiles(moments, {"CL:0000084": 3, "CL:0000236": 2, "CL:0000000": 1}, seed=2)
+    assert np.array_equal(a, b) and la.tolist() == lb.tolist() == ["CL:0000084"] * 3 + ["CL:0000236"] * 2
+    assert not np.array_equal(a, c[:5]) and missing == ["CL:0000000"] and a.min() >= 0
+    n, mean, std = moments["CL:0000084"]
+    x_tr, _, y_tr = log1p_profiles(corpus, "train", genes)
+    rows = x_tr[np.array(y_tr) == "CL:0000084"].astype(np.float64)
+    assert n == len(rows)
+    np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(std, rows.std(0, ddof=1), rtol=1e-5, atol=1e-5)
+    text = "\n".join(pseudocell_section(r))
+    assert "class-mean reference" in text and "expression_pca" in text
+
+
+def test_pseudocell_report_excludes_types_with_few_reference_cells(small_corpus):
+    from data_pipeline.store import Corpus
+    from eval.pseudocell import pseudocell_report
+    from eval.report import pseudocell_section
+
+    corpus = Corpus(small_corpus)
+    genes = np.arange(corpus.n_genes)
+    n_ref = {t: rec["splits"].get("val", 0) + rec["splits"].get("test", 0)
+             for t, rec in corpus.manifest["cell_types"].items()}
+    rng = np.random.default_rng(0)
+    # a type with no reference cell at all, and k above some types' reference counts
+    labels = np.array(sorted(n_ref) * 20 + ["CL:0000000"] * 20)
+    x = rng.random((len(labels), len(genes))).astype(np.float32)
+    k = sorted(n_ref.values())[len(n_ref) // 2]
+    r = pseudocell_report(corpus, x, labels, genes, k=k, n_components=5)
+    sp = r["spaces"]["expression_pca"]
+    expect = {t: n for t, n in n_ref.items() if n < k} | {"CL:0000000": 0}
+    assert sp["excluded_types"] == expect
+    assert sp["n_types_scored"] == len(n_ref) - len(expect) + 1
+    assert r["random_baseline"] == pytest.approx(1 / sp["n_types_scored"])
+    assert set(sp["per_type"]).isdisjoint(expect) and sp["n_scored"] == 20 * sp["n_types_scored"]
+    assert r["class_mean_missing_types"] == ["CL:0000000"]
+    assert "`CL:0000000` (0)" in "\n".join(pseudocell_section(r))
+    with pytest.raises(ValueError, match="reference cells"):
+        pseudocell_report(corpus, x[-20:], labels[-20:], genes, k=5, n_components=5)
+    with pytest.raises(ValueError):
+        pseudocell_report(corpus, x[:, :3], labels, genes)

@@ -1,0 +1,250 @@
+"""Pseudo-cell k-NN accuracy in two spaces, with a random baseline and a class-mean reference.
+
+Pseudo-cells are given as log1p CP10k expression over a gene panel ``genes`` (corpus gene indices, usually
+:func:`data_pipeline.hvg.hvg_panel`), each with the cell type (CL ID / corpus label key) whose text generated
+it. :func:`pseudocell_report` scores them against **real held-out cells** (the val and test splits), in:
+
+* ``expression_pca``: log1p CP10k of the panel genes (per-cell totals over the whole corpus panel, as the
+  loader computes them), reduced by PCA(``n_components``; centred, not scaled) fitted on the train split (a
+  seeded subsample of at most ``PCA_MAX_TRAIN_CELLS`` cells); Euclidean distance.
+* ``stage1_embedding`` (only with ``aligner``, a stage-1 :class:`model.aligner.CellTextAligner`): the aligned
+  cell embedding, cosine similarity. A pseudo-cell goes through the cell tower exactly as the loader would
+  encode a real cell holding those values (:func:`embed_profiles`): its panel genes with a value > 0 are the
+  expressed genes, the values are already log1p CP10k so they are not renormalised, then the loader's value
+  transform for ``loader_cfg`` applies (scGPT binning when ``n_bins`` > 0, else continuous), with the
+  inference settings of :func:`eval.annotate.inference_loader_config`. Genes outside the panel are absent.
+  **Decision (fairness)**: the reference cells are restricted to the same panel and encoded by the same
+  function (their log1p CP10k on whole-panel totals, sliced to the panel), so pseudo-cells and real cells are
+  seen through the same genes; a pseudo-cell is then not penalised just for lacking the genes outside the
+  panel. With ``restrict_reference=False`` the reference cells are embedded from every gene with
+  :func:`eval.annotate.embed_split` instead. When the panel is the whole corpus panel both give the same
+  embeddings in continuous mode.
+
+Scoring (:func:`eval.knn.pseudocell_knn_accuracy`): each pseudo-cell of type ``t`` takes its ``k`` nearest
+reference cells (FAISS, exact) and hits when their majority label is ``t``. A type with fewer than ``k``
+reference cells cannot win a majority and is left out of the accuracy and listed in ``excluded_types``.
+``random_baseline`` = 1 / number of types scored. The issue asks for at least ``MIN_PER_TYPE`` (20)
+pseudo-cells per type; fewer is allowed but noted in ``notes``.
+
+**Class-mean reference**: for each generated type with train cells, as many profiles as there are pseudo-cells
+of that type, each = the type's mean train log1p profile + Gaussian noise with the type's per-gene standard
+deviation (ddof 1, over all train cells of the type, streamed), clipped at 0 (log1p values are non-negative;
+in the embedding space a gene <= 0 is not expressed). Drawn with ``numpy.random.default_rng(seed)`` type by
+type in sorted order, so it is deterministic for a seed; scored exactly like the pseudo-cells in each space.
+Types without train cells get no class-mean profiles (``class_mean_missing_types``).
+
+Output (DESIGN.md ``pseudocell``): ``knn_accuracy``, ``k``, ``space`` (``"expression_pca"``),
+``random_baseline``, ``class_mean_reference`` of the PCA space at the top level, plus ``spaces`` =
+``{name: {knn_accuracy, class_mean_reference, random_baseline, per_type, excluded_types, n_scored,
+n_types_scored, metric}}``, ``per_type[t] = {accuracy, class_mean_accuracy, n, n_reference}``.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from data_pipeline.hvg import iter_log1p_profiles, log1p_profiles
+from data_pipeline.loader import LoaderConfig, _Collator
+from data_pipeline.store import Corpus
+from eval.knn import pseudocell_knn_accuracy
+
+__all__ = ["pseudocell_report", "embed_profiles", "class_mean_profiles", "type_moments", "PCA_MAX_TRAIN_CELLS",
+           "MIN_PER_TYPE", "REFERENCE_SPLITS"]
+
+PCA_MAX_TRAIN_CELLS = 50_000
+MIN_PER_TYPE = 20
+REFERENCE_SPLITS = ("val", "test")
+EMBED_BATCH = 64
+
+
+def type_moments(corpus: Corpus, genes: np.ndarray, split: str = "train") -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
+    """{type: (n cells, mean [G], std [G] ddof 1 (0 for a single cell))} of log1p profiles, streamed by shard."""
+    sums: dict[str, list] = {}
+    for x, _, labels in iter_log1p_profiles(corpus, split, genes):
+        lab = np.asarray(labels)
+        x = x.astype(np.float64)
+        for t in np.unique(lab):
+            rows = x[lab == t]
+            acc = sums.setdefault(str(t), [0, np.zeros(x.shape[1]), np.zeros(x.shape[1])])
+            acc[0] += len(rows)
+            acc[1] += rows.sum(0)
+            acc[2] += (rows * rows).sum(0)
+    out = {}
+    for t, (n, s, sq) in sums.items():
+        mean = s / n
+        var = np.maximum(sq - n * mean ** 2, 0.0) / (n - 1) if n > 1 else np.zeros_like(mean)
+        out[t] = (n, mean, np.sqrt(var))
+    return out
+
+
+def class_mean_profiles(moments: dict[str, tuple[int, np.ndarray, np.ndarray]], counts: dict[str, int],
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(profiles float32 [sum n, G], labels, types without moments): mean + N(0, std) noise, clipped at 0."""
+    rng = np.random.default_rng(seed)
+    parts, labels, missing = [], [], []
+    n_genes = next(iter(moments.values()))[1].shape[0] if moments else 0
+    for t in sorted(counts):
+        if t not in moments:
+            missing.append(t)
+            continue
+        _, mean, std = moments[t]
+        n = int(counts[t])
+        parts.append(np.maximum(mean[None, :] + rng.standard_normal((n, len(mean))) * std[None, :], 0.0))
+        labels += [t] * n
+    x = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, n_genes), dtype=np.float32)
+    return x, np.asarray(labels, dtype=object), missing
+
+
+def embed_profiles(aligner, x: np.ndarray, genes: np.ndarray, gene_vocab_ids: np.ndarray,
+                   loader_cfg: LoaderConfig | None = None, seed: int = 0, batch_size: int = EMBED_BATCH) -> np.ndarray:
+    """Aligned cell embeddings [n, D] of log1p CP10k profiles ``x`` [n, len(genes)] (module docstring).
+
+    Each row is encoded by the loader's own per-cell transform (``data_pipeline.loader._Collator.cell``, with the
+    values taken as already normalised), ``<cls>`` first; cells are batched by number of expressed genes so
+    little is computed on padding. Binning (``n_bins`` > 0) and any subsampling beyond ``max_len`` draw from a
+    generator seeded with ``seed``.
+    """
+    import torch
+
+    from eval.annotate import inference_loader_config
+
+    cfg = inference_loader_config(loader_cfg or LoaderConfig(n_bins=0), batch_size=batch_size)
+    vocab = aligner.vocab
+    cls_id, pad_id = vocab["<cls>"], vocab["<pad>"]
+    collator = _Collator(cfg, np.asarray(gene_vocab_ids, dtype=np.int64), cls_id, pad_id, "log1p", {})
+    genes = np.asarray(genes, dtype=np.int64)
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != len(genes):
+        raise ValueError(f"profiles must be [n, {len(genes)}] over the panel genes, got shape {x.shape}")
+    rng = np.random.default_rng(seed)
+    cells = []
+    for row in x:
+        nz = np.flatnonzero(row > 0)
+        cells.append(collator.cell(genes[nz], row[nz], rng))
+    aligner.eval()
+    dtype = next(aligner.cell_tower.parameters()).dtype
+    order = np.argsort([len(g) for g, _ in cells], kind="stable")
+    out = None
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            length = max(len(cells[i][0]) for i in idx)
+            gene_ids = np.full((len(idx), length), pad_id, dtype=np.int64)
+            values = np.full((len(idx), length), cfg.pad_value, dtype=np.float32)
+            for j, i in enumerate(idx):
+                g, v = cells[i]
+                gene_ids[j, :len(g)], values[j, :len(v)] = g, v
+            g_t = torch.from_numpy(gene_ids)
+            feats = aligner.cell_features(g_t, torch.from_numpy(values).to(dtype), g_t == pad_id).float().numpy()
+            if out is None:
+                out = np.zeros((len(x), feats.shape[1]), dtype=np.float32)
+            out[idx] = feats
+    if out is None:
+        out = np.zeros((0, 0), dtype=np.float32)
+    return out
+
+
+def _fit_pca(corpus: Corpus, genes: np.ndarray, n_components: int, seed: int):
+    from sklearn.decomposition import PCA
+    x, _, _ = log1p_profiles(corpus, "train", genes, max_cells=PCA_MAX_TRAIN_CELLS, seed=seed)
+    if len(x) < 2:
+        raise ValueError(f"the PCA space needs at least 2 train cells, corpus {corpus.path} has {len(x)}")
+    k = max(1, min(n_components, x.shape[0] - 1, x.shape[1]))
+    return PCA(n_components=k, random_state=seed).fit(x)
+
+
+def _score_space(gen_x, gen_labels, cm_x, cm_labels, ref_x, ref_labels, k: int, metric: str) -> dict[str, Any]:
+    main = pseudocell_knn_accuracy(gen_x, gen_labels, ref_x, ref_labels, k=k, metric=metric)
+    cm = pseudocell_knn_accuracy(cm_x, cm_labels, ref_x, ref_labels, k=k, metric=metric) if len(cm_x) else None
+    per_type = {}
+    for t, row in main["per_type"].items():
+        row = dict(row)
+        cm_row = (cm or {}).get("per_type", {}).get(t)
+        row["class_mean_accuracy"] = None if cm_row is None else cm_row["accuracy"]
+        per_type[t] = row
+    cm_acc = None if cm is None or not cm["n_scored"] else cm["knn_accuracy"]
+    return {"knn_accuracy": main["knn_accuracy"], "class_mean_reference": cm_acc,
+            "random_baseline": main["random_baseline"], "per_type": per_type,
+            "excluded_types": main["excluded_types"], "n_scored": main["n_scored"],
+            "n_types_scored": main["n_types_scored"], "metric": metric}
+
+
+def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Sequence, genes: np.ndarray, k: int = 5,
+                      n_components: int = 50, seed: int = 0, aligner=None, loader_cfg: LoaderConfig | None = None,
+                      restrict_reference: bool = True) -> dict[str, Any]:
+    """Pseudo-cell k-NN accuracy per space with its random baseline and class-mean reference (module docstring).
+
+    ``pseudo_x``: float [n, len(genes)] log1p CP10k over the panel ``genes`` (corpus gene indices);
+    ``pseudo_labels``: the type (corpus label key, e.g. a CL ID) of the text each pseudo-cell was generated from.
+    ``loader_cfg``: the model's loader settings (value encoding; :func:`eval.harness.loader_config_for`); default
+    continuous values. Raises ``ValueError`` when no generated type has ``k`` reference cells.
+    """
+    genes = np.asarray(genes, dtype=np.int64)
+    gen_x = np.asarray(pseudo_x, dtype=np.float32)
+    gen_labels = np.asarray(pseudo_labels).astype(str)
+    if gen_x.ndim != 2 or gen_x.shape[1] != len(genes):
+        raise ValueError(f"pseudo_x must be [n, {len(genes)}] (one column per panel gene), got shape {gen_x.shape}")
+    if len(gen_labels) != len(gen_x) or len(gen_x) == 0:
+        raise ValueError(f"need one label per pseudo-cell and at least one pseudo-cell "
+                         f"({len(gen_labels)} labels, {len(gen_x)} cells)")
+    if not np.all(np.isfinite(gen_x)):
+        raise ValueError("pseudo_x holds non-finite values")
+    ref_splits = [s for s in REFERENCE_SPLITS if corpus.manifest["splits"].get(s, 0) > 0]
+    if not ref_splits:
+        raise ValueError(f"corpus {corpus.path} has no val or test cells to use as the reference")
+    types, type_counts = np.unique(gen_labels, return_counts=True)
+    counts = dict(zip(types.tolist(), type_counts.astype(int).tolist()))
+    notes = []
+    few = {t: n for t, n in counts.items() if n < MIN_PER_TYPE}
+    if few:
+        notes.append(f"{len(few)} type(s) have fewer than {MIN_PER_TYPE} pseudo-cells: "
+                     + ", ".join(f"{t} ({n})" for t, n in sorted(few.items())))
+
+    moments = type_moments(corpus, genes, "train")
+    cm_x, cm_labels, cm_missing = class_mean_profiles(moments, counts, seed)
+    if cm_missing:
+        notes.append(f"no train cells (no class-mean profiles) for: {', '.join(cm_missing)}")
+
+    pca = _fit_pca(corpus, genes, n_components, seed)
+    want_emb = aligner is not None
+    ref_pca, ref_emb, ref_labels, ref_ids = [], [], [], []
+    for split in ref_splits:
+        for x, cell_ids, labels in iter_log1p_profiles(corpus, split, genes):
+            ref_ids += cell_ids
+            ref_pca.append(pca.transform(x).astype(np.float32))
+            if want_emb and restrict_reference:
+                ref_emb.append(embed_profiles(aligner, x, genes, corpus.gene_vocab_ids, loader_cfg, seed))
+            ref_labels += labels
+    ref_labels = np.asarray(ref_labels)
+    spaces: dict[str, Any] = {}
+    spaces["expression_pca"] = _score_space(
+        pca.transform(gen_x).astype(np.float32), gen_labels,
+        pca.transform(cm_x).astype(np.float32) if len(cm_x) else cm_x, cm_labels,
+        np.concatenate(ref_pca), ref_labels, k, "l2")
+    if spaces["expression_pca"]["n_types_scored"] == 0:
+        raise ValueError(f"no generated type has at least k={k} reference cells in the {'+'.join(ref_splits)} "
+                         f"split(s): {spaces['expression_pca']['excluded_types']}")
+    if want_emb:
+        if restrict_reference:
+            ref_e = np.concatenate(ref_emb)
+        else:
+            from eval.annotate import embed_split
+            parts, ids = [], []
+            for split in ref_splits:
+                emb = embed_split(aligner, corpus, split, loader_cfg or LoaderConfig(n_bins=0), progress=False)
+                parts.append(emb.embeddings)
+                ids += emb.cell_ids
+            pos = {c: i for i, c in enumerate(ids)}
+            ref_e = np.concatenate(parts)[[pos[c] for c in ref_ids]]  # into shard order, with the label keys
+        gen_e = embed_profiles(aligner, gen_x, genes, corpus.gene_vocab_ids, loader_cfg, seed)
+        cm_e = embed_profiles(aligner, cm_x, genes, corpus.gene_vocab_ids, loader_cfg, seed + 1) if len(cm_x) else cm_x
+        spaces["stage1_embedding"] = _score_space(gen_e, gen_labels, cm_e, cm_labels, ref_e, ref_labels, k, "ip")
+    pca_space = spaces["expression_pca"]
+    return {"knn_accuracy": pca_space["knn_accuracy"], "k": int(k), "space": "expression_pca",
+            "random_baseline": pca_space["random_baseline"],
+            "class_mean_reference": pca_space["class_mean_reference"], "spaces": spaces,
+            "n_per_type": counts, "n_reference": int(len(ref_labels)), "reference_splits": ref_splits,
+            "n_genes": int(len(genes)), "n_components": int(pca.n_components_),
+            "reference_genes": "panel" if restrict_reference else "all", "class_mean_missing_types": cm_missing,
+            "notes": notes}
