@@ -1,0 +1,113 @@
+"""Instruction data for stage 2: one (prompt, answer) row per (cell, task) of a corpus split.
+
+Tasks: ``describe`` (answer: the cell's corpus description), ``cell_type`` (answer: the Cell Ontology label of the
+cell's CL ID, else the corpus label) and ``tissue`` (answer: the tissue label; cells without one get no tissue row).
+Each task has several prompt phrasings; a row's phrasing is a stable hash of (seed, cell ID, task), so datasets are
+reproducible across processes and the model does not overfit one wording.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Sequence
+
+from data_pipeline.ontology import get_ontology
+from data_pipeline.store import Corpus
+from scmm.errors import ScmmError
+
+if TYPE_CHECKING:
+    import datasets
+
+__all__ = ["TASKS", "PROMPTS", "prompt_for", "template_for", "instruction_dataset"]
+
+TASKS = ("describe", "cell_type", "tissue")
+
+PROMPTS: dict[str, tuple[str, ...]] = {
+    "describe": (
+        "Describe this cell.",
+        "What can you tell me about this cell?",
+        "Write a short description of this single-cell transcriptome.",
+        "Summarise what this cell is and where it comes from.",
+    ),
+    "cell_type": (
+        "What is the cell type of this cell?",
+        "Which cell type is this?",
+        "Name the cell type of this cell.",
+        "Annotate this cell with its Cell Ontology cell type.",
+    ),
+    "tissue": (
+        "Which tissue does this cell come from?",
+        "What tissue was this cell sampled from?",
+        "Name the tissue of origin of this cell.",
+    ),
+}
+
+_MISSING = frozenset({"", "unknown", "na", "nan", "none"})
+_COLUMNS = ("cell_id", "text", "cell_type", "cell_type_ontology_term_id", "tissue", "tissue_ontology_term_id")
+
+
+def prompt_for(task: str, template: int = 0) -> str:
+    """The prompt of `task` in phrasing `template` (for inference; training uses every phrasing)."""
+    if task not in PROMPTS:
+        raise ScmmError(f"unknown task {task!r} (tasks: {', '.join(TASKS)})")
+    templates = PROMPTS[task]
+    if not 0 <= template < len(templates):
+        raise ScmmError(f"task {task!r} has prompt templates 0..{len(templates) - 1}, not {template}")
+    return templates[template]
+
+
+def template_for(seed: int, cell_id: str, task: str) -> int:
+    """Index of the phrasing of one row: a stable hash of (seed, cell ID, task)."""
+    digest = hashlib.sha256(f"{seed}\x1f{cell_id}\x1f{task}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % len(PROMPTS[task])
+
+
+def _clean(value: object) -> str | None:
+    text = " ".join(str(value).split()) if value is not None else ""
+    return None if text.lower() in _MISSING else text
+
+
+def instruction_dataset(corpus: Corpus, split: str, tasks: Sequence[str] = TASKS, seed: int = 0) -> datasets.Dataset:
+    """Rows (cell_id, task, prompt, answer, cell_type_ontology_term_id), cell by cell in corpus order, tasks in
+    the order given."""
+    import datasets  # imported here: it costs seconds, and the prompts alone do not need it
+
+    unknown = [t for t in tasks if t not in PROMPTS]
+    if unknown or not tasks:
+        raise ScmmError(f"unknown task(s) {', '.join(unknown) or '(none given)'} (tasks: {', '.join(TASKS)})")
+    ontology = get_ontology()
+    label_cache: dict[str, str | None] = {}
+
+    def term_label(term_id: str | None) -> str | None:
+        if term_id is None:
+            return None
+        if term_id not in label_cache:
+            label_cache[term_id] = ontology.label(term_id) if ontology.is_valid(term_id) else None
+        return label_cache[term_id]
+
+    rows: dict[str, list[str]] = {k: [] for k in ("cell_id", "task", "prompt", "answer", "cell_type_ontology_term_id")}
+    for entry in corpus.shards(split):
+        columns = tuple(c for c in _COLUMNS if c in entry["columns"])
+        obs = corpus.read_shard(entry["name"], columns).obs
+        n = entry["n_cells"]
+        for i in range(n):
+            def get(name: str) -> str | None:
+                return _clean(obs[name][i]) if name in obs else None
+
+            cell_id = get("cell_id") or f"{entry['name']}:{i}"
+            cl_id = get("cell_type_ontology_term_id")
+            answers = {
+                "describe": get("text"),
+                "cell_type": term_label(cl_id) or get("cell_type"),
+                "tissue": get("tissue") or term_label(get("tissue_ontology_term_id")),
+            }
+            for task in tasks:
+                answer = answers[task]
+                if answer is None:
+                    continue
+                rows["cell_id"].append(cell_id)
+                rows["task"].append(task)
+                rows["prompt"].append(PROMPTS[task][template_for(seed, cell_id, task)])
+                rows["answer"].append(answer)
+                rows["cell_type_ontology_term_id"].append(cl_id or "")
+    features = datasets.Features({k: datasets.Value("string") for k in rows})
+    return datasets.Dataset.from_dict(rows, features=features)
