@@ -63,6 +63,9 @@ TASKS = ("annotate", "retrieve", "describe", "generate")
 STAGE1_TASKS = ("annotate", "retrieve")
 STAGE2_TASKS = ("describe", "generate")
 DEFAULT_TASKS = ("annotate", "retrieve")
+PSEUDOCELLS_PER_TYPE = 20  # generated per cell type (the issue asks for at least 20)
+PSEUDOCELL_K = 5
+EXAMPLES = 8  # generated descriptions shown in report.md
 TEXT_BATCH = 64  # texts per text-tower call: bounds the activation memory (~100 MB at 128 tokens)
 UNMATCHED_PREFIX = "unmatched:"
 # every file this harness may write (stale ones are removed when a later run into the same folder skips them)
@@ -215,11 +218,57 @@ def _check_vocab(vocab: dict[str, int], corpus: Corpus) -> None:
                         f"with --vocab <model>/cell_tower/vocab.json")
 
 
-def _check_stage2(tasks: Sequence[str], model_dir: Path) -> None:
+@dataclass
+class OpenedModel:
+    """The parts of a model folder the harness uses: the stage-1 aligner, its loader settings, stage 2 if any."""
+
+    aligner: Any
+    loader_cfg: LoaderConfig
+    loader_source: str
+    stage2: Any = None  # finetune.model.Stage2Model
+
+
+def _stage2_folder(model_dir: Path) -> Path | None:
+    """The stage-2 part of a model folder: a packaged model's ``stage2/``, or the folder itself."""
+    if (model_dir / "scmm_model.json").is_file():
+        return model_dir / "stage2" if (model_dir / "stage2" / "config.json").is_file() else None
+    try:
+        raw = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    from finetune.model import FORMAT as STAGE2_FORMAT
+    return model_dir if isinstance(raw, dict) and raw.get("format") == STAGE2_FORMAT else None
+
+
+def _open_model(model_dir: Path, tasks: Sequence[str]) -> OpenedModel:
+    """A stage-1 model folder, a stage-2 model folder (with its `stage1/`) or a packaged model (`scmm package`)."""
+    stage2_dir = _stage2_folder(model_dir)
     wanted = [t for t in tasks if t in STAGE2_TASKS]
+    if wanted and stage2_dir is None:
+        raise ScmmError(f"task(s) {', '.join(wanted)} need a stage-2 model (LLM bridge); {model_dir} has no "
+                        f"stage-2 parts (use --tasks {','.join(STAGE1_TASKS)})")
+    if (model_dir / "scmm_model.json").is_file():
+        from model.package import load_model
+        packaged = load_model(model_dir)  # checks the format version and every file's checksum
+        stage1_dir, aligner = model_dir / "stage1", packaged.aligner
+    elif stage2_dir is not None:
+        stage1_dir, aligner = stage2_dir / "stage1", None
+    else:
+        stage1_dir, aligner = model_dir, None
+    stage2 = None
     if wanted:
-        raise ScmmError(f"task(s) {', '.join(wanted)} need a stage-2 model (LLM bridge); {model_dir} is a stage-1 "
-                        f"model folder with no stage-2 parts (use --tasks {','.join(STAGE1_TASKS)})")
+        from finetune.model import Stage2Model
+        stage2 = Stage2Model.from_pretrained(stage2_dir)
+        aligner = stage2.aligner  # the same stage-1 weights, loaded once
+    if aligner is None:
+        aligner = _load_model(stage1_dir)
+    loader_cfg, source = _find_loader_config(stage1_dir)
+    return OpenedModel(aligner.float().eval(), loader_cfg, source, stage2)
+
+
+def default_tasks(model_dir: str | Path) -> tuple[str, ...]:
+    """Every task the model can do: annotate and retrieve, plus describe and generate with a stage-2 part."""
+    return TASKS if _stage2_folder(Path(model_dir)) is not None else DEFAULT_TASKS
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -335,6 +384,16 @@ def _retrieve(model, test) -> dict:
 
 
 # --- output -----------------------------------------------------------------------------------------
+def _generate(opened: OpenedModel, corpus: Corpus, seed: int) -> dict:
+    """Pseudo-cells from every type's training texts, scored by k-NN in expression-PCA and stage-1 space."""
+    from finetune.evaluate import pseudocell_evaluation
+    try:
+        return pseudocell_evaluation(opened.stage2, corpus, seed=seed, n_per_type=PSEUDOCELLS_PER_TYPE,
+                                     k=PSEUDOCELL_K, loader_cfg=opened.loader_cfg)
+    except ValueError as exc:
+        raise ScmmError(f"pseudo-cell evaluation: {exc}") from None
+
+
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _json_safe(v) for k, v in obj.items()}
@@ -368,10 +427,11 @@ def _publish(tmp: Path, out: Path, written: Sequence[str]) -> None:
 
 
 def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
-             tasks: str | Sequence[str] | None = DEFAULT_TASKS, seed: int = 0, progress: bool = True,
+             tasks: str | Sequence[str] | None = None, seed: int = 0, progress: bool = True,
              labels: str | Sequence[str] | None = None) -> dict:
     """Run the tasks and write ``metrics.json``, ``report.md`` and PNGs into ``out_dir``; returns the metrics.
 
+    ``tasks``: default every task the model can do (:func:`default_tasks`).
     ``labels``: candidate labels for annotation (a list, a comma-separated string or a file; see
     :func:`read_labels_option`); default the corpus's cell types.
     """
@@ -381,13 +441,12 @@ def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
     from eval.report import write_report
 
     t0 = time.perf_counter()
-    tasks = parse_tasks(tasks)
     model_dir, corpus_dir, out_dir = Path(model_dir), Path(corpus_dir), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ScmmError(f"output {out_dir} exists and is not a folder")
     if not model_dir.exists():
         raise ScmmError(f"model folder not found: {model_dir}")
-    _check_stage2(tasks, model_dir)
+    tasks = parse_tasks(tasks) if tasks is not None else default_tasks(model_dir)
     corpus = Corpus(corpus_dir)
     splits = dict(corpus.manifest["splits"])
     if splits.get("test", 0) <= 0:
@@ -399,8 +458,8 @@ def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
         raise ScmmError("labels are candidate labels for the annotate task, which is not among the tasks")
     ontology = get_ontology()
     cands = resolve_candidates(label_list, corpus, ontology)
-    loader_cfg, loader_source = _find_loader_config(model_dir)
-    model = _load_model(model_dir)
+    opened = _open_model(model_dir, tasks)
+    model, loader_cfg, loader_source = opened.aligner, opened.loader_cfg, opened.loader_source
     _check_vocab(model.vocab, corpus)
     torch.manual_seed(seed)
     log.info("evaluating %s on %s: tasks %s", model_dir, corpus_dir, ", ".join(tasks))
@@ -424,6 +483,13 @@ def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
                 details["notes"] += d.pop("notes")
             if "retrieve" in tasks:
                 metrics["retrieval"] = _retrieve(model, test)
+            if "describe" in tasks:
+                from finetune.evaluate import generation_report
+                metrics["generation"], details["generation_examples"] = generation_report(
+                    opened.stage2, corpus, "test", ontology, progress=progress, n_examples=EXAMPLES)
+            if "generate" in tasks:
+                metrics["pseudocell"] = _generate(opened, corpus, seed)
+                details["notes"] += metrics["pseudocell"].pop("notes", [])
         metrics = _json_safe(metrics)
         context = {
             "model": str(model_dir), "corpus": str(corpus_dir), "out": str(out_dir), "tasks": list(tasks),

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["main_table", "retrieval_table", "pseudocell_section", "write_report", "METHOD_NAMES"]
+__all__ = ["main_table", "retrieval_table", "generation_section", "stage2_table", "pseudocell_section",
+           "write_report", "METHOD_NAMES"]
 
 # display names of the rows; the metrics key is shown beside each
 METHOD_NAMES = {
@@ -73,6 +74,45 @@ def retrieval_table(metrics: Mapping[str, Any]) -> str:
         rows.append([label] + [r.get(f"{prefix}_recall@{k}") for k in ks]
                     + [r.get(f"{prefix}_label_recall@{k}") for k in ks] + [r.get(f"{prefix}_mean_rank")])
     return _table(header, rows)
+
+
+def generation_section(g: Mapping[str, Any], examples: list[Mapping[str, Any]] | None = None) -> list[str]:
+    """Markdown lines of the description / cell-type answer section (stage 2)."""
+    lines = ["## Descriptions and cell-type answers (stage 2, test split)", "",
+             f"Each of the {g.get('n_cells', '?')} test cells is described by the LLM from its soft cell tokens "
+             "(BLEU and ROUGE against the cell's own text) and asked for its cell type; the CL term read from the "
+             "answer is scored by accuracy and the ontology path score, with free decoding and with decoding "
+             "constrained to Cell Ontology names (a prefix tree over labels and synonyms).", "",
+             _table(["BLEU-2", "BLEU-4", "ROUGE-1", "ROUGE-L"],
+                    [[g.get("bleu2"), g.get("bleu4"), g.get("rouge1"), g.get("rougeL")]], ["---:"] * 4), "",
+             _table(["cell-type answer", "accuracy", "ontology score", "answers naming a CL term"],
+                    [["free decoding", g.get("type_accuracy"), g.get("ontology_score"), g.get("valid_answer_rate")],
+                     ["constrained to Cell Ontology names", g.get("type_accuracy_constrained"),
+                      g.get("ontology_score_constrained"), g.get("valid_answer_rate_constrained")]]), ""]
+    if examples:
+        lines += ["### Examples", ""]
+        for e in examples:
+            lines += [f"- `{e.get('cell_id')}` (`{e.get('true')}`): **{e.get('type_answer')}** — "
+                      f"{e.get('description')}", f"  - reference: {e.get('reference')}"]
+        lines.append("")
+    return lines
+
+
+def stage2_table(metrics: Mapping[str, Any]) -> str:
+    """Markdown table of the stage-2 headline figures (empty string when stage 2 was not evaluated)."""
+    rows = []
+    g = metrics.get("generation")
+    if g:
+        rows += [["cell-type answer accuracy (free / constrained)",
+                  f"{_f(g.get('type_accuracy'))} / {_f(g.get('type_accuracy_constrained'))}"],
+                 ["description BLEU-4 / ROUGE-L", f"{_f(g.get('bleu4'))} / {_f(g.get('rougeL'))}"]]
+    p = metrics.get("pseudocell")
+    if p:
+        for name, sp in (p.get("spaces") or {p.get("space"): p}).items():
+            rows.append([f"pseudo-cell {p.get('k')}-NN accuracy, {name} (class-mean reference / random)",
+                         f"{_f(sp.get('knn_accuracy'))} ({_f(sp.get('class_mean_reference'))} / "
+                         f"{_f(sp.get('random_baseline'))})"])
+    return _table(["stage 2", "value"], rows, ["---", "---:"]) if rows else ""
 
 
 SPACE_NAMES = {"expression_pca": "expression PCA (log1p HVG, PCA fitted on train)",
@@ -183,6 +223,8 @@ def write_report(metrics: Mapping[str, Any], out_dir: str | Path, context: Mappi
                   f"Each of the {ret.get('n_pairs', '?')} test cells is paired with its own text. R@k: the exact "
                   "pair within the top k (ties shared); label R@k: any of the top k has the query's cell type.", "",
                   retrieval_table(metrics), ""]
+    if metrics.get("generation"):
+        lines += generation_section(metrics["generation"], c.get("generation_examples"))
     if metrics.get("pseudocell"):
         lines += pseudocell_section(metrics["pseudocell"])
     pngs = (det.get("pngs") or []) if ann else []

@@ -185,10 +185,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from eval.harness import evaluate
-    from eval.report import main_table
+    from eval.report import main_table, stage2_table
     metrics = evaluate(args.model, args.corpus, args.out, tasks=args.tasks, seed=args.seed,
                        progress=not args.quiet, labels=args.labels)
     print(main_table(metrics))
+    if stage2_table(metrics):
+        print("\n" + stage2_table(metrics))
     print(f"wrote {args.out}/metrics.json and {args.out}/report.md")
     return 0
 
@@ -198,7 +200,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model folder (e.g. runs/demo/stage1/model)")
     p.add_argument("--corpus", required=True, help="corpus folder")
     p.add_argument("--out", required=True, help="folder for metrics.json, report.md and plots")
-    p.add_argument("--tasks", default="annotate,retrieve", help="comma list of annotate, retrieve, describe, generate")
+    p.add_argument("--tasks", help="comma list of annotate, retrieve, describe, generate (default: all the model can "
+                                   "do: describe and generate need a stage-2 model)")
     p.add_argument("--labels", help="candidate labels: comma list or file (CL IDs or free text); default the corpus's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

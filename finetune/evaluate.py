@@ -1,0 +1,182 @@
+"""Stage-2 evaluation: descriptions and cell-type answers (cell -> text), pseudo-cells (text -> cell).
+
+* :func:`describe_split`: for every cell of a split, the generated description (task ``describe``) and the
+  generated answer to the cell-type question (task ``cell_type``, optionally constrained to Cell Ontology names),
+  with the references (the cell's own text, its CL ID) and the CL ID read from each answer.
+* :func:`generation_metrics`: BLEU-4 / ROUGE-L of the descriptions (:func:`eval.metrics.text_generation_metrics`),
+  ``type_accuracy`` (the CL ID read from the answer equals the cell's; an answer that names no CL term is wrong)
+  and the mean ontology path score.
+* :func:`pseudocells_for_types`: ``n_per_type`` pseudo-cells per cell type, generated from that type's
+  description texts (cycled in sorted order), as log1p-CP10k profiles over the model's HVG panel.
+* :func:`generation_report` / :func:`pseudocell_evaluation`: the ``generation`` and ``pseudocell`` sections of
+  ``metrics.json`` that ``scmm eval`` writes (pseudo-cells scored by :func:`eval.pseudocell.pseudocell_report`);
+  :func:`stage2_metrics` computes both on any split (``python -m finetune.evaluate MODEL CORPUS --split val``
+  for choosing hyper-parameters without touching the test split).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from data_pipeline.loader import CorpusLoader
+from data_pipeline.store import Corpus, label_keys
+
+log = logging.getLogger("scmm.eval.stage2")
+
+
+def _loader(model, corpus: Corpus, split: str, batch_size: int) -> CorpusLoader:
+    from finetune.train import stage1_loader_config
+    cfg = stage1_loader_config(model.stage1_path, None, shuffle=False, drop_last=False, batch_size=batch_size,
+                               num_workers=0, even_ranks=False)
+    vocab = model.aligner.vocab
+    return CorpusLoader(corpus, split, cfg, vocab["<cls>"], vocab["<pad>"])
+
+
+@torch.no_grad()
+def describe_split(model, corpus: Corpus, split: str = "test", constrained: bool = False, num_beams: int = 1,
+                   describe: bool = True, batch_size: int = 16, max_cells: int | None = None,
+                   progress: bool = False) -> dict[str, list]:
+    """Generated descriptions and cell-type answers for the cells of ``split`` (loader order).
+
+    Returns lists: ``cell_id``, ``true_cl`` (label keys), ``references`` (the cells' texts), ``descriptions``
+    (empty without ``describe``), ``type_answers``, ``pred_cl`` (CL ID read from each answer, or None).
+    """
+    out: dict[str, list] = {k: [] for k in ("cell_id", "true_cl", "references", "descriptions", "type_answers",
+                                            "pred_cl")}
+    batches = _loader(model, corpus, split, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc=f"describe {split}", unit="batch")
+    for batch in batches:
+        if max_cells is not None and len(out["cell_id"]) >= max_cells:
+            break
+        out["cell_id"] += [str(c) for c in batch["cell_id"]]
+        out["true_cl"] += label_keys(batch["cell_type_ontology_term_id"], batch["cell_type"])
+        out["references"] += [str(t) for t in batch["text"]]
+        if describe:
+            out["descriptions"] += model.describe_cells(batch, task="describe", num_beams=num_beams)
+        answers = model.describe_cells(batch, task="cell_type", constrained=constrained, num_beams=num_beams)
+        out["type_answers"] += answers
+        out["pred_cl"] += [model.answer_to_cl(a) for a in answers]
+    if max_cells is not None:
+        out = {k: v[:max_cells] for k, v in out.items()}
+    return out
+
+
+def generation_metrics(result: dict[str, list], ontology=None) -> dict[str, float]:
+    """``bleu4``, ``rougeL`` (descriptions vs the cells' texts), ``type_accuracy`` and ``ontology_score``."""
+    from eval.metrics import text_generation_metrics
+    from eval.ontology_score import mean_pair_score
+    out: dict[str, float] = {}
+    if result["descriptions"]:
+        text = text_generation_metrics(result["descriptions"], result["references"][:len(result["descriptions"])])
+        out.update(bleu4=text["bleu4"], rougeL=text["rougeL"], bleu2=text["bleu2"], rouge1=text["rouge1"])
+    true = np.asarray(result["true_cl"], dtype=object)
+    pred = np.asarray([p if p else "unknown" for p in result["pred_cl"]], dtype=object)
+    out["type_accuracy"] = float(np.mean(true == pred)) if len(true) else float("nan")
+    out["valid_answer_rate"] = float(np.mean([p is not None for p in result["pred_cl"]])) if len(true) else 0.0
+    if ontology is None:
+        from data_pipeline.ontology import get_ontology
+        ontology = get_ontology()
+    out["ontology_score"] = mean_pair_score(true, pred, ontology, "path") if len(true) else float("nan")
+    out["n_cells"] = int(len(true))
+    return out
+
+
+def type_texts(corpus: Corpus, splits: Sequence[str] = ("train",)) -> dict[str, list[str]]:
+    """Label key -> sorted distinct description texts of that type's cells in ``splits``."""
+    texts: dict[str, set] = {}
+    for split in splits:
+        for shard in corpus.iter_shards(split, columns=("text", "cell_type_ontology_term_id", "cell_type")):
+            for key, text in zip(label_keys(shard.obs["cell_type_ontology_term_id"], shard.obs["cell_type"]),
+                                 shard.obs["text"]):
+                texts.setdefault(key, set()).add(str(text))
+    return {k: sorted(v) for k, v in sorted(texts.items())}
+
+
+def pseudocells_for_types(model, corpus: Corpus, n_per_type: int = 20, seed: int = 0,
+                          types: Sequence[str] | None = None, text_splits: Sequence[str] = ("train",)
+                          ) -> tuple[np.ndarray, list[str], list[str]]:
+    """(X [n_types * n_per_type, G], label keys, HVG gene symbols): pseudo-cells from each type's texts."""
+    by_type = type_texts(corpus, text_splits)
+    types = sorted(by_type) if types is None else [t for t in types if t in by_type]
+    texts, labels = [], []
+    for t in types:
+        pool = by_type[t]
+        texts += [pool[i % len(pool)] for i in range(n_per_type)]
+        labels += [t] * n_per_type
+    x = model.generate_pseudocells(texts, 1, seed=seed) if texts else np.zeros((0, len(model.hvg["indices"])))
+    return x, labels, list(model.hvg["symbols"])
+
+
+def generation_report(model, corpus: Corpus, split: str = "test", ontology=None, num_beams: int = 1,
+                      progress: bool = False, n_examples: int = 8) -> tuple[dict[str, Any], list[dict]]:
+    """The ``generation`` section of ``metrics.json`` (free and constrained type answers) and a few examples."""
+    free = describe_split(model, corpus, split, constrained=False, num_beams=num_beams, describe=True,
+                          progress=progress)
+    out = generation_metrics(free, ontology)
+    constrained = generation_metrics(describe_split(model, corpus, split, constrained=True, num_beams=num_beams,
+                                                    describe=False, progress=progress), ontology)
+    out.update(type_accuracy_constrained=constrained["type_accuracy"],
+               ontology_score_constrained=constrained["ontology_score"],
+               valid_answer_rate_constrained=constrained["valid_answer_rate"], split=split, num_beams=int(num_beams))
+    examples = [{"cell_id": c, "true": t, "reference": r, "description": d, "type_answer": a}
+                for c, t, r, d, a in zip(free["cell_id"], free["true_cl"], free["references"], free["descriptions"],
+                                         free["type_answers"])][:n_examples]
+    return out, examples
+
+
+def pseudocell_evaluation(model, corpus: Corpus, seed: int = 0, n_per_type: int = 20, k: int = 5,
+                          loader_cfg=None) -> dict[str, Any]:
+    """The ``pseudocell`` section: pseudo-cells of every type scored by :func:`eval.pseudocell.pseudocell_report`
+    in expression-PCA space and in the stage-1 embedding space, with the class-mean reference and random baseline.
+    """
+    from eval.harness import loader_config_for
+    from eval.pseudocell import pseudocell_report
+    x, labels, _ = pseudocells_for_types(model, corpus, n_per_type=n_per_type, seed=seed)
+    cfg = loader_cfg if loader_cfg is not None else loader_config_for(model.stage1_path)
+    return pseudocell_report(corpus, x, labels, np.asarray(model.hvg["indices"], dtype=np.int64), k=k, seed=seed,
+                             aligner=model.aligner, loader_cfg=cfg)
+
+
+def stage2_metrics(model, corpus: Corpus, split: str = "test", seed: int = 0, num_beams: int = 1,
+                   n_per_type: int = 20, progress: bool = False) -> dict[str, Any]:
+    """``generation`` (on ``split``) and ``pseudocell`` sections, as ``scmm eval`` computes them (for tuning on val)."""
+    gen, examples = generation_report(model, corpus, split, num_beams=num_beams, progress=progress)
+    return {"generation": gen, "pseudocell": pseudocell_evaluation(model, corpus, seed, n_per_type),
+            "examples": examples}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m finetune.evaluate MODEL CORPUS [--split val] [--beams N]: print the stage-2 metrics as JSON."""
+    import argparse
+
+    from finetune.model import Stage2Model
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("corpus")
+    p.add_argument("--split", default="val")
+    p.add_argument("--beams", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    model = Stage2Model.from_pretrained(args.model)
+    m = stage2_metrics(model, Corpus(args.corpus), args.split, args.seed, args.beams)
+    text = json.dumps(m, indent=1, default=float)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(json.dumps({k: m[k] for k in ("generation",)}, indent=1, default=float))
+    print(json.dumps({name: {k: v for k, v in sp.items() if k in ("knn_accuracy", "class_mean_reference",
+                                                                    "random_baseline")}
+                      for name, sp in m["pseudocell"]["spaces"].items()}, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,422 @@
+"""The stage-2 model: the frozen stage-1 aligner, a causal LLM (LoRA or full), the bridge and a gene panel.
+
+Cell -> text: the aligner's Q-Former query states ``[B, n, d_q]`` pass through :class:`~model.bridge.CellProjector`
+and replace the input embeddings of the ``<cell_i>`` slot tokens between ``<cell>`` and ``</cell>``; the LLM is
+trained on the answer tokens only (``lm`` loss).
+
+Text -> cell: the LLM reads ``description <cell> <cell_0..n-1> </cell>``; its last hidden states at the slots pass
+through :class:`~model.bridge.TextToCellHead` into the query space, trained against the paired real cell's query
+states (``t2c``, stop-gradient on the target). :class:`~model.bridge.PseudoCellDecoder` maps query states to a
+log1p-CP10k profile over the HVG panel; it is trained on the real states (``decode_real``) and on the LLM-mapped
+ones (``decode_llm``, which also fits the sampling noise), so that generation from text works at inference.
+
+Saved folder (``save_pretrained``, atomic; ``Stage2Model.from_pretrained`` needs no DeepSpeed)::
+
+    config.json          format "scmm-stage2", version, Stage2ModelConfig, cell token ids
+    lora/                the peft LoRA adapter with the trained rows of the new tokens (peft's trainable tokens;
+                         absent under full fine-tuning: lm/ then holds the whole tuned LLM)
+    bridge.safetensors   projector, text->cell head and decoder
+    tokenizer/           the tokenizer with the cell tokens added
+    hvg.json             the gene panel: corpus gene indices, symbols, vocabulary ids
+    lm/                  the base LLM folder (copied), so the folder is self-contained
+    stage1/              the stage-1 aligner folder (copied, or re-saved when it was trained)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.bridge import (BridgeOptions, CellProjector, PseudoCellDecoder, QueryNorm, TextToCellHead, decoder_loss,
+                          t2c_loss)
+from model.cell_tower import atomic_write_folder
+from scmm.errors import ScmmError
+
+log = logging.getLogger("scmm.stage2")
+FORMAT = "scmm-stage2"
+FORMAT_VERSION = 1
+STAGE1_TRAIN = ("none", "qformer", "all")
+LOSSES = ("lm", "t2c", "decode_real", "decode_llm")
+
+
+@dataclass
+class LossWeights:
+    lm: float = 1.0
+    t2c: float = 1.0
+    decode_real: float = 1.0
+    decode_llm: float = 1.0
+
+
+@dataclass
+class Stage2ModelConfig:
+    """What the stage-2 folder needs to rebuild the model (saved in its config.json)."""
+
+    lora: dict = field(default_factory=dict)  # model.llm.LoraOptions as a dict
+    bridge: BridgeOptions = field(default_factory=BridgeOptions)
+    loss: LossWeights = field(default_factory=LossWeights)
+    max_length: int = 256
+    train_stage1: str = "none"  # none | qformer | all (stage-1 weights frozen by default)
+    lm_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.train_stage1 not in STAGE1_TRAIN:
+            raise ValueError(f"train_stage1 must be one of {', '.join(STAGE1_TRAIN)}, not '{self.train_stage1}'")
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _unwrap(lm) -> nn.Module:
+    """The underlying transformers model of a peft wrapper (or the model itself)."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+class _Named:
+    """A stand-in exposing `named_parameters()` over a list of (name, parameter)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def named_parameters(self):
+        return iter(self.items)
+
+
+class Stage2Model(nn.Module):
+    """Aligner (stage 1) + LLM + bridge; ``forward(batch)`` returns the losses (see the module docstring)."""
+
+    def __init__(self, config: Stage2ModelConfig, aligner, lm, tokenizer, cell_tokens, hvg: dict,
+                 lm_path: str | Path, stage1_path: str | Path):
+        super().__init__()
+        from finetune.sequences import SequenceBuilder
+        self.config = config
+        self.aligner, self.lm, self.tokenizer, self.cell_tokens = aligner, lm, tokenizer, cell_tokens
+        self.hvg = {"indices": [int(i) for i in hvg["indices"]], "symbols": [str(s) for s in hvg["symbols"]],
+                    "vocab_ids": [int(i) for i in hvg["vocab_ids"]]}
+        self.lm_path, self.stage1_path = Path(lm_path), Path(stage1_path)
+        self.n_slots = len(cell_tokens.slot_ids)
+        d_q = aligner.qformer.hidden_size
+        if aligner.qformer.num_queries != self.n_slots:
+            raise ScmmError(f"the LLM has {self.n_slots} cell slot tokens, the Q-Former {aligner.qformer.num_queries} "
+                            f"queries")
+        d_llm = _unwrap(lm).config.hidden_size
+        b = config.bridge
+        emb = _unwrap(lm).get_input_embeddings().weight
+        self.qnorm = QueryNorm(self.n_slots, d_q)
+        self.projector = CellProjector(d_q, d_llm, b.projector_hidden, b.dropout, embed_std=float(emb.detach().float().std()))
+        self.t2c_head = TextToCellHead(d_llm, d_q, b.t2c_hidden, b.dropout)
+        self.decoder = PseudoCellDecoder(self.n_slots, d_q, len(self.hvg["indices"]), b.decoder_hidden, b.dropout,
+                                         b.min_log_std, b.max_log_std)
+        self.builder = SequenceBuilder(tokenizer, cell_tokens, config.max_length)
+        self._set_stage1_trainable()
+
+    # --- set-up -----------------------------------------------------------------------------------
+    def _set_stage1_trainable(self) -> None:
+        mode = self.config.train_stage1
+        for name, p in self.aligner.named_parameters():
+            p.requires_grad = mode == "all" or (mode == "qformer" and name.startswith("qformer."))
+        if mode == "all":  # the text tower is never used in stage 2
+            for p in self.aligner.text_tower.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.train_stage1 == "none":
+            self.aligner.eval()  # frozen: no dropout, states are a function of the cell
+        return self
+
+    @classmethod
+    def build(cls, config: Stage2ModelConfig, stage1: str | Path, lm_path: str | Path, hvg: dict,
+              init_profiles: torch.Tensor | None = None) -> "Stage2Model":
+        """A fresh stage-2 model for training from a stage-1 folder and a base LLM folder."""
+        from model.aligner import CellTextAligner
+        from model.llm import LoraOptions, add_cell_tokens, apply_lora, load_lm
+        aligner = CellTextAligner.from_pretrained(stage1).float()
+        lm, tokenizer = load_lm(str(lm_path), _dtype(config.lm_dtype))
+        cell_tokens = add_cell_tokens(tokenizer, lm, aligner.qformer.num_queries)
+        new_ids = [cell_tokens.start_id, cell_tokens.end_id, *cell_tokens.slot_ids]
+        lm = apply_lora(lm, LoraOptions(**config.lora), new_ids)
+        model = cls(config, aligner, lm, tokenizer, cell_tokens, hvg, lm_path, stage1)
+        if init_profiles is not None:
+            model.decoder.init_from_profiles(init_profiles)
+        return model
+
+    # --- pieces -----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.projector.mlp[1].weight.device
+
+    def query_states(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """The aligner's Q-Former query states [B, n, d_q], standardised (`QueryNorm`; no gradient when stage 1
+        is frozen)."""
+        device = self.device
+        args = (gene_ids.to(device), values.to(device), padding_mask.to(device))
+        if self.config.train_stage1 == "none":
+            with torch.no_grad():
+                return self.qnorm(self.aligner.encode_cells(*args)[1].detach())
+        return self.qnorm(self.aligner.encode_cells(*args)[1])
+
+    @torch.no_grad()
+    def set_query_stats(self, batches) -> None:
+        """Fix the z-space statistics from loader batches of training cells (in eval mode, like stage 1 frozen)."""
+        was = self.training
+        self.eval()
+        device = self.device
+        states = torch.cat([self.aligner.encode_cells(b["gene_ids"].to(device), b["values"].to(device),
+                                                      b["padding_mask"].to(device))[1].float() for b in batches])
+        self.qnorm.set_stats(states)
+        self.train(was)
+
+    def _embed_with_cells(self, input_ids: torch.Tensor, slot_positions: torch.Tensor,
+                          query: torch.Tensor) -> torch.Tensor:
+        """Input embeddings with the projected query states written at the slot positions."""
+        embeds = _unwrap(self.lm).get_input_embeddings()(input_ids)
+        soft = self.projector(query.to(self.projector.mlp[1].weight.dtype)).to(embeds.dtype)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
+        embeds = embeds.clone()
+        embeds[rows, slot_positions] = soft
+        return embeds
+
+    def _hidden(self, **kwargs) -> torch.Tensor:
+        """The LLM's last hidden states [B, T, H] (after the final norm), without the vocabulary head."""
+        base = _unwrap(self.lm)
+        body = base.get_decoder() if hasattr(base, "get_decoder") else None
+        if body is not None and body is not base:
+            return body(use_cache=False, **kwargs).last_hidden_state
+        return self.lm(output_hidden_states=True, use_cache=False, **kwargs).hidden_states[-1]
+
+    def slot_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    slot_positions: torch.Tensor) -> torch.Tensor:
+        """The LLM's last hidden states at the slot tokens, mapped to the query space: [B, n, d_q]."""
+        hidden = self._hidden(input_ids=input_ids, attention_mask=attention_mask)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
+        h = hidden[rows, slot_positions]
+        return self.t2c_head(h.to(self.t2c_head.mlp[1].weight.dtype))
+
+    def answer_loss(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy on the labelled (answer) tokens; the vocabulary head runs on those only."""
+        hidden = self._hidden(inputs_embeds=embeds, attention_mask=attention_mask)
+        target = labels[:, 1:]
+        keep = target != -100
+        head = _unwrap(self.lm).get_output_embeddings()
+        logits = head(hidden[:, :-1][keep])
+        return torch.nn.functional.cross_entropy(logits.float(), target[keep])
+
+    # --- training ---------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict:
+        """Losses ``lm``, ``t2c``, ``decode_real``, ``decode_llm`` and their weighted sum ``loss``.
+
+        batch: the loader's cell tensors (gene_ids, values, padding_mask), ``hvg`` [B, G] target profiles,
+        ``c2t`` (collated cell->text items: input_ids, attention_mask, labels, slot_positions) and ``t2c``
+        (collated text->cell items: input_ids, attention_mask, slot_positions), optionally of distinct
+        descriptions only, with ``t2c_index`` [B] giving each cell's row.
+        """
+        device, w, b = self.device, self.config.loss, self.config.bridge
+        query = self.query_states(batch["gene_ids"], batch["values"], batch["padding_mask"])
+        target = batch["hvg"].to(device)
+        out = {}
+        c2t = {k: v.to(device) for k, v in batch["c2t"].items()}
+        if w.lm > 0:
+            embeds = self._embed_with_cells(c2t["input_ids"], c2t["slot_positions"], query)
+            out["lm"] = self.answer_loss(embeds, c2t["attention_mask"], c2t["labels"])
+        t2c = {k: v.to(device) for k, v in batch["t2c"].items()}
+        mapped = self.slot_states(t2c["input_ids"], t2c["attention_mask"], t2c["slot_positions"])
+        if "t2c_index" in batch:  # each distinct description ran once; back to one row per cell
+            mapped = mapped[batch["t2c_index"].to(device)]
+        out["t2c"] = t2c_loss(mapped, query, b.t2c_loss)
+        mean, _ = self.decoder(query.detach().to(mapped.dtype))
+        out["decode_real"] = decoder_loss(mean, None, target)
+        mean, log_std = self.decoder(mapped)
+        out["decode_llm"] = decoder_loss(mean, log_std, target, b.nll_weight)
+        zero = torch.zeros((), device=device)
+        out.setdefault("lm", zero)
+        out["loss"] = sum(getattr(w, k) * out[k] for k in LOSSES)
+        return out
+
+    def param_groups(self, weight_decay: float, lr: float) -> list[dict]:
+        """AdamW groups: LLM/stage-1 weights as `model.llm.optimizer_param_groups` (no decay on embeddings),
+        the bridge modules at `lr * bridge.lr_scale`."""
+        from model.llm import optimizer_param_groups
+        bridge = {id(p) for m in (self.projector, self.t2c_head, self.decoder) for p in m.parameters()}
+        rest = [(n, p) for n, p in self.named_parameters() if id(p) not in bridge]
+        groups = []
+        for g in optimizer_param_groups(_Named(rest), weight_decay):
+            if g["params"]:
+                groups.append({**g, "lr": lr})
+        scale = self.config.bridge.lr_scale
+        for decay in (True, False):
+            ps = [p for m in (self.projector, self.t2c_head, self.decoder) for p in m.parameters()
+                  if p.requires_grad and (p.ndim >= 2) == decay]
+            if ps:
+                groups.append({"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale})
+        return groups
+
+    # --- inference --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def describe_cells(self, batch: dict, task: str = "describe", constrained: bool = False, num_beams: int = 1,
+                       max_new_tokens: int | None = None, template: int = 0) -> list[str]:
+        """Generated answers for a loader-style batch of cells (greedy or beam search).
+
+        ``constrained`` (cell_type task): decoding follows a prefix tree over the Cell Ontology's labels and
+        synonyms, so the answer is always a valid CL term.
+        """
+        from finetune.instructions import prompt_for
+        self.eval()
+        device = self.device
+        query = self.query_states(batch["gene_ids"], batch["values"], batch["padding_mask"])
+        prompt = prompt_for(task, template)
+        items = [self.builder.cell_to_text(prompt, None) for _ in range(query.shape[0])]
+        enc = self.builder.collate(items, padding_side="left")
+        ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        embeds = self._embed_with_cells(ids, enc["slot_positions"].to(device), query)
+        if max_new_tokens is None:
+            max_new_tokens = 32 if task != "describe" else max(16, self.config.max_length - ids.shape[1])
+        kwargs = dict(inputs_embeds=embeds, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
+                      num_beams=num_beams, pad_token_id=self._pad_id(), eos_token_id=self.tokenizer.eos_token_id)
+        if num_beams > 1:
+            kwargs["early_stopping"] = True
+        if constrained:
+            kwargs["prefix_allowed_tokens_fn"] = self.label_trie().prefix_allowed_tokens_fn(0)
+        gen = self.lm.generate(**kwargs)
+        if gen.shape[1] >= ids.shape[1] and torch.equal(gen[:, :ids.shape[1]], ids):  # some versions echo the prompt
+            gen = gen[:, ids.shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(gen, skip_special_tokens=True)]
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    def label_trie(self):
+        """The Cell Ontology prefix tree over this tokenizer (built once)."""
+        if getattr(self, "_trie", None) is None:
+            from finetune.constrained import cell_ontology_trie
+            self._trie = cell_ontology_trie(self.tokenizer)
+        return self._trie
+
+    def answer_to_cl(self, text: str) -> str | None:
+        """The CL ID that a generated answer names (label or synonym), or None."""
+        return self.label_trie().lookup(text)
+
+    @torch.no_grad()
+    def mapped_states(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """LLM-mapped query states [len(texts), n, d_q] for descriptions."""
+        self.eval()
+        device, outs = self.device, []
+        for i in range(0, len(texts), batch_size):
+            items = [self.builder.text_to_cell(t) for t in texts[i:i + batch_size]]
+            enc = self.builder.collate(items, padding_side="right")
+            outs.append(self.slot_states(enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                                         enc["slot_positions"].to(device)).float())
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def generate_pseudocells(self, texts: Sequence[str], n: int, seed: int = 0, noise: float = 1.0) -> np.ndarray:
+        """``n`` pseudo-cells per text: log1p-CP10k profiles over the HVG panel, ``[len(texts) * n, G]`` float32.
+
+        Rows are text-major (the n cells of texts[0] first). Sampling noise comes from a generator seeded by
+        ``seed`` only, so the same model, texts, n and seed give the same cells.
+        """
+        if n < 1:
+            raise ScmmError(f"the number of pseudo-cells must be >= 1, got {n}")
+        if not texts or any(not str(t).strip() for t in texts):
+            raise ScmmError("pseudo-cell generation needs non-empty texts")
+        mapped = self.mapped_states([str(t) for t in texts])
+        gen = torch.Generator().manual_seed(int(seed))
+        states = mapped.repeat_interleave(n, dim=0).to(self.decoder.mean_head.weight.dtype)
+        return self.decoder.sample(states, generator=gen, noise=noise).cpu().numpy().astype(np.float32)
+
+    # --- folders ----------------------------------------------------------------------------------
+    def bridge_state(self) -> dict[str, torch.Tensor]:
+        """Projector, text->cell head and decoder weights (the new token rows live in the peft adapter, or in
+        lm/ under full fine-tuning)."""
+        state = {}
+        for prefix, module in (("projector.", self.projector), ("t2c_head.", self.t2c_head),
+                               ("decoder.", self.decoder), ("qnorm.", self.qnorm)):
+            state.update({prefix + k: v for k, v in module.state_dict().items()})
+        return {k: v.detach().cpu().float().contiguous() for k, v in state.items()}
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the stage-2 folder atomically (see the module docstring)."""
+        full = bool(self.config.lora.get("full_finetune", False))
+
+        def write(tmp: Path) -> None:
+            if self.config.train_stage1 == "none":
+                shutil.copytree(self.stage1_path, tmp / "stage1")
+            else:
+                self.aligner.save_pretrained(tmp / "stage1")
+                for extra in ("loader.json",):
+                    if (self.stage1_path / extra).is_file():
+                        shutil.copy2(self.stage1_path / extra, tmp / "stage1" / extra)
+            if full:
+                _unwrap(self.lm).save_pretrained(tmp / "lm")
+                self.tokenizer.save_pretrained(str(tmp / "lm"))
+            else:
+                shutil.copytree(self.lm_path, tmp / "lm")
+                self.lm.save_pretrained(str(tmp / "lora"), save_embedding_layers=False)
+            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            save_file(self.bridge_state(), str(tmp / "bridge.safetensors"))
+            (tmp / "hvg.json").write_text(json.dumps(self.hvg))
+            ct = self.cell_tokens
+            cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self.config),
+                   "cell_tokens": {"start_id": int(ct.start_id), "end_id": int(ct.end_id),
+                                   "slot_ids": [int(i) for i in ct.slot_ids]}}
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+        folder = Path(folder)
+        return atomic_write_folder(folder, write)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "Stage2Model":
+        """Load a stage-2 folder for inference (eval mode, no DeepSpeed)."""
+        from scmm.config import from_dict
+        from model.aligner import CellTextAligner
+        from model.llm import add_cell_tokens, load_lm
+        folder = Path(folder)
+        try:
+            raw = json.loads((folder / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ScmmError(f"{folder} is not an scmm stage-2 model folder ({exc})") from None
+        if raw.pop("format", None) != FORMAT:
+            raise ScmmError(f"{folder} is not an scmm stage-2 model folder")
+        version = raw.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ScmmError(f"{folder} was written by another scmm version (stage-2 format {version}, this scmm "
+                            f"reads {FORMAT_VERSION})")
+        saved_tokens = raw.pop("cell_tokens")
+        config = from_dict(Stage2ModelConfig, raw)
+        try:
+            aligner = CellTextAligner.from_pretrained(folder / "stage1").float()
+            lm, tokenizer = load_lm(str(folder / "lm"), dtype)
+            cell_tokens = add_cell_tokens(tokenizer, lm, aligner.qformer.num_queries)
+            if [cell_tokens.start_id, cell_tokens.end_id, *cell_tokens.slot_ids] != \
+                    [saved_tokens["start_id"], saved_tokens["end_id"], *saved_tokens["slot_ids"]]:
+                raise ScmmError(f"{folder}: the cell tokens got other ids than in training")
+            if not config.lora.get("full_finetune", False):
+                from peft import PeftModel
+                lm = PeftModel.from_pretrained(lm, str(folder / "lora"), is_trainable=False)
+            hvg = json.loads((folder / "hvg.json").read_text())
+            model = cls(config, aligner, lm, tokenizer, cell_tokens, hvg, folder / "lm", folder / "stage1")
+            state = load_file(str(folder / "bridge.safetensors"))
+        except ScmmError:
+            raise
+        except Exception as exc:
+            raise ScmmError(f"cannot load the stage-2 model in {folder}: {type(exc).__name__}: {exc}") from None
+        model._load_bridge_state(state)
+        return model.to(dtype).eval() if dtype != torch.float32 else model.eval()
+
+    @torch.no_grad()
+    def _load_bridge_state(self, state: dict[str, torch.Tensor]) -> None:
+        for prefix, module in (("projector.", self.projector), ("t2c_head.", self.t2c_head),
+                               ("decoder.", self.decoder), ("qnorm.", self.qnorm)):
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            module.load_state_dict(sub, strict=True)
+
+
+__all__ = ["Stage2Model", "Stage2ModelConfig", "LossWeights", "LOSSES", "FORMAT"]

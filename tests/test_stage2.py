@@ -1,0 +1,292 @@
+"""Stage 2: bridge losses, save/reload exactness, 2-rank DeepSpeed training with resume, `scmm generate`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+N_QUERIES = 4
+
+
+# --- fixtures: a tiny stage-1 model and a tiny LLM ---------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_stage1(tmp_path_factory, small_corpus: Path) -> Path:
+    from dataclasses import asdict
+
+    from data_pipeline.loader import LoaderConfig
+    from model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
+    from model.text_tower import TextTowerConfig
+    torch.manual_seed(0)
+    vocab = json.loads((small_corpus / "vocab.json").read_text())
+    cfg = AlignerConfig(cell_tower=CellTowerOptions(d_model=32, nhead=2, d_hid=64, nlayers=1),
+                        text_tower=TextTowerConfig(max_length=32, freeze=True),
+                        qformer=QFormerOptions(num_queries=N_QUERIES, num_layers=1, embed_dim=32))
+    folder = tmp_path_factory.mktemp("stage1") / "model"
+    CellTextAligner(cfg, vocab).save_pretrained(folder)
+    (folder / "loader.json").write_text(json.dumps(asdict(LoaderConfig(batch_size=8, max_len=16, n_bins=0))))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, small_corpus: Path) -> Path:
+    from data_pipeline.store import Corpus
+    from finetune.instructions import PROMPTS
+    from model.llm import LlamaSize, build_llama, train_tokenizer
+    folder = tmp_path_factory.mktemp("lm") / "lm"
+    corpus = Corpus(small_corpus)
+    texts = [str(t) for s in corpus.iter_shards("train", columns=("text",)) for t in s.obs["text"]]
+    texts += [p for ps in PROMPTS.values() for p in ps] + ["B cell", "T cell", "natural killer cell", "blood"]
+    tokenizer = train_tokenizer(texts, folder, vocab_size=400)
+    torch.manual_seed(0)
+    model = build_llama(LlamaSize(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=2, max_position_embeddings=512), len(tokenizer))
+    model.save_pretrained(folder)
+    return folder
+
+
+def _stage2_config(tmp_path: Path, corpus: Path, stage1: Path, lm: Path, out: str, steps: int, **train) -> Path:
+    cfg = {
+        "name": "test", "corpus": str(corpus), "stage1": str(stage1), "lm": str(lm), "out": str(tmp_path / out),
+        "seed": 0,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "bridge": {"decoder_hidden": 32},
+        "hvg": {"n_top": 12},
+        "data": {"tasks": ["describe", "cell_type", "tissue"], "max_length": 160},
+        "loader": {"batch_size": 4, "shuffle_buffer": 64},
+        "train": {"steps": steps, "lr": 3e-3, "warmup_steps": 1, "log_every": 1, "save_every": 2,
+                  "precision": "fp32", **train},
+    }
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _build(small_corpus: Path, tiny_stage1: Path, tiny_lm: Path, tmp_path: Path):
+    from data_pipeline.store import Corpus
+    from finetune.model import Stage2Model
+    from finetune.train import PairBuilder, hvg_info, load_config
+    cfg = load_config(str(_stage2_config(tmp_path, small_corpus, tiny_stage1, tiny_lm, "m", 1)))
+    corpus = Corpus(small_corpus)
+    hvg = hvg_info(corpus, cfg.hvg.n_top)
+    torch.manual_seed(0)
+    model = Stage2Model.build(cfg.model_config(), cfg.stage1, cfg.lm, hvg)
+    pairs = PairBuilder(corpus, "train", cfg.data.tasks, 0, np.asarray(hvg["indices"]), model.builder)
+    model.decoder.init_from_profiles(pairs.x)
+    return cfg, corpus, model, pairs
+
+
+def _loader_batch(corpus, stage1: Path, split: str = "train", batch_size: int = 8) -> dict:
+    from data_pipeline.loader import CorpusLoader
+    from finetune.train import stage1_loader_config
+    vocab = json.loads((stage1 / "cell_tower" / "vocab.json").read_text())
+    cfg = stage1_loader_config(stage1, None, batch_size=batch_size, shuffle=False)
+    return next(iter(CorpusLoader(corpus, split, cfg, vocab["<cls>"], vocab["<pad>"])))
+
+
+# --- losses ------------------------------------------------------------------------------------------------
+def test_forward_losses_finite_and_each_decreases(small_corpus, tiny_stage1, tiny_lm, tmp_path):
+    from finetune.model import LOSSES
+    torch.set_num_threads(1)
+    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path)
+    raw = _loader_batch(corpus, tiny_stage1)
+    batch = pairs(raw, step=0, rank=0)
+    # the c2t labels cover the answer and eos only; the slot positions hold the slot tokens
+    c2t = batch["c2t"]
+    assert (c2t["labels"][c2t["attention_mask"] == 0] == -100).all()
+    slots = torch.gather(c2t["input_ids"], 1, c2t["slot_positions"])
+    assert (slots == torch.tensor(model.cell_tokens.slot_ids)).all()
+    assert (torch.gather(c2t["labels"], 1, c2t["slot_positions"]) == -100).all()
+    assert batch["hvg"].shape == (8, len(model.hvg["indices"]))
+    # frozen stage 1, LoRA: the base LLM's weights and the stage-1 weights are not trained
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not any(n.startswith("aligner.") for n in trained)
+    assert any("lora_" in n for n in trained) and any("trainable_tokens" in n or "token_adapter" in n for n in trained)
+    assert not any(n.endswith("q_proj.base_layer.weight") for n in trained)
+
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    history = []
+    for _ in range(12):
+        out = model(batch)
+        assert all(torch.isfinite(out[k]) for k in (*LOSSES, "loss"))
+        history.append({k: float(out[k]) for k in LOSSES})
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    for k in LOSSES:
+        assert history[-1][k] < history[0][k], (k, [h[k] for h in history])
+
+
+# --- save / reload -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def trained_stage2(tmp_path_factory, small_corpus, tiny_stage1, tiny_lm) -> Path:
+    tmp = tmp_path_factory.mktemp("s2")
+    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp)
+    raw = _loader_batch(corpus, tiny_stage1)
+    batch = pairs(raw, 0, 0)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        model(batch)["loss"].backward()
+        opt.step()
+    folder = tmp / "model"
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_save_reload_gives_identical_generation_and_pseudocells(trained_stage2, small_corpus, tiny_stage1):
+    from data_pipeline.store import Corpus
+    from finetune.model import Stage2Model
+    for name in ("config.json", "bridge.safetensors", "hvg.json", "lora/adapter_config.json",
+                 "lora/adapter_model.safetensors", "lm/config.json", "stage1/config.json", "stage1/loader.json"):
+        assert (trained_stage2 / name).is_file(), name
+    a = Stage2Model.from_pretrained(trained_stage2)
+    b = Stage2Model.from_pretrained(trained_stage2)
+    raw = _loader_batch(Corpus(small_corpus), tiny_stage1, "val", 4)
+    for kw in ({"task": "cell_type"}, {"task": "cell_type", "constrained": True},
+               {"task": "describe", "num_beams": 2, "max_new_tokens": 12}):
+        ga, gb = a.describe_cells(raw, **kw), b.describe_cells(raw, **kw)
+        assert ga == gb and len(ga) == 4, kw
+        if kw.get("constrained"):
+            assert all(a.answer_to_cl(t) is not None for t in ga), ga
+    texts = ["A B cell from the blood of a healthy donor.", "A natural killer cell."]
+    xa, xb = a.generate_pseudocells(texts, 3, seed=7), b.generate_pseudocells(texts, 3, seed=7)
+    assert xa.shape == (6, len(a.hvg["indices"])) and xa.dtype == np.float32 and (xa >= 0).all()
+    np.testing.assert_array_equal(xa, xb)
+    assert not np.array_equal(xa, a.generate_pseudocells(texts, 3, seed=8))
+
+
+def test_reloaded_model_equals_the_trained_one(small_corpus, tiny_stage1, tiny_lm, tmp_path):
+    """What the trainer holds and what from_pretrained rebuilds give the same losses and pseudo-cells."""
+    from finetune.model import Stage2Model
+    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path)
+    batch = pairs(_loader_batch(corpus, tiny_stage1), 0, 0)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        model(batch)["loss"].backward()
+        opt.step()
+    model.save_pretrained(tmp_path / "out")
+    back = Stage2Model.from_pretrained(tmp_path / "out")
+    model.eval()
+    with torch.no_grad():
+        la, lb = model(batch), back(batch)
+    for k in ("lm", "t2c", "decode_real", "decode_llm"):
+        assert float(lb[k]) == pytest.approx(float(la[k]), rel=1e-5, abs=1e-6), k
+    np.testing.assert_allclose(model.generate_pseudocells(["a B cell"], 2, seed=1),
+                               back.generate_pseudocells(["a B cell"], 2, seed=1), rtol=1e-5, atol=1e-6)
+
+
+# --- DeepSpeed: 2 ranks, resume ----------------------------------------------------------------------------
+def _launch(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), "PYTHONPATH": str(ROOT),
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "finetune" / "train.py"), "--config", str(config),
+           "--deepspeed_config", str(ROOT / "configs" / "deepspeed" / "zero2.json"), *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_rank_deepspeed_steps_resume_exactly_and_export(tmp_path, small_corpus, tiny_stage1, tiny_lm):
+    full = _stage2_config(tmp_path, small_corpus, tiny_stage1, tiny_lm, "full", steps=4)
+    _launch(full)
+    split = _stage2_config(tmp_path, small_corpus, tiny_stage1, tiny_lm, "split", steps=4)
+    _launch(split, "--stop-at", "2")
+    assert not (tmp_path / "split" / "model").exists()
+    _launch(split, "--resume")
+    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "split")
+    assert [r["step"] for r in a] == [1, 2, 3, 4] and [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert ra["batch_digest"] == rb["batch_digest"]
+        for key in ("loss", "lm", "t2c", "decode_real", "decode_llm", "lr"):
+            assert np.isfinite(ra[key])
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+    from finetune.model import Stage2Model
+    model = Stage2Model.from_pretrained(tmp_path / "full" / "model")
+    x = model.generate_pseudocells(["A B cell."], 2, seed=0)
+    assert x.shape == (2, len(model.hvg["indices"])) and np.isfinite(x).all()
+
+
+# --- scmm generate -----------------------------------------------------------------------------------------
+def test_scmm_generate_writes_a_valid_h5ad(trained_stage2, tmp_path):
+    import anndata as ad
+
+    from conftest import run_cli
+    out = tmp_path / "gen.h5ad"
+    text = "A natural killer cell from the blood of a healthy donor."
+    r = run_cli("generate", "--model", str(trained_stage2), "--text", text, "--n", "5", "--out", str(out),
+                "--seed", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    adata = ad.read_h5ad(out)
+    hvg = json.loads((trained_stage2 / "hvg.json").read_text())
+    assert adata.shape == (5, len(hvg["symbols"]))
+    assert list(adata.var_names) == hvg["symbols"]
+    assert (adata.obs["prompt"] == text).all()
+    x = np.asarray(adata.X)
+    assert x.dtype == np.float32 and np.isfinite(x).all() and (x >= 0).all()
+    out2 = tmp_path / "gen2.h5ad"
+    assert run_cli("generate", "--model", str(trained_stage2), "--text", text, "--n", "5", "--out", str(out2),
+                   "--seed", "3").returncode == 0
+    np.testing.assert_array_equal(np.asarray(ad.read_h5ad(out2).X), x)
+
+
+@pytest.mark.parametrize("args", [
+    ["--n", "0"],
+    ["--text", "   "],
+    ["--model", "/nonexistent/model"],
+    ["--out", "OUT.csv"],
+])
+def test_scmm_generate_bad_input_is_one_error_line_and_writes_nothing(trained_stage2, tmp_path, args):
+    from conftest import run_cli
+    opts = {"--model": str(trained_stage2), "--text": "A B cell.", "--n": "3", "--out": str(tmp_path / "o.h5ad")}
+    for k, v in zip(args[::2], args[1::2]):
+        opts[k] = v if k != "--out" else str(tmp_path / v)
+    r = run_cli("generate", *[x for kv in opts.items() for x in kv])
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the stage-2 model in the evaluation harness and in inference -------------------------------------------
+def test_eval_package_and_describe_use_the_stage2_model(trained_stage2, tiny_stage1, small_corpus, tmp_path):
+    from conftest import make_adata
+    from eval.harness import evaluate
+    from model.package import package_model
+    from scmm import api
+    package = package_model(tiny_stage1, small_corpus, tmp_path / "package", stage2=trained_stage2)
+    metrics = evaluate(package, small_corpus, tmp_path / "eval", progress=False)  # default: every task
+    assert set(metrics) == {"annotation", "retrieval", "baselines", "generation", "pseudocell"}
+    gen, pc = metrics["generation"], metrics["pseudocell"]
+    assert {"bleu4", "rougeL", "type_accuracy", "ontology_score", "type_accuracy_constrained"} <= set(gen)
+    assert all(0.0 <= gen[k] <= 1.0 for k in ("bleu4", "rougeL", "type_accuracy", "type_accuracy_constrained"))
+    assert gen["valid_answer_rate_constrained"] == 1.0  # the prefix tree only lets Cell Ontology names through
+    assert {"knn_accuracy", "k", "space", "random_baseline", "class_mean_reference"} <= set(pc)
+    assert pc["k"] == 5 and set(pc["spaces"]) == {"expression_pca", "stage1_embedding"}
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Descriptions and cell-type answers" in report and "## Pseudo-cells" in report
+    # the bare stage-2 folder evaluates to the same numbers as its package
+    assert evaluate(trained_stage2, small_corpus, tmp_path / "eval2", progress=False) == metrics
+
+    adata = make_adata(n_cells=10, donors=2)
+    described = api.describe(adata, package)
+    assert "scmm_description" not in adata.obs  # the input is left alone
+    texts = described.obs["scmm_description"].tolist()
+    assert len(texts) == 10 and all(isinstance(t, str) for t in texts)
+    assert api.describe(adata, package).obs["scmm_description"].tolist() == texts  # greedy: deterministic
