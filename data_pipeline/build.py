@@ -28,6 +28,7 @@ from data_pipeline.splits import SPLITS, plan_splits
 from data_pipeline.store import OBS_COLUMNS, SCHEMA_VERSION, label_keys, shard_checksums
 from data_pipeline.text import describe, metadata_from_obs
 from data_pipeline.vocab import GeneVocab, check_coverage, map_genes
+from scmm.atomic import temp_dir_beside
 from scmm.errors import ScmmError
 
 log = logging.getLogger(__name__)
@@ -298,8 +299,7 @@ def build_corpus(cfg: BuildConfig) -> dict:
     # disable=None: no bar when stderr is not a terminal, so logs and `error:` lines stay clean
     bar = tqdm(total=sum(s.n_obs for s in sources), unit="cells", desc="build corpus",
                disable=None if cfg.progress else True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         write_array(root, "genes/vocab_id", panel_ids.astype(np.int32))

@@ -44,7 +44,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -55,6 +54,7 @@ import numpy as np
 from data_pipeline.loader import LoaderConfig
 from data_pipeline.store import Corpus, label_keys
 from eval.plots import umap_png
+from scmm.atomic import temp_dir_beside
 from scmm.errors import ScmmError
 
 log = logging.getLogger("scmm.eval")
@@ -466,10 +466,7 @@ def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
 
     created = [p for p in [out_dir.parent, *out_dir.parent.parents] if not p.exists()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder gets normal permissions
+    tmp = temp_dir_beside(out_dir)
     ok = False
     try:
         metrics: dict[str, Any] = {}

@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -42,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from scmm.atomic import temp_dir_beside
 
 logger = logging.getLogger(__name__)
 
@@ -780,8 +781,7 @@ def atomic_write_folder(
     other files there untouched. On failure nothing is left behind.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = temp_dir_beside(folder)
     try:
         write(tmp)
         if not folder.exists():

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scmm.atomic import temp_dir_beside
 from scmm.errors import ScmmError
 
 log = logging.getLogger("scmm.package")
@@ -259,7 +260,7 @@ def _model_card(manifest: dict, corpus_manifest: dict, labels: list[dict], metri
         f"- corpus: {corpus_manifest.get('n_cells')} cells, {corpus_manifest.get('n_genes')} genes "
         f"(gene vocabulary `{corpus_manifest.get('vocab', {}).get('name')}`), input normalization "
         f"`{corpus_manifest.get('normalization')}`",
-        f"- splits: " + ", ".join(f"{k} {v}" for k, v in corpus_manifest.get("splits", {}).items()) +
+        "- splits: " + ", ".join(f"{k} {v}" for k, v in corpus_manifest.get("splits", {}).items()) +
         f" (grouped by `{corpus_manifest.get('split_group_by')}`)",
         f"- {len(labels)} cell types:", "",
         "| CL ID | label | cells |", "|---|---|---:|"]
@@ -336,8 +337,7 @@ def package_model(stage1: Path, corpus: Path, out: Path, stage2: Path | None = N
     aligner_cfg = _read_json(stage1 / "config.json", "stage-1 config")
     del aligner
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         shutil.copytree(stage1, tmp / "stage1", ignore=shutil.ignore_patterns(".*"))
         if not (tmp / "stage1" / "loader.json").exists():  # settings found beside the model: make them travel

@@ -41,7 +41,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,6 +49,7 @@ import numpy as np
 import pandas as pd
 
 from model.package import ScmmModel, load_model as _load_model
+from scmm.atomic import temp_file_beside
 from scmm.errors import ScmmError
 
 log = logging.getLogger("scmm")
@@ -289,10 +289,7 @@ def write_result_h5ad(src: str | os.PathLike, out: str | os.PathLike, obs: pd.Da
     import h5py
     src, out = Path(src), Path(out)
     check_output(src, out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".h5ad", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_file_beside(out, suffix=".h5ad")
     try:
         shutil.copyfile(src, tmp)
         with h5py.File(tmp, "r+") as f:

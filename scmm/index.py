@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scmm.atomic import temp_dir_beside
 from scmm.errors import ScmmError
 
 log = logging.getLogger("scmm.index")
@@ -210,8 +211,7 @@ def write_index(out: str | os.PathLike, emb: np.ndarray, codes: np.ndarray, clas
             "label_column": label_column, "classes": classes,
             "n_unlabelled_skipped": int((~keep).sum()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         faiss.write_index(_to_cpu(index), str(tmp / "index.faiss"))
         np.save(tmp / "codes.npy", kept_codes)
