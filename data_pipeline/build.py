@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from data_pipeline.splits import SPLITS, plan_splits
 from data_pipeline.store import OBS_COLUMNS, SCHEMA_VERSION, label_keys, shard_checksums
 from data_pipeline.text import describe, metadata_from_obs
 from data_pipeline.vocab import GeneVocab, check_coverage, map_genes
-from scmm.atomic import temp_dir_beside
+from scmm.atomic import publish_dir, temp_dir_beside
 from scmm.errors import ScmmError
 
 log = logging.getLogger(__name__)
@@ -349,13 +347,7 @@ def build_corpus(cfg: BuildConfig) -> dict:
         manifest = _manifest(cfg, writer.entries, writer.cell_types, vocab, panel_ids, plan.group_by,
                              normalization, n_dropped_empty, int((~keep_all).sum()), file_reports)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists():  # --overwrite: swap, then delete the old corpus
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "corpus")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)  # --overwrite: the old corpus is swapped out, then deleted
     except BaseException:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -35,23 +35,13 @@ from data_pipeline.loader import CorpusLoader, LoaderConfig
 from data_pipeline.store import Corpus
 from finetune.model import LOSSES, LossWeights, Stage2Model, Stage2ModelConfig
 from model.bridge import BridgeOptions
+from model.llm import LoraOptions
 from pretrain.train import (TrainOptions, deepspeed_config, init_distributed, load_checkpoint, lr_lambda,
                             save_checkpoint, use_deepspeed_optimizer)
 from scmm.config import load_yaml
 from scmm.errors import ScmmError
 
 log = logging.getLogger("scmm.finetune")
-
-
-@dataclass
-class LoraSection:
-    """LoRA through peft (`model.llm.LoraOptions`); `full_finetune` trains every LLM weight instead."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    full_finetune: bool = False
 
 
 @dataclass
@@ -88,7 +78,7 @@ class Stage2Config:
     deepspeed: str | None = None
     train_stage1: str = "none"  # none (frozen, default) | qformer | all
     lm_dtype: str = "float32"
-    lora: LoraSection = field(default_factory=LoraSection)
+    lora: LoraOptions = field(default_factory=LoraOptions)
     bridge: BridgeOptions = field(default_factory=BridgeOptions)
     hvg: HvgOptions = field(default_factory=HvgOptions)
     data: DataOptions = field(default_factory=DataOptions)

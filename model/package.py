@@ -32,13 +32,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scmm.atomic import temp_dir_beside
+from scmm.atomic import publish_dir, temp_dir_beside
 from scmm.errors import ScmmError
 
 log = logging.getLogger("scmm.package")
@@ -361,16 +360,7 @@ def package_model(stage1: Path, corpus: Path, out: Path, stage2: Path | None = N
         (tmp / "README.md").write_text(_model_card(manifest, cm, labels, metrics_data, loader_cfg, aligner_cfg))
         manifest["files"] = _files_of(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if out.exists():  # replace an earlier package: swap, then delete the old one
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)  # replaces an earlier package
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

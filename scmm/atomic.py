@@ -7,10 +7,11 @@ group. These helpers give the temporary entry the permissions a plain `mkdir` / 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["temp_dir_beside", "temp_file_beside"]
+__all__ = ["temp_dir_beside", "temp_file_beside", "publish_dir"]
 
 
 def _umask() -> int:
@@ -36,3 +37,19 @@ def temp_file_beside(out: str | os.PathLike, suffix: str = "") -> Path:
     os.close(fd)
     os.chmod(name, 0o666 & ~_umask())
     return Path(name)
+
+
+def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Move the finished folder ``tmp`` to ``out``; an existing ``out`` is swapped out first, then deleted.
+
+    Readers see either the old folder or the new one, never a mix (two renames on one file system).
+    """
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        trash = temp_dir_beside(out, tag="old")
+        os.replace(out, trash / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out

@@ -30,14 +30,13 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from scmm.atomic import temp_dir_beside
+from scmm.atomic import publish_dir, temp_dir_beside
 from scmm.errors import ScmmError
 
 log = logging.getLogger("scmm.index")
@@ -216,16 +215,7 @@ def write_index(out: str | os.PathLike, emb: np.ndarray, codes: np.ndarray, clas
         faiss.write_index(_to_cpu(index), str(tmp / "index.faiss"))
         np.save(tmp / "codes.npy", kept_codes)
         (tmp / "index.json").write_text(json.dumps(meta, indent=1))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

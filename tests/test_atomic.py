@@ -22,3 +22,15 @@ def test_atomic_outputs_follow_the_umask(tmp_path):
         assert stat.S_IMODE(temp_dir_beside(tmp_path / "c").stat().st_mode) == 0o700
     finally:
         os.umask(old)
+
+
+def test_publish_dir_replaces_an_existing_folder_whole(tmp_path):
+    from scmm.atomic import publish_dir
+    out = tmp_path / "corpus"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    tmp = temp_dir_beside(out)
+    (tmp / "new.txt").write_text("new")
+    assert publish_dir(tmp, out) == out
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]  # nothing of the old folder survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no temporary or trash folder left
