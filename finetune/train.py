@@ -36,8 +36,8 @@ from data_pipeline.store import Corpus
 from finetune.model import LOSSES, LossWeights, Stage2Model, Stage2ModelConfig
 from model.bridge import BridgeOptions
 from model.llm import LoraOptions
-from pretrain.train import (TrainOptions, deepspeed_config, init_distributed, load_checkpoint, lr_lambda,
-                            save_checkpoint, use_deepspeed_optimizer)
+from pretrain.train import (TrainOptions, deepspeed_config, endless_batches, load_checkpoint, lr_lambda,
+                            save_checkpoint, start_run, use_deepspeed_optimizer)
 from scmm.config import load_yaml
 from scmm.errors import ScmmError
 
@@ -190,17 +190,10 @@ def train(cfg: Stage2Config, resume: bool = False, deepspeed_json: str | None = 
         if not Path(path).is_dir():
             hint = " (run `scmm finetune init-lm` first)" if what == "LLM" else ""
             raise ScmmError(f"{what} folder not found: {path}{hint}")
-    rank, world, device = init_distributed()
+    rank, world, device, out, ckpt_dir = start_run(cfg.out, resume, cfg.train.threads)
     import deepspeed
     from tqdm.auto import tqdm
     t = cfg.train
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-    out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
-    if not resume and ckpt_dir.exists():
-        raise ScmmError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose another out")
-    torch.distributed.barrier()
     corpus = Corpus(cfg.corpus)
     loader_cfg = stage1_loader_config(cfg.stage1, cfg.loader, drop_last=True)
     vocab = json.loads((Path(cfg.stage1) / "cell_tower" / "vocab.json").read_text())
@@ -235,16 +228,7 @@ def train(cfg: Stage2Config, resume: bool = False, deepspeed_json: str | None = 
                  "%d batches/epoch/rank", world, t.precision, n_params / 1e6, n_train / 1e6, len(hvg["indices"]),
                  corpus.manifest["splits"]["train"], len(loader))
 
-    batches = iter(loader)
-
-    def next_batch() -> dict:
-        nonlocal batches
-        for _ in range(2):
-            try:
-                return next(batches)
-            except StopIteration:
-                batches = iter(loader)
-        raise ScmmError("the train split yields no batch (fewer cells than one batch per rank?)")
+    batches = endless_batches(loader)
 
     keys = ("loss", *LOSSES)
     metrics_path = out / "metrics.jsonl"
@@ -257,7 +241,7 @@ def train(cfg: Stage2Config, resume: bool = False, deepspeed_json: str | None = 
     while step < t.steps:
         lr = scheduler.get_last_lr()[0]
         for _ in range(t.grad_accum):
-            raw = next_batch()
+            raw = next(batches)
             batch = pairs(raw, step, rank)
             with autocast:
                 losses = engine(batch)

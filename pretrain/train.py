@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -151,6 +152,33 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
+def start_run(out: str | Path, resume: bool, threads: int = 0) -> tuple[int, int, torch.device, Path, Path]:
+    """(rank, world size, device, out, checkpoint folder) of a training launch, once every rank has checked
+    that a fresh run (no ``--resume``) would not mix with an earlier run's checkpoints."""
+    rank, world, device = init_distributed()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    if not resume and ckpt_dir.exists():
+        raise ScmmError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose another out")
+    torch.distributed.barrier()
+    return rank, world, device, out, ckpt_dir
+
+
+def endless_batches(loader: CorpusLoader) -> Iterator[dict]:
+    """The loader's batches epoch after epoch; each new epoch starts only when the next batch is asked for, so
+    the loader's state between two batches is exactly what a checkpoint must save."""
+    empty = 0
+    while empty < 2:  # one empty pass is normal: a run resumed at the end of an epoch
+        got = False
+        for batch in loader:
+            got = True
+            yield batch
+        empty = 0 if got else empty + 1
+    raise ScmmError("the train split yields no batch (fewer cells than one batch per rank?)")
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -217,17 +245,10 @@ def train(cfg: Stage1Config, resume: bool = False, deepspeed_json: str | None = 
     `stop_at` ends this launch after that step with a checkpoint (for time-limited cluster jobs);
     `--resume` continues from there.
     """
-    rank, world, device = init_distributed()
+    rank, world, device, out, ckpt_dir = start_run(cfg.out, resume, cfg.train.threads)
     import deepspeed
     from tqdm.auto import tqdm
     t = cfg.train
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-    out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
-    if not resume and ckpt_dir.exists():
-        raise ScmmError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose another out")
-    torch.distributed.barrier()
     corpus = Corpus(cfg.corpus)
     vocab = json.loads((Path(cfg.corpus) / "vocab.json").read_text())
     loader = CorpusLoader(corpus, "train", cfg.loader, vocab["<cls>"], vocab["<pad>"], rank=rank, world_size=world)
@@ -252,16 +273,7 @@ def train(cfg: Stage1Config, resume: bool = False, deepspeed_json: str | None = 
         log.info("stage 1: %d ranks, %s, %.1fM parameters (%.1fM trained), %d train cells, %d batches/epoch/rank",
                  world, t.precision, n_params / 1e6, n_train / 1e6, corpus.manifest["splits"]["train"], len(loader))
 
-    batches = iter(loader)
-
-    def next_batch() -> dict:
-        nonlocal batches
-        for _ in range(2):
-            try:
-                return next(batches)
-            except StopIteration:  # the epoch ended: the loader now stands at the next one
-                batches = iter(loader)
-        raise ScmmError("the train split yields no batch (fewer cells than one batch per rank?)")
+    batches = endless_batches(loader)
 
     metrics_path = out / "metrics.jsonl"
     bar = tqdm(total=t.steps, initial=step, desc="stage 1", unit="step", disable=rank != 0 or None)
@@ -273,7 +285,7 @@ def train(cfg: Stage1Config, resume: bool = False, deepspeed_json: str | None = 
     while step < t.steps:
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         for _ in range(t.grad_accum):
-            batch = next_batch()
+            batch = next(batches)
             with autocast:
                 losses = engine(batch, step=step, rank=rank, world_size=world, seed=cfg.seed)
             engine.backward(losses["loss"])
