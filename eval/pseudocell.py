@@ -172,13 +172,15 @@ def _score_space(gen_x, gen_labels, cm_x, cm_labels, ref_x, ref_labels, k: int, 
 
 def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Sequence, genes: np.ndarray, k: int = 5,
                       n_components: int = 50, seed: int = 0, aligner=None, loader_cfg: LoaderConfig | None = None,
-                      restrict_reference: bool = True) -> dict[str, Any]:
+                      restrict_reference: bool = True,
+                      reference_splits: Sequence[str] = REFERENCE_SPLITS) -> dict[str, Any]:
     """Pseudo-cell k-NN accuracy per space with its random baseline and class-mean reference (module docstring).
 
     ``pseudo_x``: float [n, len(genes)] log1p CP10k over the panel ``genes`` (corpus gene indices);
     ``pseudo_labels``: the type (corpus label key, e.g. a CL ID) of the text each pseudo-cell was generated from.
     ``loader_cfg``: the model's loader settings (value encoding; :func:`eval.harness.loader_config_for`); default
-    continuous values. Raises ``ValueError`` when no generated type has ``k`` reference cells.
+    continuous values. ``reference_splits``: the held-out splits whose cells are the reference (val alone when
+    choosing hyper-parameters). Raises ``ValueError`` when no generated type has ``k`` reference cells.
     """
     genes = np.asarray(genes, dtype=np.int64)
     gen_x = np.asarray(pseudo_x, dtype=np.float32)
@@ -190,9 +192,9 @@ def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Seque
                          f"({len(gen_labels)} labels, {len(gen_x)} cells)")
     if not np.all(np.isfinite(gen_x)):
         raise ValueError("pseudo_x holds non-finite values")
-    ref_splits = [s for s in REFERENCE_SPLITS if corpus.manifest["splits"].get(s, 0) > 0]
+    ref_splits = [s for s in reference_splits if corpus.manifest["splits"].get(s, 0) > 0]
     if not ref_splits:
-        raise ValueError(f"corpus {corpus.path} has no val or test cells to use as the reference")
+        raise ValueError(f"corpus {corpus.path} has no {' or '.join(reference_splits)} cells to use as the reference")
     types, type_counts = np.unique(gen_labels, return_counts=True)
     counts = dict(zip(types.tolist(), type_counts.astype(int).tolist()))
     notes = []

@@ -42,7 +42,7 @@ from scmm.errors import ScmmError
 
 log = logging.getLogger("scmm.stage2")
 FORMAT = "scmm-stage2"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: LayerNorm before each GELU of the bridge MLPs
 STAGE1_TRAIN = ("none", "qformer", "all")
 LOSSES = ("lm", "t2c", "decode_real", "decode_llm")
 

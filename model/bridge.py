@@ -67,8 +67,9 @@ class QueryNorm(nn.Module):
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_hidden), nn.GELU(), nn.Dropout(dropout),
-                         nn.Linear(d_hidden, d_out))
+    # the LayerNorm before the GELU keeps half the hidden units active (see PseudoCellDecoder)
+    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_hidden), nn.LayerNorm(d_hidden), nn.GELU(),
+                         nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
 
 
 class CellProjector(nn.Module):
@@ -105,8 +106,10 @@ class PseudoCellDecoder(nn.Module):
         self.n_queries, self.d_query, self.n_genes = n_queries, d_query, n_genes
         self.min_log_std, self.max_log_std = min_log_std, max_log_std
         self.norm = nn.LayerNorm(d_query)
-        self.body = nn.Sequential(nn.Linear(n_queries * d_query, hidden), nn.GELU(), nn.Dropout(dropout),
-                                  nn.Linear(hidden, hidden), nn.GELU())
+        # a LayerNorm before each GELU keeps half the units active whatever the inputs' offset: without it a few
+        # large steps can push every pre-activation negative, and the decoder then ignores its input for good
+        self.body = nn.Sequential(nn.Linear(n_queries * d_query, hidden), nn.LayerNorm(hidden), nn.GELU(),
+                                  nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU())
         self.mean_head = nn.Linear(hidden, n_genes)
         self.log_std_head = nn.Linear(hidden, n_genes)
         nn.init.zeros_(self.log_std_head.weight)
