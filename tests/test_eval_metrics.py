@@ -332,3 +332,20 @@ def test_pseudocell_report_excludes_types_with_few_reference_cells(small_corpus)
         pseudocell_report(corpus, x[-20:], labels[-20:], genes, k=5, n_components=5)
     with pytest.raises(ValueError):
         pseudocell_report(corpus, x[:, :3], labels, genes)
+
+
+def test_pseudocell_report_reference_splits_val_only(small_corpus):
+    """Tuning on val scores against val cells only: the reference holds exactly the val cells."""
+    from data_pipeline.store import Corpus
+    from eval.pseudocell import pseudocell_report
+
+    corpus = Corpus(small_corpus)
+    genes = np.arange(corpus.n_genes)
+    n_val = {t: rec["splits"].get("val", 0) for t, rec in corpus.manifest["cell_types"].items()}
+    labels = np.array([t for t, n in sorted(n_val.items()) if n >= 1] * 20)
+    x = np.random.default_rng(0).random((len(labels), len(genes))).astype(np.float32)
+    r = pseudocell_report(corpus, x, labels, genes, k=1, n_components=5, reference_splits=("val",))
+    assert r["reference_splits"] == ["val"] and r["n_reference"] == corpus.manifest["splits"]["val"]
+    both = pseudocell_report(corpus, x, labels, genes, k=1, n_components=5)
+    assert both["reference_splits"] == ["val", "test"]
+    assert both["n_reference"] == corpus.manifest["splits"]["val"] + corpus.manifest["splits"]["test"]

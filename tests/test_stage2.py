@@ -92,6 +92,21 @@ def _loader_batch(corpus, stage1: Path, split: str = "train", batch_size: int = 
 
 
 # --- losses ------------------------------------------------------------------------------------------------
+def test_bridge_mlps_keep_reading_their_input_when_every_preactivation_is_negative():
+    """A LayerNorm before each GELU: a large negative shift of the first layer (what a few big steps can do)
+    still leaves the decoder's and the projector's outputs depending on their input."""
+    from model.bridge import CellProjector, PseudoCellDecoder
+    torch.manual_seed(0)
+    dec = PseudoCellDecoder(n_queries=2, d_query=8, n_genes=5, hidden=16)
+    proj = CellProjector(8, 12)
+    with torch.no_grad():
+        dec.body[0].bias.fill_(-100.0)
+        proj.mlp[1].bias.fill_(-100.0)
+    a, b = torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    assert (dec(a)[0] - dec(b)[0]).abs().max() > 1e-3
+    assert (proj(a) - proj(b)).abs().max() > 1e-4
+
+
 def test_forward_losses_finite_and_each_decreases(small_corpus, tiny_stage1, tiny_lm, tmp_path):
     from finetune.model import LOSSES
     torch.set_num_threads(1)
