@@ -16,12 +16,10 @@ target profile is its log1p-CP10k expression over the HVG panel of the training 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,8 +34,8 @@ from data_pipeline.store import Corpus
 from finetune.model import LOSSES, LossWeights, Stage2Model, Stage2ModelConfig
 from model.bridge import BridgeOptions
 from model.llm import LoraOptions
-from pretrain.train import (TrainOptions, deepspeed_config, endless_batches, load_checkpoint, lr_lambda,
-                            save_checkpoint, start_run, use_deepspeed_optimizer)
+from pretrain.train import (MetricsWindow, TrainOptions, deepspeed_config, endless_batches, load_checkpoint,
+                            lr_lambda, save_checkpoint, start_run, use_deepspeed_optimizer)
 from scmm.config import load_yaml
 from scmm.errors import ScmmError
 
@@ -230,12 +228,9 @@ def train(cfg: Stage2Config, resume: bool = False, deepspeed_json: str | None = 
 
     batches = endless_batches(loader)
 
-    keys = ("loss", *LOSSES)
-    metrics_path = out / "metrics.jsonl"
     bar = tqdm(total=t.steps, initial=step, desc="stage 2", unit="step", disable=rank != 0 or None)
-    window = {**{k: 0.0 for k in keys}, "cells": 0, "n": 0}
-    digest = hashlib.sha1()
-    tic, last = time.perf_counter(), {}
+    window = MetricsWindow(("loss", *LOSSES), "samples_per_s", "stage2", out / "metrics.jsonl", rank)
+    last = {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "autocast-bf16")
     engine.train()
     while step < t.steps:
@@ -247,31 +242,10 @@ def train(cfg: Stage2Config, resume: bool = False, deepspeed_json: str | None = 
                 losses = engine(batch)
             engine.backward(losses["loss"])
             engine.step()
-            for k in keys:
-                window[k] += float(losses[k].detach())
-            window["cells"] += raw["gene_ids"].shape[0]
-            digest.update("\x1f".join(raw["cell_id"]).encode())
-            window["n"] += 1
+            window.add(losses, raw["cell_id"])
         step += 1
         if step % t.log_every == 0 or step == t.steps:
-            summary = torch.tensor([window[k] for k in keys] + [window["cells"], window["n"]], dtype=torch.float64)
-            torch.distributed.all_reduce(summary)
-            elapsed = time.perf_counter() - tic
-            n = summary[-1].item()
-            last = {"step": step, "epoch": loader.epoch, "lr": lr,
-                    **{k: summary[i].item() / n for i, k in enumerate(keys)},
-                    "samples_per_s": summary[len(keys)].item() / elapsed, "batch_digest": digest.hexdigest()[:16]}
-            if rank == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
-                if engine.monitor.enabled:
-                    engine.monitor.write_events([(f"stage2/{k}", v, step) for k, v in last.items()
-                                                 if isinstance(v, float)])
-                bar.set_postfix(loss=f"{last['loss']:.3f}", lm=f"{last['lm']:.3f}",
-                                samples_s=f"{last['samples_per_s']:.1f}")
-            window = {**{k: 0.0 for k in keys}, "cells": 0, "n": 0}
-            digest = hashlib.sha1()
-            tic = time.perf_counter()
+            last = window.flush(step, loader.epoch, lr, engine, bar)
         bar.update(1)
         if step % t.save_every == 0 or step == t.steps or step == stop_at:
             save_checkpoint(engine, ckpt_dir, step, loader, rank, t.keep_last)

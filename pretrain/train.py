@@ -179,6 +179,50 @@ def endless_batches(loader: CorpusLoader) -> Iterator[dict]:
     raise ScmmError("the train split yields no batch (fewer cells than one batch per rank?)")
 
 
+class MetricsWindow:
+    """The losses, throughput and batch digest of the steps since the last log line, logged as one line.
+
+    Each rank adds its micro-steps; :meth:`flush` averages the losses over ranks and micro-steps (one
+    all-reduce), sums the cells over ranks, and on rank 0 appends the line to ``metrics.jsonl``, to the
+    DeepSpeed monitor (``{prefix}/{key}``) and to the progress bar. ``batch_digest`` hashes the cell IDs this
+    rank trained on, so a resumed run can be checked against an uninterrupted one.
+    """
+
+    def __init__(self, keys: tuple[str, ...], rate_key: str, prefix: str, path: Path, rank: int):
+        self.keys, self.rate_key, self.prefix, self.path, self.rank = keys, rate_key, prefix, path, rank
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = {k: 0.0 for k in self.keys}
+        self.cells = self.n = 0
+        self.digest = hashlib.sha1()
+        self.tic = time.perf_counter()
+
+    def add(self, losses: dict, cell_ids: list[str]) -> None:
+        for k in self.keys:
+            self.sums[k] += float(losses[k].detach())
+        self.cells += len(cell_ids)
+        self.digest.update("\x1f".join(cell_ids).encode())
+        self.n += 1
+
+    def flush(self, step: int, epoch: int, lr: float, engine, bar) -> dict:
+        summary = torch.tensor([self.sums[k] for k in self.keys] + [self.cells, self.n], dtype=torch.float64)
+        torch.distributed.all_reduce(summary)
+        elapsed = time.perf_counter() - self.tic
+        n = summary[-1].item()
+        line = {"step": step, "epoch": epoch, "lr": lr, **{k: summary[i].item() / n for i, k in enumerate(self.keys)},
+                self.rate_key: summary[len(self.keys)].item() / elapsed, "batch_digest": self.digest.hexdigest()[:16]}
+        if self.rank == 0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            if engine.monitor.enabled:
+                engine.monitor.write_events([(f"{self.prefix}/{k}", v, step) for k, v in line.items()
+                                             if isinstance(v, float)])
+            bar.set_postfix(loss=f"{line['loss']:.3f}", **{self.rate_key.replace("_per_s", "_s"): f"{line[self.rate_key]:.1f}"})
+        self._reset()
+        return line
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -275,11 +319,10 @@ def train(cfg: Stage1Config, resume: bool = False, deepspeed_json: str | None = 
 
     batches = endless_batches(loader)
 
-    metrics_path = out / "metrics.jsonl"
     bar = tqdm(total=t.steps, initial=step, desc="stage 1", unit="step", disable=rank != 0 or None)
-    window = {"loss": 0.0, "contrastive": 0.0, "matching": 0.0, "reconstruction": 0.0, "cells": 0, "n": 0}
-    digest = hashlib.sha1()  # of the cell IDs this rank trained on since the last log line
-    tic, last = time.perf_counter(), {}
+    window = MetricsWindow(("loss", "contrastive", "matching", "reconstruction"), "cells_per_s", "stage1",
+                           out / "metrics.jsonl", rank)
+    last = {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "autocast-bf16")
     engine.train()
     while step < t.steps:
@@ -290,32 +333,10 @@ def train(cfg: Stage1Config, resume: bool = False, deepspeed_json: str | None = 
                 losses = engine(batch, step=step, rank=rank, world_size=world, seed=cfg.seed)
             engine.backward(losses["loss"])
             engine.step()
-            for k in ("loss", "contrastive", "matching", "reconstruction"):
-                window[k] += float(losses[k].detach())
-            window["cells"] += batch["gene_ids"].shape[0]
-            digest.update("\x1f".join(batch["cell_id"]).encode())
-            window["n"] += 1
+            window.add(losses, batch["cell_id"])
         step += 1
         if step % t.log_every == 0 or step == t.steps:
-            summary = torch.tensor([window[k] for k in ("loss", "contrastive", "matching", "reconstruction", "cells")]
-                                   + [window["n"]], dtype=torch.float64)
-            torch.distributed.all_reduce(summary)  # means over ranks and micro-steps, cells over ranks
-            elapsed = time.perf_counter() - tic
-            n = summary[-1].item()
-            last = {"step": step, "epoch": loader.epoch, "lr": lr,
-                    **{k: summary[i].item() / n for i, k in enumerate(("loss", "contrastive", "matching",
-                                                                       "reconstruction"))},
-                    "cells_per_s": summary[4].item() / elapsed, "batch_digest": digest.hexdigest()[:16]}
-            if rank == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
-                if engine.monitor.enabled:
-                    engine.monitor.write_events([(f"stage1/{k}", v, step) for k, v in last.items()
-                                                 if isinstance(v, float)])
-                bar.set_postfix(loss=f"{last['loss']:.3f}", cells_s=f"{last['cells_per_s']:.0f}")
-            window = {k: 0.0 if k != "cells" else 0 for k in window}
-            digest = hashlib.sha1()
-            tic = time.perf_counter()
+            last = window.flush(step, loader.epoch, lr, engine, bar)
         bar.update(1)
         if step % t.save_every == 0 or step == t.steps or step == stop_at:
             save_checkpoint(engine, ckpt_dir, step, loader, rank, t.keep_last)
