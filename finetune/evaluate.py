@@ -25,6 +25,7 @@ import torch
 
 from data_pipeline.loader import CorpusLoader
 from data_pipeline.store import Corpus, label_keys
+from eval.pseudocell import REFERENCE_SPLITS
 
 log = logging.getLogger("scmm.eval.stage2")
 
@@ -132,7 +133,7 @@ def generation_report(model, corpus: Corpus, split: str = "test", ontology=None,
 
 
 def pseudocell_evaluation(model, corpus: Corpus, seed: int = 0, n_per_type: int = 20, k: int = 5,
-                          loader_cfg=None, reference_splits: Sequence[str] | None = None) -> dict[str, Any]:
+                          loader_cfg=None, reference_splits: Sequence[str] = REFERENCE_SPLITS) -> dict[str, Any]:
     """The ``pseudocell`` section: pseudo-cells of every type scored by :func:`eval.pseudocell.pseudocell_report`
     in expression-PCA space and in the stage-1 embedding space, with the class-mean reference and random baseline.
     ``reference_splits``: the real cells scored against (default val and test; val alone for tuning).
@@ -141,9 +142,8 @@ def pseudocell_evaluation(model, corpus: Corpus, seed: int = 0, n_per_type: int 
     from eval.pseudocell import pseudocell_report
     x, labels, _ = pseudocells_for_types(model, corpus, n_per_type=n_per_type, seed=seed)
     cfg = loader_cfg if loader_cfg is not None else loader_config_for(model.stage1_path)
-    extra = {} if reference_splits is None else {"reference_splits": tuple(reference_splits)}
     return pseudocell_report(corpus, x, labels, np.asarray(model.hvg["indices"], dtype=np.int64), k=k, seed=seed,
-                             aligner=model.aligner, loader_cfg=cfg, **extra)
+                             aligner=model.aligner, loader_cfg=cfg, reference_splits=reference_splits)
 
 
 def stage2_metrics(model, corpus: Corpus, split: str = "test", seed: int = 0, num_beams: int = 1,
@@ -151,7 +151,7 @@ def stage2_metrics(model, corpus: Corpus, split: str = "test", seed: int = 0, nu
     """``generation`` (on ``split``) and ``pseudocell`` sections, as ``scmm eval`` computes them (for tuning on val:
     the pseudo-cells are then scored against val cells only, so the test split stays unseen)."""
     gen, examples = generation_report(model, corpus, split, num_beams=num_beams, progress=progress)
-    refs = ("val",) if split == "val" else None
+    refs = ("val",) if split == "val" else REFERENCE_SPLITS
     return {"generation": gen, "pseudocell": pseudocell_evaluation(model, corpus, seed, n_per_type,
                                                                    reference_splits=refs),
             "examples": examples}
