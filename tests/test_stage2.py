@@ -91,6 +91,16 @@ def _loader_batch(corpus, stage1: Path, split: str = "train", batch_size: int = 
     return next(iter(CorpusLoader(corpus, split, cfg, vocab["<cls>"], vocab["<pad>"])))
 
 
+def _fit(model, batch: dict, steps: int, lr: float) -> None:
+    """A few AdamW steps of the stage-2 losses on one batch (enough to move every trained weight)."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(batch)["loss"].backward()
+        opt.step()
+
+
 # --- losses ------------------------------------------------------------------------------------------------
 def test_bridge_mlps_keep_reading_their_input_when_every_preactivation_is_negative():
     """A LayerNorm before each GELU: a large negative shift of the first layer (what a few big steps can do)
@@ -145,14 +155,7 @@ def test_forward_losses_finite_and_each_decreases(small_corpus, tiny_stage1, tin
 def trained_stage2(tmp_path_factory, small_corpus, tiny_stage1, tiny_lm) -> Path:
     tmp = tmp_path_factory.mktemp("s2")
     cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp)
-    raw = _loader_batch(corpus, tiny_stage1)
-    batch = pairs(raw, 0, 0)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    for _ in range(3):
-        opt.zero_grad()
-        model(batch)["loss"].backward()
-        opt.step()
+    _fit(model, pairs(_loader_batch(corpus, tiny_stage1), 0, 0), steps=3, lr=3e-3)
     folder = tmp / "model"
     model.save_pretrained(folder)
     return folder
@@ -185,12 +188,7 @@ def test_reloaded_model_equals_the_trained_one(small_corpus, tiny_stage1, tiny_l
     from finetune.model import Stage2Model
     cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path)
     batch = pairs(_loader_batch(corpus, tiny_stage1), 0, 0)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        opt.zero_grad()
-        model(batch)["loss"].backward()
-        opt.step()
+    _fit(model, batch, steps=2, lr=1e-2)
     model.save_pretrained(tmp_path / "out")
     back = Stage2Model.from_pretrained(tmp_path / "out")
     model.eval()
