@@ -1,8 +1,9 @@
 """The stage-2 model: the frozen stage-1 aligner, a causal LLM (LoRA or full), the bridge and a gene panel.
 
-Cell -> text: the aligner's Q-Former query states ``[B, n, d_q]`` pass through :class:`~model.bridge.CellProjector`
-and replace the input embeddings of the ``<cell_i>`` slot tokens between ``<cell>`` and ``</cell>``; the LLM is
-trained on the answer tokens only (``lm`` loss).
+Cell -> text: the aligner's Q-Former query states ``[B, n, d_q]`` (with ``bridge.cell_embedding``, each joined with
+the cell tower's ``<cls>`` embedding) pass through :class:`~model.bridge.CellProjector` and replace the input
+embeddings of the ``<cell_i>`` slot tokens between ``<cell>`` and ``</cell>``; the LLM is trained on the answer
+tokens only (``lm`` loss).
 
 Text -> cell: the LLM reads ``description <cell> <cell_0..n-1> </cell>``; its last hidden states at the slots pass
 through :class:`~model.bridge.TextToCellHead` into the query space, trained against the paired real cell's query
@@ -47,12 +48,23 @@ STAGE1_TRAIN = ("none", "qformer", "all")
 LOSSES = ("lm", "t2c", "decode_real", "decode_llm")
 
 
+LM_MEANS = ("token", "answer")
+
+
 @dataclass
 class LossWeights:
     lm: float = 1.0
     t2c: float = 1.0
     decode_real: float = 1.0
     decode_llm: float = 1.0
+    # token: the answer loss averages over all answer tokens of the batch, so a 60-token description outweighs
+    # a 5-token cell-type answer twelvefold; answer: each answer's tokens are averaged first, so every answer
+    # counts once and data.task_weights alone sets the mixture of tasks
+    lm_mean: str = "token"
+
+    def __post_init__(self) -> None:
+        if self.lm_mean not in LM_MEANS:
+            raise ValueError(f"loss.lm_mean must be one of {', '.join(LM_MEANS)}, not '{self.lm_mean}'")
 
 
 @dataclass
@@ -111,7 +123,9 @@ class Stage2Model(nn.Module):
         b = config.bridge
         emb = _unwrap(lm).get_input_embeddings().weight
         self.qnorm = QueryNorm(self.n_slots, d_q)
-        self.projector = CellProjector(d_q, d_llm, b.projector_hidden, b.dropout, embed_std=float(emb.detach().float().std()))
+        d_in = d_q + (aligner.cell_tower.d_model if b.cell_embedding else 0)
+        self.projector = CellProjector(d_in, d_llm, b.projector_hidden, b.dropout,
+                                       embed_std=float(emb.detach().float().std()))
         self.t2c_head = TextToCellHead(d_llm, d_q, b.t2c_hidden, b.dropout)
         self.decoder = PseudoCellDecoder(self.n_slots, d_q, len(self.hvg["indices"]), b.decoder_hidden, b.dropout,
                                          b.min_log_std, b.max_log_std)
@@ -154,15 +168,15 @@ class Stage2Model(nn.Module):
     def device(self) -> torch.device:
         return self.projector.mlp[1].weight.device
 
-    def query_states(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        """The aligner's Q-Former query states [B, n, d_q], standardised (`QueryNorm`; no gradient when stage 1
-        is frozen)."""
+    def encode(self, gene_ids: torch.Tensor, values: torch.Tensor,
+               padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the aligner's Q-Former query states [B, n, d_q], standardised by `QueryNorm`; the cell tower's <cls>
+        embedding [B, d_cell]), without gradient when stage 1 is frozen."""
         device = self.device
         args = (gene_ids.to(device), values.to(device), padding_mask.to(device))
-        if self.config.train_stage1 == "none":
-            with torch.no_grad():
-                return self.qnorm(self.aligner.encode_cells(*args)[1].detach())
-        return self.qnorm(self.aligner.encode_cells(*args)[1])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_stage1 != "none"):
+            states, query = self.aligner.encode_cells(*args)
+        return self.qnorm(query), states[:, 0]
 
     @torch.no_grad()
     def set_query_stats(self, batches) -> None:
@@ -175,10 +189,13 @@ class Stage2Model(nn.Module):
         self.qnorm.set_stats(states)
         self.train(was)
 
-    def _embed_with_cells(self, input_ids: torch.Tensor, slot_positions: torch.Tensor,
-                          query: torch.Tensor) -> torch.Tensor:
-        """Input embeddings with the projected query states written at the slot positions."""
+    def _embed_with_cells(self, input_ids: torch.Tensor, slot_positions: torch.Tensor, query: torch.Tensor,
+                          cell: torch.Tensor) -> torch.Tensor:
+        """Input embeddings with the projected cell (query states [B, n, d_q], <cls> embedding [B, d_cell])
+        written at the slot positions."""
         embeds = _unwrap(self.lm).get_input_embeddings()(input_ids)
+        if self.config.bridge.cell_embedding:
+            query = torch.cat([query, cell[:, None].expand(-1, query.shape[1], -1).to(query.dtype)], dim=-1)
         soft = self.projector(query.to(self.projector.mlp[1].weight.dtype)).to(embeds.dtype)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
         embeds = embeds.clone()
@@ -202,13 +219,19 @@ class Stage2Model(nn.Module):
         return self.t2c_head(h.to(self.t2c_head.mlp[1].weight.dtype))
 
     def answer_loss(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy on the labelled (answer) tokens; the vocabulary head runs on those only."""
+        """Next-token cross-entropy on the labelled (answer) tokens, averaged as ``loss.lm_mean`` says; the
+        vocabulary head runs on those tokens only."""
         hidden = self._hidden(inputs_embeds=embeds, attention_mask=attention_mask)
         target = labels[:, 1:]
         keep = target != -100
         head = _unwrap(self.lm).get_output_embeddings()
         logits = head(hidden[:, :-1][keep])
-        return torch.nn.functional.cross_entropy(logits.float(), target[keep])
+        per_token = torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="none")
+        if self.config.loss.lm_mean == "token":
+            return per_token.mean()
+        n_tokens = keep.sum(1)
+        weight = 1.0 / n_tokens[keep.nonzero()[:, 0]]  # each answer's tokens share one unit of weight
+        return (per_token * weight).sum() / (n_tokens > 0).sum()
 
     # --- training ---------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
@@ -220,12 +243,12 @@ class Stage2Model(nn.Module):
         descriptions only, with ``t2c_index`` [B] giving each cell's row.
         """
         device, w, b = self.device, self.config.loss, self.config.bridge
-        query = self.query_states(batch["gene_ids"], batch["values"], batch["padding_mask"])
+        query, cell = self.encode(batch["gene_ids"], batch["values"], batch["padding_mask"])
         target = batch["hvg"].to(device)
         out = {}
         c2t = {k: v.to(device) for k, v in batch["c2t"].items()}
         if w.lm > 0:
-            embeds = self._embed_with_cells(c2t["input_ids"], c2t["slot_positions"], query)
+            embeds = self._embed_with_cells(c2t["input_ids"], c2t["slot_positions"], query, cell)
             out["lm"] = self.answer_loss(embeds, c2t["attention_mask"], c2t["labels"])
         t2c = {k: v.to(device) for k, v in batch["t2c"].items()}
         mapped = self.slot_states(t2c["input_ids"], t2c["attention_mask"], t2c["slot_positions"])
@@ -271,12 +294,12 @@ class Stage2Model(nn.Module):
         from finetune.instructions import prompt_for
         self.eval()
         device = self.device
-        query = self.query_states(batch["gene_ids"], batch["values"], batch["padding_mask"])
+        query, cell = self.encode(batch["gene_ids"], batch["values"], batch["padding_mask"])
         prompt = prompt_for(task, template)
         items = [self.builder.cell_to_text(prompt, None) for _ in range(query.shape[0])]
         enc = self.builder.collate(items, padding_side="left")
         ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        embeds = self._embed_with_cells(ids, enc["slot_positions"].to(device), query)
+        embeds = self._embed_with_cells(ids, enc["slot_positions"].to(device), query, cell)
         if max_new_tokens is None:
             max_new_tokens = 32 if task != "describe" else max(16, self.config.max_length - ids.shape[1])
         kwargs = dict(inputs_embeds=embeds, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
@@ -419,4 +442,4 @@ class Stage2Model(nn.Module):
             module.load_state_dict(sub, strict=True)
 
 
-__all__ = ["Stage2Model", "Stage2ModelConfig", "LossWeights", "LOSSES", "FORMAT"]
+__all__ = ["Stage2Model", "Stage2ModelConfig", "LossWeights", "LOSSES", "LM_MEANS", "FORMAT"]

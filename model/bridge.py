@@ -2,8 +2,9 @@
 
 Three small modules, each one idea:
 
-* :class:`CellProjector`: Q-Former query states ``[B, n, d_q]`` -> soft tokens in the LLM's embedding space
-  ``[B, n, H]`` (placed between ``<cell>`` and ``</cell>``; cell -> text).
+* :class:`CellProjector`: Q-Former query states ``[B, n, d_q]`` (optionally each joined with the cell tower's
+  ``<cls>`` embedding, ``BridgeOptions.cell_embedding``) -> soft tokens in the LLM's embedding space ``[B, n, H]``
+  (placed between ``<cell>`` and ``</cell>``; cell -> text).
 * :class:`TextToCellHead`: the LLM's hidden states at the cell slot tokens ``[B, n, H]`` -> the Q-Former query
   space ``[B, n, d_q]`` (text -> cell; trained against the paired real cell's query states, stop-gradient).
 * :class:`PseudoCellDecoder`: query states ``[B, n, d_q]`` (real or LLM-mapped) -> a pseudo-cell profile over
@@ -36,6 +37,8 @@ class BridgeOptions:
     max_log_std: float = 1.5
     standardize: bool = False  # z-score query states with training statistics (QueryNorm); off: identity
     lr_scale: float = 1.0  # learning rate of the bridge modules relative to train.lr (they start from scratch)
+    # each soft token also reads the cell tower's <cls> embedding (scGPT's cell embedding) beside its query state
+    cell_embedding: bool = False
 
     def __post_init__(self) -> None:
         if self.t2c_loss not in ("mse", "cosine"):
@@ -73,7 +76,8 @@ def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float) -> nn.Sequential:
 
 
 class CellProjector(nn.Module):
-    """``[B, n, d_q]`` query states -> ``[B, n, H]`` soft tokens; the output is scaled like the LLM's embeddings."""
+    """``[B, n, d_in]`` cell inputs (query states, optionally joined with the cell embedding) -> ``[B, n, H]`` soft
+    tokens; the output is scaled like the LLM's embeddings."""
 
     def __init__(self, d_query: int, d_llm: int, hidden: int = 0, dropout: float = 0.0, embed_std: float = 0.02):
         super().__init__()

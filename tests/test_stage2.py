@@ -52,12 +52,13 @@ def tiny_lm(tmp_path_factory, small_corpus: Path) -> Path:
     return folder
 
 
-def _stage2_config(tmp_path: Path, corpus: Path, stage1: Path, lm: Path, out: str, steps: int, **train) -> Path:
+def _stage2_config(tmp_path: Path, corpus: Path, stage1: Path, lm: Path, out: str, steps: int,
+                   bridge: dict | None = None, **train) -> Path:
     cfg = {
         "name": "test", "corpus": str(corpus), "stage1": str(stage1), "lm": str(lm), "out": str(tmp_path / out),
         "seed": 0,
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "bridge": {"decoder_hidden": 32},
+        "bridge": {"decoder_hidden": 32, **(bridge or {})},
         "hvg": {"n_top": 12},
         "data": {"tasks": ["describe", "cell_type", "tissue"], "max_length": 160},
         "loader": {"batch_size": 4, "shuffle_buffer": 64},
@@ -69,11 +70,11 @@ def _stage2_config(tmp_path: Path, corpus: Path, stage1: Path, lm: Path, out: st
     return path
 
 
-def _build(small_corpus: Path, tiny_stage1: Path, tiny_lm: Path, tmp_path: Path):
+def _build(small_corpus: Path, tiny_stage1: Path, tiny_lm: Path, tmp_path: Path, bridge: dict | None = None):
     from data_pipeline.store import Corpus
     from finetune.model import Stage2Model
     from finetune.train import PairBuilder, hvg_info, load_config
-    cfg = load_config(str(_stage2_config(tmp_path, small_corpus, tiny_stage1, tiny_lm, "m", 1)))
+    cfg = load_config(str(_stage2_config(tmp_path, small_corpus, tiny_stage1, tiny_lm, "m", 1, bridge)))
     corpus = Corpus(small_corpus)
     hvg = hvg_info(corpus, cfg.hvg.n_top)
     torch.manual_seed(0)
@@ -150,11 +151,71 @@ def test_forward_losses_finite_and_each_decreases(small_corpus, tiny_stage1, tin
         assert history[-1][k] < history[0][k], (k, [h[k] for h in history])
 
 
+@pytest.mark.parametrize("cell_embedding", [False, True])
+def test_soft_tokens_read_the_cell_embedding_only_when_asked(small_corpus, tiny_stage1, tiny_lm, tmp_path,
+                                                             cell_embedding):
+    """bridge.cell_embedding: the projector reads [query state ; <cls> embedding] per slot; only the slot
+    positions change with the cell, and without the option the <cls> embedding is ignored."""
+    torch.set_num_threads(1)
+    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path, {"cell_embedding": cell_embedding})
+    model.eval()
+    d_q, d_cell = model.aligner.qformer.hidden_size, model.aligner.cell_tower.d_model
+    assert model.projector.mlp[1].in_features == d_q + (d_cell if cell_embedding else 0)
+    enc = model.builder.collate([model.builder.cell_to_text("Which cell type is this?", None)] * 2)
+    torch.manual_seed(1)
+    query = torch.randn(1, model.n_slots, d_q).expand(2, -1, -1)
+    cell = torch.randn(2, d_cell)
+    with torch.no_grad():
+        embeds = model._embed_with_cells(enc["input_ids"], enc["slot_positions"], query, cell)
+    slots = torch.zeros(embeds.shape[1], dtype=torch.bool)
+    slots[enc["slot_positions"][0]] = True
+    assert torch.equal(embeds[0, ~slots], embeds[1, ~slots])
+    differ = (embeds[0, slots] - embeds[1, slots]).abs().amax(-1)
+    assert bool((differ > 1e-4).all()) if cell_embedding else bool((differ == 0).all())
+
+
+def test_answer_mean_counts_each_answer_once(small_corpus, tiny_stage1, tiny_lm, tmp_path):
+    """loss.lm_mean: `token` averages over every answer token of the batch, `answer` averages each answer's
+    tokens first; both equal what each sequence alone gives, weighted by its tokens or not."""
+    torch.set_num_threads(1)
+    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path)
+    model.eval()
+    answers = ["B cell", "A natural killer cell from the blood of a healthy donor, sequenced with 10x."]
+    items = [model.builder.cell_to_text("Which cell type is this?", a) for a in answers]
+    torch.manual_seed(2)
+    query, cell = torch.randn(2, model.n_slots, model.aligner.qformer.hidden_size), torch.randn(2, 4)
+
+    def loss(rows: list[int], mean: str) -> float:
+        model.config.loss.lm_mean = mean
+        enc = model.builder.collate([items[i] for i in rows])
+        with torch.no_grad():
+            embeds = model._embed_with_cells(enc["input_ids"], enc["slot_positions"], query[rows], cell[rows])
+            return float(model.answer_loss(embeds, enc["attention_mask"], enc["labels"]))
+
+    n = [sum(1 for t in it["labels"] if t != -100) for it in items]
+    assert n[0] < n[1]
+    alone = [loss([0], "token"), loss([1], "token")]
+    assert loss([0], "answer") == pytest.approx(alone[0], rel=1e-5)
+    assert loss([0, 1], "answer") == pytest.approx((alone[0] + alone[1]) / 2, rel=1e-4)
+    assert loss([0, 1], "token") == pytest.approx((n[0] * alone[0] + n[1] * alone[1]) / sum(n), rel=1e-4)
+
+
+def test_stage2_config_rejects_an_unknown_lm_mean(small_corpus, tiny_stage1, tiny_lm, tmp_path):
+    from finetune.train import load_config
+    from scmm.errors import ScmmError
+    path = _stage2_config(tmp_path, small_corpus, tiny_stage1, tiny_lm, "bad", 1)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["loss"] = {"lm_mean": "sentence"}
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ScmmError, match="lm_mean"):
+        load_config(str(path))
+
+
 # --- save / reload -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def trained_stage2(tmp_path_factory, small_corpus, tiny_stage1, tiny_lm) -> Path:
     tmp = tmp_path_factory.mktemp("s2")
-    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp)
+    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp, {"cell_embedding": True})
     _fit(model, pairs(_loader_batch(corpus, tiny_stage1), 0, 0), steps=3, lr=3e-3)
     folder = tmp / "model"
     model.save_pretrained(folder)
