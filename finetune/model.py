@@ -46,9 +46,7 @@ FORMAT = "scmm-stage2"
 FORMAT_VERSION = 2  # 2: LayerNorm before each GELU of the bridge MLPs
 STAGE1_TRAIN = ("none", "qformer", "all")
 LOSSES = ("lm", "t2c", "decode_real", "decode_llm")
-
-
-LM_MEANS = ("token", "answer")
+LM_MEANS = ("token", "answer")  # how the answer loss averages (LossWeights.lm_mean)
 
 
 @dataclass
