@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the project
 from data_pipeline.loader import CorpusLoader, LoaderConfig
 from data_pipeline.store import Corpus
 from finetune.model import LOSSES, LossWeights, Stage2Model, Stage2ModelConfig
+from finetune.refit import RefitOptions, refit_decoder
 from model.bridge import BridgeOptions
 from model.llm import LoraOptions
 from pretrain.train import (MetricsWindow, TrainOptions, deepspeed_config, endless_batches, load_checkpoint,
@@ -83,6 +84,7 @@ class Stage2Config:
     loss: LossWeights = field(default_factory=LossWeights)
     loader: Stage2LoaderOptions = field(default_factory=Stage2LoaderOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
+    refit: RefitOptions = field(default_factory=RefitOptions)  # the decoder refit after the loop (finetune/refit.py)
 
     def model_config(self) -> Stage2ModelConfig:
         return Stage2ModelConfig(lora=asdict(self.lora), bridge=self.bridge, loss=self.loss,
@@ -140,6 +142,9 @@ class PairBuilder:
         x, ids, _ = log1p_profiles(corpus, split, genes)
         self.profiles = {c: i for i, c in enumerate(ids)}
         self.x = torch.from_numpy(x)
+        text_of = {str(c): str(t) for shard in corpus.iter_shards(split, columns=("cell_id", "text"))
+                   for c, t in zip(shard.obs["cell_id"], shard.obs["text"])}
+        self.texts = [text_of[c] for c in ids]  # each profile's description (the text -> cell input)
         self.seed, self.builder = seed, builder
 
     def __call__(self, batch: dict, step: int, rank: int) -> dict:
@@ -164,8 +169,11 @@ class PairBuilder:
 
 
 # --- export ---------------------------------------------------------------------------------------
-def export_model(cfg: Stage2Config, hvg: dict, ckpt_dir: Path, out: Path) -> Stage2Model:
-    """Consolidate the fp32 trained weights of the last checkpoint (any ZeRO stage) into a stage-2 folder."""
+def export_model(cfg: Stage2Config, hvg: dict, ckpt_dir: Path, out: Path, pairs: PairBuilder | None = None,
+                 device: torch.device | None = None) -> tuple[Stage2Model, dict]:
+    """Consolidate the fp32 trained weights of the last checkpoint (any ZeRO stage), refit the decoder on the
+    training pairs (``cfg.refit``, on ``device``) when ``pairs`` is given, and write the stage-2 folder.
+    Returns the model and the refit summary (empty without a refit)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir))
     model = Stage2Model.build(cfg.model_config(), cfg.stage1, cfg.lm, hvg)
@@ -176,8 +184,18 @@ def export_model(cfg: Stage2Config, hvg: dict, ckpt_dir: Path, out: Path) -> Sta
     if missing:
         raise RuntimeError(f"export: the checkpoint lacks trained weights {missing[:5]}")
     model.load_state_dict(state, strict=False)
+    summary = {}
+    if pairs is not None and cfg.refit.steps > 0:
+        model.to(device or torch.device("cpu"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        summary = refit_decoder(model, pairs.texts, pairs.x, cfg.refit, cfg.seed, cfg.bridge.nll_weight,
+                                log_path=out.parent / "decoder_refit.jsonl")
+        log.info("decoder refit: decode_llm %.4f (first %d steps) -> %.4f (last %d), %d distinct descriptions",
+                 summary["first_window"], cfg.refit.log_every, summary["last_window"], cfg.refit.log_every,
+                 summary["distinct_texts"])
+        model.to(torch.device("cpu"))
     model.save_pretrained(out)
-    return model
+    return model, summary
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -253,8 +271,9 @@ def train(cfg: Stage2Config, resume: bool = False, deepspeed_json: str | None = 
             break
     bar.close()
     if rank == 0 and step == t.steps:
-        export_model(cfg, hvg, ckpt_dir, out / "model")
-        (out / "model" / "train_summary.json").write_text(json.dumps(last))
+        (out / "decoder_refit.jsonl").unlink(missing_ok=True)  # an interrupted export's refit starts again
+        _, refit = export_model(cfg, hvg, ckpt_dir, out / "model", pairs, device)
+        (out / "model" / "train_summary.json").write_text(json.dumps({**last, "decoder_refit": refit}))
         log.info("exported the stage-2 model to %s", out / "model")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

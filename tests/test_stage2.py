@@ -64,6 +64,7 @@ def _stage2_config(tmp_path: Path, corpus: Path, stage1: Path, lm: Path, out: st
         "loader": {"batch_size": 4, "shuffle_buffer": 64},
         "train": {"steps": steps, "lr": 3e-3, "warmup_steps": 1, "log_every": 1, "save_every": 2,
                   "precision": "fp32", **train},
+        "refit": {"steps": 5, "batch_size": 4, "log_every": 2},
     }
     path = tmp_path / f"{out}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -200,15 +201,58 @@ def test_answer_mean_counts_each_answer_once(small_corpus, tiny_stage1, tiny_lm,
     assert loss([0, 1], "token") == pytest.approx((n[0] * alone[0] + n[1] * alone[1]) / sum(n), rel=1e-4)
 
 
-def test_stage2_config_rejects_an_unknown_lm_mean(small_corpus, tiny_stage1, tiny_lm, tmp_path):
+@pytest.mark.parametrize("key,value,message", [("loss", {"lm_mean": "sentence"}, "lm_mean"),
+                                               ("refit", {"step": 10}, "refit.step"),
+                                               ("refit", {"steps": -1}, "steps >= 0")])
+def test_stage2_config_rejects_bad_loss_and_refit_keys(small_corpus, tiny_stage1, tiny_lm, tmp_path, key, value,
+                                                      message):
     from finetune.train import load_config
     from scmm.errors import ScmmError
     path = _stage2_config(tmp_path, small_corpus, tiny_stage1, tiny_lm, "bad", 1)
     cfg = yaml.safe_load(path.read_text())
-    cfg["loss"] = {"lm_mean": "sentence"}
+    cfg[key] = value
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ScmmError, match="lm_mean"):
+    with pytest.raises(ScmmError, match=message):
         load_config(str(path))
+
+
+def _pairs_loss(model, pairs) -> float:
+    """decode_llm (MSE + 0.1 NLL) of the decoder on every training pair's mapped description."""
+    from model.bridge import decoder_loss
+    with torch.no_grad():
+        mean, log_std = model.decoder(model.mapped_states(pairs.texts))
+        return float(decoder_loss(mean, log_std, pairs.x, 0.1))
+
+
+def test_decoder_refit_trains_the_decoder_alone_on_each_description_once(small_corpus, tiny_stage1, tiny_lm,
+                                                                          tmp_path):
+    from finetune.refit import RefitOptions, refit_decoder
+    torch.set_num_threads(1)
+    opts = RefitOptions(steps=150, batch_size=8, lr=1e-2, log_every=50)
+    decoders = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path / run)
+        assert len(pairs.texts) == len(pairs.x) == corpus.manifest["splits"]["train"]
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        loss0 = _pairs_loss(model, pairs)
+        seen: list[str] = []
+        mapped = model.mapped_states
+        model.mapped_states = lambda texts: (seen.extend(texts), mapped(texts))[1]
+        summary = refit_decoder(model, pairs.texts, pairs.x, opts, seed=3, nll_weight=0.1,
+                                log_path=tmp_path / f"{run}.jsonl", progress=False)
+        del model.mapped_states
+        assert _pairs_loss(model, pairs) < 0.7 * loss0
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        assert changed and all(k.startswith("decoder.") for k in changed), changed
+        assert all(p.requires_grad for p in model.decoder.parameters())  # as they were before the refit
+        assert len(seen) == len(set(seen)) == summary["distinct_texts"] and set(seen) <= set(pairs.texts)
+        lines = [json.loads(line) for line in (tmp_path / f"{run}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines] == [50, 100, 150] and lines[-1]["decode_llm"] == summary["last_window"]
+        assert lines[-1]["decode_llm"] < lines[0]["decode_llm"] and lines[-1]["lr"] == 0.0
+        decoders.append(model.decoder.state_dict())
+    for k, v in decoders[0].items():
+        assert torch.equal(v, decoders[1][k]), k  # the same seed gives the same decoder
 
 
 # --- save / reload -----------------------------------------------------------------------------------------
@@ -293,9 +337,16 @@ def test_two_rank_deepspeed_steps_resume_exactly_and_export(tmp_path, small_corp
             assert np.isfinite(ra[key])
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
     from finetune.model import Stage2Model
-    model = Stage2Model.from_pretrained(tmp_path / "full" / "model")
-    x = model.generate_pseudocells(["A B cell."], 2, seed=0)
-    assert x.shape == (2, len(model.hvg["indices"])) and np.isfinite(x).all()
+    models = [Stage2Model.from_pretrained(tmp_path / run / "model") for run in ("full", "split")]
+    x = models[0].generate_pseudocells(["A B cell."], 2, seed=0)
+    assert x.shape == (2, len(models[0].hvg["indices"])) and np.isfinite(x).all()
+    for run in ("full", "split"):  # the decoder refit ran once, after the last step, on rank 0
+        refit = [json.loads(line) for line in (tmp_path / run / "decoder_refit.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in refit] == [2, 4, 5]
+        summary = json.loads((tmp_path / run / "model" / "train_summary.json").read_text())
+        assert summary["decoder_refit"]["steps"] == 5 and summary["decoder_refit"]["last_window"] == refit[-1]["decode_llm"]
+    for k, v in models[0].decoder.state_dict().items():
+        torch.testing.assert_close(models[1].decoder.state_dict()[k], v, rtol=1e-5, atol=1e-6)
 
 
 # --- scmm generate -----------------------------------------------------------------------------------------
