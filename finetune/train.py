@@ -7,7 +7,9 @@
 Same conventions as stage 1 (:mod:`pretrain.train`, whose helpers this reuses): a DeepSpeed engine with a
 torch AdamW client optimizer on CPU, checkpoints holding the engine plus each rank's loader position and RNG
 states (``--resume`` continues exactly), ``metrics.jsonl`` (each loss on its own), tqdm, and at the end the
-consolidated fp32 weights exported to ``<out>/model/`` with :meth:`Stage2Model.save_pretrained`.
+consolidated fp32 weights exported to ``<out>/model/`` with :meth:`Stage2Model.save_pretrained`, after the
+pseudo-cell decoder is refitted on the final LLM's mapped states (:mod:`finetune.refit`, rank 0; the other
+ranks wait at the closing barrier, so keep ``refit.steps`` well inside the process group's timeout).
 
 Each training cell is paired with one instruction (task and template chosen deterministically from the seed,
 the step and the cell's place in the batch) and with its own description for the text -> cell path; its
