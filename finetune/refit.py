@@ -44,29 +44,32 @@ class RefitOptions:
             raise ValueError("refit needs steps >= 0, batch_size >= 1, lr > 0 and log_every >= 1")
 
 
-def refit_decoder(model, texts: Sequence[str], profiles: torch.Tensor, opts: RefitOptions, seed: int,
-                  nll_weight: float, log_path: Path | None = None, progress: bool = True) -> dict:
-    """Train ``model.decoder`` alone on the frozen LLM's mapped states of ``texts`` (one per training cell)
-    against ``profiles`` [n cells, G] (their log1p HVG profiles). Returns the mean ``decode_llm`` loss of the
-    first and last logging windows; with ``log_path``, appends one JSON line per window there."""
+def refit_decoder(model, texts: Sequence[str], text_index: torch.Tensor, profiles: torch.Tensor, opts: RefitOptions,
+                  seed: int, nll_weight: float, log_path: Path | None = None, progress: bool = True) -> dict:
+    """Train ``model.decoder`` alone on the frozen LLM's mapped states of the distinct descriptions ``texts``
+    against ``profiles`` [n cells, G] (the training cells' log1p HVG profiles), cell ``i`` being described by
+    ``texts[text_index[i]]``. Returns the mean ``decode_llm`` loss of the first and last logging windows and
+    how many descriptions ran through the LLM; with ``log_path``, appends one JSON line per window there."""
     from tqdm.auto import tqdm
 
-    if len(texts) != len(profiles) or len(texts) == 0:
-        raise ValueError(f"refit needs one description per profile ({len(texts)} texts, {len(profiles)} profiles)")
+    text_index = torch.as_tensor(text_index, dtype=torch.long)
+    if len(text_index) != len(profiles) or len(profiles) == 0:
+        raise ValueError(f"refit needs one description per profile ({len(text_index)} indices, "
+                         f"{len(profiles)} profiles)")
     if opts.steps == 0:
         return {"steps": 0, "first_window": None, "last_window": None, "distinct_texts": 0}
     model.eval()
     decoder = model.decoder
     dtype = decoder.mean_head.weight.dtype
     device = decoder.mean_head.weight.device
-    cache: dict[str, torch.Tensor] = {}  # description -> mapped states [n, d_q]; at most steps * batch_size
+    cache: dict[int, torch.Tensor] = {}  # description index -> its mapped states [n, d_q]
 
-    def states_of(batch_texts: list[str]) -> torch.Tensor:
-        new = sorted({t for t in batch_texts if t not in cache})
+    def states_of(ids: list[int]) -> torch.Tensor:
+        new = sorted(set(ids) - set(cache))
         if new:
-            for t, s in zip(new, model.mapped_states(new)):
-                cache[t] = s.to(device=device, dtype=dtype)
-        return torch.stack([cache[t] for t in batch_texts])
+            for i, s in zip(new, model.mapped_states([str(texts[i]) for i in new])):
+                cache[i] = s.to(device=device, dtype=dtype)
+        return torch.stack([cache[i] for i in ids])
 
     params = list(decoder.parameters())
     was = [p.requires_grad for p in params]
@@ -79,9 +82,9 @@ def refit_decoder(model, texts: Sequence[str], profiles: torch.Tensor, opts: Ref
     total, n, tic = 0.0, 0, time.perf_counter()
     decoder.train()
     for step in tqdm(range(1, opts.steps + 1), desc="decoder refit", unit="step", disable=not progress or None):
-        rows = torch.randint(0, len(texts), (min(opts.batch_size, len(texts)),), generator=gen)
+        rows = torch.randint(0, len(profiles), (min(opts.batch_size, len(profiles)),), generator=gen)
         with torch.no_grad():
-            states = states_of([str(texts[i]) for i in rows.tolist()])
+            states = states_of(text_index[rows].tolist())
         mean, log_std = decoder(states)
         loss = decoder_loss(mean, log_std, profiles[rows].to(device), nll_weight)
         optimizer.zero_grad(set_to_none=True)

@@ -144,9 +144,13 @@ class PairBuilder:
         x, ids, _ = log1p_profiles(corpus, split, genes)
         self.profiles = {c: i for i, c in enumerate(ids)}
         self.x = torch.from_numpy(x)
-        text_of = {str(c): str(t) for shard in corpus.iter_shards(split, columns=("cell_id", "text"))
+        # each profile's description (the text -> cell input), as an index into the distinct descriptions
+        pool: dict[str, int] = {}
+        text_of = {str(c): pool.setdefault(str(t), len(pool))
+                   for shard in corpus.iter_shards(split, columns=("cell_id", "text"))
                    for c, t in zip(shard.obs["cell_id"], shard.obs["text"])}
-        self.texts = [text_of[c] for c in ids]  # each profile's description (the text -> cell input)
+        self.text_pool = list(pool)
+        self.text_index = torch.tensor([text_of[c] for c in ids], dtype=torch.long)
         self.seed, self.builder = seed, builder
 
     def __call__(self, batch: dict, step: int, rank: int) -> dict:
@@ -190,8 +194,8 @@ def export_model(cfg: Stage2Config, hvg: dict, ckpt_dir: Path, out: Path, pairs:
     if pairs is not None and cfg.refit.steps > 0:
         model.to(device or torch.device("cpu"))
         out.parent.mkdir(parents=True, exist_ok=True)
-        summary = refit_decoder(model, pairs.texts, pairs.x, cfg.refit, cfg.seed, cfg.bridge.nll_weight,
-                                log_path=out.parent / "decoder_refit.jsonl")
+        summary = refit_decoder(model, pairs.text_pool, pairs.text_index, pairs.x, cfg.refit, cfg.seed,
+                                cfg.bridge.nll_weight, log_path=out.parent / "decoder_refit.jsonl")
         log.info("decoder refit: decode_llm %.4f (first %d steps) -> %.4f (last %d), %d distinct descriptions",
                  summary["first_window"], cfg.refit.log_every, summary["last_window"], cfg.refit.log_every,
                  summary["distinct_texts"])

@@ -220,7 +220,7 @@ def _pairs_loss(model, pairs) -> float:
     """decode_llm (MSE + 0.1 NLL) of the decoder on every training pair's mapped description."""
     from model.bridge import decoder_loss
     with torch.no_grad():
-        mean, log_std = model.decoder(model.mapped_states(pairs.texts))
+        mean, log_std = model.decoder(model.mapped_states(pairs.text_pool)[pairs.text_index])
         return float(decoder_loss(mean, log_std, pairs.x, 0.1))
 
 
@@ -233,20 +233,22 @@ def test_decoder_refit_trains_the_decoder_alone_on_each_description_once(small_c
     for run in ("a", "b"):
         (tmp_path / run).mkdir()
         cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path / run)
-        assert len(pairs.texts) == len(pairs.x) == corpus.manifest["splits"]["train"]
+        assert len(pairs.text_index) == len(pairs.x) == corpus.manifest["splits"]["train"]
+        assert len(pairs.text_pool) == len(set(pairs.text_pool)) and pairs.text_pool[int(pairs.text_index[0])] == \
+            str(next(corpus.iter_shards("train", columns=("text",))).obs["text"][0])
         before = {k: v.clone() for k, v in model.state_dict().items()}
         loss0 = _pairs_loss(model, pairs)
         seen: list[str] = []
         mapped = model.mapped_states
         model.mapped_states = lambda texts: (seen.extend(texts), mapped(texts))[1]
-        summary = refit_decoder(model, pairs.texts, pairs.x, opts, seed=3, nll_weight=0.1,
+        summary = refit_decoder(model, pairs.text_pool, pairs.text_index, pairs.x, opts, seed=3, nll_weight=0.1,
                                 log_path=tmp_path / f"{run}.jsonl", progress=False)
         del model.mapped_states
         assert _pairs_loss(model, pairs) < 0.7 * loss0
         changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
         assert changed and all(k.startswith("decoder.") for k in changed), changed
         assert all(p.requires_grad for p in model.decoder.parameters())  # as they were before the refit
-        assert len(seen) == len(set(seen)) == summary["distinct_texts"] and set(seen) <= set(pairs.texts)
+        assert len(seen) == len(set(seen)) == summary["distinct_texts"] and set(seen) <= set(pairs.text_pool)
         lines = [json.loads(line) for line in (tmp_path / f"{run}.jsonl").read_text().splitlines()]
         assert [r["step"] for r in lines] == [50, 100, 150] and lines[-1]["decode_llm"] == summary["last_window"]
         assert lines[-1]["decode_llm"] < lines[0]["decode_llm"] and lines[-1]["lr"] == 0.0
@@ -343,8 +345,8 @@ def test_two_rank_deepspeed_steps_resume_exactly_and_export(tmp_path, small_corp
     for run in ("full", "split"):  # the decoder refit ran once, after the last step, on rank 0
         refit = [json.loads(line) for line in (tmp_path / run / "decoder_refit.jsonl").read_text().splitlines()]
         assert [r["step"] for r in refit] == [2, 4, 5]
-        summary = json.loads((tmp_path / run / "model" / "train_summary.json").read_text())
-        assert summary["decoder_refit"]["steps"] == 5 and summary["decoder_refit"]["last_window"] == refit[-1]["decode_llm"]
+        summary = json.loads((tmp_path / run / "model" / "train_summary.json").read_text())["decoder_refit"]
+        assert summary["steps"] == 5 and summary["last_window"] == refit[-1]["decode_llm"]
     for k, v in models[0].decoder.state_dict().items():
         torch.testing.assert_close(models[1].decoder.state_dict()[k], v, rtol=1e-5, atol=1e-6)
 
