@@ -65,7 +65,7 @@ def refit_decoder(model, texts: Sequence[str], text_index: torch.Tensor, profile
     cache: dict[int, torch.Tensor] = {}  # description index -> its mapped states [n, d_q]
 
     def states_of(ids: list[int]) -> torch.Tensor:
-        new = sorted(set(ids) - set(cache))
+        new = sorted({i for i in ids if i not in cache})
         if new:
             for i, s in zip(new, model.mapped_states([str(texts[i]) for i in new])):
                 cache[i] = s.to(device=device, dtype=dtype)
