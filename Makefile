@@ -37,7 +37,7 @@ demo: setup
 	$(SCMM) describe $(DEMO)/.annotated.h5ad --model $(DEMO)/model --out $(DEMO)/annotated.h5ad --quiet
 	rm -f $(DEMO)/.annotated.h5ad
 	$(SCMM) plot umap $(DEMO)/annotated.h5ad --color cell_type,scmm_cell_type --out $(DEMO)/annotated_umap.png
-	@$(PY) -c "import json, sys; from eval.report import main_table, stage2_table; \
+	@$(PY) -c "import json, sys; from scmm.eval.report import main_table, stage2_table; \
 		m = json.load(open(sys.argv[1])); print(main_table(m)); print(); print(stage2_table(m))" $(DEMO)/eval/metrics.json
 	@echo "demo finished in $$(( $$(date +%s) - $$(cat $(DEMO)/.start) )) s; report: $(DEMO)/eval/report.md"
 

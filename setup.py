@@ -1,14 +1,20 @@
-"""Packaging for scmm: a scMMGPT-style cell–text system for single-cell transcriptomics."""
-from setuptools import find_packages, setup
+"""Packaging for scmm: a scMMGPT-style cell–text system for single-cell transcriptomics.
+
+The project keeps its subpackages at the top of the repository (data_pipeline/, model/, eval/, pretrain/,
+finetune/) but installs them under the `scmm` namespace (`scmm.model` is model/, and so on), so that nothing
+but `scmm` lands at the top level of site-packages.
+"""
+from setuptools import setup
+
+SUBPACKAGES = ("data_pipeline", "model", "eval", "pretrain", "finetune")
 
 setup(
     name="scmm",
     version="0.1.0",
     description="Language-enhanced single-cell transcriptomics: cell tower + text tower + LLM bridge",
     python_requires=">=3.10",
-    packages=find_packages(include=["scmm", "scmm.*", "data_pipeline", "data_pipeline.*", "model", "model.*",
-                                    "pretrain", "pretrain.*", "finetune", "finetune.*", "eval", "eval.*"]),
-    package_data={"data_pipeline": ["resources/*.json"]},
+    packages=["scmm", *(f"scmm.{name}" for name in SUBPACKAGES)],
+    package_dir={"scmm": "scmm", **{f"scmm.{name}": name for name in SUBPACKAGES}},
     install_requires=[
         "torch==2.13.0",
         "deepspeed>=0.19",
@@ -36,6 +42,6 @@ setup(
         "rouge-score",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "import-linter>=2.13"]},
     entry_points={"console_scripts": ["scmm=scmm.cli:main"]},
 )

@@ -57,13 +57,13 @@ def _run(cmd: list[str], env=None) -> None:
 def prepare(out: Path, cells: int, genes: int, corpus_cells: int, size: str, fresh: bool) -> tuple[Path, Path]:
     import anndata as ad
     import torch
-    from data_pipeline.build import BuildConfig, build_corpus
-    from data_pipeline.loader import LoaderConfig
-    from data_pipeline.store import Corpus
-    from eval.annotate import corpus_label_texts
-    from model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
-    from model.package import package_model
-    from model.text_tower import TextTowerConfig
+    from scmm.data_pipeline.build import BuildConfig, build_corpus
+    from scmm.data_pipeline.loader import LoaderConfig
+    from scmm.data_pipeline.store import Corpus
+    from scmm.eval.annotate import corpus_label_texts
+    from scmm.model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
+    from scmm.model.folders import package_model
+    from scmm.model.text_tower import TextTowerConfig
 
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"synth_{cells}x{genes}.h5ad"

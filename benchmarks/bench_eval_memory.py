@@ -53,8 +53,8 @@ def _status_mb(key: str) -> float:
 
 
 def prepare(out: Path, total_cells: int, genes: int, fresh: bool) -> tuple[Path, Path]:
-    from data_pipeline.build import BuildConfig, build_corpus
-    from data_pipeline.synth import synthesize
+    from scmm.data_pipeline.build import BuildConfig, build_corpus
+    from scmm.data_pipeline.synth import synthesize
     h5ad, corpus = out / f"synth_{total_cells}x{genes}.h5ad", out / f"corpus_{total_cells}x{genes}"
     model_dir = out / "model"
     if fresh:
@@ -73,10 +73,10 @@ def prepare(out: Path, total_cells: int, genes: int, fresh: bool) -> tuple[Path,
     if not (model_dir / "config.json").is_file():
         import torch
 
-        from data_pipeline.store import Corpus
-        from eval.annotate import corpus_label_texts
-        from model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
-        from model.text_tower import TextTowerConfig
+        from scmm.data_pipeline.store import Corpus
+        from scmm.eval.annotate import corpus_label_texts
+        from scmm.model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
+        from scmm.model.text_tower import TextTowerConfig
         torch.manual_seed(0)
         vocab = json.loads((corpus / "vocab.json").read_text())
         cfg = AlignerConfig(cell_tower=CellTowerOptions(d_model=64, nhead=4, d_hid=128, nlayers=2, dropout=0.0),
@@ -94,13 +94,13 @@ def measure(corpus_dir: Path, model_dir: Path, embed_cells: int | None = None) -
     import numpy as np
     import torch
 
-    from data_pipeline.ontology import get_ontology
-    from data_pipeline.store import Corpus
-    from eval.annotate import embed_split, label_prototypes, predict_by_text
-    from eval.baselines import knn_smoothing, run_corpus_baselines, smoothing_k
-    from eval.harness import _load_model, _text_features, loader_config_for
-    from eval.metrics import annotation_metrics
-    from eval.retrieval import retrieval_metrics
+    from scmm.data_pipeline.ontology import get_ontology
+    from scmm.data_pipeline.store import Corpus
+    from scmm.eval.annotate import embed_split, label_prototypes, predict_by_text
+    from scmm.eval.baselines import knn_smoothing, run_corpus_baselines, smoothing_k
+    from scmm.eval.harness import _load_model, _text_features, loader_config_for
+    from scmm.eval.metrics import annotation_metrics
+    from scmm.eval.retrieval import retrieval_metrics
 
     stages: dict[str, dict] = {}
     t_all = time.perf_counter()
@@ -124,9 +124,9 @@ def measure(corpus_dir: Path, model_dir: Path, embed_cells: int | None = None) -
     if embed_cells:
         from dataclasses import replace as dc_replace
 
-        from data_pipeline.loader import CorpusLoader
-        from eval.annotate import Embedded, inference_loader_config
-        from eval.harness import _split_cells
+        from scmm.data_pipeline.loader import CorpusLoader
+        from scmm.eval.annotate import Embedded, inference_loader_config
+        from scmm.eval.harness import _split_cells
         ids, labels = _split_cells(corpus, "test")
         loader = CorpusLoader(corpus, "test", inference_loader_config(cfg), model.vocab["<cls>"], model.vocab["<pad>"])
         parts, texts, done = [], [], 0

@@ -86,8 +86,8 @@ def ensure_data(out: Path, n_cells: int, n_genes: int, fresh: bool, shard_size: 
 # scmm
 # --------------------------------------------------------------------------------------------------
 def scmm_batches(corpus: Path, batch_size: int, max_len: int, num_workers: int, seed: int, shuffle_buffer: int):
-    from data_pipeline.loader import CorpusLoader, LoaderConfig
-    from data_pipeline.vocab import GeneVocab
+    from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
+    from scmm.data_pipeline.vocab import GeneVocab
 
     vocab = GeneVocab.load()
     cfg = LoaderConfig(batch_size=batch_size, max_len=max_len, n_bins=51, num_workers=num_workers, seed=seed,
@@ -112,7 +112,7 @@ class BackedBaseline:
     def __init__(self, h5ad: Path, batch_size: int, max_len: int, n_bins: int = 51, pad_value: float = -2.0,
                  target_sum: float = 1e4, block_chunk: int = 4096):
         import anndata
-        from data_pipeline.vocab import GeneVocab, map_genes
+        from scmm.data_pipeline.vocab import GeneVocab, map_genes
 
         self.h5ad, self.batch_size, self.max_len, self.n_bins = str(h5ad), batch_size, max_len, n_bins
         self.pad_value, self.target_sum, self.block_chunk = pad_value, target_sum, block_chunk
@@ -149,7 +149,7 @@ class BackedBaseline:
 
     def collate(self, X, idx: np.ndarray, rng: np.random.Generator) -> dict:
         """CSR rows of the cells `idx` -> padded scGPT-style batch."""
-        from data_pipeline.loader import binning
+        from scmm.data_pipeline.loader import binning
 
         keep = self.max_len - 1
         genes_list, values_list = [], []
@@ -391,7 +391,7 @@ def main(argv=None) -> int:
     print(f"data ({a.cells} and {a.small_cells} cells x {a.genes} genes) in {out}", flush=True)
     h5ad, corpus = ensure_data(out, a.cells, a.genes, a.fresh, a.shard_size)
     small_h5ad, small_corpus = ensure_data(out, a.small_cells, a.genes, a.fresh, a.shard_size)
-    from data_pipeline.store import Corpus
+    from scmm.data_pipeline.store import Corpus
     same_genes = bool(np.array_equal(Corpus(corpus).gene_vocab_ids, Corpus(small_corpus).gene_vocab_ids))
 
     baseline = BackedBaseline(h5ad, a.batch_size, a.max_len, block_chunk=a.shuffle_buffer)

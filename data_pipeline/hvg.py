@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from data_pipeline.store import Corpus, label_keys
+from scmm.data_pipeline.store import Corpus, label_keys
 
 __all__ = ["hvg_panel", "log1p_profiles", "iter_log1p_profiles", "normalise_log1p", "seurat_dispersion_norm", "TARGET_SUM"]
 

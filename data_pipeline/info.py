@@ -1,7 +1,7 @@
 """`scmm data info`: what a corpus holds, as a dict (for --json) or as text."""
 from __future__ import annotations
 
-from data_pipeline.store import Corpus
+from scmm.data_pipeline.store import Corpus
 
 
 def corpus_info(corpus: Corpus, n_examples: int = 3) -> dict:

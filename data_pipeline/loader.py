@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.store import Corpus, label_keys
+from scmm.data_pipeline.store import Corpus, label_keys
 from scmm.errors import ScmmError
 
 TEXT_COLUMNS = ("cell_id", "text", "cell_type_ontology_term_id", "cell_type", "tissue", "disease")

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
-from data_pipeline.ontology import NORMAL_DISEASE_ID, Ontology
+from scmm.data_pipeline.ontology import NORMAL_DISEASE_ID, Ontology
 
 __all__ = ["CellMetadata", "TEMPLATES", "describe", "label_texts", "metadata_from_obs", "template_index"]
 

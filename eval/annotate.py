@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data_pipeline.loader import CorpusLoader, LoaderConfig
-from data_pipeline.ontology import get_ontology
-from data_pipeline.store import Corpus
-from data_pipeline.text import label_texts
+from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
+from scmm.data_pipeline.ontology import get_ontology
+from scmm.data_pipeline.store import Corpus
+from scmm.data_pipeline.text import label_texts
 
 
 @dataclass

@@ -36,9 +36,9 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from data_pipeline.hvg import hvg_panel, iter_log1p_profiles, log1p_profiles
-from data_pipeline.store import Corpus, label_keys
-from eval.knn import build_index, knn_search, knn_vote
+from scmm.data_pipeline.hvg import hvg_panel, iter_log1p_profiles, log1p_profiles
+from scmm.data_pipeline.store import Corpus, label_keys
+from scmm.eval.knn import build_index, knn_search, knn_vote
 
 __all__ = ["expression_matrix", "highly_variable_genes", "majority_baseline", "logistic_regression_baseline",
            "pca_knn_baseline", "knn_smoothing", "smoothing_k", "run_corpus_baselines", "BASELINE_MAX_TRAIN_CELLS"]

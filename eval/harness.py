@@ -51,9 +51,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data_pipeline.loader import LoaderConfig
-from data_pipeline.store import Corpus, label_keys
-from eval.plots import umap_png
+from scmm.data_pipeline.loader import LoaderConfig
+from scmm.data_pipeline.store import Corpus, label_keys
+from scmm.eval.plots import umap_png
 from scmm.atomic import temp_dir_beside
 from scmm.errors import ScmmError
 
@@ -189,7 +189,7 @@ def _name(key: str, ontology) -> str:
 
 
 def _prototypes(model, cands: Candidates) -> np.ndarray:
-    from eval.annotate import label_prototypes
+    from scmm.eval.annotate import label_prototypes
     rows = []
     for cid, text in zip(cands.ids, cands.texts):
         rows.append(label_prototypes(model, [cid], free_text=None if text is None else {cid: text})[0])
@@ -197,7 +197,7 @@ def _prototypes(model, cands: Candidates) -> np.ndarray:
 
 
 def _load_model(model_dir: Path):
-    from model.aligner import CellTextAligner
+    from scmm.model.aligner import CellTextAligner
     if not model_dir.exists():
         raise ScmmError(f"model folder not found: {model_dir}")
     if not model_dir.is_dir():
@@ -236,7 +236,7 @@ def _stage2_folder(model_dir: Path) -> Path | None:
         raw = json.loads((model_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    from finetune.model import FORMAT as STAGE2_FORMAT
+    from scmm.model.stage2 import FORMAT as STAGE2_FORMAT
     return model_dir if isinstance(raw, dict) and raw.get("format") == STAGE2_FORMAT else None
 
 
@@ -248,7 +248,7 @@ def _open_model(model_dir: Path, tasks: Sequence[str]) -> OpenedModel:
         raise ScmmError(f"task(s) {', '.join(wanted)} need a stage-2 model (LLM bridge); {model_dir} has no "
                         f"stage-2 parts (use --tasks {','.join(STAGE1_TASKS)})")
     if (model_dir / "scmm_model.json").is_file():
-        from model.package import load_model
+        from scmm.model.folders import load_model
         packaged = load_model(model_dir)  # checks the format version and every file's checksum
         stage1_dir, aligner = model_dir / "stage1", packaged.aligner
     elif stage2_dir is not None:
@@ -257,7 +257,7 @@ def _open_model(model_dir: Path, tasks: Sequence[str]) -> OpenedModel:
         stage1_dir, aligner = model_dir, None
     stage2 = None
     if wanted:
-        from finetune.model import Stage2Model
+        from scmm.model.stage2 import Stage2Model
         stage2 = Stage2Model.from_pretrained(stage2_dir)
         aligner = stage2.aligner  # the same stage-1 weights, loaded once
     if aligner is None:
@@ -283,7 +283,7 @@ def _split_cells(corpus: Corpus, split: str) -> tuple[list[str], list[str]]:
 
 def _embed(model, corpus: Corpus, split: str, loader_cfg: LoaderConfig, progress: bool):
     """Embedded split re-ordered into shard order, with label keys; (embedded, label keys)."""
-    from eval.annotate import Embedded, embed_split
+    from scmm.eval.annotate import Embedded, embed_split
     emb = embed_split(model, corpus, split, loader_cfg, progress)
     ids, labels = _split_cells(corpus, split)
     if emb.cell_ids != ids:
@@ -310,8 +310,8 @@ def _text_features(model, texts: Sequence[str]) -> np.ndarray:
 # --- tasks ------------------------------------------------------------------------------------------
 def _annotate(model, corpus: Corpus, cands: Candidates, loader_cfg: LoaderConfig, ontology, seed: int,
               tmp: Path, progress: bool, test) -> tuple[dict, dict]:
-    from eval.annotate import predict_by_text
-    from eval.metrics import annotation_metrics, apply_unknown, choose_unknown_threshold, confusion_matrix_png
+    from scmm.eval.annotate import predict_by_text
+    from scmm.eval.metrics import annotation_metrics, apply_unknown, choose_unknown_threshold, confusion_matrix_png
     emb, y_true = test
     protos = _prototypes(model, cands)
     keys = np.asarray(cands.keys, dtype=object)
@@ -340,7 +340,7 @@ def _annotate(model, corpus: Corpus, cands: Candidates, loader_cfg: LoaderConfig
         details["notes"].append("the corpus has no val split: no 'unknown' threshold was chosen")
 
     # baselines (train -> test) and scmm + kNN smoothing
-    from eval.baselines import knn_smoothing, run_corpus_baselines, smoothing_k
+    from scmm.eval.baselines import knn_smoothing, run_corpus_baselines, smoothing_k
     try:
         base = run_corpus_baselines(corpus, seed=seed)
     except ValueError as exc:
@@ -377,7 +377,7 @@ def _annotate(model, corpus: Corpus, cands: Candidates, loader_cfg: LoaderConfig
 
 
 def _retrieve(model, test) -> dict:
-    from eval.retrieval import retrieval_metrics
+    from scmm.eval.retrieval import retrieval_metrics
     emb, y_true = test
     text_emb = _text_features(model, emb.texts)
     return retrieval_metrics(emb.embeddings, text_emb, cell_labels=y_true)
@@ -386,7 +386,7 @@ def _retrieve(model, test) -> dict:
 # --- output -----------------------------------------------------------------------------------------
 def _generate(opened: OpenedModel, corpus: Corpus, seed: int) -> dict:
     """Pseudo-cells from every type's training texts, scored by k-NN in expression-PCA and stage-1 space."""
-    from finetune.evaluate import pseudocell_evaluation
+    from scmm.eval.stage2 import pseudocell_evaluation
     try:
         return pseudocell_evaluation(opened.stage2, corpus, seed=seed, n_per_type=PSEUDOCELLS_PER_TYPE,
                                      k=PSEUDOCELL_K, loader_cfg=opened.loader_cfg)
@@ -437,8 +437,8 @@ def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
     """
     import torch
 
-    from data_pipeline.ontology import get_ontology
-    from eval.report import write_report
+    from scmm.data_pipeline.ontology import get_ontology
+    from scmm.eval.report import write_report
 
     t0 = time.perf_counter()
     model_dir, corpus_dir, out_dir = Path(model_dir), Path(corpus_dir), Path(out_dir)
@@ -481,7 +481,7 @@ def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
             if "retrieve" in tasks:
                 metrics["retrieval"] = _retrieve(model, test)
             if "describe" in tasks:
-                from finetune.evaluate import generation_report
+                from scmm.eval.stage2 import generation_report
                 metrics["generation"], details["generation_examples"] = generation_report(
                     opened.stage2, corpus, "test", ontology, progress=progress, n_examples=EXAMPLES)
             if "generate" in tasks:

@@ -20,8 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from data_pipeline.ontology import Ontology
-from eval.ontology_score import mean_pair_score
+from scmm.data_pipeline.ontology import Ontology
+from scmm.eval.ontology_score import mean_pair_score
 
 __all__ = ["annotation_metrics", "per_class_table", "confusion_matrix_png", "choose_unknown_threshold",
            "apply_unknown", "text_generation_metrics", "UNKNOWN"]

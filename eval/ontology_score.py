@@ -54,7 +54,7 @@ from typing import Iterable
 
 import numpy as np
 
-from data_pipeline.ontology import Ontology
+from scmm.data_pipeline.ontology import Ontology
 
 __all__ = ["GENERIC_TERMS", "ontology_score", "ppr_similarity", "mean_pair_score", "is_cl_term"]
 

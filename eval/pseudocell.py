@@ -44,10 +44,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data_pipeline.hvg import iter_log1p_profiles, log1p_profiles
-from data_pipeline.loader import LoaderConfig, _Collator
-from data_pipeline.store import Corpus
-from eval.knn import pseudocell_knn_accuracy
+from scmm.data_pipeline.hvg import iter_log1p_profiles, log1p_profiles
+from scmm.data_pipeline.loader import LoaderConfig, _Collator
+from scmm.data_pipeline.store import Corpus
+from scmm.eval.knn import pseudocell_knn_accuracy
 
 __all__ = ["pseudocell_report", "embed_profiles", "class_mean_profiles", "type_moments", "PCA_MAX_TRAIN_CELLS",
            "MIN_PER_TYPE", "REFERENCE_SPLITS"]
@@ -107,7 +107,7 @@ def embed_profiles(aligner, x: np.ndarray, genes: np.ndarray, gene_vocab_ids: np
     """
     import torch
 
-    from eval.annotate import inference_loader_config
+    from scmm.eval.annotate import inference_loader_config
 
     cfg = inference_loader_config(loader_cfg or LoaderConfig(n_bins=0), batch_size=batch_size)
     vocab = aligner.vocab
@@ -231,7 +231,7 @@ def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Seque
         if restrict_reference:
             ref_e = np.concatenate(ref_emb)
         else:
-            from eval.annotate import embed_split
+            from scmm.eval.annotate import embed_split
             parts, ids = [], []
             for split in ref_splits:
                 emb = embed_split(aligner, corpus, split, loader_cfg or LoaderConfig(n_bins=0), progress=False)

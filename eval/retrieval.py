@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from eval.knn import build_index, knn_search, l2_normalise
+from scmm.eval.knn import build_index, knn_search, l2_normalise
 
 __all__ = ["retrieval_metrics", "match_counts", "faiss_topk"]
 

@@ -23,9 +23,9 @@ def load_stage2(model_dir: str | Path):
     if not folder.is_dir():
         raise ScmmError(f"model folder not found: {folder}")
     if (folder / "scmm_model.json").is_file():
-        from model.package import load_model
+        from scmm.model.folders import load_model
         return load_model(folder).stage2
-    from finetune.model import Stage2Model
+    from scmm.model.stage2 import Stage2Model
     return Stage2Model.from_pretrained(folder)
 
 

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data_pipeline.ontology import get_ontology
-from data_pipeline.store import Corpus
-from finetune.instructions import PROMPTS
-from model.cell_tower import atomic_write_folder
-from model.llm import LlamaSize, build_llama, train_tokenizer
+from scmm.data_pipeline.ontology import get_ontology
+from scmm.data_pipeline.store import Corpus
+from scmm.data_pipeline.instructions import PROMPTS
+from scmm.model.cell_tower import atomic_write_folder
+from scmm.model.llm import LlamaSize, build_llama, train_tokenizer
 from scmm.config import load_yaml
 from scmm.errors import ScmmError
 

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from model.bridge import decoder_loss
+from scmm.model.bridge import decoder_loss
 
 __all__ = ["RefitOptions", "refit_decoder"]
 

@@ -28,16 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-if __package__ in (None, ""):  # run as a script by a launcher: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_pipeline.loader import CorpusLoader, LoaderConfig
-from data_pipeline.store import Corpus
-from finetune.model import LOSSES, LossWeights, Stage2Model, Stage2ModelConfig
-from finetune.refit import RefitOptions, refit_decoder
-from model.bridge import BridgeOptions
-from model.llm import LoraOptions
-from pretrain.train import (MetricsWindow, TrainOptions, deepspeed_config, endless_batches, load_checkpoint,
+from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
+from scmm.data_pipeline.store import Corpus
+from scmm.model.stage2 import LOSSES, LossWeights, Stage2Model, Stage2ModelConfig
+from scmm.finetune.refit import RefitOptions, refit_decoder
+from scmm.model.bridge import BridgeOptions
+from scmm.model.llm import LoraOptions
+from scmm.pretrain.train import (MetricsWindow, TrainOptions, deepspeed_config, endless_batches, load_checkpoint,
                             lr_lambda, save_checkpoint, start_run, use_deepspeed_optimizer)
 from scmm.config import load_yaml
 from scmm.errors import ScmmError
@@ -119,7 +116,7 @@ def stage1_loader_config(stage1: str | Path, opts: Stage2LoaderOptions | None = 
 
 def hvg_info(corpus: Corpus, n_top: int) -> dict:
     """The gene panel: sorted corpus gene indices of the training split's HVGs, with symbols and vocab ids."""
-    from data_pipeline.hvg import hvg_panel
+    from scmm.data_pipeline.hvg import hvg_panel
     idx = hvg_panel(corpus, n_top=n_top, split="train")
     return {"indices": idx.tolist(), "symbols": [str(s) for s in corpus.gene_symbols[idx]],
             "vocab_ids": [int(i) for i in corpus.gene_vocab_ids[idx]]}
@@ -130,8 +127,8 @@ class PairBuilder:
 
     def __init__(self, corpus: Corpus, split: str, tasks: list[str], seed: int, genes: np.ndarray, builder,
                  task_weights: list[float] | None = None):
-        from data_pipeline.hvg import log1p_profiles
-        from finetune.instructions import instruction_dataset
+        from scmm.data_pipeline.hvg import log1p_profiles
+        from scmm.data_pipeline.instructions import instruction_dataset
         if task_weights and (len(task_weights) != len(tasks) or min(task_weights) < 0 or sum(task_weights) <= 0):
             raise ScmmError(f"data.task_weights needs one non-negative weight per task ({len(tasks)}), "
                             f"got {task_weights}")
@@ -232,7 +229,7 @@ def train(cfg: Stage2Config, resume: bool = False, deepspeed_json: str | None = 
         stats_loader = CorpusLoader(corpus, "train", stats_cfg, vocab["<cls>"], vocab["<pad>"])
         model.set_query_stats([b for b, _ in zip(stats_loader, range(4))])  # the first 256 training cells
     if t.activation_checkpointing:
-        from finetune.model import _unwrap
+        from scmm.model.stage2 import _unwrap
         _unwrap(model.lm).gradient_checkpointing_enable()
     groups = model.param_groups(t.weight_decay, t.lr)
     optimizer = None if use_deepspeed_optimizer(t) else torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.98), eps=1e-8)

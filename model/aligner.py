@@ -31,12 +31,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.cell_tower import CellTower, CellTowerConfig, atomic_write_folder
-from model.expr_decoder import ExprDecoder, ExprDecoderConfig
-from model.losses import (contrastive_loss, gather_features, itm_hard_negatives, itm_loss, mask_values,
+from scmm.model.cell_tower import CellTower, CellTowerConfig, atomic_write_folder
+from scmm.model.expr_decoder import ExprDecoder, ExprDecoderConfig
+from scmm.model.losses import (contrastive_loss, gather_features, itm_hard_negatives, itm_loss, mask_values,
                           masked_expression_loss)
-from model.qformer import AlignmentHeads, QFormer, QFormerConfig
-from model.text_tower import TextTower, TextTowerConfig
+from scmm.model.qformer import AlignmentHeads, QFormer, QFormerConfig
+from scmm.model.text_tower import TextTower, TextTowerConfig
 from scmm.errors import ScmmError
 
 log = logging.getLogger(__name__)

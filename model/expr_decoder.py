@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .cell_tower import (
+from scmm.model.cell_tower import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     PathLike,

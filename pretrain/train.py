@@ -30,13 +30,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-if __package__ in (None, ""):  # run as a script by a launcher: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_pipeline.loader import CorpusLoader, LoaderConfig
-from data_pipeline.store import Corpus
-from eval.annotate import corpus_label_texts, zero_shot_accuracy
-from model.aligner import AlignerConfig, CellTextAligner
+from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
+from scmm.data_pipeline.store import Corpus
+from scmm.eval.annotate import corpus_label_texts, zero_shot_accuracy
+from scmm.model.aligner import AlignerConfig, CellTextAligner
 from scmm.config import load_yaml
 from scmm.errors import ScmmError
 

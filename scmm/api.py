@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from model.package import ScmmModel, load_model as _load_model
+from scmm.model.folders import ScmmModel, load_model as _load_model
 from scmm.atomic import temp_file_beside
 from scmm.errors import ScmmError
 
@@ -106,7 +106,7 @@ class _Input:
 
     def __init__(self, data: Any, model: ScmmModel, layer: str | None, gene_column: str | None,
                  min_gene_coverage: float):
-        from scmm.reader import detect_normalization, open_input, plan_genes
+        from scmm.data_pipeline.reader import detect_normalization, open_input, plan_genes
         self.source = open_input(data, layer)
         where = str(self.source.path)
         self.plan = plan_genes(self.source.var, model, gene_column, min_gene_coverage, where=where)
@@ -120,7 +120,7 @@ class _Input:
 
 
 def _batches(inp: _Input, model: ScmmModel, chunk_size: int, batch_size: int):
-    from scmm.reader import iter_batches
+    from scmm.data_pipeline.reader import iter_batches
     vocab = model.vocab
     return iter_batches(inp.source, inp.plan, inp.normalization, model.loader_config, vocab["<cls>"],
                         vocab["<pad>"], chunk_size, batch_size)
@@ -160,9 +160,9 @@ def _embed_input(inp: _Input, model: ScmmModel, batch_size: int, chunk_size: int
 # --- annotation -------------------------------------------------------------------------------------
 def _candidates(model: ScmmModel, labels: str | Sequence[str] | None):
     """(keys, display labels, CL IDs, prototype texts per candidate)."""
-    from data_pipeline.ontology import get_ontology
-    from data_pipeline.text import label_texts
-    from eval.harness import read_labels_option, resolve_candidates
+    from scmm.data_pipeline.ontology import get_ontology
+    from scmm.data_pipeline.text import label_texts
+    from scmm.eval.harness import read_labels_option, resolve_candidates
     items = read_labels_option(labels)
     if items is None:
         if not model.labels:
@@ -328,7 +328,7 @@ def check_output(src: Path | None, out: Path, overwrite: bool) -> None:
 
 # --- public functions -------------------------------------------------------------------------------
 def _common(model, data, layer, gene_column, min_gene_coverage):
-    from scmm.reader import DEFAULT_MIN_COVERAGE
+    from scmm.data_pipeline.reader import DEFAULT_MIN_COVERAGE
     model = load_model(model)
     inp = _Input(data, model, layer, gene_column,
                  DEFAULT_MIN_COVERAGE if min_gene_coverage is None else min_gene_coverage)

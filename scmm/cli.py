@@ -56,7 +56,7 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
-    from data_pipeline.build import BuildConfig, build_corpus
+    from scmm.data_pipeline.build import BuildConfig, build_corpus
     cfg = BuildConfig(
         inputs=[Path(p) for p in args.inputs], out=Path(args.out), cell_type_column=args.cell_type_column,
         tissue_column=args.tissue_column, disease_column=args.disease_column, donor_column=args.donor_column,
@@ -71,8 +71,8 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 def cmd_data_demo(args: argparse.Namespace) -> int:
     import tempfile
-    from data_pipeline.build import BuildConfig, build_corpus
-    from data_pipeline.demo_data import pbmc_demo_adata
+    from scmm.data_pipeline.build import BuildConfig, build_corpus
+    from scmm.data_pipeline.demo_data import pbmc_demo_adata
     h5ad = Path(args.h5ad) if args.h5ad else None
     if h5ad is not None and h5ad.exists() and not args.overwrite:
         raise ScmmError(f"output {h5ad} already exists (pass --overwrite to replace it)")
@@ -93,7 +93,7 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from data_pipeline.synth import synthesize
+    from scmm.data_pipeline.synth import synthesize
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ScmmError(f"output {out} already exists (pass --overwrite to replace it)")
@@ -107,8 +107,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
-    from data_pipeline.info import corpus_info, format_info
-    from data_pipeline.store import Corpus
+    from scmm.data_pipeline.info import corpus_info, format_info
+    from scmm.data_pipeline.store import Corpus
     info = corpus_info(Corpus(args.corpus), n_examples=args.examples)  # reads (and verifies) every shard
     print(json.dumps(info, indent=1) if args.json else format_info(info))
     return 0
@@ -168,7 +168,7 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from pretrain.train import load_config, train
+    from scmm.pretrain.train import load_config, train
     train(load_config(args.config), resume=args.resume, deepspeed_json=args.deepspeed_config, stop_at=args.stop_at)
     return 0
 
@@ -184,8 +184,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from eval.harness import evaluate
-    from eval.report import main_table, stage2_table
+    from scmm.eval.harness import evaluate
+    from scmm.eval.report import main_table, stage2_table
     metrics = evaluate(args.model, args.corpus, args.out, tasks=args.tasks, seed=args.seed,
                        progress=not args.quiet, labels=args.labels)
     print(main_table(metrics))
@@ -274,7 +274,7 @@ def cmd_index_query(args: argparse.Namespace) -> int:
 
 
 def cmd_package(args: argparse.Namespace) -> int:
-    from model.package import package_model
+    from scmm.model.folders import package_model
     out = package_model(Path(args.stage1), Path(args.corpus), Path(args.out),
                         stage2=Path(args.stage2) if args.stage2 else None,
                         metrics=Path(args.metrics) if args.metrics else None)
@@ -286,7 +286,7 @@ def cmd_plot_umap(args: argparse.Namespace) -> int:
     import anndata as ad
     import h5py
     import numpy as np
-    from eval.plots import umap_png
+    from scmm.eval.plots import umap_png
     src, out = Path(args.input), Path(args.out)
     if not src.is_file():
         raise ScmmError(f"input file not found: {src}")
@@ -387,14 +387,14 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     if args.action == "init-lm":
-        from finetune.init_lm import init_lm, load_config
+        from scmm.finetune.init_lm import init_lm, load_config
         if args.resume:
             raise ScmmError("--resume does not apply to `scmm finetune init-lm`")
         out = init_lm(load_config(args.config), progress=not args.quiet)
         print(f"wrote language model {out} (summary in {out}/init_lm_summary.json)")
         return 0
     try:
-        from finetune.train import main_from_cli
+        from scmm.finetune.train import main_from_cli
     except ModuleNotFoundError as exc:
         if exc.name != "finetune.train":
             raise
@@ -416,7 +416,7 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from finetune.generate import generate_to_h5ad
+    from scmm.finetune.generate import generate_to_h5ad
     out = generate_to_h5ad(args.model, args.text, args.n, args.out, seed=args.seed, noise=args.noise)
     print(f"wrote {out}: {args.n} pseudo-cells")
     return 0

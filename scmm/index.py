@@ -53,7 +53,7 @@ _GPU = None
 def _to_gpu(index):
     global _GPU
     import faiss
-    from eval.knn import gpu_available
+    from scmm.eval.knn import gpu_available
     if not gpu_available():
         return index
     if _GPU is None:  # pragma: no cover - needs faiss-gpu and a GPU
@@ -100,14 +100,14 @@ def _set_nprobe(index, nprobe: int) -> None:
 
 
 def knn(index, q: np.ndarray, k: int, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    from eval.knn import knn_search
+    from scmm.eval.knn import knn_search
     return knn_search(index, q, k, batch_size)
 
 
 # --- labels -----------------------------------------------------------------------------------------
 def reference_labels(values, column: str) -> tuple[np.ndarray, list[dict]]:
     """(code per cell, -1 when unlabelled; classes) from a label column of CL IDs or free text."""
-    from data_pipeline.ontology import get_ontology
+    from scmm.data_pipeline.ontology import get_ontology
     ontology = get_ontology()
     raw = np.asarray([str(v).strip() for v in values], dtype=object)
     missing = np.isin(np.char.lower(raw.astype(str)), list(_MISSING))
@@ -181,7 +181,7 @@ class ReferenceIndex:
 
     def vote(self, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(class code per query, -1 if none; vote share) by majority of the k nearest reference cells."""
-        from eval.knn import knn_vote
+        from scmm.eval.knn import knn_vote
         if k < 1:
             raise ScmmError("--k must be at least 1")
         k = min(k, len(self.codes))

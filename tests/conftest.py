@@ -52,7 +52,7 @@ def h5ad_path(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """A corpus of 400 cells in shards of 16 (many shards, for loader tests)."""
-    from data_pipeline.build import BuildConfig, build_corpus
+    from scmm.data_pipeline.build import BuildConfig, build_corpus
     tmp = tmp_path_factory.mktemp("corpus")
     path = tmp / "in.h5ad"
     make_adata(n_cells=400, donors=10).write_h5ad(path)

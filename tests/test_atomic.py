@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import stat
 
-from model.cell_tower import atomic_write_folder
+from scmm.model.cell_tower import atomic_write_folder
 from scmm.atomic import temp_dir_beside, temp_file_beside
 
 

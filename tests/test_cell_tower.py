@@ -12,8 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scgpt_reference as ref  # noqa: E402
 
-from model.cell_tower import CellTower, CellTowerConfig, load_scgpt_state  # noqa: E402
-from model.expr_decoder import ExprDecoder  # noqa: E402
+from scmm.model.cell_tower import CellTower, CellTowerConfig, load_scgpt_state  # noqa: E402
+from scmm.model.expr_decoder import ExprDecoder  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
 

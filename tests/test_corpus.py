@@ -10,10 +10,10 @@ import pytest
 import scipy.sparse as sp
 
 from conftest import CELL_TYPES, GENES, make_adata, run_cli
-from data_pipeline.build import BuildConfig, build_corpus
-from data_pipeline.splits import assign_cells, assign_groups, plan_splits
-from data_pipeline.store import Corpus
-from data_pipeline.vocab import GeneVocab, map_genes
+from scmm.data_pipeline.build import BuildConfig, build_corpus
+from scmm.data_pipeline.splits import assign_cells, assign_groups, plan_splits
+from scmm.data_pipeline.store import Corpus
+from scmm.data_pipeline.vocab import GeneVocab, map_genes
 from scmm.errors import ScmmError
 
 
@@ -115,7 +115,7 @@ def test_unmatched_labels_reported_or_dropped(tmp_path: Path):
 
 
 def test_interrupted_build_leaves_nothing(tmp_path: Path, h5ad_path: Path, monkeypatch):
-    import data_pipeline.build as build
+    import scmm.data_pipeline.build as build
     def boom(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(build, "_manifest", boom)

@@ -22,10 +22,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, small_corpus: Path) -> Path:
     """An untrained but complete stage-1 model folder (evaluation does not care how good it is)."""
-    from eval.annotate import corpus_label_texts
-    from data_pipeline.store import Corpus
-    from model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
-    from model.text_tower import TextTowerConfig
+    from scmm.eval.annotate import corpus_label_texts
+    from scmm.data_pipeline.store import Corpus
+    from scmm.model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
+    from scmm.model.text_tower import TextTowerConfig
     torch.manual_seed(0)
     vocab = json.loads((small_corpus / "vocab.json").read_text())
     cfg = AlignerConfig(cell_tower=CellTowerOptions(d_model=16, nhead=2, d_hid=32, nlayers=1),
@@ -40,7 +40,7 @@ def tiny_model(tmp_path_factory, small_corpus: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def first_run(tiny_model: Path, small_corpus: Path, tmp_path_factory) -> tuple[dict, Path]:
-    from eval.harness import evaluate
+    from scmm.eval.harness import evaluate
     out = tmp_path_factory.mktemp("eval") / "a"
     return evaluate(tiny_model, small_corpus, out, progress=False), out
 
@@ -60,7 +60,7 @@ def _check_ranges(section: str, values: dict) -> None:
 
 
 def test_eval_writes_every_design_key_reproducibly(first_run, tiny_model: Path, small_corpus: Path, tmp_path: Path):
-    from eval.harness import evaluate
+    from scmm.eval.harness import evaluate
     metrics, out = first_run
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert set(metrics) == {"annotation", "retrieval", "baselines"}
@@ -87,7 +87,7 @@ def test_eval_writes_every_design_key_reproducibly(first_run, tiny_model: Path, 
 
 
 def test_main_table_lists_scmm_and_every_baseline(first_run):
-    from eval.report import main_table
+    from scmm.eval.report import main_table
     metrics, _ = first_run
     lines = main_table(metrics).splitlines()
     assert lines[0] == "| method | accuracy | macro-F1 |"
@@ -97,7 +97,7 @@ def test_main_table_lists_scmm_and_every_baseline(first_run):
 
 
 def test_rerun_into_the_same_folder_replaces_outputs(tiny_model: Path, small_corpus: Path, tmp_path: Path):
-    from eval.harness import evaluate
+    from scmm.eval.harness import evaluate
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("the user's file")
@@ -125,8 +125,8 @@ def test_cli_eval_with_user_labels(tiny_model: Path, small_corpus: Path, tmp_pat
 
 
 def test_candidates_and_options():
-    from data_pipeline.ontology import get_ontology
-    from eval.harness import parse_tasks, read_labels_option, resolve_candidates
+    from scmm.data_pipeline.ontology import get_ontology
+    from scmm.eval.harness import parse_tasks, read_labels_option, resolve_candidates
     from scmm.errors import ScmmError
     assert parse_tasks("retrieve, annotate,retrieve") == ("retrieve", "annotate")
     with pytest.raises(ScmmError, match="unknown task"):
@@ -145,7 +145,7 @@ def test_candidates_and_options():
 
 
 def test_loader_config_for(tmp_path: Path):
-    from eval.harness import loader_config_for
+    from scmm.eval.harness import loader_config_for
     model = tmp_path / "run" / "model"
     model.mkdir(parents=True)
     assert loader_config_for(model).n_bins == 0  # nothing beside the model: defaults, continuous values
@@ -186,12 +186,12 @@ def test_eval_bad_input_in_process(tiny_model: Path, small_corpus: Path, tmp_pat
 
 
 def test_pseudocell_stage1_space_encodes_like_the_loader(tiny_model: Path, small_corpus: Path):
-    from data_pipeline.hvg import log1p_profiles
-    from data_pipeline.loader import LoaderConfig
-    from data_pipeline.store import Corpus
-    from eval.annotate import embed_split
-    from eval.harness import _load_model
-    from eval.pseudocell import embed_profiles, pseudocell_report
+    from scmm.data_pipeline.hvg import log1p_profiles
+    from scmm.data_pipeline.loader import LoaderConfig
+    from scmm.data_pipeline.store import Corpus
+    from scmm.eval.annotate import embed_split
+    from scmm.eval.harness import _load_model
+    from scmm.eval.pseudocell import embed_profiles, pseudocell_report
 
     corpus = Corpus(small_corpus)
     model = _load_model(tiny_model)

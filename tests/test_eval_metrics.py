@@ -6,14 +6,14 @@ import math
 import numpy as np
 import pytest
 
-from data_pipeline.ontology import get_ontology
-from eval.baselines import (expression_matrix, highly_variable_genes, knn_smoothing, logistic_regression_baseline,
+from scmm.data_pipeline.ontology import get_ontology
+from scmm.eval.baselines import (expression_matrix, highly_variable_genes, knn_smoothing, logistic_regression_baseline,
                             majority_baseline, pca_knn_baseline, run_corpus_baselines)
-from eval.knn import build_index, knn_search, knn_vote, pseudocell_knn_accuracy
-from eval.metrics import (annotation_metrics, apply_unknown, choose_unknown_threshold, confusion_matrix_png,
+from scmm.eval.knn import build_index, knn_search, knn_vote, pseudocell_knn_accuracy
+from scmm.eval.metrics import (annotation_metrics, apply_unknown, choose_unknown_threshold, confusion_matrix_png,
                           text_generation_metrics)
-from eval.ontology_score import ontology_score, ppr_similarity
-from eval.retrieval import retrieval_metrics
+from scmm.eval.ontology_score import ontology_score, ppr_similarity
+from scmm.eval.retrieval import retrieval_metrics
 
 CD8_T, CD4_T, MATURE_AB_T, T_CELL = "CL:0000625", "CL:0000624", "CL:0000791", "CL:0000084"
 B_CELL, CD14_MONO, HEPATOCYTE, EPITHELIAL, CELL = "CL:0000236", "CL:0001054", "CL:0000182", "CL:0000066", "CL:0000000"
@@ -182,8 +182,8 @@ def test_retrieval_ties_count_as_random_order():
 
 
 def test_retrieval_faiss_topk_and_blocked_ranks_match_brute_force():
-    from eval.knn import l2_normalise
-    from eval.retrieval import faiss_topk, match_counts
+    from scmm.eval.knn import l2_normalise
+    from scmm.eval.retrieval import faiss_topk, match_counts
     rng = np.random.default_rng(0)
     cells = l2_normalise(rng.normal(size=(300, 16)))
     texts = l2_normalise(cells + rng.normal(scale=0.8, size=cells.shape))
@@ -216,7 +216,7 @@ def test_retrieval_faiss_topk_and_blocked_ranks_match_brute_force():
 # --- baselines ---------------------------------------------------------------------------------------------
 
 def test_baselines_on_small_corpus(small_corpus, onto):
-    from data_pipeline.store import Corpus
+    from scmm.data_pipeline.store import Corpus
 
     corpus = Corpus(small_corpus)
     x_train, y_train = expression_matrix(corpus, "train")
@@ -253,7 +253,7 @@ def test_baselines_on_small_corpus(small_corpus, onto):
 
 
 def test_smoothing_k_rule():
-    from eval.baselines import smoothing_k
+    from scmm.eval.baselines import smoothing_k
     assert [smoothing_k(n) for n in (0, 10, 40, 70, 400, 900, 10 ** 5)] == [3, 3, 3, 4, 10, 15, 15]
 
 
@@ -267,10 +267,10 @@ def test_knn_smoothing_by_hand():
 # --- pseudo-cells (eval.pseudocell) ------------------------------------------------------------------------
 
 def test_pseudocell_report_real_cells_hit_and_class_mean_is_seeded(small_corpus):
-    from data_pipeline.hvg import log1p_profiles
-    from data_pipeline.store import Corpus
-    from eval.pseudocell import class_mean_profiles, pseudocell_report, type_moments
-    from eval.report import pseudocell_section
+    from scmm.data_pipeline.hvg import log1p_profiles
+    from scmm.data_pipeline.store import Corpus
+    from scmm.eval.pseudocell import class_mean_profiles, pseudocell_report, type_moments
+    from scmm.eval.report import pseudocell_section
 
     corpus = Corpus(small_corpus)
     genes = np.arange(corpus.n_genes)
@@ -306,9 +306,9 @@ def test_pseudocell_report_real_cells_hit_and_class_mean_is_seeded(small_corpus)
 
 
 def test_pseudocell_report_excludes_types_with_few_reference_cells(small_corpus):
-    from data_pipeline.store import Corpus
-    from eval.pseudocell import pseudocell_report
-    from eval.report import pseudocell_section
+    from scmm.data_pipeline.store import Corpus
+    from scmm.eval.pseudocell import pseudocell_report
+    from scmm.eval.report import pseudocell_section
 
     corpus = Corpus(small_corpus)
     genes = np.arange(corpus.n_genes)
@@ -336,8 +336,8 @@ def test_pseudocell_report_excludes_types_with_few_reference_cells(small_corpus)
 
 def test_pseudocell_report_reference_splits_val_only(small_corpus):
     """Tuning on val scores against val cells only: the reference holds exactly the val cells."""
-    from data_pipeline.store import Corpus
-    from eval.pseudocell import pseudocell_report
+    from scmm.data_pipeline.store import Corpus
+    from scmm.eval.pseudocell import pseudocell_report
 
     corpus = Corpus(small_corpus)
     genes = np.arange(corpus.n_genes)

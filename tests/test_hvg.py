@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from data_pipeline.hvg import hvg_panel, log1p_profiles, seurat_dispersion_norm
-from data_pipeline.store import Corpus
+from scmm.data_pipeline.hvg import hvg_panel, log1p_profiles, seurat_dispersion_norm
+from scmm.data_pipeline.store import Corpus
 
 N_GENES = 300
 TYPES = ["CL:0000084", "CL:0000236", "CL:0000623", "CL:0001054"]
@@ -42,7 +42,7 @@ def _adata(n_cells: int = 600, seed: int = 0, log_input: bool = False) -> ad.Ann
 
 
 def _build(tmp: Path, adata: ad.AnnData, name: str) -> Corpus:
-    from data_pipeline.build import BuildConfig, build_corpus
+    from scmm.data_pipeline.build import BuildConfig, build_corpus
     vocab = tmp / "vocab.json"
     vocab.write_text(json.dumps({f"GENE{i}": i for i in range(N_GENES)}))
     path = tmp / f"{name}.h5ad"

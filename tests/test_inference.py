@@ -37,7 +37,7 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pbmc_h5ad(work: Path) -> Path:
     """175 real PBMCs (every 4th cell of pbmc68k_reduced, raw counts in X)."""
-    from data_pipeline.demo_data import pbmc_demo_adata
+    from scmm.data_pipeline.demo_data import pbmc_demo_adata
     adata = pbmc_demo_adata()[::4].copy()
     path = work / "pbmc.h5ad"
     adata.write_h5ad(path)
@@ -46,18 +46,18 @@ def pbmc_h5ad(work: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(work: Path, pbmc_h5ad: Path) -> Path:
-    from data_pipeline.build import BuildConfig, build_corpus
+    from scmm.data_pipeline.build import BuildConfig, build_corpus
     build_corpus(BuildConfig(inputs=[pbmc_h5ad], out=work / "corpus", shard_size=64, progress=False))
     return work / "corpus"
 
 
 @pytest.fixture(scope="module")
 def stage1(work: Path, corpus: Path) -> Path:
-    from data_pipeline.loader import LoaderConfig
-    from data_pipeline.store import Corpus
-    from eval.annotate import corpus_label_texts
-    from model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
-    from model.text_tower import TextTowerConfig
+    from scmm.data_pipeline.loader import LoaderConfig
+    from scmm.data_pipeline.store import Corpus
+    from scmm.eval.annotate import corpus_label_texts
+    from scmm.model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
+    from scmm.model.text_tower import TextTowerConfig
     from dataclasses import asdict
     torch.manual_seed(0)
     vocab = json.loads((corpus / "vocab.json").read_text())
@@ -166,10 +166,10 @@ def test_embed_cli_writes_copy_plus_embedding(package: Path, pbmc_h5ad: Path, wo
 
 def test_embedding_matches_the_training_pipeline(model, corpus: Path):
     """The reader + collate path gives the embeddings the corpus loader gives for the same cells."""
-    from data_pipeline.store import Corpus
-    from eval.annotate import embed_split
+    from scmm.data_pipeline.store import Corpus
+    from scmm.eval.annotate import embed_split
     from scmm.api import embed
-    from data_pipeline.demo_data import pbmc_demo_adata
+    from scmm.data_pipeline.demo_data import pbmc_demo_adata
     c = Corpus(corpus)
     ref = embed_split(model.aligner, c, "test", model.loader_config, progress=False)
     adata = pbmc_demo_adata()[::4].copy()
@@ -243,13 +243,13 @@ def test_describe_calls_the_stage2_model(stage1: Path, corpus: Path, pbmc_h5ad: 
             n_genes = (~batch["padding_mask"]).sum(1) - 1
             return [f"a cell expressing {int(n)} genes" for n in n_genes]
 
-    fake = types.ModuleType("finetune.model")
+    fake = types.ModuleType("scmm.model.stage2")
     fake.Stage2Model = FakeStage2
-    monkeypatch.setitem(sys.modules, "finetune.model", fake)
+    monkeypatch.setitem(sys.modules, "scmm.model.stage2", fake)
     stage2 = tmp_path / "stage2"
     stage2.mkdir()
     (stage2 / "config.json").write_text("{}")
-    from model.package import package_model
+    from scmm.model.folders import package_model
     pkg = package_model(stage1, corpus, tmp_path / "pkg2", stage2=stage2)
     out = tmp_path / "d.h5ad"
     assert _cli("describe", str(pbmc_h5ad), "--model", str(pkg), "--out", str(out), "--chunk-size", "33",

@@ -16,11 +16,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import LlamaTokenizer
 
-from data_pipeline.store import Corpus
-from finetune.constrained import LabelTrie, cell_ontology_names, cell_ontology_trie
-from finetune.instructions import PROMPTS, TASKS, instruction_dataset, prompt_for, template_for
-from finetune.sequences import SequenceBuilder, encode_text
-from model.llm import (CELL_END, CELL_START, LlamaSize, LoraOptions, add_cell_tokens, apply_lora, build_llama,
+from scmm.data_pipeline.store import Corpus
+from scmm.model.constrained import LabelTrie, cell_ontology_names, cell_ontology_trie
+from scmm.data_pipeline.instructions import PROMPTS, TASKS, instruction_dataset, prompt_for, template_for
+from scmm.model.sequences import SequenceBuilder, encode_text
+from scmm.model.llm import (CELL_END, CELL_START, LlamaSize, LoraOptions, add_cell_tokens, apply_lora, build_llama,
                        load_lm, optimizer_param_groups, save_adapter, slot_token, train_tokenizer)
 from scmm.errors import ScmmError
 from tests.conftest import run_cli
@@ -33,7 +33,7 @@ LABELS = {"CL:0000084": ["T cell", "T-cell", "T lymphocyte"], "CL:0000236": ["B 
 
 
 def _ontology_sentences(n: int = 300) -> list[str]:
-    from data_pipeline.ontology import get_ontology
+    from scmm.data_pipeline.ontology import get_ontology
     terms = get_ontology()._parser.cxg_schema.ontology("CL")
     out = []
     for meta in list(terms.values())[:n]:
@@ -387,7 +387,7 @@ def _init_config(tmp_path: Path, corpus: Path, **train) -> Path:
 
 
 def test_init_lm_end_to_end(small_corpus: Path, tmp_path: Path) -> None:
-    from finetune.init_lm import init_lm, load_config
+    from scmm.finetune.init_lm import init_lm, load_config
     out = init_lm(load_config(_init_config(tmp_path, small_corpus)), progress=False)
     assert out == tmp_path / "lm"
     assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",

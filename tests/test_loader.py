@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.loader import CorpusLoader, LoaderConfig, binning
-from data_pipeline.store import Corpus
-from data_pipeline.vocab import GeneVocab
+from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig, binning
+from scmm.data_pipeline.store import Corpus
+from scmm.data_pipeline.vocab import GeneVocab
 
 VOCAB = GeneVocab.load()
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.ontology import Ontology, get_ontology, normalise_label, resolve_cell_types
-from data_pipeline.text import TEMPLATES, CellMetadata, describe, label_texts, metadata_from_obs, template_index
+from scmm.data_pipeline.ontology import Ontology, get_ontology, normalise_label, resolve_cell_types
+from scmm.data_pipeline.text import TEMPLATES, CellMetadata, describe, label_texts, metadata_from_obs, template_index
 
 ROOT = Path(__file__).resolve().parents[1]
 MONO = "CL:0001054"

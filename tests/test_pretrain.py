@@ -58,7 +58,7 @@ def test_two_ranks_loss_goes_down_and_model_exports(tmp_path: Path, small_corpus
     lrs = [r["lr"] for r in rows]
     assert lrs[:4] == pytest.approx([2e-3 / 3, 4e-3 / 3, 2e-3, 2e-3]) and lrs[-1] < lrs[4] < lrs[3]  # warmup, cosine
     # the exported folder loads without DeepSpeed and embeds cells
-    from model.aligner import CellTextAligner
+    from scmm.model.aligner import CellTextAligner
     model = CellTextAligner.from_pretrained(tmp_path / f"z{zero}" / "model")
     batch = {"gene_ids": torch.tensor([[model.vocab["<cls>"], model.vocab["CD3D"]]]), "values": torch.tensor([[0.0, 2.0]]),
              "padding_mask": torch.zeros(1, 2, dtype=torch.bool)}

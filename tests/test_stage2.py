@@ -21,9 +21,9 @@ N_QUERIES = 4
 def tiny_stage1(tmp_path_factory, small_corpus: Path) -> Path:
     from dataclasses import asdict
 
-    from data_pipeline.loader import LoaderConfig
-    from model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
-    from model.text_tower import TextTowerConfig
+    from scmm.data_pipeline.loader import LoaderConfig
+    from scmm.model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
+    from scmm.model.text_tower import TextTowerConfig
     torch.manual_seed(0)
     vocab = json.loads((small_corpus / "vocab.json").read_text())
     cfg = AlignerConfig(cell_tower=CellTowerOptions(d_model=32, nhead=2, d_hid=64, nlayers=1),
@@ -37,9 +37,9 @@ def tiny_stage1(tmp_path_factory, small_corpus: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory, small_corpus: Path) -> Path:
-    from data_pipeline.store import Corpus
-    from finetune.instructions import PROMPTS
-    from model.llm import LlamaSize, build_llama, train_tokenizer
+    from scmm.data_pipeline.store import Corpus
+    from scmm.data_pipeline.instructions import PROMPTS
+    from scmm.model.llm import LlamaSize, build_llama, train_tokenizer
     folder = tmp_path_factory.mktemp("lm") / "lm"
     corpus = Corpus(small_corpus)
     texts = [str(t) for s in corpus.iter_shards("train", columns=("text",)) for t in s.obs["text"]]
@@ -72,9 +72,9 @@ def _stage2_config(tmp_path: Path, corpus: Path, stage1: Path, lm: Path, out: st
 
 
 def _build(small_corpus: Path, tiny_stage1: Path, tiny_lm: Path, tmp_path: Path, bridge: dict | None = None):
-    from data_pipeline.store import Corpus
-    from finetune.model import Stage2Model
-    from finetune.train import PairBuilder, hvg_info, load_config
+    from scmm.data_pipeline.store import Corpus
+    from scmm.model.stage2 import Stage2Model
+    from scmm.finetune.train import PairBuilder, hvg_info, load_config
     cfg = load_config(str(_stage2_config(tmp_path, small_corpus, tiny_stage1, tiny_lm, "m", 1, bridge)))
     corpus = Corpus(small_corpus)
     hvg = hvg_info(corpus, cfg.hvg.n_top)
@@ -86,8 +86,8 @@ def _build(small_corpus: Path, tiny_stage1: Path, tiny_lm: Path, tmp_path: Path,
 
 
 def _loader_batch(corpus, stage1: Path, split: str = "train", batch_size: int = 8) -> dict:
-    from data_pipeline.loader import CorpusLoader
-    from finetune.train import stage1_loader_config
+    from scmm.data_pipeline.loader import CorpusLoader
+    from scmm.finetune.train import stage1_loader_config
     vocab = json.loads((stage1 / "cell_tower" / "vocab.json").read_text())
     cfg = stage1_loader_config(stage1, None, batch_size=batch_size, shuffle=False)
     return next(iter(CorpusLoader(corpus, split, cfg, vocab["<cls>"], vocab["<pad>"])))
@@ -107,7 +107,7 @@ def _fit(model, batch: dict, steps: int, lr: float) -> None:
 def test_bridge_mlps_keep_reading_their_input_when_every_preactivation_is_negative():
     """A LayerNorm before each GELU: a large negative shift of the first layer (what a few big steps can do)
     still leaves the decoder's and the projector's outputs depending on their input."""
-    from model.bridge import CellProjector, PseudoCellDecoder
+    from scmm.model.bridge import CellProjector, PseudoCellDecoder
     torch.manual_seed(0)
     dec = PseudoCellDecoder(n_queries=2, d_query=8, n_genes=5, hidden=16)
     proj = CellProjector(8, 12)
@@ -120,7 +120,7 @@ def test_bridge_mlps_keep_reading_their_input_when_every_preactivation_is_negati
 
 
 def test_forward_losses_finite_and_each_decreases(small_corpus, tiny_stage1, tiny_lm, tmp_path):
-    from finetune.model import LOSSES
+    from scmm.model.stage2 import LOSSES
     torch.set_num_threads(1)
     cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path)
     raw = _loader_batch(corpus, tiny_stage1)
@@ -206,7 +206,7 @@ def test_answer_mean_counts_each_answer_once(small_corpus, tiny_stage1, tiny_lm,
                                                ("refit", {"steps": -1}, "steps >= 0")])
 def test_stage2_config_rejects_bad_loss_and_refit_keys(small_corpus, tiny_stage1, tiny_lm, tmp_path, key, value,
                                                       message):
-    from finetune.train import load_config
+    from scmm.finetune.train import load_config
     from scmm.errors import ScmmError
     path = _stage2_config(tmp_path, small_corpus, tiny_stage1, tiny_lm, "bad", 1)
     cfg = yaml.safe_load(path.read_text())
@@ -218,7 +218,7 @@ def test_stage2_config_rejects_bad_loss_and_refit_keys(small_corpus, tiny_stage1
 
 def _pairs_loss(model, pairs) -> float:
     """decode_llm (MSE + 0.1 NLL) of the decoder on every training pair's mapped description."""
-    from model.bridge import decoder_loss
+    from scmm.model.bridge import decoder_loss
     with torch.no_grad():
         mean, log_std = model.decoder(model.mapped_states(pairs.text_pool)[pairs.text_index])
         return float(decoder_loss(mean, log_std, pairs.x, 0.1))
@@ -226,7 +226,7 @@ def _pairs_loss(model, pairs) -> float:
 
 def test_decoder_refit_trains_the_decoder_alone_on_each_description_once(small_corpus, tiny_stage1, tiny_lm,
                                                                           tmp_path):
-    from finetune.refit import RefitOptions, refit_decoder
+    from scmm.finetune.refit import RefitOptions, refit_decoder
     torch.set_num_threads(1)
     opts = RefitOptions(steps=150, batch_size=8, lr=1e-2, log_every=50)
     decoders = []
@@ -269,8 +269,8 @@ def trained_stage2(tmp_path_factory, small_corpus, tiny_stage1, tiny_lm) -> Path
 
 
 def test_save_reload_gives_identical_generation_and_pseudocells(trained_stage2, small_corpus, tiny_stage1):
-    from data_pipeline.store import Corpus
-    from finetune.model import Stage2Model
+    from scmm.data_pipeline.store import Corpus
+    from scmm.model.stage2 import Stage2Model
     for name in ("config.json", "bridge.safetensors", "hvg.json", "lora/adapter_config.json",
                  "lora/adapter_model.safetensors", "lm/config.json", "stage1/config.json", "stage1/loader.json"):
         assert (trained_stage2 / name).is_file(), name
@@ -292,7 +292,7 @@ def test_save_reload_gives_identical_generation_and_pseudocells(trained_stage2, 
 
 def test_reloaded_model_equals_the_trained_one(small_corpus, tiny_stage1, tiny_lm, tmp_path):
     """What the trainer holds and what from_pretrained rebuilds give the same losses and pseudo-cells."""
-    from finetune.model import Stage2Model
+    from scmm.model.stage2 import Stage2Model
     cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path)
     batch = pairs(_loader_batch(corpus, tiny_stage1), 0, 0)
     _fit(model, batch, steps=2, lr=1e-2)
@@ -338,7 +338,7 @@ def test_two_rank_deepspeed_steps_resume_exactly_and_export(tmp_path, small_corp
         for key in ("loss", "lm", "t2c", "decode_real", "decode_llm", "lr"):
             assert np.isfinite(ra[key])
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
-    from finetune.model import Stage2Model
+    from scmm.model.stage2 import Stage2Model
     models = [Stage2Model.from_pretrained(tmp_path / run / "model") for run in ("full", "split")]
     x = models[0].generate_pseudocells(["A B cell."], 2, seed=0)
     assert x.shape == (2, len(models[0].hvg["indices"])) and np.isfinite(x).all()
@@ -394,8 +394,8 @@ def test_scmm_generate_bad_input_is_one_error_line_and_writes_nothing(trained_st
 # --- the stage-2 model in the evaluation harness and in inference -------------------------------------------
 def test_eval_package_and_describe_use_the_stage2_model(trained_stage2, tiny_stage1, small_corpus, tmp_path):
     from conftest import make_adata
-    from eval.harness import evaluate
-    from model.package import package_model
+    from scmm.eval.harness import evaluate
+    from scmm.model.folders import package_model
     from scmm import api
     package = package_model(tiny_stage1, small_corpus, tmp_path / "package", stage2=trained_stage2)
     metrics = evaluate(package, small_corpus, tmp_path / "eval", progress=False)  # default: every task

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from data_pipeline import synth
-from data_pipeline.demo_data import BULK_LABEL_TO_CL, pbmc_demo_adata
-from data_pipeline.synth import CELL_TYPES, load_census_vocab, synthesize
+from scmm.data_pipeline import synth
+from scmm.data_pipeline.demo_data import BULK_LABEL_TO_CL, pbmc_demo_adata
+from scmm.data_pipeline.synth import CELL_TYPES, load_census_vocab, synthesize
 
 # measured: max |log1p(counts / n_counts * 1e4) - raw.X| = 5.0e-4 (raw.X is stored to 3 decimals)
 RAW_TOL = 6e-4

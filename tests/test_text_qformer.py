@@ -8,9 +8,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from model.losses import contrastive_loss, itm_loss
-from model.qformer import AlignmentHeads, QFormer, QFormerConfig
-from model.text_tower import TextTower, TextTowerConfig, default_text_model_path
+from scmm.model.losses import contrastive_loss, itm_loss
+from scmm.model.qformer import AlignmentHeads, QFormer, QFormerConfig
+from scmm.model.text_tower import TextTower, TextTowerConfig, default_text_model_path
 
 torch.set_num_threads(2)
 

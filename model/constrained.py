@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from data_pipeline.ontology import Ontology, get_ontology, normalise_label
-from finetune.sequences import encode_text
+from scmm.data_pipeline.ontology import Ontology, get_ontology, normalise_label
+from scmm.model.sequences import encode_text
 from scmm.errors import ScmmError
 
 if TYPE_CHECKING:

@@ -23,15 +23,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from data_pipeline.loader import CorpusLoader
-from data_pipeline.store import Corpus, label_keys
-from eval.pseudocell import REFERENCE_SPLITS
+from scmm.data_pipeline.loader import CorpusLoader
+from scmm.data_pipeline.store import Corpus, label_keys
+from scmm.eval.pseudocell import REFERENCE_SPLITS
 
 log = logging.getLogger("scmm.eval.stage2")
 
 
 def _loader(model, corpus: Corpus, split: str, batch_size: int) -> CorpusLoader:
-    from finetune.train import stage1_loader_config
+    from scmm.finetune.train import stage1_loader_config
     cfg = stage1_loader_config(model.stage1_path, None, shuffle=False, drop_last=False, batch_size=batch_size,
                                num_workers=0, even_ranks=False)
     vocab = model.aligner.vocab
@@ -71,8 +71,8 @@ def describe_split(model, corpus: Corpus, split: str = "test", constrained: bool
 
 def generation_metrics(result: dict[str, list], ontology=None) -> dict[str, float]:
     """``bleu4``, ``rougeL`` (descriptions vs the cells' texts), ``type_accuracy`` and ``ontology_score``."""
-    from eval.metrics import text_generation_metrics
-    from eval.ontology_score import mean_pair_score
+    from scmm.eval.metrics import text_generation_metrics
+    from scmm.eval.ontology_score import mean_pair_score
     out: dict[str, float] = {}
     if result["descriptions"]:
         text = text_generation_metrics(result["descriptions"], result["references"][:len(result["descriptions"])])
@@ -82,7 +82,7 @@ def generation_metrics(result: dict[str, list], ontology=None) -> dict[str, floa
     out["type_accuracy"] = float(np.mean(true == pred)) if len(true) else float("nan")
     out["valid_answer_rate"] = float(np.mean([p is not None for p in result["pred_cl"]])) if len(true) else 0.0
     if ontology is None:
-        from data_pipeline.ontology import get_ontology
+        from scmm.data_pipeline.ontology import get_ontology
         ontology = get_ontology()
     out["ontology_score"] = mean_pair_score(true, pred, ontology, "path") if len(true) else float("nan")
     out["n_cells"] = int(len(true))
@@ -138,8 +138,8 @@ def pseudocell_evaluation(model, corpus: Corpus, seed: int = 0, n_per_type: int 
     in expression-PCA space and in the stage-1 embedding space, with the class-mean reference and random baseline.
     ``reference_splits``: the real cells scored against (default val and test; val alone for tuning).
     """
-    from eval.harness import loader_config_for
-    from eval.pseudocell import pseudocell_report
+    from scmm.eval.harness import loader_config_for
+    from scmm.eval.pseudocell import pseudocell_report
     x, labels, _ = pseudocells_for_types(model, corpus, n_per_type=n_per_type, seed=seed)
     cfg = loader_cfg if loader_cfg is not None else loader_config_for(model.stage1_path)
     return pseudocell_report(corpus, x, labels, np.asarray(model.hvg["indices"], dtype=np.int64), k=k, seed=seed,
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     """python -m finetune.evaluate MODEL CORPUS [--split val] [--beams N]: print the stage-2 metrics as JSON."""
     import argparse
 
-    from finetune.model import Stage2Model
+    from scmm.model.stage2 import Stage2Model
     p = argparse.ArgumentParser()
     p.add_argument("model")
     p.add_argument("corpus")

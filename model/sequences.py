@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model.llm import CellTokens
+from scmm.model.llm import CellTokens
 from scmm.errors import ScmmError
 
 if TYPE_CHECKING:

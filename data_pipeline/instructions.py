@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Sequence
 
-from data_pipeline.ontology import get_ontology
-from data_pipeline.store import Corpus
+from scmm.data_pipeline.ontology import get_ontology
+from scmm.data_pipeline.store import Corpus
 from scmm.errors import ScmmError
 
 if TYPE_CHECKING:

@@ -36,7 +36,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from data_pipeline.vocab import check_coverage, map_genes
+from scmm.data_pipeline.vocab import check_coverage, map_genes
 from scmm.errors import ScmmError
 
 log = logging.getLogger("scmm.reader")
@@ -99,7 +99,7 @@ def _file_scan(source) -> Iterator[np.ndarray]:
 
 def open_input(data: Any, layer: str | None = None):
     """A chunked source over an h5ad path, a backed AnnData or an in-memory AnnData."""
-    from data_pipeline.h5ad import open_h5ad
+    from scmm.data_pipeline.h5ad import open_h5ad
     if isinstance(data, (str, Path)):
         return open_h5ad(data, layer)
     if getattr(data, "isbacked", False):
@@ -139,7 +139,7 @@ class GenePlan:
 def plan_genes(var: pd.DataFrame, model, gene_column: str | None = None,
                min_coverage: float = DEFAULT_MIN_COVERAGE, where: str = "input") -> GenePlan:
     """Map the input genes to the model (see the module docstring); logs coverage; too low is an error."""
-    from data_pipeline.vocab import GeneVocab
+    from scmm.data_pipeline.vocab import GeneVocab
     if not 0.0 <= min_coverage <= 1.0:
         raise ScmmError("--min-gene-coverage must be between 0 and 1")
     vocab = GeneVocab(dict(model.vocab), name="model")
@@ -181,7 +181,7 @@ def _cell_rng(seed: int, row: int) -> np.random.Generator:
 
 def encode_block(block: sp.csr_matrix, plan: GenePlan, normalization: str, cfg, start: int) -> sp.csr_matrix:
     """A raw chunk -> CSR over the plan's genes (vocab order) holding the model's input values."""
-    from data_pipeline.loader import binning
+    from scmm.data_pipeline.loader import binning
     sub = block[:, plan.columns].tocsr()
     sub.eliminate_zeros()
     sub.sort_indices()

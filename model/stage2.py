@@ -36,9 +36,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.bridge import (BridgeOptions, CellProjector, PseudoCellDecoder, QueryNorm, TextToCellHead, decoder_loss,
+from scmm.model.bridge import (BridgeOptions, CellProjector, PseudoCellDecoder, QueryNorm, TextToCellHead, decoder_loss,
                           t2c_loss)
-from model.cell_tower import atomic_write_folder
+from scmm.model.cell_tower import atomic_write_folder
 from scmm.errors import ScmmError
 
 log = logging.getLogger("scmm.stage2")
@@ -106,7 +106,7 @@ class Stage2Model(nn.Module):
     def __init__(self, config: Stage2ModelConfig, aligner, lm, tokenizer, cell_tokens, hvg: dict,
                  lm_path: str | Path, stage1_path: str | Path):
         super().__init__()
-        from finetune.sequences import SequenceBuilder
+        from scmm.model.sequences import SequenceBuilder
         self.config = config
         self.aligner, self.lm, self.tokenizer, self.cell_tokens = aligner, lm, tokenizer, cell_tokens
         self.hvg = {"indices": [int(i) for i in hvg["indices"]], "symbols": [str(s) for s in hvg["symbols"]],
@@ -149,8 +149,8 @@ class Stage2Model(nn.Module):
     def build(cls, config: Stage2ModelConfig, stage1: str | Path, lm_path: str | Path, hvg: dict,
               init_profiles: torch.Tensor | None = None) -> "Stage2Model":
         """A fresh stage-2 model for training from a stage-1 folder and a base LLM folder."""
-        from model.aligner import CellTextAligner
-        from model.llm import LoraOptions, add_cell_tokens, apply_lora, load_lm
+        from scmm.model.aligner import CellTextAligner
+        from scmm.model.llm import LoraOptions, add_cell_tokens, apply_lora, load_lm
         aligner = CellTextAligner.from_pretrained(stage1).float()
         lm, tokenizer = load_lm(str(lm_path), _dtype(config.lm_dtype))
         cell_tokens = add_cell_tokens(tokenizer, lm, aligner.qformer.num_queries)
@@ -265,7 +265,7 @@ class Stage2Model(nn.Module):
     def param_groups(self, weight_decay: float, lr: float) -> list[dict]:
         """AdamW groups: LLM/stage-1 weights as `model.llm.optimizer_param_groups` (no decay on embeddings),
         the bridge modules at `lr * bridge.lr_scale`."""
-        from model.llm import optimizer_param_groups
+        from scmm.model.llm import optimizer_param_groups
         bridge = {id(p) for m in (self.projector, self.t2c_head, self.decoder) for p in m.parameters()}
         rest = [(n, p) for n, p in self.named_parameters() if id(p) not in bridge]
         groups = []
@@ -289,7 +289,7 @@ class Stage2Model(nn.Module):
         ``constrained`` (cell_type task): decoding follows a prefix tree over the Cell Ontology's labels and
         synonyms, so the answer is always a valid CL term.
         """
-        from finetune.instructions import prompt_for
+        from scmm.data_pipeline.instructions import prompt_for
         self.eval()
         device = self.device
         query, cell = self.encode(batch["gene_ids"], batch["values"], batch["padding_mask"])
@@ -318,7 +318,7 @@ class Stage2Model(nn.Module):
     def label_trie(self):
         """The Cell Ontology prefix tree over this tokenizer (built once)."""
         if getattr(self, "_trie", None) is None:
-            from finetune.constrained import cell_ontology_trie
+            from scmm.model.constrained import cell_ontology_trie
             self._trie = cell_ontology_trie(self.tokenizer)
         return self._trie
 
@@ -397,8 +397,8 @@ class Stage2Model(nn.Module):
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "Stage2Model":
         """Load a stage-2 folder for inference (eval mode, no DeepSpeed)."""
         from scmm.config import from_dict
-        from model.aligner import CellTextAligner
-        from model.llm import add_cell_tokens, load_lm
+        from scmm.model.aligner import CellTextAligner
+        from scmm.model.llm import add_cell_tokens, load_lm
         folder = Path(folder)
         try:
             raw = json.loads((folder / "config.json").read_text())

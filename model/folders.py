@@ -78,8 +78,8 @@ def fingerprint(stage1_files: dict[str, str], loader_cfg) -> str:
 # --- labels -----------------------------------------------------------------------------------------
 def corpus_labels(corpus) -> list[dict]:
     """Candidate labels of a corpus, with the texts of their prototypes (as :mod:`eval.annotate` builds them)."""
-    from data_pipeline.ontology import get_ontology
-    from data_pipeline.text import label_texts
+    from scmm.data_pipeline.ontology import get_ontology
+    from scmm.data_pipeline.text import label_texts
     ontology = get_ontology()
     out = []
     for key in corpus.cell_types:
@@ -131,7 +131,7 @@ class ScmmModel:
                 raise ScmmError(f"model {self.folder} has no stage-2 part (LLM bridge): describing cells needs a "
                                 f"package made with `scmm package ... --stage2 DIR`")
             try:
-                from finetune.model import Stage2Model
+                from scmm.model.stage2 import Stage2Model
             except ImportError as exc:
                 raise ScmmError(f"the stage-2 code is not available in this installation ({exc})") from None
             self._stage2 = Stage2Model.from_pretrained(self.stage2_folder)
@@ -148,7 +148,7 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _load_aligner(folder: Path):
-    from model.aligner import CellTextAligner
+    from scmm.model.aligner import CellTextAligner
     if not (folder / "config.json").is_file():
         raise ScmmError(f"{folder} is not an scmm model folder (no config.json)")
     return CellTextAligner.from_pretrained(folder).float().eval()
@@ -192,7 +192,7 @@ def load_model(folder: str | os.PathLike, verify: bool = True) -> ScmmModel:
     weights) is a :class:`ScmmError`.
     """
     import numpy as np
-    from eval.harness import loader_config_for
+    from scmm.eval.harness import loader_config_for
 
     folder = Path(folder)
     if not folder.exists():
@@ -229,7 +229,7 @@ def load_model(folder: str | os.PathLike, verify: bool = True) -> ScmmModel:
     labels = panel = None
     corpus_dir = _find_run_corpus(folder)
     if corpus_dir is not None:
-        from data_pipeline.store import Corpus
+        from scmm.data_pipeline.store import Corpus
         corpus = Corpus(corpus_dir)
         labels = corpus_labels(corpus)
         panel = np.asarray(corpus.gene_vocab_ids, dtype=np.int64)
@@ -267,7 +267,7 @@ def _model_card(manifest: dict, corpus_manifest: dict, labels: list[dict], metri
     lines += ["", "## Evaluation", ""]
     if metrics:
         try:
-            from eval.report import main_table, retrieval_table
+            from scmm.eval.report import main_table, retrieval_table
             lines += [main_table(metrics), ""]
             if metrics.get("annotation") and metrics.get("retrieval"):
                 lines += ["Retrieval:", "", retrieval_table(metrics), ""]
@@ -304,8 +304,8 @@ def package_model(stage1: Path, corpus: Path, out: Path, stage2: Path | None = N
                   metrics: Path | None = None) -> Path:
     """Write the packaged model folder ``out`` (see the module docstring); returns ``out``."""
     import scmm
-    from data_pipeline.store import Corpus
-    from eval.harness import _check_vocab, _find_loader_config
+    from scmm.data_pipeline.store import Corpus
+    from scmm.eval.harness import _check_vocab, _find_loader_config
 
     stage1, corpus_dir, out = Path(stage1), Path(corpus), Path(out)
     if not stage1.is_dir():
