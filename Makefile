@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE = 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint bench bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,17 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+# lint-imports checks the layers of DESIGN.md on the installed layout (scmm.model is model/, ...): it reads a
+# folder of links that mirrors the package as it installs; ruff checks style and that imports sit at the top.
+lint: setup
+	@view=$$(mktemp -d) && mkdir "$$view/scmm" && ln -s $(CURDIR)/scmm/*.py "$$view/scmm/" && \
+	for d in data_pipeline model eval pretrain finetune; do ln -s $(CURDIR)/$$d "$$view/scmm/$$d"; done && \
+	PYTHONPATH="$$view" $(VENV)/bin/lint-imports .importlinter; status=$$?; rm -rf "$$view"; exit $$status
+	$(VENV)/bin/ruff check .
 
 bench: setup
 	$(PY) benchmarks/bench_loader.py

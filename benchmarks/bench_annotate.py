@@ -20,9 +20,8 @@ included) and the embedding rate the command logs (``embedded N cells in T s (R 
 Writes ``<out>/bench_annotate.json``. The CPU of the machine this ran on may be shared: compare figures from
 one run, not across machines.
 
-Precision: ``--precision auto`` is fp32 on CPU because bf16 autocast was measured slower there for the demo
-model size (700 PBMCs, batch 64, 2 threads, interleaved x3: fp32 20-27 cells/s, bf16 17-22 cells/s on a
-shared CPU); pass ``--precision bf16`` to the bench to re-check on another machine.
+Precision: ``--precision auto`` is fp32 on CPU (the measurement behind it is in BENCHMARKS.md); pass
+``--precision bf16`` to re-check on another machine.
 """
 from __future__ import annotations
 
@@ -39,14 +38,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-SIZES = {
-    "tiny": dict(cell=dict(d_model=16, nhead=2, d_hid=32, nlayers=1), q=dict(num_queries=2, num_layers=1, embed_dim=16)),
-    "demo": dict(cell=dict(d_model=128, nhead=4, d_hid=256, nlayers=4, attn_dropout=0.0),
-                 q=dict(num_queries=8, num_layers=2, embed_dim=128)),
-}
-
 
 def _run(cmd: list[str], env=None) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -56,14 +47,9 @@ def _run(cmd: list[str], env=None) -> None:
 
 def prepare(out: Path, cells: int, genes: int, corpus_cells: int, size: str, fresh: bool) -> tuple[Path, Path]:
     import anndata as ad
-    import torch
+    from common import save_untrained_stage1
     from scmm.data_pipeline.build import BuildConfig, build_corpus
-    from scmm.data_pipeline.loader import LoaderConfig
-    from scmm.data_pipeline.store import Corpus
-    from scmm.eval.annotate import corpus_label_texts
-    from scmm.model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
-    from scmm.model.folders import package_model
-    from scmm.model.text_tower import TextTowerConfig
+    from scmm.package import package_model
 
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"synth_{cells}x{genes}.h5ad"
@@ -80,17 +66,9 @@ def prepare(out: Path, cells: int, genes: int, corpus_cells: int, size: str, fre
         corpus = out / f"annotate_corpus_{genes}"
         shutil.rmtree(corpus, ignore_errors=True)
         build_corpus(BuildConfig(inputs=[small], out=corpus, shard_size=1000, progress=False))
-        torch.manual_seed(0)
-        vocab = json.loads((corpus / "vocab.json").read_text())
-        s = SIZES[size]
-        cfg = AlignerConfig(cell_tower=CellTowerOptions(**s["cell"]), text_tower=TextTowerConfig(freeze=True),
-                            qformer=QFormerOptions(**s["q"]))
-        model = CellTextAligner(cfg, vocab)
-        model.set_text_center(corpus_label_texts(Corpus(corpus)))
         stage1 = out / f"annotate_stage1_{size}" / "model"
         shutil.rmtree(stage1.parent, ignore_errors=True)
-        model.save_pretrained(stage1)
-        (stage1 / "loader.json").write_text(json.dumps(asdict(LoaderConfig(n_bins=0))))
+        save_untrained_stage1(corpus, stage1, size)
         package_model(stage1, corpus, pkg)
     return data, pkg
 

@@ -71,21 +71,8 @@ def prepare(out: Path, total_cells: int, genes: int, fresh: bool) -> tuple[Path,
                                  overwrite=True))
         print(f"build: {time.perf_counter() - t:.0f} s", flush=True)
     if not (model_dir / "config.json").is_file():
-        import torch
-
-        from scmm.data_pipeline.store import Corpus
-        from scmm.eval.annotate import corpus_label_texts
-        from scmm.model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
-        from scmm.model.text_tower import TextTowerConfig
-        torch.manual_seed(0)
-        vocab = json.loads((corpus / "vocab.json").read_text())
-        cfg = AlignerConfig(cell_tower=CellTowerOptions(d_model=64, nhead=4, d_hid=128, nlayers=2, dropout=0.0),
-                            text_tower=TextTowerConfig(freeze=True, max_length=128),
-                            qformer=QFormerOptions(num_queries=8, num_layers=1, embed_dim=256))
-        model = CellTextAligner(cfg, vocab)
-        model.set_text_center(corpus_label_texts(Corpus(corpus)))
-        model.save_pretrained(model_dir)
-        (model_dir / "loader.json").write_text(json.dumps({"n_bins": 0, "max_len": 1200}))
+        from common import save_untrained_stage1
+        save_untrained_stage1(corpus, model_dir, "small")
     return corpus, model_dir
 
 
@@ -96,9 +83,10 @@ def measure(corpus_dir: Path, model_dir: Path, embed_cells: int | None = None) -
 
     from scmm.data_pipeline.ontology import get_ontology
     from scmm.data_pipeline.store import Corpus
-    from scmm.eval.annotate import embed_split, label_prototypes, predict_by_text
+    from scmm.eval.annotate import Candidates, embed_split, label_prototypes, predict_by_text
     from scmm.eval.baselines import knn_smoothing, run_corpus_baselines, smoothing_k
-    from scmm.eval.harness import _load_model, _text_features, loader_config_for
+    from scmm.eval.harness import _text_features
+    from scmm.model.aligner import CellTextAligner
     from scmm.eval.metrics import annotation_metrics
     from scmm.eval.retrieval import retrieval_metrics
 
@@ -114,21 +102,18 @@ def measure(corpus_dir: Path, model_dir: Path, embed_cells: int | None = None) -
     mark("start", t_all)
     t = time.perf_counter()
     corpus = Corpus(corpus_dir)
-    model = _load_model(model_dir)
-    cfg = loader_config_for(model_dir)
+    model = CellTextAligner.from_pretrained(model_dir)
     ontology = get_ontology()
     mark("load", t)
 
     t = time.perf_counter()
     mode = "full"
     if embed_cells:
-        from dataclasses import replace as dc_replace
-
-        from scmm.data_pipeline.loader import CorpusLoader
-        from scmm.eval.annotate import Embedded, inference_loader_config
+        from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
+        from scmm.eval.annotate import Embedded
         from scmm.eval.harness import _split_cells
         ids, labels = _split_cells(corpus, "test")
-        loader = CorpusLoader(corpus, "test", inference_loader_config(cfg), model.vocab["<cls>"], model.vocab["<pad>"])
+        loader = CorpusLoader(corpus, "test", LoaderConfig.inference(), model.encoding, model.vocab, training=False)
         parts, texts, done = [], [], 0
         with torch.no_grad():
             for batch in loader:  # the model on the first embed_cells cells only (throughput)
@@ -147,17 +132,17 @@ def measure(corpus_dir: Path, model_dir: Path, embed_cells: int | None = None) -
         mark("embed", t, cells=n, model_cells=len(measured), model_cells_per_s=rate, mode=mode)
     else:
         with torch.no_grad():
-            emb = embed_split(model, corpus, "test", cfg, progress=False)
+            emb = embed_split(model, corpus, "test", progress=False)
         n = len(emb.cell_ids)
         mark("embed", t, cells=n, cells_per_s=round(n / (time.perf_counter() - t), 1))
 
     t = time.perf_counter()
-    candidates = corpus.cell_types
+    candidates = Candidates.from_corpus(corpus)
     protos = label_prototypes(model, candidates)
     best, sim = predict_by_text(emb.embeddings, protos)
-    pred = np.asarray(candidates, dtype=object)[best]
+    pred = np.asarray(candidates.keys, dtype=object)[best]
     y_true = np.asarray(emb.labels, dtype=object)
-    ann = annotation_metrics(y_true, pred, ontology, labels=candidates)
+    ann = annotation_metrics(y_true, pred, ontology, labels=candidates.keys)
     mark("annotate", t, accuracy=round(ann["accuracy"], 4), ontology_score=round(ann["ontology_score"], 4))
 
     t = time.perf_counter()

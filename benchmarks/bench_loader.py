@@ -86,13 +86,12 @@ def ensure_data(out: Path, n_cells: int, n_genes: int, fresh: bool, shard_size: 
 # scmm
 # --------------------------------------------------------------------------------------------------
 def scmm_batches(corpus: Path, batch_size: int, max_len: int, num_workers: int, seed: int, shuffle_buffer: int):
+    from scmm.data_pipeline.encoding import CellEncoding
     from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
     from scmm.data_pipeline.vocab import GeneVocab
 
-    vocab = GeneVocab.load()
-    cfg = LoaderConfig(batch_size=batch_size, max_len=max_len, n_bins=51, num_workers=num_workers, seed=seed,
-                       shuffle_buffer=shuffle_buffer)
-    loader = CorpusLoader(str(corpus), "train", cfg, vocab.cls_id, vocab.pad_id)
+    cfg = LoaderConfig(batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer)
+    loader = CorpusLoader(str(corpus), "train", cfg, CellEncoding(max_len=max_len, n_bins=51), GeneVocab.load())
     for batch in loader:
         yield batch["gene_ids"].shape[0], batch
 
@@ -149,7 +148,7 @@ class BackedBaseline:
 
     def collate(self, X, idx: np.ndarray, rng: np.random.Generator) -> dict:
         """CSR rows of the cells `idx` -> padded scGPT-style batch."""
-        from scmm.data_pipeline.loader import binning
+        from scmm.data_pipeline.encoding import binning
 
         keep = self.max_len - 1
         genes_list, values_list = [], []

@@ -347,7 +347,7 @@ def build_corpus(cfg: BuildConfig) -> dict:
         manifest = _manifest(cfg, writer.entries, writer.cell_types, vocab, panel_ids, plan.group_by,
                              normalization, n_dropped_empty, int((~keep_all).sum()), file_reports)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        publish_dir(tmp, out)  # --overwrite: the old corpus is swapped out, then deleted
+        publish_dir(tmp, out, marker="manifest.json")  # --overwrite: the old corpus is swapped out, then deleted
     except BaseException:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)

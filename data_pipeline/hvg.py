@@ -1,8 +1,8 @@
 """Highly variable genes of a corpus split, and log1p CP10k expression profiles, both read shard by shard.
 
 **Normalisation.** A cell's log1p CP10k profile is ``log1p(x / total * 1e4)`` where ``total`` is the cell's count
-over the *whole* corpus gene panel (before any gene subset), exactly as the loader does it
-(``data_pipeline.loader._Collator.cell``) for corpora of counts (``manifest['normalization'] == 'counts'``).
+over the *whole* corpus gene panel (before any gene subset):
+:func:`scmm.data_pipeline.encoding.log1p_normalize`, as a model reads a corpus of counts.
 Corpora built from log-normalised input (``'log1p'``) are used as stored.
 
 **Highly variable genes** (:func:`hvg_panel`): the same statistic as scanpy's
@@ -27,35 +27,18 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from scmm.data_pipeline.encoding import log1p_normalize
 from scmm.data_pipeline.store import Corpus, label_keys
 
-__all__ = ["hvg_panel", "log1p_profiles", "iter_log1p_profiles", "normalise_log1p", "seurat_dispersion_norm", "TARGET_SUM"]
+__all__ = ["hvg_panel", "log1p_profiles", "iter_log1p_profiles", "seurat_dispersion_norm", "TARGET_SUM"]
 
 TARGET_SUM = 1e4
 N_BINS = 20
 
 
-def _cp10k(matrix: sp.csr_matrix, normalization: str) -> sp.csr_matrix:
-    """CP10k (linear, not logged) values of a CSR shard as float64 CSR (a copy)."""
-    m = sp.csr_matrix(matrix, dtype=np.float64, copy=True)
-    if normalization == "log1p":
-        np.expm1(m.data, out=m.data)
-        return m
-    if normalization != "counts":
-        raise ValueError(f"unknown corpus normalization {normalization!r}")
-    totals = np.asarray(m.sum(axis=1)).ravel()
-    scale = np.where(totals > 0, TARGET_SUM / np.maximum(totals, 1e-12), 0.0)
-    m.data *= np.repeat(scale, np.diff(m.indptr))
-    return m
-
-
-def normalise_log1p(matrix: sp.csr_matrix, normalization: str) -> sp.csr_matrix:
-    """log1p CP10k of a CSR shard over the whole panel (counts), or the stored values (log1p): float32 CSR."""
-    if normalization == "log1p":
-        return sp.csr_matrix(matrix, dtype=np.float32, copy=True)
-    m = _cp10k(matrix, normalization)
-    np.log1p(m.data, out=m.data)
-    return m.astype(np.float32)
+def _log1p(corpus: Corpus, matrix: sp.csr_matrix, dtype: type = np.float32) -> sp.csr_matrix:
+    """log1p CP10k of a shard over the whole corpus panel (the loader's normalisation)."""
+    return log1p_normalize(matrix, corpus.manifest.get("normalization", "counts"), TARGET_SUM, dtype)
 
 
 def _shard_moments(m: sp.csr_matrix) -> tuple[int, np.ndarray, np.ndarray]:
@@ -112,12 +95,13 @@ def hvg_panel(corpus: Corpus, n_top: int = 2000, split: str = "train") -> np.nda
         return np.arange(n_genes, dtype=np.int64)
     if n_top < 1:
         raise ValueError(f"n_top must be >= 1, got {n_top}")
-    normalization = corpus.manifest.get("normalization", "counts")
     n_tot, mean, m2 = 0, np.zeros(n_genes), np.zeros(n_genes)
     for shard in corpus.iter_shards(split, columns=()):
         if shard.n_cells == 0:
             continue
-        n_b, mean_b, m2_b = _shard_moments(_cp10k(shard.matrix, normalization))
+        cp10k = _log1p(corpus, shard.matrix, np.float64)
+        np.expm1(cp10k.data, out=cp10k.data)  # scanpy's seurat flavour undoes the log
+        n_b, mean_b, m2_b = _shard_moments(cp10k)
         n_new = n_tot + n_b
         delta = mean_b - mean
         mean = mean + delta * (n_b / n_new)
@@ -144,7 +128,6 @@ def log1p_profiles(corpus: Corpus, split: str, genes: np.ndarray, max_cells: int
     genes = np.asarray(genes, dtype=np.int64)
     if genes.ndim != 1 or (genes.size and (genes.min() < 0 or genes.max() >= corpus.n_genes)):
         raise ValueError(f"genes must be 1-D corpus gene indices in [0, {corpus.n_genes})")
-    normalization = corpus.manifest.get("normalization", "counts")
     entries = corpus.shards(split)
     n_cells = sum(int(e["n_cells"]) for e in entries)
     keep = None
@@ -163,7 +146,7 @@ def log1p_profiles(corpus: Corpus, split: str, genes: np.ndarray, max_cells: int
         if sel is not None and sel.size == 0:
             continue
         shard = corpus.read_shard(entry["name"], columns=("cell_id", "cell_type_ontology_term_id", "cell_type"))
-        m = normalise_log1p(shard.matrix, normalization)
+        m = _log1p(corpus, shard.matrix)
         cell_ids = shard.obs["cell_id"]
         keys = label_keys(shard.obs["cell_type_ontology_term_id"], shard.obs["cell_type"])
         if sel is not None:
@@ -185,8 +168,7 @@ def iter_log1p_profiles(corpus: Corpus, split: str, genes: np.ndarray):
     genes = np.asarray(genes, dtype=np.int64)
     if genes.ndim != 1 or (genes.size and (genes.min() < 0 or genes.max() >= corpus.n_genes)):
         raise ValueError(f"genes must be 1-D corpus gene indices in [0, {corpus.n_genes})")
-    normalization = corpus.manifest.get("normalization", "counts")
     for shard in corpus.iter_shards(split, columns=("cell_id", "cell_type_ontology_term_id", "cell_type")):
-        m = normalise_log1p(shard.matrix, normalization)[:, genes]
+        m = _log1p(corpus, shard.matrix)[:, genes]
         keys = label_keys(shard.obs["cell_type_ontology_term_id"], shard.obs["cell_type"])
         yield m.toarray(), [str(c) for c in shard.obs["cell_id"]], [str(k) for k in keys]

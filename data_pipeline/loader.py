@@ -1,4 +1,4 @@
-"""Streaming, resumable loader over a corpus: scGPT-style padded batches.
+"""Streaming, resumable loader over a corpus: padded cell-tower batches.
 
 Every (rank, dataloader worker) pair is one *stream*. Per epoch the shard order is shuffled with
 the seed, shards are dealt to the streams of all ranks round-robin, and each stream's cells are
@@ -7,17 +7,22 @@ window are held in memory. The whole order is a pure function of (manifest, seed
 which is what makes resuming exact: the loader's state is the epoch, the number of cells each of
 its streams has delivered, and which stream delivers next (torch's DataLoader serves workers
 round-robin, so on resume the streams are rotated onto the workers to keep that order).
-"""
-from __future__ import annotations
 
+How a cell becomes model input is not the loader's business: the model's
+:class:`~scmm.data_pipeline.encoding.CellEncoding` decides it and :func:`~scmm.data_pipeline.encoding.encode_cells`
+does it, with one generator per batch (seeded by seed, epoch, stream and position, so resume is exact).
+"""
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from scmm.data_pipeline.encoding import CellEncoding, encode_cells
 from scmm.data_pipeline.store import Corpus, label_keys
+from scmm.data_pipeline.vocab import GeneVocab
 from scmm.errors import ScmmError
 
 TEXT_COLUMNS = ("cell_id", "text", "cell_type_ontology_term_id", "cell_type", "tissue", "disease")
@@ -25,49 +30,24 @@ TEXT_COLUMNS = ("cell_id", "text", "cell_type_ontology_term_id", "cell_type", "t
 
 @dataclass
 class LoaderConfig:
-    """How cells become batches. `n_bins` > 0 gives scGPT value binning, 0 continuous log1p values."""
+    """How the cells of a split are batched and shuffled (YAML key ``loader``)."""
 
     batch_size: int = 32
-    max_len: int = 1200  # including <cls>
-    n_bins: int = 51
-    pad_value: float = -2.0
     shuffle: bool = True
     shuffle_buffer: int = 4096
     seed: int = 0
     num_workers: int = 0
     drop_last: bool = True
     even_ranks: bool = True  # every rank yields the same number of batches (needed by data parallelism)
-    target_sum: float = 1e4
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.shuffle_buffer < 1 or self.num_workers < 0:
+            raise ValueError("loader.batch_size and shuffle_buffer must be >= 1, num_workers >= 0")
 
-_BIN_PLANS: dict[tuple[int, int], tuple] = {}
-
-
-def binning(values: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.ndarray:
-    """scGPT value binning of one cell's non-zero values into 1..n_bins-1 by the cell's own quantiles.
-
-    Same result as upstream's `np.quantile` edges + two `np.digitize` calls, computed from one sort
-    (numpy's linear-interpolation quantile formula, with its interpolation weights cached per cell
-    size). Ties between bin edges are spread uniformly as upstream does, but with a seeded generator.
-    """
-    n = values.size
-    if n == 0:
-        return values.astype(np.float32)
-    plan = _BIN_PLANS.get((n, n_bins))
-    if plan is None:
-        position = np.linspace(0, 1, n_bins - 1) * (n - 1)
-        lo = np.floor(position).astype(np.intp)
-        frac = position - lo
-        plan = (lo, np.minimum(lo + 1, n - 1), frac, frac >= 0.5)
-        if len(_BIN_PLANS) < 100_000:  # one small entry per distinct number of expressed genes
-            _BIN_PLANS[(n, n_bins)] = plan
-    lo, hi, frac, upper = plan
-    ordered = np.sort(values)
-    a, b = ordered[lo], ordered[hi]
-    edges = np.where(upper, b - (b - a) * (1 - frac), a + (b - a) * frac)  # numpy's own lerp
-    left = np.searchsorted(edges, values, side="right")  # np.digitize(values, edges)
-    right = np.searchsorted(edges, values, side="left")  # np.digitize(values, edges, right=True)
-    return np.ceil(rng.random(n) * (right - left) + left).astype(np.float32)
+    @classmethod
+    def inference(cls, batch_size: int = 64) -> "LoaderConfig":
+        """Every cell once, in corpus order."""
+        return cls(batch_size=batch_size, shuffle=False, drop_last=False, even_ranks=False)
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -94,51 +74,22 @@ def stream_order(sizes: np.ndarray, shards: np.ndarray, seed: int, epoch: int, s
     return pairs
 
 
-class _Collator:
-    """Cells -> scGPT inputs: `<cls>` + expressed genes (sampled down to max_len - 1), values, padding."""
+@dataclass
+class _Encoder:
+    """What a stream needs to turn cells into model input."""
 
-    def __init__(self, cfg: LoaderConfig, gene_vocab_ids: np.ndarray, cls_id: int, pad_id: int,
-                 normalization: str, label_index: dict[str, int]):
-        self.cfg, self.gene_vocab_ids, self.cls_id, self.pad_id = cfg, gene_vocab_ids, cls_id, pad_id
-        self.normalization, self.label_index = normalization, label_index
-
-    def cell(self, indices: np.ndarray, data: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        values = data.astype(np.float64)
-        if self.normalization == "counts":
-            values = np.log1p(values / max(values.sum(), 1e-12) * self.cfg.target_sum)
-        if self.cfg.n_bins > 0:
-            values = binning(values, self.cfg.n_bins, rng)
-        keep = self.cfg.max_len - 1
-        if len(indices) > keep:
-            pick = np.sort(rng.choice(len(indices), keep, replace=False))
-            indices, values = indices[pick], values[pick]
-        genes = np.concatenate([[self.cls_id], self.gene_vocab_ids[indices]])
-        return genes, np.concatenate([[0.0], values]).astype(np.float32)
-
-    def batch(self, cells: list[tuple[np.ndarray, np.ndarray]], obs: list[dict]) -> dict:
-        length = max(len(g) for g, _ in cells)
-        n = len(cells)
-        gene_ids = np.full((n, length), self.pad_id, dtype=np.int64)
-        values = np.full((n, length), self.cfg.pad_value, dtype=np.float32)
-        for i, (g, v) in enumerate(cells):
-            gene_ids[i, :len(g)], values[i, :len(v)] = g, v
-        gene_ids_t = torch.from_numpy(gene_ids)
-        out = {"gene_ids": gene_ids_t, "values": torch.from_numpy(values), "padding_mask": gene_ids_t == self.pad_id,
-               "labels": torch.tensor([self.label_index.get(k, -1) for k in label_keys(
-                   [o["cell_type_ontology_term_id"] for o in obs], [o["cell_type"] for o in obs])])}
-        for key in TEXT_COLUMNS:
-            out[key] = [o[key] for o in obs]
-        return out
+    encoding: CellEncoding
+    vocab: GeneVocab
+    training: bool
 
 
 class CorpusStream(IterableDataset):
     """The cells of one split for this rank, as batches; iterated by a DataLoader's workers."""
 
-    def __init__(self, corpus_path: str, split: str, cfg: LoaderConfig, rank: int, world_size: int,
-                 epoch: int, start: list[int], rotation: int, vocab_ids: tuple[int, int]):
-        self.corpus_path, self.split, self.cfg = corpus_path, split, cfg
+    def __init__(self, corpus_path: str, split: str, cfg: LoaderConfig, encoder: _Encoder, rank: int,
+                 world_size: int, epoch: int, start: list[int], rotation: int):
+        self.corpus_path, self.split, self.cfg, self.encoder = corpus_path, split, cfg, encoder
         self.rank, self.world_size, self.epoch, self.start, self.rotation = rank, world_size, epoch, start, rotation
-        self.cls_id, self.pad_id = vocab_ids
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -153,8 +104,7 @@ class CorpusStream(IterableDataset):
                                   self.cfg.shuffle)[stream]
         order = stream_order(sizes, shards, self.cfg.seed, self.epoch, stream, self.cfg.shuffle,
                              self.cfg.shuffle_buffer)
-        collator = _Collator(self.cfg, corpus.gene_vocab_ids, self.cls_id, self.pad_id,
-                             corpus.manifest["normalization"], {c: i for i, c in enumerate(corpus.cell_types)})
+        labels = {c: i for i, c in enumerate(corpus.cell_types)}
         pos = self.start[local]
         remaining = np.bincount(order[pos:, 0], minlength=len(entries))  # cells still due, per shard
         cache: dict[int, object] = {}
@@ -163,19 +113,30 @@ class CorpusStream(IterableDataset):
             end = min(pos + bs, len(order))
             if end - pos < bs and self.cfg.drop_last:
                 return
-            cells, obs = [], []
-            rng = _rng(self.cfg.seed, self.epoch, 2, stream, pos)  # one generator per batch: resume starts at batches
+            indices, data, obs = [], [], []
             for shard_idx, row in order[pos:end]:
                 if shard_idx not in cache:
                     cache[shard_idx] = corpus.read_shard(entries[shard_idx]["name"], columns=TEXT_COLUMNS)
                 shard = cache[shard_idx]
                 lo, hi = shard.matrix.indptr[row], shard.matrix.indptr[row + 1]
-                cells.append(collator.cell(shard.matrix.indices[lo:hi], shard.matrix.data[lo:hi], rng))
+                indices.append(shard.matrix.indices[lo:hi])
+                data.append(shard.matrix.data[lo:hi])
                 obs.append({k: shard.obs[k][row] for k in TEXT_COLUMNS})
                 remaining[shard_idx] -= 1
                 if remaining[shard_idx] == 0:
                     del cache[shard_idx]  # every cell of it delivered: memory stays bounded
-            batch = collator.batch(cells, obs)
+            indptr = np.concatenate([[0], np.cumsum([len(i) for i in indices])])
+            cells = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr),
+                                  shape=(len(obs), corpus.n_genes))
+            enc = self.encoder
+            batch = encode_cells(cells, corpus.gene_vocab_ids, enc.vocab, enc.encoding,
+                                 normalization=corpus.manifest["normalization"], training=enc.training,
+                                 # one generator per batch: a resumed run starts at a batch
+                                 rng=_rng(self.cfg.seed, self.epoch, 2, stream, pos))
+            keys = label_keys([o["cell_type_ontology_term_id"] for o in obs], [o["cell_type"] for o in obs])
+            batch["labels"] = torch.tensor([labels.get(k, -1) for k in keys])
+            for key in TEXT_COLUMNS:
+                batch[key] = [o[key] for o in obs]
             batch["stream"], batch["position"] = local, end
             pos = end
             yield batch
@@ -187,13 +148,15 @@ def _as_is(batch: dict) -> dict:
 
 
 class CorpusLoader:
-    """Batches of one split for one rank, with `state_dict()`/`load_state_dict()` for exact resume."""
+    """Batches of one split for one rank, encoded as the model reads cells; `state_dict()`/`load_state_dict()`
+    resume exactly. ``training`` picks the encoding's length limit (training or inference)."""
 
-    def __init__(self, corpus: str | Corpus, split: str, cfg: LoaderConfig, cls_id: int, pad_id: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, corpus: str | Corpus, split: str, cfg: LoaderConfig, encoding: CellEncoding,
+                 vocab: GeneVocab, rank: int = 0, world_size: int = 1, training: bool = True):
         self.corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus)
+        vocab.check_panel(self.corpus.gene_symbols, self.corpus.gene_vocab_ids, f"the corpus {self.corpus.path}")
         self.split, self.cfg, self.rank, self.world_size = split, cfg, rank, world_size
-        self.vocab_ids = (cls_id, pad_id)
+        self.encoder = _Encoder(encoding, vocab, training)
         self.n_workers = max(cfg.num_workers, 1)
         self._sizes = np.array([e["n_cells"] for e in self.corpus.shards(split)])
         if self._sizes.sum() == 0:
@@ -229,8 +192,8 @@ class CorpusLoader:
         total = self.batches_in_epoch()
         stream_len = self._stream_batches(self.rank, self.epoch)
         if self.batches_done < total:
-            dataset = CorpusStream(str(self.corpus.path), self.split, self.cfg, self.rank, self.world_size,
-                                   self.epoch, list(self.consumed), self.next_stream, self.vocab_ids)
+            dataset = CorpusStream(str(self.corpus.path), self.split, self.cfg, self.encoder, self.rank,
+                                   self.world_size, self.epoch, list(self.consumed), self.next_stream)
             loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
                                 persistent_workers=False, collate_fn=_as_is,
                                 # its own generator: starting an iterator must not draw from the global
@@ -259,16 +222,18 @@ class CorpusLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_done": self.batches_done, "consumed": list(self.consumed),
                 "next_stream": self.next_stream, "world_size": self.world_size, "num_workers": self.n_workers,
-                "config": asdict(self.cfg), "split": self.split}
+                "config": asdict(self.cfg), "encoding": asdict(self.encoder.encoding), "split": self.split}
 
     def load_state_dict(self, state: dict) -> None:
         mine = {"world_size": self.world_size, "num_workers": self.n_workers, "split": self.split}
         for key, value in mine.items():
             if state.get(key) != value:
                 raise ScmmError(f"cannot resume the loader: {key} was {state.get(key)}, now {value}")
-        for key in ("seed", "batch_size", "shuffle", "shuffle_buffer", "max_len", "n_bins"):
-            if state["config"].get(key) != getattr(self.cfg, key):
-                raise ScmmError(f"cannot resume the loader: loader option {key} changed "
-                                f"({state['config'].get(key)} -> {getattr(self.cfg, key)})")
+        for section, now, keys in (("config", self.cfg, ("seed", "batch_size", "shuffle", "shuffle_buffer")),
+                                   ("encoding", self.encoder.encoding, ("max_len", "n_bins"))):
+            for key in keys:
+                if state[section].get(key) != getattr(now, key):
+                    raise ScmmError(f"cannot resume the loader: {section} option {key} changed "
+                                    f"({state[section].get(key)} -> {getattr(now, key)})")
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.consumed, self.next_stream = list(state["consumed"]), int(state["next_stream"])

@@ -1,28 +1,25 @@
 """Chunked AnnData input -> model batches, with the corpus build's gene identity and normalisation.
 
-The input is an ``.h5ad`` path (read chunk by chunk with :mod:`data_pipeline.h5ad`: obs/var in memory, the
+The input is an ``.h5ad`` path (read chunk by chunk with :mod:`scmm.data_pipeline.h5ad`: obs/var in memory, the
 expression matrix never whole), a backed AnnData (read through its file the same way), or an in-memory
 AnnData. The expression element is chosen as the corpus build chooses it: ``layers['counts']``, then
 ``.raw.X``, then ``.X`` (or ``layer=`` "X", "raw", a layer name).
 
-Genes map onto the model's gene vocabulary with :func:`data_pipeline.vocab.map_genes` (symbols from
+Genes map onto the model's gene vocabulary with :func:`scmm.data_pipeline.vocab.map_genes` (symbols from
 ``var['feature_name']``/a named column/the var names, Ensembl IDs with or without version); two input genes
 reaching one vocabulary id keep the first. When the model records its training gene panel (a packaged
 model), only panel genes are kept: the others have embeddings that training never touched. Coverage is
 logged before any work and checked as the corpus build checks it: the share of input genes in the
-vocabulary (:func:`data_pipeline.vocab.check_coverage`); below ``min_coverage`` (default 0.5) it is a
+vocabulary (:func:`scmm.data_pipeline.vocab.check_coverage`); below ``min_coverage`` (default 0.5) it is a
 :class:`ScmmError`. The share of the training panel present in the input is logged too (a warning below
 ``min_coverage``: a model trained on a union of datasets may know far more genes than one input has), and
 an input with no panel gene at all is an error.
 
-Values are normalised as the corpus build + loader do for training data: the build decides ``counts``
-when every stored value of the matrix is an integer and ``log1p`` otherwise (one pass over the stored values
-before the work starts; NaN/negative values are an error); counts become ``log1p(x / sum * target_sum)``
-with the sum over the kept genes of the cell (the corpus stores only mapped genes and the loader normalises
-over those), log1p input is used as is; then scGPT binning when the model's loader.json has ``n_bins`` > 0
-(the tie-breaking generator is seeded per cell by (loader seed, row), so results do not depend on chunking).
-A batch is ``<cls>`` + every expressed kept gene in vocabulary-id order (no cap on the number of genes),
-padded like the loader's collator. Inside a chunk, cells are grouped by length so that little is padded.
+The values are read as the corpus build reads them: ``counts`` when every stored value of the matrix is an
+integer and ``log1p`` otherwise (one pass over the stored values before the work starts; NaN/negative values
+are an error). Batches come from :func:`scmm.data_pipeline.encoding.encode_cells` with the model's encoding at
+inference (each cell's draws seeded by the encoding's seed and the cell's row, so results do not depend on
+chunking); inside a chunk, cells are grouped by length so that little is padded.
 """
 from __future__ import annotations
 
@@ -31,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 
-from scmm.data_pipeline.vocab import check_coverage, map_genes
+from scmm.data_pipeline.encoding import CellEncoding, cell_rng, encode_cells
+from scmm.data_pipeline.h5ad import open_h5ad
+from scmm.data_pipeline.vocab import GeneVocab, check_coverage, map_genes
 from scmm.errors import ScmmError
 
 log = logging.getLogger("scmm.reader")
@@ -84,7 +83,6 @@ class _MemorySource:
 
 def _file_scan(source) -> Iterator[np.ndarray]:
     """The stored values of an h5ad element, in blocks (the CSR/CSC `data` array, or dense row chunks)."""
-    import h5py
     with h5py.File(source.path, "r") as f:
         node = f[source.element]
         if isinstance(node, h5py.Group):
@@ -99,7 +97,6 @@ def _file_scan(source) -> Iterator[np.ndarray]:
 
 def open_input(data: Any, layer: str | None = None):
     """A chunked source over an h5ad path, a backed AnnData or an in-memory AnnData."""
-    from scmm.data_pipeline.h5ad import open_h5ad
     if isinstance(data, (str, Path)):
         return open_h5ad(data, layer)
     if getattr(data, "isbacked", False):
@@ -136,13 +133,13 @@ class GenePlan:
     report: dict
 
 
-def plan_genes(var: pd.DataFrame, model, gene_column: str | None = None,
-               min_coverage: float = DEFAULT_MIN_COVERAGE, where: str = "input") -> GenePlan:
-    """Map the input genes to the model (see the module docstring); logs coverage; too low is an error."""
-    from scmm.data_pipeline.vocab import GeneVocab
+def plan_genes(var: pd.DataFrame, vocab: GeneVocab, panel_vocab_ids: np.ndarray | None = None,
+               gene_column: str | None = None, min_coverage: float = DEFAULT_MIN_COVERAGE,
+               where: str = "input") -> GenePlan:
+    """Map the input genes to the model's vocabulary and training panel (see the module docstring); logs
+    coverage; too low is an error."""
     if not 0.0 <= min_coverage <= 1.0:
         raise ScmmError("--min-gene-coverage must be between 0 and 1")
-    vocab = GeneVocab(dict(model.vocab), name="model")
     mapping = map_genes(var, vocab, gene_column)
     ids = mapping.gene_ids.copy()
     dup = pd.Index(ids).duplicated() & (ids >= 0)
@@ -154,7 +151,7 @@ def plan_genes(var: pd.DataFrame, model, gene_column: str | None = None,
     log.info("%s: %d/%d genes map to the model's vocabulary (%.1f%%, var column '%s')", where,
              mapping.n_mapped, mapping.n_genes, 100 * mapping.coverage, mapping.column)
     check_coverage(mapping, min_coverage)
-    panel = getattr(model, "panel_vocab_ids", None)
+    panel = panel_vocab_ids
     if panel is not None:
         in_panel = np.isin(ids, panel) & (ids >= 0)
         ids[~in_panel] = -1
@@ -175,52 +172,17 @@ def plan_genes(var: pd.DataFrame, model, gene_column: str | None = None,
 
 
 # --- batches ----------------------------------------------------------------------------------------
-def _cell_rng(seed: int, row: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 7, int(row)]))
-
-
-def encode_block(block: sp.csr_matrix, plan: GenePlan, normalization: str, cfg, start: int) -> sp.csr_matrix:
-    """A raw chunk -> CSR over the plan's genes (vocab order) holding the model's input values."""
-    from scmm.data_pipeline.loader import binning
-    sub = block[:, plan.columns].tocsr()
-    sub.eliminate_zeros()
-    sub.sort_indices()
-    data = sub.data.astype(np.float64)
-    if normalization == "counts":
-        sums = np.asarray(sub.astype(np.float64).sum(axis=1)).ravel()
-        per_entry = np.repeat(np.maximum(sums, 1e-12), np.diff(sub.indptr))
-        data = np.log1p(data / per_entry * cfg.target_sum)
-    if cfg.n_bins > 0:
-        for r in range(sub.shape[0]):
-            lo, hi = sub.indptr[r], sub.indptr[r + 1]
-            if hi > lo:
-                data[lo:hi] = binning(data[lo:hi], cfg.n_bins, _cell_rng(cfg.seed, start + r))
-    return sp.csr_matrix((data.astype(np.float32), sub.indices, sub.indptr), shape=sub.shape)
-
-
-def collate(enc: sp.csr_matrix, rows: np.ndarray, plan: GenePlan, cfg, cls_id: int, pad_id: int) -> dict:
-    """`<cls>` + expressed genes of the given rows of an encoded chunk, padded (the loader collator's layout)."""
-    lengths = np.diff(enc.indptr)[rows] + 1
-    n, length = len(rows), int(lengths.max())
-    gene_ids = np.full((n, length), pad_id, dtype=np.int64)
-    values = np.full((n, length), cfg.pad_value, dtype=np.float32)
-    gene_ids[:, 0], values[:, 0] = cls_id, 0.0
-    for i, r in enumerate(rows):
-        lo, hi = enc.indptr[r], enc.indptr[r + 1]
-        gene_ids[i, 1:1 + hi - lo] = plan.vocab_ids[enc.indices[lo:hi]]
-        values[i, 1:1 + hi - lo] = enc.data[lo:hi]
-    g = torch.from_numpy(gene_ids)
-    return {"gene_ids": g, "values": torch.from_numpy(values), "padding_mask": g == pad_id}
-
-
-def iter_batches(source, plan: GenePlan, normalization: str, cfg, cls_id: int, pad_id: int, chunk_size: int,
-                 batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
+def iter_batches(source, plan: GenePlan, normalization: str, encoding: CellEncoding, vocab: GeneVocab,
+                 chunk_size: int, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
     """(global row indices, batch) over the whole input; within a chunk cells are grouped by length."""
     if chunk_size < 1 or batch_size < 1:
         raise ScmmError("--chunk-size and --batch-size must be positive")
     for start, block in source.iter_chunks(chunk_size):
-        enc = encode_block(block, plan, normalization, cfg, start)
-        order = np.argsort(np.diff(enc.indptr), kind="stable")
+        sub = block[:, plan.columns].tocsr()
+        sub.eliminate_zeros()
+        order = np.argsort(np.diff(sub.indptr), kind="stable")
         for b in range(0, len(order), batch_size):
             rows = order[b:b + batch_size]
-            yield start + rows, collate(enc, rows, plan, cfg, cls_id, pad_id)
+            batch = encode_cells(sub[rows], plan.vocab_ids, vocab, encoding, normalization=normalization,
+                                 training=False, rng=[cell_rng(encoding.seed, start + r) for r in rows])
+            yield start + rows, batch

@@ -13,9 +13,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
-from scmm.data_pipeline.ontology import NORMAL_DISEASE_ID, Ontology
+from scmm.data_pipeline.ontology import NORMAL_DISEASE_ID, Ontology, get_ontology
+from scmm.data_pipeline.store import Corpus
 
-__all__ = ["CellMetadata", "TEMPLATES", "describe", "label_texts", "metadata_from_obs", "template_index"]
+__all__ = ["CellMetadata", "TEMPLATES", "corpus_labels", "describe", "label_texts", "metadata_from_obs",
+           "template_index"]
 
 
 class Template(NamedTuple):
@@ -188,6 +190,23 @@ def label_texts(cell_type_id: str, ontology: Ontology, label: str | None = None)
         label = ontology.label(cell_type_id) if ontology.is_valid(cell_type_id) else cell_type_id
     label = " ".join(label.split())
     return [_compose(t, label, definition) for t in TEMPLATES]
+
+
+def corpus_labels(corpus: Corpus) -> list[dict]:
+    """The cell types of a corpus as candidate labels: key (CL ID, or ``unmatched:<label>`` for a kept free-text
+    label), CL ID, label, cell count and every phrasing of the type alone (:func:`label_texts`)."""
+    ontology = get_ontology()
+    out = []
+    for key in corpus.cell_types:
+        rec = corpus.manifest["cell_types"][key]
+        if key.startswith("unmatched:"):
+            text = key[len("unmatched:"):]
+            out.append({"key": key, "cell_type_ontology_term_id": "", "label": text, "count": int(rec["count"]),
+                        "texts": label_texts(text, ontology, label=text)})
+        else:
+            out.append({"key": key, "cell_type_ontology_term_id": key, "label": rec["label"],
+                        "count": int(rec["count"]), "texts": label_texts(key, ontology)})
+    return out
 
 
 def metadata_from_obs(row: Mapping[str, Any], ontology: Ontology) -> CellMetadata:

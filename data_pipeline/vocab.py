@@ -103,6 +103,15 @@ class GeneVocab:
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.token_to_id, indent=0))
 
+    def check_panel(self, symbols, ids, where: str) -> None:
+        """Stop unless every gene of a panel (a corpus's: symbols and the vocabulary ids it was built with) has the
+        same id here; otherwise a model would read the embeddings of other genes."""
+        wrong = [str(s) for s, i in zip(symbols, ids) if self.token_to_id.get(str(s)) != int(i)]
+        if wrong:
+            raise ScmmError(f"{where} was built against another gene vocabulary than the model's ({len(wrong)} of "
+                            f"{len(ids)} genes differ, e.g. {', '.join(wrong[:3])}); rebuild it with "
+                            f"--vocab <stage-1 model>/cell_tower/vocab.json")
+
 
 @dataclass
 class GeneMapping:

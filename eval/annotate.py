@@ -1,22 +1,30 @@
 """Annotation by text: a cell's type is the candidate label whose text embedding is most similar.
 
-Each candidate label's text is built the way training texts are (`data_pipeline.text.label_texts`:
-the label and its Cell Ontology definition in every phrasing); the normalised embeddings of the
-phrasings are averaged into one prototype per label. Cell embeddings and prototypes are compared
-by cosine similarity.
+Candidates (:class:`Candidates`) are the training corpus's cell types (with a packaged model: its stored labels) or
+a user's list of CL IDs and free text. Each candidate's texts are built the way training texts are
+(:func:`scmm.data_pipeline.text.label_texts`: the label and its Cell Ontology definition in every phrasing); the
+normalised text embeddings of the phrasings are averaged into one prototype per candidate
+(:func:`label_prototypes`). Cell embeddings and prototypes are compared by cosine similarity.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
-from scmm.data_pipeline.ontology import get_ontology
+from scmm.data_pipeline.ontology import Ontology
 from scmm.data_pipeline.store import Corpus
-from scmm.data_pipeline.text import label_texts
+from scmm.data_pipeline.text import corpus_labels, label_texts
+from scmm.errors import ScmmError
+
+__all__ = ["Embedded", "Candidates", "read_labels_option", "embed_split", "label_prototypes", "predict_by_text",
+           "corpus_label_texts", "zero_shot_accuracy"]
 
 
 @dataclass
@@ -29,22 +37,15 @@ class Embedded:
     texts: list[str]
 
 
-def inference_loader_config(cfg: LoaderConfig, batch_size: int = 64, max_len: int = 4096) -> LoaderConfig:
-    """The training loader's value encoding, without shuffling or dropping, with every expressed gene kept."""
-    return replace(cfg, batch_size=batch_size, max_len=max(max_len, cfg.max_len), shuffle=False, drop_last=False,
-                   even_ranks=False, num_workers=0)
-
-
 @torch.no_grad()
-def embed_split(model, corpus: Corpus, split: str, loader_cfg: LoaderConfig, progress: bool = True) -> Embedded:
-    """Embed every cell of a corpus split with the model's aligned cell features."""
-    vocab = model.vocab
-    loader = CorpusLoader(corpus, split, inference_loader_config(loader_cfg), vocab["<cls>"], vocab["<pad>"])
+def embed_split(model, corpus: Corpus, split: str, progress: bool = True, batch_size: int = 64) -> Embedded:
+    """Embed every cell of a corpus split with the model's aligned cell features (its own encoding, at inference)."""
+    loader = CorpusLoader(corpus, split, LoaderConfig.inference(batch_size), model.encoding, model.vocab,
+                          training=False)
     model.eval()
-    dtype = next(model.cell_tower.parameters()).dtype
     parts, ids, labels, texts = [], [], [], []
     for batch in tqdm(loader, desc=f"embed {split}", unit="batch", disable=None if progress else True):
-        feats = model.cell_features(batch["gene_ids"], batch["values"].to(dtype), batch["padding_mask"])
+        feats = model.cell_features(batch["gene_ids"], batch["values"], batch["padding_mask"])
         parts.append(feats.float().numpy())
         ids += batch["cell_id"]
         labels += batch["cell_type_ontology_term_id"]
@@ -52,31 +53,85 @@ def embed_split(model, corpus: Corpus, split: str, loader_cfg: LoaderConfig, pro
     return Embedded(np.concatenate(parts).astype(np.float32), ids, labels, texts)
 
 
-@torch.no_grad()
-def label_prototypes(model, labels: list[str], free_text: dict[str, str] | None = None) -> np.ndarray:
-    """One L2-normalised text prototype per candidate label (CL ID, or a key of `free_text`)."""
-    ontology = get_ontology()
-    free_text = free_text or {}
-    protos = []
-    for label in labels:
-        if label in free_text:
-            phrasings = label_texts(label, ontology, label=free_text[label])
+# --- candidates -------------------------------------------------------------------------------------------
+@dataclass
+class Candidates:
+    """Candidate labels: what a prediction reads (``keys``: a CL ID, ``unmatched:<label>``, or the user's free
+    text), a display name, the CL ID ("" for free text naming no CL term) and the texts of the prototype."""
+
+    keys: list[str]
+    names: list[str]
+    cl_ids: list[str]
+    texts: list[list[str]]
+
+    @classmethod
+    def from_labels(cls, rows: Sequence[dict]) -> Candidates:
+        """From label rows as :func:`scmm.data_pipeline.text.corpus_labels` (and a package's labels.json) hold them."""
+        if not rows:
+            raise ScmmError("no candidate labels")
+        return cls([r["key"] for r in rows], [r["label"] for r in rows],
+                   [r["cell_type_ontology_term_id"] for r in rows], [list(r["texts"]) for r in rows])
+
+    @classmethod
+    def from_corpus(cls, corpus: Corpus) -> Candidates:
+        """The corpus's cell types."""
+        if not corpus.cell_types:
+            raise ScmmError(f"corpus {corpus.path} lists no cell types")
+        return cls.from_labels(corpus_labels(corpus))
+
+    @classmethod
+    def from_user(cls, items: Sequence[str], ontology: Ontology) -> Candidates:
+        """A user's list: CL IDs (which must be known terms), or free text, matched to a CL term by label or synonym
+        when possible (the prediction is then that CL ID, phrased the user's way) and otherwise kept as given."""
+        out = cls([], [], [], [])
+        for item in items:
+            term = ontology.match_cell_type(item)
+            if re.fullmatch(r"[A-Za-z]+[:_]\d+", item):  # looks like an ontology ID: must be a known CL term
+                if term is None:
+                    raise ScmmError(f"label {item!r} is not a known Cell Ontology (CL) term")
+                out._add(term, ontology.label(term), term, label_texts(term, ontology))
+            elif term is not None:
+                out._add(term, item, term, label_texts(term, ontology, label=item))
+            else:
+                out._add(item, item, "", label_texts(item, ontology, label=item))
+        return out
+
+    def _add(self, key: str, name: str, cl_id: str, texts: list[str]) -> None:
+        self.keys.append(key), self.names.append(name), self.cl_ids.append(cl_id), self.texts.append(texts)
+
+
+def read_labels_option(value: str | Sequence[str] | None) -> list[str] | None:
+    """Candidate labels from ``--labels``: a file (one label per line; blank lines and ``#`` comments skipped)
+    when ``value`` names an existing file, else a comma-separated list. A sequence is taken as is."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        path = Path(value)
+        if path.is_file():
+            items = [line.strip() for line in path.read_text().splitlines()]
+            items = [x for x in items if x and not x.startswith("#")]
+            where = f"labels file {path}"
         else:
-            phrasings = label_texts(label, ontology)
-        f = model.text_features(phrasings).float()
-        f = torch.nn.functional.normalize(f, dim=-1).mean(0)
-        protos.append(torch.nn.functional.normalize(f, dim=0).numpy())
-    return np.stack(protos).astype(np.float32)
+            items = [x.strip() for x in value.split(",") if x.strip()]
+            where = "--labels"
+    else:
+        items = [str(x).strip() for x in value if str(x).strip()]
+        where = "labels"
+    items = list(dict.fromkeys(items))
+    if not items:
+        raise ScmmError(f"{where} holds no label")
+    return items
 
 
-def corpus_label_texts(corpus: Corpus) -> list[str]:
-    """Every phrasing of every cell type of a corpus (types kept as free text use their label)."""
-    ontology = get_ontology()
-    texts = []
-    for key, rec in corpus.manifest["cell_types"].items():
-        texts += label_texts(rec["label"], ontology, label=rec["label"]) if key.startswith("unmatched:") \
-            else label_texts(key, ontology)
-    return texts
+# --- prototypes and predictions ---------------------------------------------------------------------------
+@torch.no_grad()
+def label_prototypes(model, candidates: Candidates) -> np.ndarray:
+    """One L2-normalised text prototype per candidate: the normalised mean of its texts' normalised features."""
+    rows = []
+    for phrasings in candidates.texts:
+        f = torch.nn.functional.normalize(model.text_features(list(phrasings)).float().cpu(), dim=-1).mean(0)
+        rows.append(torch.nn.functional.normalize(f, dim=0).numpy())
+    return np.stack(rows).astype(np.float32)
 
 
 def predict_by_text(embeddings: np.ndarray, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,10 +141,15 @@ def predict_by_text(embeddings: np.ndarray, prototypes: np.ndarray) -> tuple[np.
     return best, sim[np.arange(len(best)), best]
 
 
-def zero_shot_accuracy(model, corpus: Corpus, split: str, loader_cfg: LoaderConfig, progress: bool = False) -> float:
+def corpus_label_texts(corpus: Corpus) -> list[str]:
+    """Every phrasing of every cell type of a corpus (types kept as free text use their label)."""
+    return [t for row in corpus_labels(corpus) for t in row["texts"]]
+
+
+def zero_shot_accuracy(model, corpus: Corpus, split: str, progress: bool = False) -> float:
     """Share of cells of a split whose most similar label text (among the corpus's types) is their own type."""
-    emb = embed_split(model, corpus, split, loader_cfg, progress)
-    candidates = corpus.cell_types
+    emb = embed_split(model, corpus, split, progress)
+    candidates = Candidates.from_corpus(corpus)
     best, _ = predict_by_text(emb.embeddings, label_prototypes(model, candidates))
-    pred = [candidates[i] for i in best]
+    pred = [candidates.keys[i] for i in best]
     return float(np.mean([p == t for p, t in zip(pred, emb.labels)]))

@@ -1,11 +1,9 @@
 """Baselines fitted on the corpus's train split and scored on its test split, next to scmm in the same report.
 
-* **Expression**: :func:`expression_matrix` streams a split shard by shard. Count corpora are normalised per
-  cell as ``log1p(x / total * 1e4)``, ``total`` being the cell's count over the whole corpus gene panel (before
-  any gene subset); corpora built from log-normalised input (``manifest['normalization'] == 'log1p'``) are used
-  as stored.
-* **Highly variable genes** (:func:`highly_variable_genes`): :func:`data_pipeline.hvg.hvg_panel` over the train
-  split (scanpy's ``flavor="seurat"`` statistic, streamed shard by shard; the whole panel when ``n`` >= its size).
+* **Expression**: log1p CP10k profiles streamed shard by shard (:func:`scmm.data_pipeline.hvg.log1p_profiles`,
+  the normalisation a model reads), over the highly variable genes of the train split
+  (:func:`scmm.data_pipeline.hvg.hvg_panel`: scanpy's ``flavor="seurat"`` statistic; the whole panel when ``n``
+  is at least its size).
 * **Memory** (:func:`run_corpus_baselines`): the models are fitted on at most ``BASELINE_MAX_TRAIN_CELLS``
   (20,000) train cells, a seeded uniform subsample (``numpy.random.default_rng(seed)``) beyond that, held dense
   over the HVG panel (20,000 x 2,000 float32 = 160 MB); the evaluated split is streamed shard by shard (one
@@ -37,80 +35,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from scmm.data_pipeline.hvg import hvg_panel, iter_log1p_profiles, log1p_profiles
-from scmm.data_pipeline.store import Corpus, label_keys
+from scmm.data_pipeline.store import Corpus
 from scmm.eval.knn import build_index, knn_search, knn_vote
 
-__all__ = ["expression_matrix", "highly_variable_genes", "majority_baseline", "logistic_regression_baseline",
+__all__ = ["majority_baseline", "logistic_regression_baseline",
            "pca_knn_baseline", "knn_smoothing", "smoothing_k", "run_corpus_baselines", "BASELINE_MAX_TRAIN_CELLS"]
 
-TARGET_SUM = 1e4
 BASELINE_MAX_TRAIN_CELLS = 20_000
-
-
-def _normalise(matrix: sp.csr_matrix, normalization: str) -> sp.csr_matrix:
-    """log1p(x / total * 1e4) per cell for counts; log1p corpora unchanged. float32 CSR."""
-    m = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
-    if normalization == "log1p":
-        return m
-    if normalization != "counts":
-        raise ValueError(f"unknown corpus normalization {normalization!r}")
-    totals = np.asarray(m.sum(axis=1)).ravel()
-    scale = np.where(totals > 0, TARGET_SUM / np.maximum(totals, 1e-12), 0.0).astype(np.float32)
-    m.data *= np.repeat(scale, np.diff(m.indptr))
-    np.log1p(m.data, out=m.data)
-    return m
-
-
-def _resolve_genes(corpus: Corpus, genes: Sequence | np.ndarray | None) -> np.ndarray | None:
-    """Panel column indices for ``genes`` (indices or symbols), or None for the whole panel."""
-    if genes is None:
-        return None
-    genes = np.asarray(genes)
-    if genes.dtype.kind in "iu":
-        return genes.astype(np.int64)
-    lookup = {str(s): i for i, s in enumerate(corpus.gene_symbols)}
-    missing = [str(g) for g in genes if str(g) not in lookup]
-    if missing:
-        raise ValueError(f"genes not in the corpus panel: {missing[:5]}")
-    return np.array([lookup[str(g)] for g in genes], dtype=np.int64)
-
-
-def expression_matrix(corpus: Corpus, split: str, genes: Sequence | np.ndarray | None = None,
-                      dense: bool = True) -> tuple[np.ndarray | sp.csr_matrix, np.ndarray]:
-    """(log1p-normalised expression float32 [n_cells, n_genes], label keys [n_cells]) of one split.
-
-    ``genes``: panel column indices or gene symbols (default: the whole panel). ``dense=False`` returns CSR.
-    Labels are the corpus's label keys (CL ID, or ``unmatched:<label>``), as in ``corpus.cell_types``.
-    """
-    cols = _resolve_genes(corpus, genes)
-    normalization = corpus.manifest.get("normalization", "counts")
-    entries = corpus.shards(split)
-    n_genes = corpus.n_genes if cols is None else len(cols)
-    n_cells = sum(int(e["n_cells"]) for e in entries)
-    x = np.zeros((n_cells, n_genes), dtype=np.float32) if dense else None  # filled in place: no second copy
-    blocks, labels, row = [], [], 0
-    for entry in entries:
-        shard = corpus.read_shard(entry["name"])
-        m = _normalise(shard.matrix, normalization)
-        if cols is not None:
-            m = m[:, cols]
-        if dense:
-            x[row:row + m.shape[0]] = m.toarray()
-        else:
-            blocks.append(m)
-        row += m.shape[0]
-        labels.extend(label_keys(shard.obs["cell_type_ontology_term_id"], shard.obs["cell_type"]))
-    y = np.asarray(labels, dtype=object)
-    if dense:
-        return x, y
-    return (sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, n_genes), dtype=np.float32)), y
-
-
-def highly_variable_genes(corpus: Corpus, n: int = 2000, n_bins: int = 20) -> np.ndarray:
-    """Panel indices (ascending) of the ``n`` most variable genes of the train split (:func:`hvg_panel`)."""
-    if n_bins != 20:
-        raise ValueError("highly_variable_genes uses scanpy's 20 mean bins")
-    return hvg_panel(corpus, n, "train")
 
 
 def majority_baseline(y_train: Sequence, n: int) -> np.ndarray:
@@ -196,7 +127,7 @@ def run_corpus_baselines(corpus: Corpus, n_genes: int = 2000, seed: int = 0, n_c
     """
     from sklearn.linear_model import LogisticRegression
 
-    genes = highly_variable_genes(corpus, n_genes)
+    genes = hvg_panel(corpus, n_genes, "train")
     x_train, _, y_train = log1p_profiles(corpus, "train", genes, max_cells=max_train_cells, seed=seed)
     y_train = np.asarray(y_train).astype(str)
     if len(y_train) < 2:

@@ -1,8 +1,11 @@
-"""FAISS k-nearest-neighbour helpers: exact indexes, majority votes, and the pseudo-cell k-NN accuracy.
+"""FAISS: the one place scmm builds and searches indexes; majority votes and the pseudo-cell k-NN accuracy.
 
-Indexes are exact (flat). A GPU index is used when the faiss build has GPU support and a GPU is visible
-(``hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0``), the CPU index otherwise; both give
-the same neighbours up to floating-point ties.
+:func:`build_index` gives an exact (flat) index, or, with ``approximate_above`` and at least that many rows, an
+inverted-file index (``IndexIVFFlat``) with ``nlist = 4 * sqrt(N)`` lists (at most 65,536), trained on a seeded
+sample of at most ``64 * nlist`` rows and searched with ``nprobe = min(nlist, 32)``. A GPU index is used when the
+faiss build has GPU support and a GPU is visible (``hasattr(faiss, "StandardGpuResources") and
+faiss.get_num_gpus() > 0``), the CPU index otherwise; both give the same neighbours up to floating-point ties.
+:func:`to_cpu` brings an index back to be written.
 
 Pseudo-cell k-NN accuracy (:func:`pseudocell_knn_accuracy`): the real reference cells are indexed; each
 pseudo-cell generated from the text of type ``t`` takes its ``k`` nearest reference cells and scores a hit when
@@ -13,13 +16,18 @@ their majority label (ties: the label of the nearest tied neighbour) is ``t``. A
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import faiss
 import numpy as np
 
-__all__ = ["gpu_available", "build_index", "knn_search", "knn_vote", "pseudocell_knn_accuracy", "l2_normalise"]
+__all__ = ["gpu_available", "build_index", "index_kind", "set_nprobe", "to_cpu", "to_gpu", "knn_search", "knn_vote",
+           "pseudocell_knn_accuracy", "l2_normalise", "FLAT_MAX_CELLS"]
 
+FLAT_MAX_CELLS = 200_000  # reference indexes (scmm index) are exact below this many cells, IVF from there on
+MAX_NLIST = 65_536
+NPROBE = 32
 _GPU_RESOURCES: Any = None
 
 
@@ -35,23 +43,61 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return np.ascontiguousarray(x / np.maximum(norms, eps), dtype=np.float32)
 
 
-def build_index(x: np.ndarray, metric: str = "ip") -> Any:
-    """Exact FAISS index over the rows of ``x`` (float32 [N, D]); ``metric`` is ``'ip'`` or ``'l2'``."""
+def to_gpu(index: Any) -> Any:
+    """The index on the GPU when faiss can use one, else unchanged."""
     global _GPU_RESOURCES
+    if not gpu_available():
+        return index
+    if _GPU_RESOURCES is None:  # pragma: no cover - needs faiss-gpu and a GPU
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)  # pragma: no cover
+
+
+def to_cpu(index: Any) -> Any:
+    """A CPU copy of a GPU index (to write it); a CPU index unchanged."""
+    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:  # pragma: no cover
+        return faiss.index_gpu_to_cpu(index)
+    return index
+
+
+def set_nprobe(index: Any, nprobe: int) -> None:
+    """How many inverted lists an IVF index searches."""
+    try:
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
+    except Exception:  # GPU indexes take the attribute directly
+        index.nprobe = int(nprobe)
+
+
+def index_kind(index: Any) -> dict:
+    """``{"kind": "flat"}`` or ``{"kind": "ivf_flat", "nlist", "nprobe"}`` of an index from :func:`build_index`."""
+    nlist = getattr(faiss.extract_index_ivf(index), "nlist", None) if "IVF" in type(to_cpu(index)).__name__ else None
+    if nlist is None:
+        return {"kind": "flat"}
+    return {"kind": "ivf_flat", "nlist": int(nlist), "nprobe": int(min(nlist, NPROBE))}
+
+
+def build_index(x: np.ndarray, metric: str = "ip", approximate_above: int | None = None, seed: int = 0) -> Any:
+    """A FAISS index over the rows of ``x`` (float32 [N, D]); ``metric`` is ``'ip'`` or ``'l2'``. Exact, unless
+    ``approximate_above`` is given and N reaches it (IVF; see the module docstring)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"index vectors must be 2-D [N, D], got shape {x.shape}")
-    if metric == "ip":
-        index = faiss.IndexFlatIP(x.shape[1])
-    elif metric == "l2":
-        index = faiss.IndexFlatL2(x.shape[1])
-    else:
+    if metric not in ("ip", "l2"):
         raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
-    if gpu_available():  # pragma: no cover - needs faiss-gpu and a GPU
-        if _GPU_RESOURCES is None:
-            _GPU_RESOURCES = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)
-    index.add(x)
+    n, d = x.shape
+    flat = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
+    if approximate_above is None or n < approximate_above:
+        index = to_gpu(flat)
+        index.add(x)
+        return index
+    nlist = int(min(MAX_NLIST, max(1, round(4 * math.sqrt(n)))))
+    kind = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    index = to_gpu(faiss.IndexIVFFlat(flat, d, nlist, kind))
+    sample = x[np.sort(np.random.default_rng(seed).choice(n, min(n, 64 * nlist), replace=False))]
+    index.train(sample)
+    for start in range(0, n, 100_000):
+        index.add(x[start:start + 100_000])
+    set_nprobe(index, min(nlist, NPROBE))
     return index
 
 

@@ -1,26 +1,25 @@
 """Pseudo-cell k-NN accuracy in two spaces, with a random baseline and a class-mean reference.
 
 Pseudo-cells are given as log1p CP10k expression over a gene panel ``genes`` (corpus gene indices, usually
-:func:`data_pipeline.hvg.hvg_panel`), each with the cell type (CL ID / corpus label key) whose text generated
+:func:`scmm.data_pipeline.hvg.hvg_panel`), each with the cell type (CL ID / corpus label key) whose text generated
 it. :func:`pseudocell_report` scores them against **real held-out cells** (the val and test splits), in:
 
 * ``expression_pca``: log1p CP10k of the panel genes (per-cell totals over the whole corpus panel, as the
   loader computes them), reduced by PCA(``n_components``; centred, not scaled) fitted on the train split (a
   seeded subsample of at most ``PCA_MAX_TRAIN_CELLS`` cells); Euclidean distance.
-* ``stage1_embedding`` (only with ``aligner``, a stage-1 :class:`model.aligner.CellTextAligner`): the aligned
-  cell embedding, cosine similarity. A pseudo-cell goes through the cell tower exactly as the loader would
-  encode a real cell holding those values (:func:`embed_profiles`): its panel genes with a value > 0 are the
-  expressed genes, the values are already log1p CP10k so they are not renormalised, then the loader's value
-  transform for ``loader_cfg`` applies (scGPT binning when ``n_bins`` > 0, else continuous), with the
-  inference settings of :func:`eval.annotate.inference_loader_config`. Genes outside the panel are absent.
+* ``stage1_embedding`` (only with ``aligner``, a stage-1 :class:`~scmm.model.aligner.CellTextAligner`): the
+  aligned cell embedding, cosine similarity. A pseudo-cell goes through the cell tower as a real cell holding
+  those values would (:func:`embed_profiles`): its panel genes with a value > 0 are the expressed genes, the
+  values are already log1p CP10k so they are not renormalised, then the model's own encoding applies
+  (:func:`scmm.data_pipeline.encoding.encode_cells` at inference). Genes outside the panel are absent.
   **Decision (fairness)**: the reference cells are restricted to the same panel and encoded by the same
   function (their log1p CP10k on whole-panel totals, sliced to the panel), so pseudo-cells and real cells are
   seen through the same genes; a pseudo-cell is then not penalised just for lacking the genes outside the
   panel. With ``restrict_reference=False`` the reference cells are embedded from every gene with
-  :func:`eval.annotate.embed_split` instead. When the panel is the whole corpus panel both give the same
+  :func:`scmm.eval.annotate.embed_split` instead. When the panel is the whole corpus panel both give the same
   embeddings in continuous mode.
 
-Scoring (:func:`eval.knn.pseudocell_knn_accuracy`): each pseudo-cell of type ``t`` takes its ``k`` nearest
+Scoring (:func:`scmm.eval.knn.pseudocell_knn_accuracy`): each pseudo-cell of type ``t`` takes its ``k`` nearest
 reference cells (FAISS, exact) and hits when their majority label is ``t``. A type with fewer than ``k``
 reference cells cannot win a majority and is left out of the accuracy and listed in ``excluded_types``.
 ``random_baseline`` = 1 / number of types scored. The issue asks for at least ``MIN_PER_TYPE`` (20)
@@ -44,9 +43,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import scipy.sparse as sp
+import torch
+
+from scmm.data_pipeline.encoding import cell_rng, encode_cells
 from scmm.data_pipeline.hvg import iter_log1p_profiles, log1p_profiles
-from scmm.data_pipeline.loader import LoaderConfig, _Collator
 from scmm.data_pipeline.store import Corpus
+from scmm.eval.annotate import embed_split
 from scmm.eval.knn import pseudocell_knn_accuracy
 
 __all__ = ["pseudocell_report", "embed_profiles", "class_mean_profiles", "type_moments", "PCA_MAX_TRAIN_CELLS",
@@ -96,52 +99,29 @@ def class_mean_profiles(moments: dict[str, tuple[int, np.ndarray, np.ndarray]], 
     return x, np.asarray(labels, dtype=object), missing
 
 
-def embed_profiles(aligner, x: np.ndarray, genes: np.ndarray, gene_vocab_ids: np.ndarray,
-                   loader_cfg: LoaderConfig | None = None, seed: int = 0, batch_size: int = EMBED_BATCH) -> np.ndarray:
+def embed_profiles(aligner, x: np.ndarray, genes: np.ndarray, gene_vocab_ids: np.ndarray, seed: int = 0,
+                   batch_size: int = EMBED_BATCH) -> np.ndarray:
     """Aligned cell embeddings [n, D] of log1p CP10k profiles ``x`` [n, len(genes)] (module docstring).
 
-    Each row is encoded by the loader's own per-cell transform (``data_pipeline.loader._Collator.cell``, with the
-    values taken as already normalised), ``<cls>`` first; cells are batched by number of expressed genes so
-    little is computed on padding. Binning (``n_bins`` > 0) and any subsampling beyond ``max_len`` draw from a
-    generator seeded with ``seed``.
+    Each row is encoded by :func:`~scmm.data_pipeline.encoding.encode_cells` with the model's encoding at inference,
+    the values taken as already normalised; its draws (binning ties, a length sample) are seeded by ``seed`` and the
+    row. Cells are batched by number of expressed genes so that little is computed on padding.
     """
-    import torch
-
-    from scmm.eval.annotate import inference_loader_config
-
-    cfg = inference_loader_config(loader_cfg or LoaderConfig(n_bins=0), batch_size=batch_size)
-    vocab = aligner.vocab
-    cls_id, pad_id = vocab["<cls>"], vocab["<pad>"]
-    collator = _Collator(cfg, np.asarray(gene_vocab_ids, dtype=np.int64), cls_id, pad_id, "log1p", {})
     genes = np.asarray(genes, dtype=np.int64)
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != len(genes):
         raise ValueError(f"profiles must be [n, {len(genes)}] over the panel genes, got shape {x.shape}")
-    rng = np.random.default_rng(seed)
-    cells = []
-    for row in x:
-        nz = np.flatnonzero(row > 0)
-        cells.append(collator.cell(genes[nz], row[nz], rng))
+    cells = sp.csr_matrix(np.where(x > 0, x, 0.0))
+    vocab_ids = np.asarray(gene_vocab_ids, dtype=np.int64)[genes]
     aligner.eval()
-    dtype = next(aligner.cell_tower.parameters()).dtype
-    order = np.argsort([len(g) for g, _ in cells], kind="stable")
-    out = None
+    out = np.zeros((len(x), aligner.heads.cell_proj.out_features), dtype=np.float32)
+    order = np.argsort(np.diff(cells.indptr), kind="stable")
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            length = max(len(cells[i][0]) for i in idx)
-            gene_ids = np.full((len(idx), length), pad_id, dtype=np.int64)
-            values = np.full((len(idx), length), cfg.pad_value, dtype=np.float32)
-            for j, i in enumerate(idx):
-                g, v = cells[i]
-                gene_ids[j, :len(g)], values[j, :len(v)] = g, v
-            g_t = torch.from_numpy(gene_ids)
-            feats = aligner.cell_features(g_t, torch.from_numpy(values).to(dtype), g_t == pad_id).float().numpy()
-            if out is None:
-                out = np.zeros((len(x), feats.shape[1]), dtype=np.float32)
-            out[idx] = feats
-    if out is None:
-        out = np.zeros((0, 0), dtype=np.float32)
+            rows = order[start:start + batch_size]
+            batch = encode_cells(cells[rows], vocab_ids, aligner.vocab, aligner.encoding, normalization="log1p",
+                                 training=False, rng=[cell_rng(seed, r) for r in rows])
+            out[rows] = aligner.cell_features(**batch).float().numpy()
     return out
 
 
@@ -171,15 +151,14 @@ def _score_space(gen_x, gen_labels, cm_x, cm_labels, ref_x, ref_labels, k: int, 
 
 
 def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Sequence, genes: np.ndarray, k: int = 5,
-                      n_components: int = 50, seed: int = 0, aligner=None, loader_cfg: LoaderConfig | None = None,
+                      n_components: int = 50, seed: int = 0, aligner=None,
                       restrict_reference: bool = True,
                       reference_splits: Sequence[str] = REFERENCE_SPLITS) -> dict[str, Any]:
     """Pseudo-cell k-NN accuracy per space with its random baseline and class-mean reference (module docstring).
 
     ``pseudo_x``: float [n, len(genes)] log1p CP10k over the panel ``genes`` (corpus gene indices);
     ``pseudo_labels``: the type (corpus label key, e.g. a CL ID) of the text each pseudo-cell was generated from.
-    ``loader_cfg``: the model's loader settings (value encoding; :func:`eval.harness.loader_config_for`); default
-    continuous values. ``reference_splits``: the held-out splits whose cells are the reference (val alone when
+    ``reference_splits``: the held-out splits whose cells are the reference (val alone when
     choosing hyper-parameters). Raises ``ValueError`` when no generated type has ``k`` reference cells.
     """
     genes = np.asarray(genes, dtype=np.int64)
@@ -216,7 +195,7 @@ def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Seque
             ref_ids += cell_ids
             ref_pca.append(pca.transform(x).astype(np.float32))
             if want_emb and restrict_reference:
-                ref_emb.append(embed_profiles(aligner, x, genes, corpus.gene_vocab_ids, loader_cfg, seed))
+                ref_emb.append(embed_profiles(aligner, x, genes, corpus.gene_vocab_ids, seed))
             ref_labels += labels
     ref_labels = np.asarray(ref_labels)
     spaces: dict[str, Any] = {}
@@ -231,16 +210,15 @@ def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Seque
         if restrict_reference:
             ref_e = np.concatenate(ref_emb)
         else:
-            from scmm.eval.annotate import embed_split
             parts, ids = [], []
             for split in ref_splits:
-                emb = embed_split(aligner, corpus, split, loader_cfg or LoaderConfig(n_bins=0), progress=False)
+                emb = embed_split(aligner, corpus, split, progress=False)
                 parts.append(emb.embeddings)
                 ids += emb.cell_ids
             pos = {c: i for i, c in enumerate(ids)}
             ref_e = np.concatenate(parts)[[pos[c] for c in ref_ids]]  # into shard order, with the label keys
-        gen_e = embed_profiles(aligner, gen_x, genes, corpus.gene_vocab_ids, loader_cfg, seed)
-        cm_e = embed_profiles(aligner, cm_x, genes, corpus.gene_vocab_ids, loader_cfg, seed + 1) if len(cm_x) else cm_x
+        gen_e = embed_profiles(aligner, gen_x, genes, corpus.gene_vocab_ids, seed)
+        cm_e = embed_profiles(aligner, cm_x, genes, corpus.gene_vocab_ids, seed + 1) if len(cm_x) else cm_x
         spaces["stage1_embedding"] = _score_space(gen_e, gen_labels, cm_e, cm_labels, ref_e, ref_labels, k, "ip")
     pca_space = spaces["expression_pca"]
     return {"knn_accuracy": pca_space["knn_accuracy"], "k": int(k), "space": "expression_pca",

@@ -2,7 +2,7 @@
 
 :func:`main_table` is the headline (``make demo`` prints it): method | accuracy | macro-F1 for scmm's
 zero-shot annotation by text, scmm + kNN smoothing and each baseline. :func:`write_report` adds the run's
-context (model, corpus, splits, seeds, loader settings), the ontology-aware scores, the 'unknown' threshold,
+context (model, corpus, splits, seeds, value encoding), the ontology-aware scores, the 'unknown' threshold,
 retrieval, the per-class table and links to the PNGs. Both read the ``metrics`` dict of
 :func:`eval.harness.evaluate` (the content of ``metrics.json``) and, for the report, a ``context`` dict.
 """
@@ -171,10 +171,11 @@ def write_report(metrics: Mapping[str, Any], out_dir: str | Path, context: Mappi
                      + f"; split seed {c.get('split_seed', '?')}, grouped by {c.get('split_group_by', '?')}")
     lines.append(f"- tasks: {', '.join(c.get('tasks', []))}; evaluation seed {c.get('seed', 0)}"
                  + (f"; {c['n_cell_types']} cell types in the corpus" if "n_cell_types" in c else ""))
-    if "loader_source" in c:
-        loader = c.get("loader") or {}
-        enc = "continuous log1p values" if loader.get("n_bins", 0) == 0 else f"{loader.get('n_bins')} value bins"
-        lines.append(f"- value encoding: {enc}, every expressed gene kept (loader settings: {c['loader_source']})")
+    if "encoding" in c:
+        e = c["encoding"]
+        enc = "continuous log1p values" if e.get("n_bins", 0) == 0 else f"{e.get('n_bins')} value bins"
+        genes = "every expressed gene" if not e.get("inference_max_len") else f"at most {e['inference_max_len']} tokens"
+        lines.append(f"- value encoding (the model's own): {enc}, {genes} per cell")
     if "seconds" in c:
         lines.append(f"- wall time: {c['seconds']} s")
     lines.append("")

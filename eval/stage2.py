@@ -10,11 +10,12 @@
   description texts (cycled in sorted order), as log1p-CP10k profiles over the model's HVG panel.
 * :func:`generation_report` / :func:`pseudocell_evaluation`: the ``generation`` and ``pseudocell`` sections of
   ``metrics.json`` that ``scmm eval`` writes (pseudo-cells scored by :func:`eval.pseudocell.pseudocell_report`);
-  :func:`stage2_metrics` computes both on any split (``python -m finetune.evaluate MODEL CORPUS --split val``
+  :func:`stage2_metrics` computes both on any split (``python -m scmm.eval.stage2 MODEL CORPUS --split val``
   for choosing hyper-parameters without touching the test split).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -22,20 +23,23 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from scmm.data_pipeline.loader import CorpusLoader
+from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
+from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.store import Corpus, label_keys
-from scmm.eval.pseudocell import REFERENCE_SPLITS
+from scmm.eval.metrics import text_generation_metrics
+from scmm.eval.ontology_score import mean_pair_score
+from scmm.eval.pseudocell import REFERENCE_SPLITS, pseudocell_report
+from scmm.model.stage2 import Stage2Model
 
 log = logging.getLogger("scmm.eval.stage2")
 
 
-def _loader(model, corpus: Corpus, split: str, batch_size: int) -> CorpusLoader:
-    from scmm.finetune.train import stage1_loader_config
-    cfg = stage1_loader_config(model.stage1_path, None, shuffle=False, drop_last=False, batch_size=batch_size,
-                               num_workers=0, even_ranks=False)
-    vocab = model.aligner.vocab
-    return CorpusLoader(corpus, split, cfg, vocab["<cls>"], vocab["<pad>"])
+def _loader(model: Stage2Model, corpus: Corpus, split: str, batch_size: int) -> CorpusLoader:
+    aligner = model.aligner
+    return CorpusLoader(corpus, split, LoaderConfig.inference(batch_size), aligner.encoding, aligner.vocab,
+                        training=False)
 
 
 @torch.no_grad()
@@ -49,10 +53,8 @@ def describe_split(model, corpus: Corpus, split: str = "test", constrained: bool
     """
     out: dict[str, list] = {k: [] for k in ("cell_id", "true_cl", "references", "descriptions", "type_answers",
                                             "pred_cl")}
-    batches = _loader(model, corpus, split, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, desc=f"describe {split}", unit="batch")
+    batches = tqdm(_loader(model, corpus, split, batch_size), desc=f"describe {split}", unit="batch",
+                   disable=None if progress else True)
     for batch in batches:
         if max_cells is not None and len(out["cell_id"]) >= max_cells:
             break
@@ -71,8 +73,6 @@ def describe_split(model, corpus: Corpus, split: str = "test", constrained: bool
 
 def generation_metrics(result: dict[str, list], ontology=None) -> dict[str, float]:
     """``bleu4``, ``rougeL`` (descriptions vs the cells' texts), ``type_accuracy`` and ``ontology_score``."""
-    from scmm.eval.metrics import text_generation_metrics
-    from scmm.eval.ontology_score import mean_pair_score
     out: dict[str, float] = {}
     if result["descriptions"]:
         text = text_generation_metrics(result["descriptions"], result["references"][:len(result["descriptions"])])
@@ -81,9 +81,7 @@ def generation_metrics(result: dict[str, list], ontology=None) -> dict[str, floa
     pred = np.asarray([p if p else "unknown" for p in result["pred_cl"]], dtype=object)
     out["type_accuracy"] = float(np.mean(true == pred)) if len(true) else float("nan")
     out["valid_answer_rate"] = float(np.mean([p is not None for p in result["pred_cl"]])) if len(true) else 0.0
-    if ontology is None:
-        from scmm.data_pipeline.ontology import get_ontology
-        ontology = get_ontology()
+    ontology = ontology or get_ontology()
     out["ontology_score"] = mean_pair_score(true, pred, ontology, "path") if len(true) else float("nan")
     out["n_cells"] = int(len(true))
     return out
@@ -133,17 +131,15 @@ def generation_report(model, corpus: Corpus, split: str = "test", ontology=None,
 
 
 def pseudocell_evaluation(model, corpus: Corpus, seed: int = 0, n_per_type: int = 20, k: int = 5,
-                          loader_cfg=None, reference_splits: Sequence[str] = REFERENCE_SPLITS) -> dict[str, Any]:
-    """The ``pseudocell`` section: pseudo-cells of every type scored by :func:`eval.pseudocell.pseudocell_report`
-    in expression-PCA space and in the stage-1 embedding space, with the class-mean reference and random baseline.
-    ``reference_splits``: the real cells scored against (default val and test; val alone for tuning).
+                          reference_splits: Sequence[str] = REFERENCE_SPLITS) -> dict[str, Any]:
+    """The ``pseudocell`` section: pseudo-cells of every type scored by
+    :func:`scmm.eval.pseudocell.pseudocell_report` in expression-PCA space and in the stage-1 embedding space, with
+    the class-mean reference and random baseline. ``reference_splits``: the real cells scored against (default val
+    and test; val alone for tuning).
     """
-    from scmm.eval.harness import loader_config_for
-    from scmm.eval.pseudocell import pseudocell_report
     x, labels, _ = pseudocells_for_types(model, corpus, n_per_type=n_per_type, seed=seed)
-    cfg = loader_cfg if loader_cfg is not None else loader_config_for(model.stage1_path)
     return pseudocell_report(corpus, x, labels, np.asarray(model.hvg["indices"], dtype=np.int64), k=k, seed=seed,
-                             aligner=model.aligner, loader_cfg=cfg, reference_splits=reference_splits)
+                             aligner=model.aligner, reference_splits=reference_splits)
 
 
 def stage2_metrics(model, corpus: Corpus, split: str = "test", seed: int = 0, num_beams: int = 1,
@@ -158,10 +154,7 @@ def stage2_metrics(model, corpus: Corpus, split: str = "test", seed: int = 0, nu
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m finetune.evaluate MODEL CORPUS [--split val] [--beams N]: print the stage-2 metrics as JSON."""
-    import argparse
-
-    from scmm.model.stage2 import Stage2Model
+    """python -m scmm.eval.stage2 MODEL CORPUS [--split val] [--beams N]: print the stage-2 metrics as JSON."""
     p = argparse.ArgumentParser()
     p.add_argument("model")
     p.add_argument("corpus")

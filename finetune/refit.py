@@ -6,25 +6,22 @@ the decoder can be fitted to those states cheaply: every distinct description ru
 (cached), and the decoder alone trains on ``(mapped state of a cell's description, the cell's profile)`` pairs,
 with the same loss as ``decode_llm`` (mean squared error plus the Gaussian NLL that sets the sampling noise).
 
-Measured on the demo corpus (val cells as the reference, 5-NN in expression PCA): pseudo-cell accuracy
-0.76 -> 0.84-0.85 against a class-mean reference of 0.88, from 1000-3000 refit steps of 64 cells.
-
 **Decision**: the refit runs on rank 0 after the final checkpoint is consolidated, on the exported model, with
-a plain torch optimizer (no DeepSpeed: the decoder is a small MLP). It is a deterministic function of that
+the training engine's in-process back end (no DeepSpeed: the decoder is a small MLP). Measured effect:
+BENCHMARKS.md, "Stage 2: the decoder refit". It is a deterministic function of that
 model, the training split and the seed, so an interrupted export simply runs it again. Real-cell decoding
 (``decode_real``) is not refitted: only the text -> cell path uses the decoder at inference.
 """
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from scmm.model.bridge import decoder_loss
+from scmm.pretrain.engine import TrainOptions, Trainer
 
 __all__ = ["RefitOptions", "refit_decoder"]
 
@@ -43,6 +40,10 @@ class RefitOptions:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.log_every < 1:
             raise ValueError("refit needs steps >= 0, batch_size >= 1, lr > 0 and log_every >= 1")
 
+    def train_options(self) -> TrainOptions:
+        return TrainOptions(steps=self.steps, lr=self.lr, schedule="linear", warmup_steps=0, weight_decay=0.0,
+                            grad_clip=0.0, betas=(0.9, 0.999), precision="fp32", log_every=self.log_every)
+
 
 def refit_decoder(model, texts: Sequence[str], text_index: torch.Tensor, profiles: torch.Tensor, opts: RefitOptions,
                   seed: int, nll_weight: float, log_path: Path | None = None, progress: bool = True) -> dict:
@@ -50,8 +51,6 @@ def refit_decoder(model, texts: Sequence[str], text_index: torch.Tensor, profile
     against ``profiles`` [n cells, G] (the training cells' log1p HVG profiles), cell ``i`` being described by
     ``texts[text_index[i]]``. Returns the mean ``decode_llm`` loss of the first and last logging windows and
     how many descriptions ran through the LLM; with ``log_path``, appends one JSON line per window there."""
-    from tqdm.auto import tqdm
-
     text_index = torch.as_tensor(text_index, dtype=torch.long)
     if len(text_index) != len(profiles) or len(profiles) == 0:
         raise ValueError(f"refit needs one description per profile ({len(text_index)} indices, "
@@ -60,10 +59,10 @@ def refit_decoder(model, texts: Sequence[str], text_index: torch.Tensor, profile
         return {"steps": 0, "first_window": None, "last_window": None, "distinct_texts": 0}
     model.eval()
     decoder = model.decoder
-    dtype = decoder.mean_head.weight.dtype
-    device = decoder.mean_head.weight.device
+    dtype, device = decoder.mean_head.weight.dtype, decoder.mean_head.weight.device
     cache: dict[int, torch.Tensor] = {}  # description index -> its mapped states [n, d_q]
 
+    @torch.no_grad()
     def states_of(ids: list[int]) -> torch.Tensor:
         new = sorted({i for i in ids if i not in cache})
         if new:
@@ -71,37 +70,25 @@ def refit_decoder(model, texts: Sequence[str], text_index: torch.Tensor, profile
                 cache[i] = s.to(device=device, dtype=dtype)
         return torch.stack([cache[i] for i in ids])
 
-    params = list(decoder.parameters())
-    was = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / opts.steps)
-    gen = torch.Generator().manual_seed(int(seed))
-    windows: list[float] = []
-    total, n, tic = 0.0, 0, time.perf_counter()
-    decoder.train()
-    for step in tqdm(range(1, opts.steps + 1), desc="decoder refit", unit="step", disable=not progress or None):
-        rows = torch.randint(0, len(profiles), (min(opts.batch_size, len(profiles)),), generator=gen)
-        with torch.no_grad():
-            states = states_of(text_index[rows].tolist())
-        mean, log_std = decoder(states)
+    def batches() -> Iterator[torch.Tensor]:
+        gen = torch.Generator().manual_seed(int(seed))
+        while True:
+            yield torch.randint(0, len(profiles), (min(opts.batch_size, len(profiles)),), generator=gen)
+
+    def forward(module, rows: torch.Tensor, step: int) -> dict:
+        mean, log_std = module(states_of(text_index[rows].tolist()))
         loss = decoder_loss(mean, log_std, profiles[rows].to(device), nll_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        total, n = total + float(loss.detach()), n + 1
-        if step % opts.log_every == 0 or step == opts.steps:
-            windows.append(total / n)
-            if log_path is not None:
-                line = {"step": step, "lr": optimizer.param_groups[0]["lr"], "decode_llm": total / n,
-                        "steps_per_s": n / (time.perf_counter() - tic), "cached_texts": len(cache)}
-                with Path(log_path).open("a") as f:
-                    f.write(json.dumps(line) + "\n")
-            total, n, tic = 0.0, 0, time.perf_counter()
+        return {"loss": loss, "decode_llm": loss}
+
+    was = [p.requires_grad for p in decoder.parameters()]
+    for p in decoder.parameters():
+        p.requires_grad_(True)
+    trainer = Trainer(decoder, opts.train_options(), name="decoder refit", loss_keys=("decode_llm",),
+                      param_groups=[{"params": list(decoder.parameters()), "weight_decay": 0.0}],
+                      metrics_path=log_path, progress=progress)
+    trainer.fit(batches(), forward, items=lambda rows: (len(rows), []))
     decoder.eval()
-    for p, w in zip(params, was):
+    for p, w in zip(decoder.parameters(), was):
         p.requires_grad_(w)
-    return {"steps": opts.steps, "first_window": windows[0] if windows else None,
-            "last_window": windows[-1] if windows else None, "distinct_texts": len(cache)}
+    windows = [line["decode_llm"] for line in trainer.history]
+    return {"steps": opts.steps, "first_window": windows[0], "last_window": windows[-1], "distinct_texts": len(cache)}

@@ -7,15 +7,16 @@ to predict expression, so they would become the cell's signature, which a cell a
 masked) lacks. Masking doubles as augmentation for the contrastive and matching objectives and
 halves the cost of a step compared with a second, unmasked pass. At inference nothing is masked.
 
-Two choices make the alignment learnable on small data from scratch (measured on the demo corpus,
-where without them the cell features collapsed to one vector for all cells): text features are
-centred on the mean text-tower output of the corpus's label texts before the projection
-(`set_text_center`), and the cell feature adds the projected `<cls>` output of the cell tower to the
-mean of the projected query outputs (`QFormerOptions.cls_shortcut`).
+Two choices make the alignment learnable on small data from scratch (without them the cell features
+collapsed to one vector for all cells; BENCHMARKS.md, "Demo configuration"): text features are centred on
+the mean text-tower output of the corpus's label texts before the projection (`set_text_center`), and the
+cell feature adds the projected `<cls>` output of the cell tower to the mean of the projected query outputs
+(`QFormerConfig.cls_shortcut`).
 
 Saved as a folder (`save_pretrained`/`from_pretrained`, no DeepSpeed needed)::
 
-    config.json           AlignerConfig (+ format and version)
+    config.json           AlignerConfig with every size resolved (+ format and version)
+    cell_encoding.json    how the model reads cells (CellEncoding)
     cell_tower/           CellTower.save_pretrained (config.json, model.safetensors, vocab.json)
     text_tower/           the Hugging Face encoder and its tokenizer
     aligner.safetensors   Q-Former, heads and expression decoder
@@ -24,54 +25,34 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from scmm.model.cell_tower import CellTower, CellTowerConfig, atomic_write_folder
-from scmm.model.expr_decoder import ExprDecoder, ExprDecoderConfig
-from scmm.model.losses import (contrastive_loss, gather_features, itm_hard_negatives, itm_loss, mask_values,
-                          masked_expression_loss)
-from scmm.model.qformer import AlignmentHeads, QFormer, QFormerConfig
-from scmm.model.text_tower import TextTower, TextTowerConfig
+from scmm.atomic import write_folder
+from scmm.config import from_dict, read_json
+from scmm.data_pipeline.encoding import CellEncoding
+from scmm.data_pipeline.vocab import GeneVocab
 from scmm.errors import ScmmError
+from scmm.model.cell_tower import CellTower, CellTowerConfig
+from scmm.model.expr_decoder import ExprDecoder, ExprDecoderConfig
+from scmm.model.losses import contrastive_loss, itm_hard_negatives, itm_loss, mask_values, masked_expression_loss
+from scmm.model.qformer import AlignmentHeads, QFormer, QFormerConfig
+from scmm.model.scgpt import load_scgpt_state, tower_from_scgpt
+from scmm.model.text_tower import TextTower, TextTowerConfig
 
 log = logging.getLogger(__name__)
 FORMAT = "scmm-aligner"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the cell encoding is saved with the model
 
 
 @dataclass
-class CellTowerOptions:
-    """The cell tower's shape, or `init_from` an scGPT checkpoint folder (its args.json then decides)."""
+class AlignerLoss:
+    """The stage-1 objectives: their weights, the masking, and what the matching head sees."""
 
-    d_model: int = 512
-    nhead: int = 8
-    d_hid: int = 512
-    nlayers: int = 12
-    dropout: float = 0.1
-    attn_dropout: float | None = None  # None: as `dropout` (upstream); 0 lets attention skip a costly mask
-    input_emb_style: str = "continuous"
-    n_input_bins: int = 51
-    init_from: str | None = None
-
-
-@dataclass
-class QFormerOptions:
-    num_queries: int = 32
-    num_layers: int = 6
-    cross_attention_freq: int = 2
-    embed_dim: int = 256
-    dropout: float = 0.1
-    init_from_text: bool = True
-    cls_shortcut: bool = True  # add the projected <cls> output to the cell feature (see AlignmentHeads)
-
-
-@dataclass
-class LossOptions:
     contrastive: float = 1.0
     matching: float = 1.0
     reconstruction: float = 1.0
@@ -80,13 +61,59 @@ class LossOptions:
     matching_max_cells: int = 0  # cells of a batch that enter the matching loss (0: all); it is the costly part
     same_label_not_negative: bool = True
 
+    def __post_init__(self) -> None:
+        if min(self.contrastive, self.matching, self.reconstruction) < 0 or not 0 <= self.mask_ratio <= 1:
+            raise ValueError("loss weights must be >= 0 and mask_ratio in [0, 1]")
+
 
 @dataclass
 class AlignerConfig:
-    cell_tower: CellTowerOptions = field(default_factory=CellTowerOptions)
+    """The stage-1 model (YAML key ``model``). With ``scgpt_checkpoint`` (an scGPT checkpoint folder) the cell
+    tower's shape and weights come from that checkpoint (its args.json decides; ``cell_tower.dropout`` applies)."""
+
+    cell_tower: CellTowerConfig = field(default_factory=CellTowerConfig)
     text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)
-    qformer: QFormerOptions = field(default_factory=QFormerOptions)
-    loss: LossOptions = field(default_factory=LossOptions)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    loss: AlignerLoss = field(default_factory=AlignerLoss)
+    scgpt_checkpoint: str | None = None
+
+
+def _check_category_encoding(tower: CellTowerConfig, encoding: CellEncoding) -> None:
+    """A category value encoder reads bin indices: pad and mask values must be bins of its table too."""
+    if tower.input_emb_style != "category":
+        return
+    n = tower.n_input_bins
+    values = (encoding.pad_value, encoding.mask_value)
+    if encoding.n_bins < 2 or encoding.n_bins > n or not all(float(v).is_integer() and 0 <= v < n for v in values):
+        raise ScmmError(f"input_emb_style category reads bin indices below n_input_bins ({n}): it needs "
+                        f"encoding.n_bins >= 2 and at most {n}, and pad_value / mask_value among those indices "
+                        f"(scGPT: n_bins, n_bins + 1 with n_input_bins = n_bins + 2); got n_bins {encoding.n_bins}, "
+                        f"pad_value {encoding.pad_value}, mask_value {encoding.mask_value}")
+
+
+def build_cell_tower(config: AlignerConfig, vocab: GeneVocab, encoding: CellEncoding) -> CellTower:
+    """A fresh tower of ``config.cell_tower`` sized to the vocabulary, or one loaded from ``scgpt_checkpoint``,
+    whose gene vocabulary and value encoding must then be the model's."""
+    folder = config.scgpt_checkpoint
+    if folder:
+        try:
+            ckpt = load_scgpt_state(folder)
+        except (OSError, ValueError) as exc:
+            raise ScmmError(f"cannot read the scGPT checkpoint {folder}: {exc}") from None
+        if ckpt.vocab != vocab.token_to_id:
+            raise ScmmError(f"the scGPT checkpoint {folder} has its own gene vocabulary; build the corpus with "
+                            f"--vocab {folder}")
+        for key, value in ckpt.encoding.items():
+            if getattr(encoding, key) != value:
+                raise ScmmError(f"the scGPT checkpoint {folder} was trained with {key} {value}, the config has "
+                                f"encoding.{key}: {getattr(encoding, key)}")
+        tower, _ = tower_from_scgpt(folder, allow_missing_heads=True, checkpoint=ckpt,
+                                    dropout=config.cell_tower.dropout)
+    else:
+        tower = CellTower(replace(config.cell_tower, vocab_size=len(vocab), pad_token_id=vocab.pad_id,
+                                  pad_value=encoding.pad_value))
+    _check_category_encoding(tower.config, encoding)
+    return tower
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -100,40 +127,40 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 class CellTextAligner(nn.Module):
-    """Cell tower, text tower, Q-Former and alignment heads; `forward(batch)` returns the losses."""
+    """Cell tower, text tower, Q-Former and alignment heads; `forward(batch)` returns the losses.
 
-    def __init__(self, config: AlignerConfig, vocab: dict[str, int], cell_tower: CellTower | None = None,
-                 text_tower: TextTower | None = None):
+    ``vocab`` (the gene vocabulary, with its special-token ids) and ``encoding`` (how cells become input) are
+    part of the model: saved and loaded with it, so every reader of the model encodes cells the same way.
+    """
+
+    def __init__(self, config: AlignerConfig, vocab: GeneVocab, encoding: CellEncoding,
+                 cell_tower: CellTower | None = None, text_tower: TextTower | None = None):
         super().__init__()
-        self.config, self.vocab = config, dict(vocab)
-        ct = config.cell_tower
-        if cell_tower is None:
-            if ct.init_from:
-                cell_tower, ckpt_vocab = CellTower.from_scgpt(ct.init_from, allow_missing_heads=True,
-                                                              dropout=ct.dropout)
-                if ckpt_vocab != self.vocab:
-                    raise ScmmError(f"the scGPT checkpoint {ct.init_from} has its own gene vocabulary; build the "
-                                    f"corpus with --vocab {ct.init_from}")
-            else:
-                cell_tower = CellTower(CellTowerConfig(
-                    vocab_size=len(self.vocab) if not self.vocab else max(self.vocab.values()) + 1,
-                    pad_token_id=self.vocab["<pad>"], d_model=ct.d_model, nhead=ct.nhead, d_hid=ct.d_hid,
-                    nlayers=ct.nlayers, dropout=ct.dropout, attn_dropout=ct.attn_dropout, input_emb_style=ct.input_emb_style,
-                    n_input_bins=ct.n_input_bins))
-        self.cell_tower = cell_tower
+        self.vocab, self.encoding = vocab, encoding
+        self.cell_tower = cell_tower if cell_tower is not None else build_cell_tower(config, vocab, encoding)
         self.text_tower = text_tower if text_tower is not None else TextTower(config.text_tower)
-        q = config.qformer
-        qcfg = QFormerConfig.from_text_config(self.text_tower.model.config, num_queries=q.num_queries,
-                                              num_layers=q.num_layers, cross_attention_freq=q.cross_attention_freq,
-                                              encoder_width=self.cell_tower.d_model, embed_dim=q.embed_dim,
-                                              dropout=q.dropout)
+        qcfg = config.qformer.resolved(self.text_tower.model.config, self.cell_tower.d_model)
+        self.config = replace(config, cell_tower=self.cell_tower.config, qformer=qcfg, scgpt_checkpoint=None)
         self.qformer = QFormer(qcfg)
-        if q.init_from_text:
+        if qcfg.init_from_text:
             self.qformer.init_from_bert(self.text_tower.model)
-        self.heads = AlignmentHeads(qcfg.hidden_size, self.text_tower.hidden_size, q.embed_dim,
-                                    cell_width=self.cell_tower.d_model if q.cls_shortcut else None)
+        self.heads = AlignmentHeads(qcfg.hidden_size, self.text_tower.hidden_size, qcfg.embed_dim,
+                                    cell_width=self.cell_tower.d_model if qcfg.cls_shortcut else None)
         self.expr_decoder = ExprDecoder(ExprDecoderConfig(d_model=self.cell_tower.d_model))
         self._text_cache: dict[str, torch.Tensor] = {}
+
+    # --- training set-up --------------------------------------------------------------------------
+    def param_groups(self, weight_decay: float, lr: float) -> list[dict]:
+        """AdamW groups: weight decay on matrices only (not on biases, norms or the temperature)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 and "logit_scale" not in name else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay, "lr": lr},
+                {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.cell_tower.gradient_checkpointing_enable()
 
     # --- encoders ---------------------------------------------------------------------------------
     def encode_cells(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor
@@ -189,8 +216,7 @@ class CellTextAligner(nn.Module):
         gene_ids, values = batch["gene_ids"].to(device), batch["values"].to(device)
         pad = batch["padding_mask"].to(device)
         labels = batch["labels"].to(device) if lo.same_label_not_negative else None
-        masked, mask = mask_values(values.cpu(), pad.cpu(), lo.mask_ratio,
-                                   self.cell_tower.config.mask_value, generator=gen)
+        masked, mask = mask_values(values.cpu(), pad.cpu(), lo.mask_ratio, self.encoding.mask_value, generator=gen)
         states = self.cell_tower(gene_ids, masked.to(device, dtype), pad)
         # the Q-Former does not see the masked genes: their states are trained to predict expression and
         # would become the cell's signature, which a cell at inference (nothing masked) does not have
@@ -227,43 +253,41 @@ class CellTextAligner(nn.Module):
         query, _ = self.qformer(states[cell_idx], pad[cell_idx], text_mask=attn[text_idx], text_input_ids=ids[text_idx])
         return itm_loss(self.heads.itm_logits(query).float(), targets.to(states.device))
 
-    # --- folders ----------------------------------------------------------------------------------
+    # --- folders ---------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the model folder atomically (see the module docstring)."""
         def write(tmp: Path) -> None:
-            self.cell_tower.save_pretrained(tmp / "cell_tower", vocab=self.vocab)
+            self.cell_tower.save_pretrained(tmp / "cell_tower", vocab=self.vocab.token_to_id)
             self.text_tower.model.save_pretrained(tmp / "text_tower")
             self.text_tower.tokenizer.save_pretrained(tmp / "text_tower")
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
                      if not k.startswith(("cell_tower.", "text_tower."))}
             save_file(state, str(tmp / "aligner.safetensors"))
+            self.encoding.save(tmp)
             cfg = asdict(self.config)
             cfg["text_tower"]["path"] = "text_tower"  # relative to the folder
             (tmp / "config.json").write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
                                                          **cfg}, indent=1))
-        return atomic_write_folder(folder, write)
+        return write_folder(folder, write, marker="config.json")
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "CellTextAligner":
-        from scmm.config import from_dict
+    def from_pretrained(cls, folder: str | Path) -> CellTextAligner:
+        """Load a stage-1 model folder (eval mode); anything missing or of another format is a ScmmError."""
         folder = Path(folder)
-        try:
-            raw = json.loads((folder / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ScmmError(f"{folder} is not an scmm model folder ({exc})") from None
-        if raw.pop("format", None) != FORMAT:
+        raw = read_json(folder / "config.json", "model config")
+        if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
             raise ScmmError(f"{folder} is not an scmm stage-1 model folder")
         version = raw.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise ScmmError(f"{folder} was written by another scmm version (format {version}, "
                             f"this scmm reads {FORMAT_VERSION})")
         raw["text_tower"]["path"] = str(folder / "text_tower")
-        raw["cell_tower"]["init_from"] = None
         config = from_dict(AlignerConfig, raw)
+        encoding = CellEncoding.load(folder)
+        vocab = GeneVocab.load(folder / "cell_tower" / "vocab.json")
         try:
             cell_tower = CellTower.from_pretrained(folder / "cell_tower")
-            vocab = json.loads((folder / "cell_tower" / "vocab.json").read_text())
-            model = cls(config, vocab, cell_tower=cell_tower, text_tower=TextTower(config.text_tower))
+            model = cls(config, vocab, encoding, cell_tower=cell_tower, text_tower=TextTower(config.text_tower))
             state = load_file(str(folder / "aligner.safetensors"))
         except ScmmError:
             raise

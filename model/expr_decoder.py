@@ -3,7 +3,8 @@
 Used for masked expression reconstruction in stage 1 and to decode pseudo-cells in stage 2.
 ``forward(hidden[B, L, d_in]) -> pred[B, L]``. The MLP is ``Linear(d_in, d) -> LeakyReLU ->
 Linear(d, d) -> LeakyReLU -> Linear(d, 1)`` stored as ``fc.0``/``fc.2``/``fc.4`` exactly as upstream, so
-an scGPT checkpoint's ``decoder.*`` keys load after stripping the prefix. Upstream's optional
+an scGPT checkpoint's ``decoder.*`` keys load after stripping the prefix
+(:func:`scmm.model.scgpt.decoder_from_scgpt`). Upstream's optional
 ``explicit_zero_prob`` branch (``zero_logit.*``) is supported too.
 """
 from __future__ import annotations
@@ -17,14 +18,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from scmm.model.cell_tower import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    PathLike,
-    atomic_write_folder,
-    load_scgpt_state,
-    load_state_dict_strict,
-)
+from safetensors.torch import load_file, save_file
+
+from scmm.atomic import write_folder
+from scmm.model.cell_tower import CONFIG_NAME, WEIGHTS_NAME, PathLike, load_state_dict_strict
 
 logger = logging.getLogger(__name__)
 
@@ -89,45 +86,18 @@ class ExprDecoder(nn.Module):
 
     # -- checkpoints -------------------------------------------------------------------------------
 
-    @classmethod
-    def from_scgpt_state(cls, decoder_state: Mapping[str, Tensor], origin: str = "scGPT decoder state") -> "ExprDecoder":
-        """Build from an scGPT ``decoder.*`` state with the prefix already stripped."""
-        if "fc.0.weight" not in decoder_state or "fc.4.weight" not in decoder_state:
-            raise ValueError(f"{origin} has no expression decoder (decoder.fc.*)")
-        d_model, d_in = decoder_state["fc.0.weight"].shape
-        config = ExprDecoderConfig(
-            d_model=int(d_model),
-            d_in=int(d_in),
-            explicit_zero_prob=any(k.startswith("zero_logit.") for k in decoder_state),
-        )
-        model = cls(config)
-        load_state_dict_strict(model, decoder_state, what=origin)
-        return model
-
-    @classmethod
-    def from_scgpt(cls, folder: PathLike) -> "ExprDecoder":
-        """Load the ``decoder.*`` weights of an scGPT checkpoint folder (all of them must match)."""
-        ckpt = load_scgpt_state(folder)
-        if not ckpt.decoder_state:
-            raise ValueError(f"scGPT checkpoint {folder} has no decoder.* weights")
-        return cls.from_scgpt_state(ckpt.decoder_state, origin=f"decoder.* of {folder}")
-
     def save_pretrained(self, folder: PathLike) -> Path:
         """Write ``config.json`` + ``model.safetensors`` atomically."""
-        from safetensors.torch import save_file
-
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
 
         def write(tmp: Path) -> None:
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
 
-        return atomic_write_folder(folder, write)
+        return write_folder(folder, write, marker=CONFIG_NAME)
 
     @classmethod
     def from_pretrained(cls, folder: PathLike, map_location: Union[str, torch.device] = "cpu") -> "ExprDecoder":
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (folder / name).is_file():

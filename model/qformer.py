@@ -26,7 +26,7 @@ Design (one choice each, kept simple):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -35,38 +35,49 @@ from torch import nn
 
 @dataclass
 class QFormerConfig:
+    """The Q-Former's shape. Sizes at 0 are taken from the text tower (BERT width, heads, FFN, vocabulary,
+    positions) and ``encoder_width`` from the cell tower when the stage-1 model is built
+    (:meth:`resolved`)."""
+
     num_queries: int = 32
     num_layers: int = 6
-    hidden_size: int = 384            # the text tower's hidden size (all-MiniLM-L6-v2: 384)
-    num_heads: int = 12
-    intermediate_size: int = 1536
     cross_attention_freq: int = 2     # cross-attention in layers 0, freq, 2*freq, ...
-    encoder_width: int = 512          # the cell tower's d_model
-    dropout: float = 0.1
     embed_dim: int = 256              # contrastive projection dim
-    vocab_size: int = 30522           # text embedding table (must match the text tower's tokenizer)
-    max_position_embeddings: int = 512
-    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    init_from_text: bool = True       # copy the text tower's BERT weights where shapes match (BLIP-2)
+    cls_shortcut: bool = True         # add the projected <cls> output to the cell feature (see AlignmentHeads)
+    hidden_size: int = 0              # 0: the text tower's (all-MiniLM-L6-v2: 384)
+    num_heads: int = 0
+    intermediate_size: int = 0
+    vocab_size: int = 0               # text embedding table (must match the text tower's tokenizer)
+    max_position_embeddings: int = 0
+    layer_norm_eps: float = 1e-12     # BERT's
+    encoder_width: int = 0            # 0: the cell tower's d_model
     initializer_range: float = 0.02
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
+        if self.hidden_size and self.num_heads and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.cross_attention_freq < 1:
             raise ValueError("cross_attention_freq must be >= 1")
         if self.num_queries < 1 or self.num_layers < 1:
             raise ValueError("num_queries and num_layers must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def resolved(self, text_config, encoder_width: int) -> "QFormerConfig":
+        """A copy with the unset sizes taken from a transformers BERT config and the cell tower's width."""
+        derived = dict(hidden_size=text_config.hidden_size, num_heads=text_config.num_attention_heads,
+                       intermediate_size=text_config.intermediate_size, vocab_size=text_config.vocab_size,
+                       max_position_embeddings=text_config.max_position_embeddings, encoder_width=encoder_width)
+        return replace(self, **{k: v for k, v in derived.items() if not getattr(self, k)})
 
     @classmethod
     def from_text_config(cls, text_config, **overrides) -> "QFormerConfig":
-        """Match a transformers BERT config (``text_tower.model.config``): hidden size, heads, FFN size, layer
-        count, vocabulary, positions, LayerNorm eps. ``overrides`` win (e.g. encoder_width, num_queries)."""
-        kw = dict(hidden_size=text_config.hidden_size, num_heads=text_config.num_attention_heads,
-                  intermediate_size=text_config.intermediate_size, num_layers=text_config.num_hidden_layers,
-                  vocab_size=text_config.vocab_size, max_position_embeddings=text_config.max_position_embeddings,
-                  layer_norm_eps=getattr(text_config, "layer_norm_eps", 1e-12))
-        kw.update(overrides)
-        return cls(**kw)
+        """Match a transformers BERT config (``text_tower.model.config``), its layer count included;
+        ``overrides`` win (e.g. encoder_width, num_queries)."""
+        overrides.setdefault("num_layers", text_config.num_hidden_layers)
+        return cls(**overrides).resolved(text_config, overrides.get("encoder_width", 0))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,9 +153,12 @@ class QFormerLayer(nn.Module):
 class QFormer(nn.Module):
     """Learned queries that read the cell tower's per-gene outputs (see the module docstring)."""
 
-    def __init__(self, config: QFormerConfig | None = None):
+    def __init__(self, config: QFormerConfig):
         super().__init__()
-        self.config = cfg = config or QFormerConfig()
+        if not (config.hidden_size and config.num_heads and config.intermediate_size and config.vocab_size
+                and config.max_position_embeddings and config.encoder_width):
+            raise ValueError("the Q-Former config has unset sizes: resolve it against the text tower first")
+        self.config = cfg = config
         self.query_tokens = nn.Parameter(torch.zeros(cfg.num_queries, cfg.hidden_size))
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)

@@ -13,14 +13,15 @@ ones (``decode_llm``, which also fits the sampling noise), so that generation fr
 
 Saved folder (``save_pretrained``, atomic; ``Stage2Model.from_pretrained`` needs no DeepSpeed)::
 
-    config.json          format "scmm-stage2", version, Stage2ModelConfig, cell token ids
+    config.json          format "scmm-stage2", version, Stage2Config, cell token ids
     lora/                the peft LoRA adapter with the trained rows of the new tokens (peft's trainable tokens;
                          absent under full fine-tuning: lm/ then holds the whole tuned LLM)
     bridge.safetensors   projector, text->cell head and decoder
     tokenizer/           the tokenizer with the cell tokens added
     hvg.json             the gene panel: corpus gene indices, symbols, vocabulary ids
     lm/                  the base LLM folder (copied), so the folder is self-contained
-    stage1/              the stage-1 aligner folder (copied, or re-saved when it was trained)
+    stage1/              the stage-1 aligner folder (copied, or re-saved when it was trained); a package stores
+                         it once, beside stage2/, and passes the loaded aligner to ``from_pretrained``
 """
 from __future__ import annotations
 
@@ -36,21 +37,29 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from scmm.model.bridge import (BridgeOptions, CellProjector, PseudoCellDecoder, QueryNorm, TextToCellHead, decoder_loss,
-                          t2c_loss)
-from scmm.model.cell_tower import atomic_write_folder
+from scmm.atomic import write_folder
+from scmm.config import from_dict, read_json
+from scmm.data_pipeline.instructions import prompt_for
 from scmm.errors import ScmmError
+from scmm.model.aligner import CellTextAligner
+from scmm.model.bridge import (BridgeOptions, CellProjector, PseudoCellDecoder, QueryNorm, TextToCellHead, decoder_loss,
+                               t2c_loss)
+from scmm.model.constrained import cell_ontology_trie
+from scmm.model.llm import LoraOptions, add_cell_tokens, apply_lora, load_lm, optimizer_param_groups
+from scmm.model.sequences import SequenceBuilder
 
 log = logging.getLogger("scmm.stage2")
 FORMAT = "scmm-stage2"
-FORMAT_VERSION = 2  # 2: LayerNorm before each GELU of the bridge MLPs
+FORMAT_VERSION = 3  # 3: typed LoRA options; 2: LayerNorm before each GELU of the bridge MLPs
 STAGE1_TRAIN = ("none", "qformer", "all")
 LOSSES = ("lm", "t2c", "decode_real", "decode_llm")
-LM_MEANS = ("token", "answer")  # how the answer loss averages (LossWeights.lm_mean)
+LM_MEANS = ("token", "answer")  # how the answer loss averages (Stage2Loss.lm_mean)
 
 
 @dataclass
-class LossWeights:
+class Stage2Loss:
+    """The weights of the stage-2 losses, and how the answer loss averages."""
+
     lm: float = 1.0
     t2c: float = 1.0
     decode_real: float = 1.0
@@ -63,26 +72,31 @@ class LossWeights:
     def __post_init__(self) -> None:
         if self.lm_mean not in LM_MEANS:
             raise ValueError(f"loss.lm_mean must be one of {', '.join(LM_MEANS)}, not '{self.lm_mean}'")
+        if min(self.lm, self.t2c, self.decode_real, self.decode_llm) < 0:
+            raise ValueError("loss weights must be >= 0")
 
 
 @dataclass
-class Stage2ModelConfig:
-    """What the stage-2 folder needs to rebuild the model (saved in its config.json)."""
+class Stage2Config:
+    """The stage-2 model (YAML key ``model``; saved in the model folder's config.json)."""
 
-    lora: dict = field(default_factory=dict)  # model.llm.LoraOptions as a dict
+    lora: LoraOptions = field(default_factory=LoraOptions)
     bridge: BridgeOptions = field(default_factory=BridgeOptions)
-    loss: LossWeights = field(default_factory=LossWeights)
-    max_length: int = 256
+    loss: Stage2Loss = field(default_factory=Stage2Loss)
+    max_length: int = 256  # LLM tokens per sequence
     train_stage1: str = "none"  # none | qformer | all (stage-1 weights frozen by default)
     lm_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.train_stage1 not in STAGE1_TRAIN:
             raise ValueError(f"train_stage1 must be one of {', '.join(STAGE1_TRAIN)}, not '{self.train_stage1}'")
+        if self.lm_dtype not in _DTYPES:
+            raise ValueError(f"lm_dtype must be one of {', '.join(_DTYPES)}, not '{self.lm_dtype}'")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _unwrap(lm) -> nn.Module:
@@ -103,10 +117,9 @@ class _Named:
 class Stage2Model(nn.Module):
     """Aligner (stage 1) + LLM + bridge; ``forward(batch)`` returns the losses (see the module docstring)."""
 
-    def __init__(self, config: Stage2ModelConfig, aligner, lm, tokenizer, cell_tokens, hvg: dict,
+    def __init__(self, config: Stage2Config, aligner: CellTextAligner, lm, tokenizer, cell_tokens, hvg: dict,
                  lm_path: str | Path, stage1_path: str | Path):
         super().__init__()
-        from scmm.model.sequences import SequenceBuilder
         self.config = config
         self.aligner, self.lm, self.tokenizer, self.cell_tokens = aligner, lm, tokenizer, cell_tokens
         self.hvg = {"indices": [int(i) for i in hvg["indices"]], "symbols": [str(s) for s in hvg["symbols"]],
@@ -146,16 +159,13 @@ class Stage2Model(nn.Module):
         return self
 
     @classmethod
-    def build(cls, config: Stage2ModelConfig, stage1: str | Path, lm_path: str | Path, hvg: dict,
-              init_profiles: torch.Tensor | None = None) -> "Stage2Model":
+    def build(cls, config: Stage2Config, stage1: str | Path, lm_path: str | Path, hvg: dict,
+              init_profiles: torch.Tensor | None = None) -> Stage2Model:
         """A fresh stage-2 model for training from a stage-1 folder and a base LLM folder."""
-        from scmm.model.aligner import CellTextAligner
-        from scmm.model.llm import LoraOptions, add_cell_tokens, apply_lora, load_lm
         aligner = CellTextAligner.from_pretrained(stage1).float()
-        lm, tokenizer = load_lm(str(lm_path), _dtype(config.lm_dtype))
+        lm, tokenizer = load_lm(str(lm_path), _DTYPES[config.lm_dtype])
         cell_tokens = add_cell_tokens(tokenizer, lm, aligner.qformer.num_queries)
-        new_ids = [cell_tokens.start_id, cell_tokens.end_id, *cell_tokens.slot_ids]
-        lm = apply_lora(lm, LoraOptions(**config.lora), new_ids)
+        lm = apply_lora(lm, config.lora, cell_tokens.all_ids)
         model = cls(config, aligner, lm, tokenizer, cell_tokens, hvg, lm_path, stage1)
         if init_profiles is not None:
             model.decoder.init_from_profiles(init_profiles)
@@ -262,10 +272,12 @@ class Stage2Model(nn.Module):
         out["loss"] = sum(getattr(w, k) * out[k] for k in LOSSES)
         return out
 
+    def gradient_checkpointing_enable(self) -> None:
+        _unwrap(self.lm).gradient_checkpointing_enable()
+
     def param_groups(self, weight_decay: float, lr: float) -> list[dict]:
         """AdamW groups: LLM/stage-1 weights as `model.llm.optimizer_param_groups` (no decay on embeddings),
         the bridge modules at `lr * bridge.lr_scale`."""
-        from scmm.model.llm import optimizer_param_groups
         bridge = {id(p) for m in (self.projector, self.t2c_head, self.decoder) for p in m.parameters()}
         rest = [(n, p) for n, p in self.named_parameters() if id(p) not in bridge]
         groups = []
@@ -289,7 +301,6 @@ class Stage2Model(nn.Module):
         ``constrained`` (cell_type task): decoding follows a prefix tree over the Cell Ontology's labels and
         synonyms, so the answer is always a valid CL term.
         """
-        from scmm.data_pipeline.instructions import prompt_for
         self.eval()
         device = self.device
         query, cell = self.encode(batch["gene_ids"], batch["values"], batch["padding_mask"])
@@ -318,7 +329,6 @@ class Stage2Model(nn.Module):
     def label_trie(self):
         """The Cell Ontology prefix tree over this tokenizer (built once)."""
         if getattr(self, "_trie", None) is None:
-            from scmm.model.constrained import cell_ontology_trie
             self._trie = cell_ontology_trie(self.tokenizer)
         return self._trie
 
@@ -366,16 +376,13 @@ class Stage2Model(nn.Module):
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the stage-2 folder atomically (see the module docstring)."""
-        full = bool(self.config.lora.get("full_finetune", False))
+        full = self.config.lora.full_finetune
 
         def write(tmp: Path) -> None:
             if self.config.train_stage1 == "none":
-                shutil.copytree(self.stage1_path, tmp / "stage1")
+                shutil.copytree(self.stage1_path, tmp / "stage1", ignore=shutil.ignore_patterns(".*"))
             else:
                 self.aligner.save_pretrained(tmp / "stage1")
-                for extra in ("loader.json",):
-                    if (self.stage1_path / extra).is_file():
-                        shutil.copy2(self.stage1_path / extra, tmp / "stage1" / extra)
             if full:
                 _unwrap(self.lm).save_pretrained(tmp / "lm")
                 self.tokenizer.save_pretrained(str(tmp / "lm"))
@@ -390,40 +397,37 @@ class Stage2Model(nn.Module):
                    "cell_tokens": {"start_id": int(ct.start_id), "end_id": int(ct.end_id),
                                    "slot_ids": [int(i) for i in ct.slot_ids]}}
             (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
-        folder = Path(folder)
-        return atomic_write_folder(folder, write)
+        return write_folder(folder, write, marker="config.json")
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "Stage2Model":
-        """Load a stage-2 folder for inference (eval mode, no DeepSpeed)."""
-        from scmm.config import from_dict
-        from scmm.model.aligner import CellTextAligner
-        from scmm.model.llm import add_cell_tokens, load_lm
+    def from_pretrained(cls, folder: str | Path, aligner: CellTextAligner | None = None,
+                        stage1_folder: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Stage2Model:
+        """Load a stage-2 folder for inference (eval mode, no DeepSpeed). Its stage-1 model is ``stage1_folder``
+        (default: the folder's ``stage1/``; a package stores it beside the stage-2 folder), or ``aligner`` when
+        already loaded from there."""
         folder = Path(folder)
-        try:
-            raw = json.loads((folder / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ScmmError(f"{folder} is not an scmm stage-2 model folder ({exc})") from None
-        if raw.pop("format", None) != FORMAT:
+        stage1 = Path(stage1_folder) if stage1_folder is not None else folder / "stage1"
+        raw = read_json(folder / "config.json", "stage-2 model config")
+        if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
             raise ScmmError(f"{folder} is not an scmm stage-2 model folder")
         version = raw.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise ScmmError(f"{folder} was written by another scmm version (stage-2 format {version}, this scmm "
                             f"reads {FORMAT_VERSION})")
         saved_tokens = raw.pop("cell_tokens")
-        config = from_dict(Stage2ModelConfig, raw)
+        config = from_dict(Stage2Config, raw)
+        if aligner is None:
+            aligner = CellTextAligner.from_pretrained(stage1)
         try:
-            aligner = CellTextAligner.from_pretrained(folder / "stage1").float()
             lm, tokenizer = load_lm(str(folder / "lm"), dtype)
             cell_tokens = add_cell_tokens(tokenizer, lm, aligner.qformer.num_queries)
-            if [cell_tokens.start_id, cell_tokens.end_id, *cell_tokens.slot_ids] != \
-                    [saved_tokens["start_id"], saved_tokens["end_id"], *saved_tokens["slot_ids"]]:
+            if cell_tokens.all_ids != [saved_tokens["start_id"], saved_tokens["end_id"], *saved_tokens["slot_ids"]]:
                 raise ScmmError(f"{folder}: the cell tokens got other ids than in training")
-            if not config.lora.get("full_finetune", False):
-                from peft import PeftModel
+            if not config.lora.full_finetune:
+                from peft import PeftModel  # peft imports transformers: seconds, paid only when loading an LLM
                 lm = PeftModel.from_pretrained(lm, str(folder / "lora"), is_trainable=False)
             hvg = json.loads((folder / "hvg.json").read_text())
-            model = cls(config, aligner, lm, tokenizer, cell_tokens, hvg, folder / "lm", folder / "stage1")
+            model = cls(config, aligner.float(), lm, tokenizer, cell_tokens, hvg, folder / "lm", stage1)
             state = load_file(str(folder / "bridge.safetensors"))
         except ScmmError:
             raise
@@ -440,4 +444,4 @@ class Stage2Model(nn.Module):
             module.load_state_dict(sub, strict=True)
 
 
-__all__ = ["Stage2Model", "Stage2ModelConfig", "LossWeights", "LOSSES", "LM_MEANS", "FORMAT"]
+__all__ = ["Stage2Model", "Stage2Config", "Stage2Loss", "LOSSES", "LM_MEANS", "FORMAT"]

@@ -1,4 +1,8 @@
-"""The `scmm` command line. Every command exits 0 on success; bad input is one `error:` line and exit 2."""
+"""The `scmm` command line. Every command exits 0 on success; bad input is one `error:` line and exit 2.
+
+Each command imports the modules it runs when it runs: the package's modules import torch, transformers, faiss
+or DeepSpeed, which cost seconds, and `scmm data info` should not wait for an LLM library.
+"""
 from __future__ import annotations
 
 import argparse
@@ -210,12 +214,13 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
 
 # --- scmm embed | annotate | describe | index | package (inference; logic in scmm/api.py) ---------------
 def _add_inference_options(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
-    p.add_argument("--model", required=True, help="packaged model folder (scmm package) or a stage-1 model folder")
+    p.add_argument("--model", required=True, help="model folder: a package (scmm package), a stage-2 or a stage-1 "
+                   "model folder")
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"cells per forward pass (default {batch_size})")
     p.add_argument("--chunk-size", type=int, default=10_000, help="rows read from the h5ad at a time (default 10000)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto: bf16 autocast on a GPU, fp32 on CPU (measured faster there)")
+                   help="auto: bf16 autocast on a GPU, fp32 on CPU")
     p.add_argument("--layer", help="expression to read: X, raw, or a layer name (default: raw counts first)")
     p.add_argument("--gene-column", help="var column of gene symbols (default feature_name, else var names)")
     p.add_argument("--min-gene-coverage", type=float, default=0.5,
@@ -228,53 +233,48 @@ def _add_inference_options(p: argparse.ArgumentParser, batch_size: int = 64) -> 
 def _inference_kw(args: argparse.Namespace) -> dict:
     return {"batch_size": args.batch_size, "chunk_size": args.chunk_size, "device": args.device,
             "precision": args.precision, "layer": args.layer, "gene_column": args.gene_column,
-            "min_gene_coverage": args.min_gene_coverage, "progress": not args.quiet}
+            "min_gene_coverage": args.min_gene_coverage, "progress": not args.quiet, "overwrite": args.overwrite}
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from scmm.api import embed_file
-    print(f"wrote {embed_file(args.input, args.out, args.model, overwrite=args.overwrite, **_inference_kw(args))}")
+    from scmm.api import embed
+    print(f"wrote {embed(args.input, args.model, out=args.out, **_inference_kw(args))}")
     return 0
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from scmm.api import annotate_file
-    out = annotate_file(args.input, args.out, args.model, labels=args.labels, unknown_threshold=args.unknown_threshold,
-                        smooth=args.smooth, k=args.k, overwrite=args.overwrite, **_inference_kw(args))
+    from scmm.api import annotate
+    out = annotate(args.input, args.model, labels=args.labels, unknown_threshold=args.unknown_threshold,
+                   smooth=args.smooth, k=args.k, out=args.out, **_inference_kw(args))
     print(f"wrote {out}")
     return 0
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    from scmm.api import describe_file
-    kw = _inference_kw(args)
-    kw.pop("precision")
-    out = describe_file(args.input, args.out, args.model, overwrite=args.overwrite, constrained=args.constrained,
-                        num_beams=args.num_beams, precision="auto", **kw)
+    from scmm.api import describe
+    out = describe(args.input, args.model, constrained=args.constrained, num_beams=args.num_beams, out=args.out,
+                   **_inference_kw(args))
     print(f"wrote {out}")
     return 0
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     from scmm.api import build_index
-    if not Path(args.reference).is_file():
-        raise ScmmError(f"input file not found: {args.reference}")
-    out = build_index(args.reference, args.model, args.label_column, args.out, overwrite=args.overwrite,
-                      **_inference_kw(args))
+    out = build_index(args.reference, args.model, args.label_column, args.out, **_inference_kw(args))
     print(f"wrote index {out}")
     return 0
 
 
 def cmd_index_query(args: argparse.Namespace) -> int:
-    from scmm.api import query_index_file
-    out = query_index_file(args.index, args.input, args.out, args.model, k=args.k,
-                           unknown_threshold=args.unknown_threshold, overwrite=args.overwrite, **_inference_kw(args))
+    from scmm.api import query_index
+    out = query_index(args.index, args.input, args.model, k=args.k, unknown_threshold=args.unknown_threshold,
+                      out=args.out, **_inference_kw(args))
     print(f"wrote {out}")
     return 0
 
 
 def cmd_package(args: argparse.Namespace) -> int:
-    from scmm.model.folders import package_model
+    from scmm.package import package_model
     out = package_model(Path(args.stage1), Path(args.corpus), Path(args.out),
                         stage2=Path(args.stage2) if args.stage2 else None,
                         metrics=Path(args.metrics) if args.metrics else None)
@@ -393,13 +393,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         out = init_lm(load_config(args.config), progress=not args.quiet)
         print(f"wrote language model {out} (summary in {out}/init_lm_summary.json)")
         return 0
-    try:
-        from scmm.finetune.train import main_from_cli
-    except ModuleNotFoundError as exc:
-        if exc.name != "finetune.train":
-            raise
-        raise ScmmError("stage-2 training (finetune/train.py) is not available in this installation") from None
-    return main_from_cli(args)
+    from scmm.finetune.train import load_config, train
+    train(load_config(args.config), resume=args.resume, deepspeed_json=args.deepspeed_config, stop_at=args.stop_at)
+    return 0
 
 
 def _finetune_parser(sub: argparse._SubParsersAction) -> None:
@@ -416,8 +412,8 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from scmm.finetune.generate import generate_to_h5ad
-    out = generate_to_h5ad(args.model, args.text, args.n, args.out, seed=args.seed, noise=args.noise)
+    from scmm.api import generate
+    out = generate(args.model, args.text, n=args.n, seed=args.seed, noise=args.noise, out=args.out)
     print(f"wrote {out}: {args.n} pseudo-cells")
     return 0
 
@@ -425,7 +421,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     """`scmm generate --model DIR --text "..." --n N --out OUT.h5ad [--seed S]` (stage 2: text -> pseudo-cells)."""
     p = sub.add_parser("generate", help="text -> pseudo-cells (log1p CP10k over the model's HVG panel) as h5ad")
-    p.add_argument("--model", required=True, help="stage-2 model folder (or a packaged model with stage 2)")
+    p.add_argument("--model", required=True, help="a stage-2 model folder or a package with a stage-2 part")
     p.add_argument("--text", required=True, help="a description of the cells to generate")
     p.add_argument("--n", type=int, required=True, help="number of pseudo-cells")
     p.add_argument("--out", required=True, help="output .h5ad (must not exist)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -76,4 +77,16 @@ def load_yaml(path: str | Path, cls: type[T]) -> T:
 
 
 def to_dict(obj: Any) -> dict:
+    """A dataclass (nested ones included) as a plain dict."""
     return dataclasses.asdict(obj)
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON content of ``path``; a missing or unreadable file is a :class:`ScmmError` naming ``what``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScmmError(f"{what} is missing: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ScmmError(f"{what} {path} is unreadable ({exc})") from None

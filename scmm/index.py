@@ -4,12 +4,10 @@
     scmm index query INDEX IN.h5ad --model DIR --out OUT.h5ad [--k 15] [--unknown-threshold X]
 
 Index kind: embeddings are L2-normalised, so inner product = cosine similarity. Below
-``FLAT_MAX_CELLS`` (200,000) reference cells the index is exact (``IndexFlatIP``: a query costs N x D
-multiply-adds, ~26 MFLOP at 200k x 128, cheap enough); from there on it is ``IndexIVFFlat`` (inner
-product) with ``nlist = 4 * sqrt(N)`` lists (at most 65,536), trained on a seeded sample of at most
-``64 * nlist`` cells, searched with ``nprobe = min(nlist, 32)``. On a machine where faiss has GPU
-support and sees a GPU (:func:`eval.knn.gpu_available`) the index is built and searched there and
-moved to the CPU to be written.
+``scmm.eval.knn.FLAT_MAX_CELLS`` (200,000) reference cells the index is exact (``IndexFlatIP``: a query costs
+N x D multiply-adds, ~26 MFLOP at 200k x 128, cheap enough); from there on it is an inverted-file index
+(:func:`scmm.eval.knn.build_index`, which also puts it on a GPU when faiss can use one; it is moved to the CPU
+to be written).
 
 Folder written atomically (temporary folder beside it, renamed into place; an existing index is replaced
 only with ``overwrite``)::
@@ -21,93 +19,36 @@ only with ``overwrite``)::
 
 A query embeds the input with the same model (its fingerprint must equal the index's: another model's
 embeddings live in another space) and takes the majority label of the ``k`` nearest reference cells
-(ties: nearest tied neighbour, :func:`eval.knn.knn_vote`); ``scmm_confidence`` is the winner's vote share.
+(ties: nearest tied neighbour, :func:`scmm.eval.knn.knn_vote`); ``scmm_confidence`` is the winner's vote share.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 
-from scmm.atomic import publish_dir, temp_dir_beside
+from scmm.atomic import write_folder
+from scmm.config import read_json
+from scmm.data_pipeline.ontology import get_ontology
 from scmm.errors import ScmmError
+from scmm.eval import knn
 
 log = logging.getLogger("scmm.index")
 
 FORMAT = "scmm-index"
 FORMAT_VERSION = 1
-FLAT_MAX_CELLS = 200_000
-MAX_NLIST = 65_536
-NPROBE = 32
 _MISSING = {"", "nan", "none", "na", "unknown"}
-_GPU = None
-
-
-def _to_gpu(index):
-    global _GPU
-    import faiss
-    from scmm.eval.knn import gpu_available
-    if not gpu_available():
-        return index
-    if _GPU is None:  # pragma: no cover - needs faiss-gpu and a GPU
-        _GPU = faiss.StandardGpuResources()
-    return faiss.index_cpu_to_gpu(_GPU, 0, index)  # pragma: no cover
-
-
-def _to_cpu(index):
-    import faiss
-    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:  # pragma: no cover
-        return faiss.index_gpu_to_cpu(index)
-    return index
-
-
-def make_index(x: np.ndarray, seed: int = 0):
-    """(index with ``x`` added, description dict): flat below FLAT_MAX_CELLS rows, IVF from there on."""
-    import faiss
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n, d = x.shape
-    if n < FLAT_MAX_CELLS:
-        index = _to_gpu(faiss.IndexFlatIP(d))
-        index.add(x)
-        return index, {"kind": "flat"}
-    nlist = int(min(MAX_NLIST, max(1, round(4 * math.sqrt(n)))))
-    quantizer = faiss.IndexFlatIP(d)
-    cpu = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    index = _to_gpu(cpu)
-    rng = np.random.default_rng(seed)
-    sample = x[np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))]
-    index.train(sample)
-    for start in range(0, n, 100_000):
-        index.add(x[start:start + 100_000])
-    nprobe = min(nlist, NPROBE)
-    _set_nprobe(index, nprobe)
-    return index, {"kind": "ivf_flat", "nlist": nlist, "nprobe": nprobe}
-
-
-def _set_nprobe(index, nprobe: int) -> None:
-    import faiss
-    try:
-        faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
-    except Exception:  # GPU indexes take the attribute directly
-        index.nprobe = int(nprobe)
-
-
-def knn(index, q: np.ndarray, k: int, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    from scmm.eval.knn import knn_search
-    return knn_search(index, q, k, batch_size)
 
 
 # --- labels -----------------------------------------------------------------------------------------
 def reference_labels(values, column: str) -> tuple[np.ndarray, list[dict]]:
     """(code per cell, -1 when unlabelled; classes) from a label column of CL IDs or free text."""
-    from scmm.data_pipeline.ontology import get_ontology
     ontology = get_ontology()
     raw = np.asarray([str(v).strip() for v in values], dtype=object)
     missing = np.isin(np.char.lower(raw.astype(str)), list(_MISSING))
@@ -145,18 +86,14 @@ class ReferenceIndex:
         return self.meta["classes"]
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ReferenceIndex":
-        import faiss
+    def load(cls, path: str | os.PathLike) -> ReferenceIndex:
         path = Path(path)
         if not path.is_dir():
             raise ScmmError(f"index not found: {path}")
-        try:
-            meta = json.loads((path / "index.json").read_text())
-        except FileNotFoundError:
-            raise ScmmError(f"{path} is not an scmm index (no index.json)") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ScmmError(f"index {path}/index.json is unreadable ({exc})") from None
-        if meta.get("format") != FORMAT:
+        if not (path / "index.json").is_file():
+            raise ScmmError(f"{path} is not an scmm index (no index.json)")
+        meta = read_json(path / "index.json", "index description")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ScmmError(f"{path} is not an scmm index")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ScmmError(f"index {path} has format_version {meta.get('format_version')}; this scmm reads "
@@ -168,9 +105,9 @@ class ReferenceIndex:
             raise ScmmError(f"index {path} is corrupted ({type(exc).__name__}: {exc})") from None
         if index.ntotal != len(codes) or index.ntotal != meta.get("n"):
             raise ScmmError(f"index {path} is corrupted ({index.ntotal} vectors, {len(codes)} labels)")
-        index = _to_gpu(index)
+        index = knn.to_gpu(index)
         if "nprobe" in meta:
-            _set_nprobe(index, meta["nprobe"])
+            knn.set_nprobe(index, meta["nprobe"])
         return cls(path, meta, index, codes)
 
     def check_model(self, fingerprint: str) -> None:
@@ -181,44 +118,39 @@ class ReferenceIndex:
 
     def vote(self, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(class code per query, -1 if none; vote share) by majority of the k nearest reference cells."""
-        from scmm.eval.knn import knn_vote
         if k < 1:
             raise ScmmError("--k must be at least 1")
         k = min(k, len(self.codes))
-        _, ids = knn(self.index, emb, k)
+        _, ids = knn.knn_search(self.index, emb, k)
         neighbour = np.where(ids >= 0, self.codes[np.maximum(ids, 0)], -1).astype(np.int64)
-        return knn_vote(neighbour)
+        return knn.knn_vote(neighbour)
 
 
 def write_index(out: str | os.PathLike, emb: np.ndarray, codes: np.ndarray, classes: list[dict],
                 fingerprint: str, label_column: str, overwrite: bool = False, extra: dict | None = None) -> Path:
     """Write the index folder of the labelled rows of ``emb`` (codes >= 0) atomically."""
-    import faiss
     out = Path(out)
     if out.exists() and not overwrite:
         raise ScmmError(f"output {out} already exists (pass --overwrite to replace it)")
-    if out.exists() and not (out / "index.json").is_file():
-        raise ScmmError(f"output {out} exists and is not an scmm index (refusing to replace it)")
     keep = codes >= 0
     if not keep.any():
         raise ScmmError(f"no reference cell has a label in column '{label_column}'")
     x, kept_codes = emb[keep], codes[keep].astype(np.int32)
     t0 = time.perf_counter()
-    index, desc = make_index(x)
+    index = knn.build_index(x, "ip", approximate_above=knn.FLAT_MAX_CELLS)
+    desc = knn.index_kind(index)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_fingerprint": fingerprint,
             "n": int(len(x)), "dim": int(x.shape[1]), "metric": "inner_product", **desc,
             "label_column": label_column, "classes": classes,
             "n_unlabelled_skipped": int((~keep).sum()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
-    tmp = temp_dir_beside(out)
-    try:
-        faiss.write_index(_to_cpu(index), str(tmp / "index.faiss"))
+
+    def write(tmp: Path) -> None:
+        faiss.write_index(knn.to_cpu(index), str(tmp / "index.faiss"))
         np.save(tmp / "codes.npy", kept_codes)
         (tmp / "index.json").write_text(json.dumps(meta, indent=1))
-        publish_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    write_folder(out, write, marker="index.json")
     log.info("wrote index %s: %d cells, %d classes, %s (%.1f s)", out, len(x), len(classes), desc["kind"],
              time.perf_counter() - t0)
     return out

@@ -63,3 +63,26 @@ def small_corpus(tmp_path_factory) -> Path:
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `scmm ...` in a subprocess, as a user would."""
     return subprocess.run([sys.executable, "-m", "scmm.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def save_tiny_stage1(corpus: Path, folder: Path, d_model: int = 16, num_queries: int = 2, embed_dim: int = 16,
+                     **encoding) -> Path:
+    """An untrained but complete stage-1 model folder over ``corpus``'s gene vocabulary (continuous values)."""
+    import torch
+
+    from scmm.data_pipeline.encoding import CellEncoding
+    from scmm.data_pipeline.store import Corpus
+    from scmm.data_pipeline.vocab import GeneVocab
+    from scmm.eval.annotate import corpus_label_texts
+    from scmm.model.aligner import AlignerConfig, CellTextAligner
+    from scmm.model.cell_tower import CellTowerConfig
+    from scmm.model.qformer import QFormerConfig
+    from scmm.model.text_tower import TextTowerConfig
+    torch.manual_seed(0)
+    cfg = AlignerConfig(cell_tower=CellTowerConfig(d_model=d_model, nhead=2, d_hid=2 * d_model, nlayers=1),
+                        text_tower=TextTowerConfig(freeze=True, max_length=64),
+                        qformer=QFormerConfig(num_queries=num_queries, num_layers=1, embed_dim=embed_dim))
+    model = CellTextAligner(cfg, GeneVocab.load(corpus), CellEncoding(**{"n_bins": 0, "max_len": 256, **encoding}))
+    model.set_text_center(corpus_label_texts(Corpus(corpus)))
+    model.save_pretrained(folder)
+    return folder

@@ -4,14 +4,16 @@ from __future__ import annotations
 import os
 import stat
 
-from scmm.model.cell_tower import atomic_write_folder
-from scmm.atomic import temp_dir_beside, temp_file_beside
+import pytest
+
+from scmm.atomic import publish_dir, temp_dir_beside, temp_file_beside, write_folder
+from scmm.errors import ScmmError
 
 
 def test_atomic_outputs_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        folder = atomic_write_folder(tmp_path / "a" / "model", lambda d: (d / "config.json").write_text("{}"))
+        folder = write_folder(tmp_path / "a" / "model", lambda d: (d / "config.json").write_text("{}"))
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755
         assert (folder / "config.json").read_text() == "{}"
         assert [p.name for p in folder.parent.iterdir()] == ["model"]  # no temporary folder left
@@ -25,7 +27,6 @@ def test_atomic_outputs_follow_the_umask(tmp_path):
 
 
 def test_publish_dir_replaces_an_existing_folder_whole(tmp_path):
-    from scmm.atomic import publish_dir
     out = tmp_path / "corpus"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -34,3 +35,24 @@ def test_publish_dir_replaces_an_existing_folder_whole(tmp_path):
     assert publish_dir(tmp, out) == out
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]  # nothing of the old folder survives
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no temporary or trash folder left
+
+
+def test_write_folder_replaces_only_its_own_kind_and_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "model"
+    write_folder(out, lambda d: (d / "config.json").write_text("1"), marker="config.json")
+    write_folder(out, lambda d: (d / "config.json").write_text("2"), marker="config.json")
+    assert (out / "config.json").read_text() == "2"
+    mine = tmp_path / "my_notes"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ScmmError, match="refusing to replace"):
+        write_folder(mine, lambda d: (d / "config.json").write_text("x"), marker="config.json")
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+    def fail(d):
+        (d / "config.json").write_text("3")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        write_folder(out, fail, marker="config.json")
+    assert (out / "config.json").read_text() == "2"  # the old folder is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "my_notes"]  # no temporary folder left

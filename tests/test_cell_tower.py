@@ -12,8 +12,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scgpt_reference as ref  # noqa: E402
 
-from scmm.model.cell_tower import CellTower, CellTowerConfig, load_scgpt_state  # noqa: E402
+from scmm.model.cell_tower import CellTower, CellTowerConfig  # noqa: E402
 from scmm.model.expr_decoder import ExprDecoder  # noqa: E402
+from scmm.model.scgpt import decoder_from_scgpt, load_scgpt_state, tower_from_scgpt  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -68,13 +69,13 @@ def assert_parity(upstream_model, tower, batch, decoder=None):
 
 def test_parity_continuous(continuous_ckpt):
     folder, upstream_model, vocab = continuous_ckpt
-    tower, loaded_vocab = CellTower.from_scgpt(folder, allow_missing_heads=True)
+    tower, loaded_vocab = tower_from_scgpt(folder, allow_missing_heads=True)
     assert loaded_vocab == vocab
     assert tower.config.pad_token_id == vocab["<pad>"] == 100
     assert (tower.config.d_model, tower.config.nhead, tower.config.d_hid, tower.config.nlayers) == (64, 4, 128, 2)
     assert tower.config.input_emb_style == "continuous" and tower.config.pad_value == -2.0
     tower.eval()
-    decoder = ExprDecoder.from_scgpt(folder).eval()
+    decoder = decoder_from_scgpt(folder).eval()
     batch = ref.make_batch(vocab)
     batch[1][0, 3] = 700.0  # above max_value: both clamp to 512
     assert_parity(upstream_model, tower, batch, decoder)
@@ -83,7 +84,7 @@ def test_parity_continuous(continuous_ckpt):
 def test_parity_upstream_slow_path(continuous_ckpt):
     """With grad enabled upstream skips the nested-tensor fast path; compare that path too."""
     folder, upstream_model, vocab = continuous_ckpt
-    tower, _ = CellTower.from_scgpt(folder, allow_missing_heads=True)
+    tower, _ = tower_from_scgpt(folder, allow_missing_heads=True)
     tower.eval()
     gene_ids, values, padding_mask = ref.make_batch(vocab, lengths=(9, 4, 6))
     ref_hidden = upstream_model._encode(gene_ids, values, padding_mask).detach()
@@ -93,11 +94,11 @@ def test_parity_upstream_slow_path(continuous_ckpt):
 
 def test_parity_category(upstream, tmp_path):
     upstream_model, args, vocab = ref.make_scgpt_checkpoint(tmp_path, input_emb_style="category", seed=3)
-    tower, _ = CellTower.from_scgpt(tmp_path, allow_missing_heads=True)
+    tower, _ = tower_from_scgpt(tmp_path, allow_missing_heads=True)
     assert tower.config.input_emb_style == "category"
     assert tower.config.n_input_bins == 53 and tower.config.pad_value == 51
     tower.eval()
-    assert_parity(upstream_model, tower, ref.make_batch(vocab, input_emb_style="category"), ExprDecoder.from_scgpt(tmp_path))
+    assert_parity(upstream_model, tower, ref.make_batch(vocab, input_emb_style="category"), decoder_from_scgpt(tmp_path))
 
 
 def test_parity_wqkv_renamed_checkpoint(upstream, tmp_path):
@@ -106,7 +107,7 @@ def test_parity_wqkv_renamed_checkpoint(upstream, tmp_path):
     assert "transformer_encoder.layers.0.self_attn.Wqkv.weight" in keys
     assert not any("in_proj" in k for k in keys)
     assert load_scgpt_state(tmp_path).flash_attention
-    tower, _ = CellTower.from_scgpt(tmp_path, allow_missing_heads=True)
+    tower, _ = tower_from_scgpt(tmp_path, allow_missing_heads=True)
     assert_parity(upstream_model, tower.eval(), ref.make_batch(vocab))
 
 
@@ -116,15 +117,15 @@ def test_parity_upstream_flash_layers(upstream, tmp_path, pre_norm):
     upstream_model, args, vocab = ref.make_scgpt_checkpoint(tmp_path, flash=True, pre_norm=pre_norm, seed=5)
     assert type(upstream_model.transformer_encoder.layers[0]).__name__ == "FlashTransformerEncoderLayer"
     assert "transformer_encoder.layers.1.self_attn.Wqkv.bias" in upstream_model.state_dict()
-    tower, _ = CellTower.from_scgpt(tmp_path, allow_missing_heads=True)
+    tower, _ = tower_from_scgpt(tmp_path, allow_missing_heads=True)
     assert tower.config.pre_norm is pre_norm
-    assert_parity(upstream_model, tower.eval(), ref.make_batch(vocab, lengths=(11, 5, 8)), ExprDecoder.from_scgpt(tmp_path))
+    assert_parity(upstream_model, tower.eval(), ref.make_batch(vocab, lengths=(11, 5, 8)), decoder_from_scgpt(tmp_path))
 
 
 def test_expr_decoder_explicit_zero_prob_parity(upstream, tmp_path):
     upstream_model, _, vocab = ref.make_scgpt_checkpoint(tmp_path, explicit_zero_prob=True, seed=6)
-    tower, _ = CellTower.from_scgpt(tmp_path, allow_missing_heads=True)
-    decoder = ExprDecoder.from_scgpt(tmp_path)
+    tower, _ = tower_from_scgpt(tmp_path, allow_missing_heads=True)
+    decoder = decoder_from_scgpt(tmp_path)
     assert decoder.config.explicit_zero_prob
     gene_ids, values, padding_mask = ref.make_batch(vocab)
     with torch.no_grad():
@@ -156,11 +157,11 @@ def _copy_ckpt(src: Path, dst: Path) -> Path:
 def test_strict_rejects_heads_unless_allowed(continuous_ckpt):
     folder = continuous_ckpt[0]
     with pytest.raises(ValueError) as err:
-        CellTower.from_scgpt(folder)
+        tower_from_scgpt(folder)
     msg = str(err.value)
     assert "decoder.fc.0.weight" in msg and "mvc_decoder." in msg and "cls_decoder." in msg
     assert "allow_missing_heads" in msg
-    tower, _ = CellTower.from_scgpt(folder, allow_missing_heads=True)
+    tower, _ = tower_from_scgpt(folder, allow_missing_heads=True)
     assert isinstance(tower, CellTower)
 
 
@@ -168,8 +169,8 @@ def test_strict_unknown_key_named(continuous_ckpt, tmp_path):
     folder = _copy_ckpt(continuous_ckpt[0], tmp_path / "ckpt")
     _rewrite_state(folder, lambda s: s.__setitem__("mystery_module.weight", torch.zeros(3)))
     with pytest.raises(ValueError, match=r"mystery_module\.weight"):
-        CellTower.from_scgpt(folder, allow_missing_heads=True)
-    tower, _ = CellTower.from_scgpt(folder, strict=False)  # lenient: logged and skipped
+        tower_from_scgpt(folder, allow_missing_heads=True)
+    tower, _ = tower_from_scgpt(folder, strict=False)  # lenient: logged and skipped
     assert isinstance(tower, CellTower)
 
 
@@ -177,7 +178,7 @@ def test_strict_missing_key_named(continuous_ckpt, tmp_path):
     folder = _copy_ckpt(continuous_ckpt[0], tmp_path / "ckpt")
     _rewrite_state(folder, lambda s: s.pop("transformer_encoder.layers.1.norm2.bias"))
     with pytest.raises(ValueError, match=r"transformer_encoder\.layers\.1\.norm2\.bias"):
-        CellTower.from_scgpt(folder, allow_missing_heads=True)
+        tower_from_scgpt(folder, allow_missing_heads=True)
 
 
 def test_inconsistent_args_rejected(continuous_ckpt, tmp_path):
@@ -186,7 +187,7 @@ def test_inconsistent_args_rejected(continuous_ckpt, tmp_path):
     args["embsize"] = 128
     (folder / "args.json").write_text(json.dumps(args))
     with pytest.raises(ValueError, match="d_model"):
-        CellTower.from_scgpt(folder, allow_missing_heads=True)
+        tower_from_scgpt(folder, allow_missing_heads=True)
 
 
 def test_args_variants_and_appended_specials(upstream, tmp_path):
@@ -195,7 +196,7 @@ def test_args_variants_and_appended_specials(upstream, tmp_path):
     model = ref.build_upstream_model(ref.make_vocab(100))
     args = {"d_model": 64, "nhead": 4, "n_layers": 2, "dim_feedforward": 128, "dropout": 0.1}
     ref.write_scgpt_checkpoint(tmp_path, model.state_dict(), args, vocab)
-    tower, loaded_vocab = CellTower.from_scgpt(tmp_path, allow_missing_heads=True, dropout=0.0)
+    tower, loaded_vocab = tower_from_scgpt(tmp_path, allow_missing_heads=True, dropout=0.0)
     assert [loaded_vocab[t] for t in ("<pad>", "<cls>", "<eoc>")] == [100, 101, 102]
     assert tower.config.dropout == 0.0 and tower.config.pad_value == -2.0
     assert_parity(model, tower.eval(), ref.make_batch(ref.make_vocab(100)))
@@ -216,10 +217,10 @@ def test_save_from_pretrained_round_trip(tmp_path):
     loaded = CellTower.from_pretrained(folder).eval()
     assert loaded.config == tower.config
     assert torch.equal(loaded(*batch), out)
-    # saving again over the folder replaces files in place and leaves no temp dirs
-    (folder / "notes.txt").write_text("kept")
+    # saving again replaces the folder whole (no stale file of an earlier model survives), no temp dirs left
+    (folder / "stale.txt").write_text("from an earlier model")
     tower.save_pretrained(folder)
-    assert (folder / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["tower"]
     assert torch.equal(CellTower.from_pretrained(folder).eval()(*batch), out)
 
@@ -332,6 +333,5 @@ def test_category_values_out_of_range():
 
 
 def test_product_does_not_import_scgpt():
-    code = "import sys, model.cell_tower, model.expr_decoder; sys.exit('scgpt' in sys.modules)"
-    root = Path(__file__).resolve().parents[1]
-    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+    code = "import sys, scmm.model.scgpt, scmm.api, scmm.cli; sys.exit('scgpt' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

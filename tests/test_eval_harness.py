@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, save_tiny_stage1
 
 DESIGN_KEYS = {
     "annotation": {"accuracy", "macro_f1", "ontology_score", "n_cells", "n_classes"},
@@ -22,20 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, small_corpus: Path) -> Path:
     """An untrained but complete stage-1 model folder (evaluation does not care how good it is)."""
-    from scmm.eval.annotate import corpus_label_texts
-    from scmm.data_pipeline.store import Corpus
-    from scmm.model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
-    from scmm.model.text_tower import TextTowerConfig
-    torch.manual_seed(0)
-    vocab = json.loads((small_corpus / "vocab.json").read_text())
-    cfg = AlignerConfig(cell_tower=CellTowerOptions(d_model=16, nhead=2, d_hid=32, nlayers=1),
-                        text_tower=TextTowerConfig(freeze=True, max_length=64),
-                        qformer=QFormerOptions(num_queries=2, num_layers=1, embed_dim=16))
-    model = CellTextAligner(cfg, vocab)
-    model.set_text_center(corpus_label_texts(Corpus(small_corpus)))
-    folder = tmp_path_factory.mktemp("model") / "model"
-    model.save_pretrained(folder)
-    return folder
+    return save_tiny_stage1(small_corpus, tmp_path_factory.mktemp("model") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +113,9 @@ def test_cli_eval_with_user_labels(tiny_model: Path, small_corpus: Path, tmp_pat
 
 def test_candidates_and_options():
     from scmm.data_pipeline.ontology import get_ontology
-    from scmm.eval.harness import parse_tasks, read_labels_option, resolve_candidates
     from scmm.errors import ScmmError
+    from scmm.eval.annotate import Candidates, read_labels_option
+    from scmm.eval.harness import parse_tasks
     assert parse_tasks("retrieve, annotate,retrieve") == ("retrieve", "annotate")
     with pytest.raises(ScmmError, match="unknown task"):
         parse_tasks("annotate,summarise")
@@ -137,23 +125,27 @@ def test_candidates_and_options():
     with pytest.raises(ScmmError, match="no label"):
         read_labels_option(" , ")
     onto = get_ontology()
-    c = resolve_candidates(["CL:0000236", "T cell", "a cell nobody named"], corpus=None, ontology=onto)
+    c = Candidates.from_user(["CL:0000236", "T cell", "a cell nobody named"], onto)
     assert c.keys == ["CL:0000236", "CL:0000084", "a cell nobody named"]
     assert c.names == ["B cell", "T cell", "a cell nobody named"]
+    assert c.cl_ids == ["CL:0000236", "CL:0000084", ""]
+    assert "T cell" in c.texts[1][0] and "a cell nobody named" in c.texts[2][0]
     with pytest.raises(ScmmError, match="not a known Cell Ontology"):
-        resolve_candidates(["CL:9999999"], corpus=None, ontology=onto)
+        Candidates.from_user(["CL:9999999"], onto)
 
 
-def test_loader_config_for(tmp_path: Path):
-    from scmm.eval.harness import loader_config_for
-    model = tmp_path / "run" / "model"
-    model.mkdir(parents=True)
-    assert loader_config_for(model).n_bins == 0  # nothing beside the model: defaults, continuous values
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": {}, "loader": {"n_bins": 21}}))
-    assert loader_config_for(model).n_bins == 21  # the stage-1 run config one level up
-    (model / "loader.json").write_text(json.dumps({"n_bins": 11, "max_len": 300}))
-    cfg = loader_config_for(model)  # the model folder's own settings come first
-    assert (cfg.n_bins, cfg.max_len) == (11, 300)
+def test_a_model_folder_without_its_cell_encoding_is_an_error(tiny_model: Path, tmp_path: Path):
+    """How a model encodes cells is saved with it; a folder without it is never guessed at."""
+    import shutil
+
+    from scmm.errors import ScmmError
+    from scmm.model.folders import load_model
+    assert load_model(tiny_model).encoding.n_bins == 0 and load_model(tiny_model).encoding.max_len == 256
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken)
+    (broken / "cell_encoding.json").unlink()
+    with pytest.raises(ScmmError, match="no cell_encoding.json"):
+        load_model(broken)
 
 
 def test_eval_bad_input(tiny_model: Path, small_corpus: Path, tmp_path: Path):
@@ -185,30 +177,28 @@ def test_eval_bad_input_in_process(tiny_model: Path, small_corpus: Path, tmp_pat
         assert not (tmp_path / "deep").exists(), args
 
 
-def test_pseudocell_stage1_space_encodes_like_the_loader(tiny_model: Path, small_corpus: Path):
+def test_pseudocell_stage1_space_encodes_like_the_loader(tiny_model: Path, small_corpus: Path, tmp_path: Path):
     from scmm.data_pipeline.hvg import log1p_profiles
-    from scmm.data_pipeline.loader import LoaderConfig
     from scmm.data_pipeline.store import Corpus
     from scmm.eval.annotate import embed_split
-    from scmm.eval.harness import _load_model
     from scmm.eval.pseudocell import embed_profiles, pseudocell_report
+    from scmm.model.aligner import CellTextAligner
 
     corpus = Corpus(small_corpus)
-    model = _load_model(tiny_model)
-    cfg = LoaderConfig(n_bins=0)
+    model = CellTextAligner.from_pretrained(tiny_model)
     genes = np.arange(corpus.n_genes)
     x, ids, y = log1p_profiles(corpus, "test", genes)
-    emb = embed_split(model, corpus, "test", cfg, progress=False)
+    emb = embed_split(model, corpus, "test", progress=False)
     pos = {c: i for i, c in enumerate(emb.cell_ids)}
-    ours = embed_profiles(model, x, genes, corpus.gene_vocab_ids, cfg)
+    ours = embed_profiles(model, x, genes, corpus.gene_vocab_ids)
     # a real cell given as its log1p profile over the whole panel embeds exactly as the loader encodes it
     np.testing.assert_allclose(ours, emb.embeddings[[pos[c] for c in ids]], atol=1e-5)
     panel = np.arange(0, corpus.n_genes, 2)
-    r = pseudocell_report(corpus, x[:, panel], y, panel, k=3, n_components=4, aligner=model, loader_cfg=cfg)
+    r = pseudocell_report(corpus, x[:, panel], y, panel, k=3, n_components=4, aligner=model)
     assert set(r["spaces"]) == {"expression_pca", "stage1_embedding"}
     sp = r["spaces"]["stage1_embedding"]
     assert sp["metric"] == "ip" and 0 <= sp["knn_accuracy"] <= 1 and 0 <= sp["class_mean_reference"] <= 1
     assert sp["random_baseline"] == r["random_baseline"] and sp["n_scored"] == len(y)
-    binned = pseudocell_report(corpus, x[:, panel], y, panel, k=3, n_components=4, aligner=model,
-                               loader_cfg=LoaderConfig(n_bins=51))
-    assert 0 <= binned["spaces"]["stage1_embedding"]["knn_accuracy"] <= 1
+    binned = CellTextAligner.from_pretrained(save_tiny_stage1(small_corpus, tmp_path / "binned", n_bins=51))
+    r = pseudocell_report(corpus, x[:, panel], y, panel, k=3, n_components=4, aligner=binned)
+    assert 0 <= r["spaces"]["stage1_embedding"]["knn_accuracy"] <= 1

@@ -20,7 +20,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, save_tiny_stage1
 
 OBS_FIELDS = ("scmm_cell_type", "scmm_cell_type_ontology_term_id", "scmm_confidence")
 
@@ -53,23 +53,7 @@ def corpus(work: Path, pbmc_h5ad: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def stage1(work: Path, corpus: Path) -> Path:
-    from scmm.data_pipeline.loader import LoaderConfig
-    from scmm.data_pipeline.store import Corpus
-    from scmm.eval.annotate import corpus_label_texts
-    from scmm.model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
-    from scmm.model.text_tower import TextTowerConfig
-    from dataclasses import asdict
-    torch.manual_seed(0)
-    vocab = json.loads((corpus / "vocab.json").read_text())
-    cfg = AlignerConfig(cell_tower=CellTowerOptions(d_model=16, nhead=2, d_hid=32, nlayers=1),
-                        text_tower=TextTowerConfig(freeze=True, max_length=64),
-                        qformer=QFormerOptions(num_queries=2, num_layers=1, embed_dim=16))
-    model = CellTextAligner(cfg, vocab)
-    model.set_text_center(corpus_label_texts(Corpus(corpus)))
-    folder = work / "stage1" / "model"
-    model.save_pretrained(folder)
-    (folder / "loader.json").write_text(json.dumps(asdict(LoaderConfig(n_bins=0, max_len=256))))
-    return folder
+    return save_tiny_stage1(corpus, work / "stage1" / "model")
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +90,11 @@ def _cli(*args: str) -> int:
 # --- package ----------------------------------------------------------------------------------------
 def test_package_layout_and_round_trip(package: Path, model, stage1: Path, corpus: Path):
     manifest = json.loads((package / "scmm_model.json").read_text())
-    assert manifest["format"] == "scmm-model" and manifest["format_version"] == 1
+    assert manifest["format"] == "scmm-model" and manifest["format_version"] == 2
     assert manifest["components"] == ["stage1", "metrics"]
     for rel, digest in manifest["files"].items():
         assert _sha(package / rel) == digest
-    assert (package / "stage1" / "loader.json").is_file() and (package / "README.md").is_file()
+    assert (package / "stage1" / "cell_encoding.json").is_file() and (package / "README.md").is_file()
     card = (package / "README.md").read_text()
     assert "scmm annotate" in card and "| method | accuracy | macro-F1 |" in card and "B cell" in card
     labels = json.loads((package / "labels.json").read_text())["labels"]
@@ -171,7 +155,7 @@ def test_embedding_matches_the_training_pipeline(model, corpus: Path):
     from scmm.api import embed
     from scmm.data_pipeline.demo_data import pbmc_demo_adata
     c = Corpus(corpus)
-    ref = embed_split(model.aligner, c, "test", model.loader_config, progress=False)
+    ref = embed_split(model.aligner, c, "test", progress=False)
     adata = pbmc_demo_adata()[::4].copy()
     out = embed(adata[ref.cell_ids].copy(), model)
     np.testing.assert_allclose(out.obsm["X_scmm"], ref.embeddings, atol=1e-5)
@@ -229,32 +213,38 @@ def test_describe_without_stage2_is_an_error(package: Path, pbmc_h5ad: Path, wor
 
 def test_describe_calls_the_stage2_model(stage1: Path, corpus: Path, pbmc_h5ad: Path, tmp_path: Path,
                                          monkeypatch):
-    """With a stand-in for finetune.model.Stage2Model: descriptions land in obs in the input's row order."""
+    """With a stand-in for the stage-2 model: descriptions land in obs in the input's row order."""
     seen = {}
 
     class FakeStage2:
         @classmethod
-        def from_pretrained(cls, folder):
-            seen["folder"] = Path(folder)
+        def from_pretrained(cls, folder, aligner=None, stage1_folder=None):
+            seen["folder"], seen["aligner"] = Path(folder), aligner
             return cls()
+
+        def to(self, device):
+            return self
 
         def describe_cells(self, batch, task="describe", constrained=False, num_beams=1):
             assert task == "describe" and set(batch) >= {"gene_ids", "values", "padding_mask"}
             n_genes = (~batch["padding_mask"]).sum(1) - 1
             return [f"a cell expressing {int(n)} genes" for n in n_genes]
 
-    fake = types.ModuleType("scmm.model.stage2")
-    fake.Stage2Model = FakeStage2
-    monkeypatch.setitem(sys.modules, "scmm.model.stage2", fake)
+    import shutil
+
+    import scmm.model.folders as folders
+    monkeypatch.setattr(folders, "Stage2Model", FakeStage2)
     stage2 = tmp_path / "stage2"
     stage2.mkdir()
-    (stage2 / "config.json").write_text("{}")
-    from scmm.model.folders import package_model
+    (stage2 / "config.json").write_text(json.dumps({"format": "scmm-stage2"}))
+    shutil.copytree(stage1, stage2 / "stage1")
+    from scmm.package import package_model
     pkg = package_model(stage1, corpus, tmp_path / "pkg2", stage2=stage2)
+    assert not (pkg / "stage2" / "stage1").exists()  # the stage-1 model is stored once
     out = tmp_path / "d.h5ad"
     assert _cli("describe", str(pbmc_h5ad), "--model", str(pkg), "--out", str(out), "--chunk-size", "33",
                 "--quiet") == 0
-    assert seen["folder"] == pkg / "stage2"
+    assert seen["folder"] == pkg / "stage2" and seen["aligner"] is not None  # the package's stage 1, loaded once
     res = ad.read_h5ad(out)
     x = ad.read_h5ad(pbmc_h5ad)
     from scmm.api import load_model
@@ -290,7 +280,7 @@ def test_index_round_trip(package: Path, pbmc_h5ad: Path, work: Path):
 
 
 def test_index_model_mismatch_and_ivf(package: Path, pbmc_h5ad: Path, work: Path, tmp_path: Path, monkeypatch):
-    import scmm.index as sindex
+    import scmm.eval.knn as knn
     from scmm.api import build_index, load_model, query_index
     index = work / "ref_index"
     if not index.exists():
@@ -305,7 +295,7 @@ def test_index_model_mismatch_and_ivf(package: Path, pbmc_h5ad: Path, work: Path
                 str(tmp_path / "q.h5ad"))
     assert r.returncode == 2 and "another model" in r.stderr and not (tmp_path / "q.h5ad").exists()
     # above the size threshold the index is IVF; the vote still finds a cell's own label
-    monkeypatch.setattr(sindex, "FLAT_MAX_CELLS", 10)
+    monkeypatch.setattr(knn, "FLAT_MAX_CELLS", 10)
     model = load_model(package)
     build_index(str(pbmc_h5ad), model, "cell_type", tmp_path / "ivf")
     assert json.loads((tmp_path / "ivf" / "index.json").read_text())["kind"] == "ivf_flat"
@@ -346,15 +336,22 @@ def test_bad_inputs_exit_2_with_one_error_line(package: Path, pbmc_h5ad: Path, t
 
 
 def test_output_rules(package: Path, pbmc_h5ad: Path, work: Path, tmp_path: Path):
-    from scmm.api import embed_file
+    from scmm.api import embed
     from scmm.errors import ScmmError
     with pytest.raises(ScmmError, match="never modifies its input"):
-        embed_file(pbmc_h5ad, pbmc_h5ad, package, overwrite=True)
+        embed(pbmc_h5ad, package, out=pbmc_h5ad, overwrite=True)
     out = tmp_path / "o.h5ad"
     out.write_text("x")
     with pytest.raises(ScmmError, match="already exists"):
-        embed_file(pbmc_h5ad, out, package)
+        embed(pbmc_h5ad, package, out=out)
     assert out.read_text() == "x"
+    with pytest.raises(ScmmError, match="must name a .h5ad file"):
+        embed(pbmc_h5ad, package, out=tmp_path / "o.csv")
+    with pytest.raises(TypeError, match="batchsize"):
+        embed(pbmc_h5ad, package, batchsize=3)
+    # an in-memory AnnData with out= is written too, atomically
+    written = embed(ad.read_h5ad(pbmc_h5ad), package, out=tmp_path / "mem.h5ad")
+    assert written == tmp_path / "mem.h5ad" and ad.read_h5ad(written).obsm["X_scmm"].shape[0] == 175
 
 
 def test_log_normalised_input_is_detected(model, pbmc_h5ad: Path):
@@ -362,7 +359,7 @@ def test_log_normalised_input_is_detected(model, pbmc_h5ad: Path):
     from scmm.api import embed
     counts = ad.read_h5ad(pbmc_h5ad)
     panel = set(model.panel_vocab_ids.tolist())
-    keep = np.array([model.vocab.get(str(g), -1) in panel for g in counts.var["feature_name"]])
+    keep = np.array([model.vocab.token_to_id.get(str(g), -1) in panel for g in counts.var["feature_name"]])
     counts = counts[:, keep].copy()
     logn = counts.copy()
     x = sp.csr_matrix(logn.X, dtype=np.float64)

@@ -380,7 +380,8 @@ def _init_config(tmp_path: Path, corpus: Path, **train) -> Path:
     cfg = {"corpus": str(corpus), "out": str(tmp_path / "lm"), "seed": 0, "tokenizer": {"vocab_size": 500},
            "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                      "num_key_value_heads": 2, "max_position_embeddings": 64},
-           "train": {"steps": 4, "lr": 3e-3, "batch_size": 4, "seq_len": 32, "warmup_steps": 1, **train}}
+           "data": {"batch_size": 4, "seq_len": 32},
+           "train": {"steps": 4, "lr": 3e-3, "warmup_steps": 1, "log_every": 1, **train}}
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

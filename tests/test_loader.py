@@ -6,16 +6,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig, binning
+from scmm.data_pipeline.encoding import CellEncoding, binning
+from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
 from scmm.data_pipeline.store import Corpus
 from scmm.data_pipeline.vocab import GeneVocab
 
 VOCAB = GeneVocab.load()
 
 
-def _loader(corpus: Path, rank: int = 0, world: int = 1, **kw) -> CorpusLoader:
-    cfg = LoaderConfig(**{"batch_size": 8, "max_len": 12, "num_workers": 2, "shuffle_buffer": 40, **kw})
-    return CorpusLoader(corpus, "train", cfg, VOCAB.cls_id, VOCAB.pad_id, rank=rank, world_size=world)
+def _loader(corpus: Path, rank: int = 0, world: int = 1, max_len: int = 12, n_bins: int = 51,
+            **kw) -> CorpusLoader:
+    cfg = LoaderConfig(**{"batch_size": 8, "num_workers": 2, "shuffle_buffer": 40, **kw})
+    return CorpusLoader(corpus, "train", cfg, CellEncoding(max_len=max_len, n_bins=n_bins), VOCAB, rank=rank,
+                        world_size=world)
 
 
 def _ids(loader: CorpusLoader, limit: int | None = None) -> list[tuple[str, ...]]:

@@ -22,7 +22,8 @@ def _config(tmp_path: Path, corpus: Path, out: str, steps: int, **train) -> Path
                   "text_tower": {"max_length": 64, "freeze": True},
                   "qformer": {"num_queries": 4, "num_layers": 1, "embed_dim": 32},
                   "loss": {"matching": 0.5, "matching_max_length": 32}},
-        "loader": {"batch_size": 8, "max_len": 16, "n_bins": 0, "shuffle_buffer": 64},
+        "encoding": {"max_len": 16, "n_bins": 0},
+        "loader": {"batch_size": 8, "shuffle_buffer": 64},
         "train": {"steps": steps, "lr": 2e-3, "warmup_steps": 3, "log_every": 1, "save_every": 3,
                   "precision": "fp32", **train},
     }
@@ -56,11 +57,13 @@ def test_two_ranks_loss_goes_down_and_model_exports(tmp_path: Path, small_corpus
     assert last < 0.8 * first, (first, last)
     assert all(np.isfinite(r[k]) for r in rows for k in ("contrastive", "matching", "reconstruction"))
     lrs = [r["lr"] for r in rows]
-    assert lrs[:4] == pytest.approx([2e-3 / 3, 4e-3 / 3, 2e-3, 2e-3]) and lrs[-1] < lrs[4] < lrs[3]  # warmup, cosine
+    # transformers' linear warmup from 0 over 3 steps, then the cosine decay
+    assert lrs[:4] == pytest.approx([0.0, 2e-3 / 3, 4e-3 / 3, 2e-3]) and lrs[-1] < lrs[4] < lrs[3]
     # the exported folder loads without DeepSpeed and embeds cells
     from scmm.model.aligner import CellTextAligner
     model = CellTextAligner.from_pretrained(tmp_path / f"z{zero}" / "model")
-    batch = {"gene_ids": torch.tensor([[model.vocab["<cls>"], model.vocab["CD3D"]]]), "values": torch.tensor([[0.0, 2.0]]),
+    batch = {"gene_ids": torch.tensor([[model.vocab.cls_id, model.vocab.token_to_id["CD3D"]]]),
+             "values": torch.tensor([[0.0, 2.0]]),
              "padding_mask": torch.zeros(1, 2, dtype=torch.bool)}
     feats = model.cell_features(batch["gene_ids"], batch["values"], batch["padding_mask"])
     assert feats.shape == (1, 32) and torch.allclose(feats.norm(dim=-1), torch.ones(1), atol=1e-5)

@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import save_tiny_stage1
+
 ROOT = Path(__file__).resolve().parents[1]
 N_QUERIES = 4
 
@@ -19,20 +21,8 @@ N_QUERIES = 4
 # --- fixtures: a tiny stage-1 model and a tiny LLM ---------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_stage1(tmp_path_factory, small_corpus: Path) -> Path:
-    from dataclasses import asdict
-
-    from scmm.data_pipeline.loader import LoaderConfig
-    from scmm.model.aligner import AlignerConfig, CellTextAligner, CellTowerOptions, QFormerOptions
-    from scmm.model.text_tower import TextTowerConfig
-    torch.manual_seed(0)
-    vocab = json.loads((small_corpus / "vocab.json").read_text())
-    cfg = AlignerConfig(cell_tower=CellTowerOptions(d_model=32, nhead=2, d_hid=64, nlayers=1),
-                        text_tower=TextTowerConfig(max_length=32, freeze=True),
-                        qformer=QFormerOptions(num_queries=N_QUERIES, num_layers=1, embed_dim=32))
-    folder = tmp_path_factory.mktemp("stage1") / "model"
-    CellTextAligner(cfg, vocab).save_pretrained(folder)
-    (folder / "loader.json").write_text(json.dumps(asdict(LoaderConfig(batch_size=8, max_len=16, n_bins=0))))
-    return folder
+    return save_tiny_stage1(small_corpus, tmp_path_factory.mktemp("stage1") / "model", d_model=32,
+                            num_queries=N_QUERIES, embed_dim=32, max_len=16)
 
 
 @pytest.fixture(scope="session")
@@ -57,10 +47,9 @@ def _stage2_config(tmp_path: Path, corpus: Path, stage1: Path, lm: Path, out: st
     cfg = {
         "name": "test", "corpus": str(corpus), "stage1": str(stage1), "lm": str(lm), "out": str(tmp_path / out),
         "seed": 0,
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "bridge": {"decoder_hidden": 32, **(bridge or {})},
-        "hvg": {"n_top": 12},
-        "data": {"tasks": ["describe", "cell_type", "tissue"], "max_length": 160},
+        "model": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+                  "bridge": {"decoder_hidden": 32, **(bridge or {})}, "max_length": 160},
+        "data": {"tasks": ["describe", "cell_type", "tissue"], "n_hvg": 12},
         "loader": {"batch_size": 4, "shuffle_buffer": 64},
         "train": {"steps": steps, "lr": 3e-3, "warmup_steps": 1, "log_every": 1, "save_every": 2,
                   "precision": "fp32", **train},
@@ -73,24 +62,27 @@ def _stage2_config(tmp_path: Path, corpus: Path, stage1: Path, lm: Path, out: st
 
 def _build(small_corpus: Path, tiny_stage1: Path, tiny_lm: Path, tmp_path: Path, bridge: dict | None = None):
     from scmm.data_pipeline.store import Corpus
+    from scmm.finetune.pairs import PairBuilder, hvg_info
+    from scmm.finetune.train import load_config
     from scmm.model.stage2 import Stage2Model
-    from scmm.finetune.train import PairBuilder, hvg_info, load_config
     cfg = load_config(str(_stage2_config(tmp_path, small_corpus, tiny_stage1, tiny_lm, "m", 1, bridge)))
     corpus = Corpus(small_corpus)
-    hvg = hvg_info(corpus, cfg.hvg.n_top)
+    hvg = hvg_info(corpus, cfg.data.n_hvg)
     torch.manual_seed(0)
-    model = Stage2Model.build(cfg.model_config(), cfg.stage1, cfg.lm, hvg)
+    model = Stage2Model.build(cfg.model, cfg.stage1, cfg.lm, hvg)
     pairs = PairBuilder(corpus, "train", cfg.data.tasks, 0, np.asarray(hvg["indices"]), model.builder)
     model.decoder.init_from_profiles(pairs.x)
     return cfg, corpus, model, pairs
 
 
 def _loader_batch(corpus, stage1: Path, split: str = "train", batch_size: int = 8) -> dict:
-    from scmm.data_pipeline.loader import CorpusLoader
-    from scmm.finetune.train import stage1_loader_config
-    vocab = json.loads((stage1 / "cell_tower" / "vocab.json").read_text())
-    cfg = stage1_loader_config(stage1, None, batch_size=batch_size, shuffle=False)
-    return next(iter(CorpusLoader(corpus, split, cfg, vocab["<cls>"], vocab["<pad>"])))
+    """A batch encoded as the stage-1 model reads cells (its saved encoding and vocabulary)."""
+    from scmm.data_pipeline.encoding import CellEncoding
+    from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
+    from scmm.data_pipeline.vocab import GeneVocab
+    cfg = LoaderConfig(batch_size=batch_size, shuffle=False)
+    vocab = GeneVocab.load(stage1 / "cell_tower" / "vocab.json")
+    return next(iter(CorpusLoader(corpus, split, cfg, CellEncoding.load(stage1), vocab)))
 
 
 def _fit(model, batch: dict, steps: int, lr: float) -> None:
@@ -144,7 +136,7 @@ def test_forward_losses_finite_and_each_decreases(small_corpus, tiny_stage1, tin
     for _ in range(12):
         out = model(batch)
         assert all(torch.isfinite(out[k]) for k in (*LOSSES, "loss"))
-        history.append({k: float(out[k]) for k in LOSSES})
+        history.append({k: float(out[k].detach()) for k in LOSSES})
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -201,7 +193,7 @@ def test_answer_mean_counts_each_answer_once(small_corpus, tiny_stage1, tiny_lm,
     assert loss([0, 1], "token") == pytest.approx((n[0] * alone[0] + n[1] * alone[1]) / sum(n), rel=1e-4)
 
 
-@pytest.mark.parametrize("key,value,message", [("loss", {"lm_mean": "sentence"}, "lm_mean"),
+@pytest.mark.parametrize("key,value,message", [("model", {"loss": {"lm_mean": "sentence"}}, "lm_mean"),
                                                ("refit", {"step": 10}, "refit.step"),
                                                ("refit", {"steps": -1}, "steps >= 0")])
 def test_stage2_config_rejects_bad_loss_and_refit_keys(small_corpus, tiny_stage1, tiny_lm, tmp_path, key, value,
@@ -251,7 +243,8 @@ def test_decoder_refit_trains_the_decoder_alone_on_each_description_once(small_c
         assert len(seen) == len(set(seen)) == summary["distinct_texts"] and set(seen) <= set(pairs.text_pool)
         lines = [json.loads(line) for line in (tmp_path / f"{run}.jsonl").read_text().splitlines()]
         assert [r["step"] for r in lines] == [50, 100, 150] and lines[-1]["decode_llm"] == summary["last_window"]
-        assert lines[-1]["decode_llm"] < lines[0]["decode_llm"] and lines[-1]["lr"] == 0.0
+        # the rate of each window's last step: linear decay to 0, so the last step runs at lr / steps
+        assert lines[-1]["decode_llm"] < lines[0]["decode_llm"] and lines[-1]["lr"] == pytest.approx(opts.lr / 150)
         decoders.append(model.decoder.state_dict())
     for k, v in decoders[0].items():
         assert torch.equal(v, decoders[1][k]), k  # the same seed gives the same decoder
@@ -272,7 +265,7 @@ def test_save_reload_gives_identical_generation_and_pseudocells(trained_stage2, 
     from scmm.data_pipeline.store import Corpus
     from scmm.model.stage2 import Stage2Model
     for name in ("config.json", "bridge.safetensors", "hvg.json", "lora/adapter_config.json",
-                 "lora/adapter_model.safetensors", "lm/config.json", "stage1/config.json", "stage1/loader.json"):
+                 "lora/adapter_model.safetensors", "lm/config.json", "stage1/config.json", "stage1/cell_encoding.json"):
         assert (trained_stage2 / name).is_file(), name
     a = Stage2Model.from_pretrained(trained_stage2)
     b = Stage2Model.from_pretrained(trained_stage2)
@@ -394,9 +387,9 @@ def test_scmm_generate_bad_input_is_one_error_line_and_writes_nothing(trained_st
 # --- the stage-2 model in the evaluation harness and in inference -------------------------------------------
 def test_eval_package_and_describe_use_the_stage2_model(trained_stage2, tiny_stage1, small_corpus, tmp_path):
     from conftest import make_adata
-    from scmm.eval.harness import evaluate
-    from scmm.model.folders import package_model
     from scmm import api
+    from scmm.eval.harness import evaluate
+    from scmm.package import package_model
     package = package_model(tiny_stage1, small_corpus, tmp_path / "package", stage2=trained_stage2)
     metrics = evaluate(package, small_corpus, tmp_path / "eval", progress=False)  # default: every task
     assert set(metrics) == {"annotation", "retrieval", "baselines", "generation", "pseudocell"}

@@ -1,0 +1,71 @@
+"""Stage-2 training pairs: each loader batch of cells becomes instructions, descriptions and target profiles.
+
+Each training cell is paired with one instruction (task and template chosen deterministically from the seed, the
+step, the rank and the cell's place in the batch) and with its own description for the text -> cell path; its
+target profile is its log1p-CP10k expression over the gene panel (the training split's highly variable genes).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from scmm.data_pipeline.hvg import hvg_panel, log1p_profiles
+from scmm.data_pipeline.instructions import instruction_dataset
+from scmm.data_pipeline.store import Corpus
+from scmm.errors import ScmmError
+from scmm.model.sequences import SequenceBuilder
+
+__all__ = ["PairBuilder", "hvg_info"]
+
+
+def hvg_info(corpus: Corpus, n_top: int) -> dict:
+    """The gene panel: sorted corpus gene indices of the training split's HVGs, with symbols and vocab ids."""
+    idx = hvg_panel(corpus, n_top=n_top, split="train")
+    return {"indices": idx.tolist(), "symbols": [str(s) for s in corpus.gene_symbols[idx]],
+            "vocab_ids": [int(i) for i in corpus.gene_vocab_ids[idx]]}
+
+
+class PairBuilder:
+    """Loader batches -> stage-2 batches: an instruction per cell, its description, its target HVG profile."""
+
+    def __init__(self, corpus: Corpus, split: str, tasks: list[str], seed: int, genes: np.ndarray,
+                 builder: SequenceBuilder, task_weights: list[float] | None = None):
+        if task_weights and (len(task_weights) != len(tasks) or min(task_weights) < 0 or sum(task_weights) <= 0):
+            raise ScmmError(f"data.task_weights needs one non-negative weight per task ({len(tasks)}), "
+                            f"got {task_weights}")
+        weight = dict(zip(tasks, task_weights)) if task_weights else {t: 1.0 for t in tasks}
+        ds = instruction_dataset(corpus, split, tasks, seed)
+        self.rows: dict[str, list[tuple[str, str, float]]] = {}
+        for cid, task, prompt, answer in zip(ds["cell_id"], ds["task"], ds["prompt"], ds["answer"]):
+            if weight[task] > 0:
+                self.rows.setdefault(str(cid), []).append((prompt, answer, weight[task]))
+        x, ids, _ = log1p_profiles(corpus, split, genes)
+        self.profiles = {c: i for i, c in enumerate(ids)}
+        self.x = torch.from_numpy(x)
+        # each profile's description (the text -> cell input), as an index into the distinct descriptions
+        pool: dict[str, int] = {}
+        text_of = {str(c): pool.setdefault(str(t), len(pool))
+                   for shard in corpus.iter_shards(split, columns=("cell_id", "text"))
+                   for c, t in zip(shard.obs["cell_id"], shard.obs["text"])}
+        self.text_pool = list(pool)
+        self.text_index = torch.tensor([text_of[c] for c in ids], dtype=torch.long)
+        self.seed, self.builder = seed, builder
+
+    def __call__(self, batch: dict, step: int, rank: int) -> dict:
+        c2t, texts, rows, index = [], {}, [], []
+        for i, (cid, text) in enumerate(zip(batch["cell_id"], batch["text"])):
+            options = self.rows.get(str(cid))
+            if not options:
+                raise ScmmError(f"cell {cid} has no instruction")
+            p = np.array([w for _, _, w in options])
+            pick = np.random.default_rng([self.seed, step, rank, i]).choice(len(options), p=p / p.sum())
+            prompt, answer, _ = options[pick]
+            c2t.append(self.builder.cell_to_text(prompt, answer))
+            index.append(texts.setdefault(str(text), len(texts)))  # each distinct description runs once
+            rows.append(self.profiles[str(cid)])
+        out = {k: batch[k] for k in ("gene_ids", "values", "padding_mask")}
+        out["c2t"] = self.builder.collate(c2t, padding_side="right")
+        out["t2c"] = self.builder.collate([self.builder.text_to_cell(t) for t in texts], padding_side="right")
+        out["t2c_index"] = torch.tensor(index, dtype=torch.long)
+        out["hvg"] = self.x[rows]
+        return out

@@ -1,0 +1,446 @@
+"""The one training engine: launch set-up, the DeepSpeed engine, the step loop, metrics, checkpoints, export.
+
+Every training in scmm runs through :class:`Trainer`: stage 1 (``pretrain/train.py``), stage 2
+(``finetune/train.py``), the demo LLM's pre-training (``finetune/init_lm.py``) and the pseudo-cell decoder refit
+(``finetune/refit.py``). A stage script builds its data and its model, then hands both to the trainer:
+
+    launch = start_run(cfg.out, resume, cfg.train.threads)          # process group, checkpoint guard
+    trainer = Trainer(model, cfg.train, name="stage1", launch=launch, loader=loader, deepspeed=ds_json)
+    last = trainer.fit(batches, forward)                             # forward(module, batch, step) -> losses
+    state = trainer.consolidated_state()                             # fp32 weights (any ZeRO stage), rank 0
+
+Two back ends share the loop. With a ``launch`` the model runs in a DeepSpeed engine (ZeRO 1-3, bf16 weights,
+gradient accumulation and clipping, ``save_checkpoint``/``load_checkpoint``; on CPU a torch AdamW is the client
+optimizer, since DeepSpeed's own JIT-compiles a fused kernel). Without one (``init-lm``, the refit: one process,
+a short run) the model trains with a plain torch AdamW in this process, without checkpoints.
+
+The model owns its parameter groups (``model.param_groups(weight_decay, lr)``, as nanoGPT's
+``configure_optimizers``); the schedule is ``transformers``' warmup + cosine decay to ``lr * min_lr_ratio``, or
+warmup + linear decay to 0. A checkpoint holds the DeepSpeed engine plus, per rank, the loader position and the
+RNG states, so ``--resume`` continues with exactly the batches and losses of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from scmm.errors import ScmmError
+
+__all__ = ["TrainOptions", "Launch", "start_run", "endless_batches", "deepspeed_config", "Trainer",
+           "PRECISIONS", "SCHEDULES", "DEFAULT_DEEPSPEED_CONFIG"]
+
+PRECISIONS = ("fp32", "bf16", "autocast-bf16")
+SCHEDULES = ("cosine", "linear")
+DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json"
+
+
+@dataclass
+class TrainOptions:
+    """The optimisation of one training run (YAML key ``train``)."""
+
+    steps: int = 1000
+    lr: float = 1e-4
+    schedule: str = "cosine"  # cosine: warmup, then cosine decay to lr * min_lr_ratio; linear: warmup, then to 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # 0: no clipping
+    grad_accum: int = 1
+    betas: tuple[float, float] = (0.9, 0.98)
+    precision: str = "bf16"  # fp32 | bf16 (DeepSpeed bf16 weights) | autocast-bf16 (fp32 weights, bf16 matmuls)
+    activation_checkpointing: bool = False
+    optimizer: str = "auto"  # auto: DeepSpeed's fused AdamW on GPU, torch AdamW on CPU | torch | deepspeed
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    tensorboard: bool = False
+    threads: int = 0  # torch intra-op threads per process (0: leave as is)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {', '.join(SCHEDULES)}, not '{self.schedule}'")
+        if self.optimizer not in ("auto", "torch", "deepspeed"):
+            raise ValueError(f"train.optimizer must be auto, torch or deepspeed, not '{self.optimizer}'")
+        if min(self.steps, self.grad_accum, self.save_every, self.keep_last, self.log_every) < 1:
+            raise ValueError("train.steps, grad_accum, save_every, keep_last and log_every must be >= 1")
+        if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ValueError("train.lr must be > 0; weight_decay, grad_clip and warmup_steps >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("train.min_lr_ratio must be in [0, 1]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("train.betas must be two numbers in [0, 1)")
+        self.betas = tuple(self.betas)
+
+    @property
+    def use_deepspeed_optimizer(self) -> bool:
+        return self.optimizer == "deepspeed" or (self.optimizer == "auto" and torch.cuda.is_available())
+
+    def schedule_for(self, optimizer: torch.optim.Optimizer):
+        """The learning-rate schedule of this run (``transformers``' implementations)."""
+        # transformers takes seconds to import: only a training run pays for it
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_linear_schedule_with_warmup
+        if self.schedule == "linear":
+            return get_linear_schedule_with_warmup(optimizer, self.warmup_steps, self.steps)
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, self.warmup_steps, self.steps,
+                                                           min_lr_rate=self.min_lr_ratio)
+
+
+# --- launch ---------------------------------------------------------------------------------------
+@dataclass
+class Launch:
+    """Where this process stands in a training launch."""
+
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    ckpt_dir: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join (or, without a launcher, create) the process group; returns (rank, world size, device)."""
+    if "RANK" not in os.environ:  # a single process without a launcher: what DeepSpeed would expect
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # imported here: deepspeed reads DS_ACCELERATOR when it is first imported
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def start_run(out: str | Path, resume: bool, threads: int = 0) -> Launch:
+    """Set up a training launch, once every rank has checked that a fresh run (no ``--resume``) would not mix
+    with an earlier run's checkpoints."""
+    rank, world, device = init_distributed()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    if not resume and ckpt_dir.exists():
+        raise ScmmError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose another out")
+    torch.distributed.barrier()
+    return Launch(rank, world, device, out, ckpt_dir)
+
+
+def deepspeed_config(path: str | Path | None, train: TrainOptions, micro_batch: int, world: int,
+                     out: Path, name: str) -> dict:
+    """The DeepSpeed JSON (default: configs/deepspeed/zero2.json) with the values the run config owns filled in:
+    batch sizes, accumulation, clipping, precision, TensorBoard, and the optimizer when DeepSpeed builds it."""
+    path = Path(path) if path else DEFAULT_DEEPSPEED_CONFIG
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ScmmError(f"cannot read the DeepSpeed config {path}: {exc}") from None
+    ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=train.grad_accum,
+              train_batch_size=micro_batch * train.grad_accum * world, gradient_clipping=train.grad_clip,
+              steps_per_print=10 ** 9, wall_clock_breakdown=False)
+    ds["bf16"] = {"enabled": train.precision == "bf16"}
+    ds.pop("fp16", None)
+    if train.tensorboard:
+        ds["tensorboard"] = {"enabled": True, "output_path": str(out / "tensorboard"), "job_name": name}
+    if train.use_deepspeed_optimizer:
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": train.weight_decay,
+                                                       "betas": list(train.betas), "eps": 1e-8}}
+    return ds
+
+
+def endless_batches(loader: Iterable[dict]) -> Iterator[dict]:
+    """The loader's batches epoch after epoch; each new epoch starts only when the next batch is asked for, so
+    the loader's state between two batches is exactly what a checkpoint must save."""
+    empty = 0
+    while empty < 2:  # one empty pass is normal: a run resumed at the end of an epoch
+        got = False
+        for batch in loader:
+            got = True
+            yield batch
+        empty = 0 if got else empty + 1
+    raise ScmmError("the train split yields no batch (fewer cells than one batch per rank?)")
+
+
+# --- metrics --------------------------------------------------------------------------------------
+class MetricsWindow:
+    """The losses, throughput and batch digest of the steps since the last log line, logged as one line.
+
+    Each rank adds its micro-steps; :meth:`flush` averages the losses over micro-steps and, in a distributed run,
+    over ranks (one all-reduce), sums the items over ranks, and on rank 0 appends the line to ``metrics.jsonl``
+    (when the run has a folder). A run inside one process (``distributed`` False) never joins a collective, even
+    when a process group exists (the decoder refit on rank 0 at the end of stage 2). ``batch_digest`` hashes the ids of the items this rank trained on, so a resumed run can be
+    checked against an uninterrupted one.
+    """
+
+    def __init__(self, keys: tuple[str, ...], rate_key: str, path: Path | None, rank: int, distributed: bool):
+        self.keys, self.rate_key, self.path, self.rank, self.distributed = keys, rate_key, path, rank, distributed
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = {k: 0.0 for k in self.keys}
+        self.items = self.n = 0
+        self.digest = hashlib.sha1()
+        self.tic = time.perf_counter()
+
+    def add(self, losses: dict, n_items: int, ids: list[str]) -> None:
+        for k in self.keys:
+            self.sums[k] += float(losses[k].detach())
+        self.items += n_items
+        self.digest.update("\x1f".join(map(str, ids)).encode())
+        self.n += 1
+
+    def flush(self, step: int, epoch: int, lr: float) -> dict:
+        summary = torch.tensor([self.sums[k] for k in self.keys] + [self.items, self.n], dtype=torch.float64)
+        if self.distributed:
+            torch.distributed.all_reduce(summary)
+        elapsed = max(time.perf_counter() - self.tic, 1e-9)
+        n = summary[-1].item()
+        line = {"step": step, "epoch": epoch, "lr": lr, **{k: summary[i].item() / n for i, k in enumerate(self.keys)},
+                self.rate_key: summary[len(self.keys)].item() / elapsed, "batch_digest": self.digest.hexdigest()[:16]}
+        if self.rank == 0 and self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+        self._reset()
+        return line
+
+
+# --- the trainer ----------------------------------------------------------------------------------
+Forward = Callable[[Any, dict, int], dict]  # (the module to call, a batch, the step) -> losses with "loss"
+
+
+def cell_items(batch: dict) -> tuple[int, list[str]]:
+    """What a batch of cells counts for the throughput and the batch digest: its cells and their IDs."""
+    return len(batch["cell_id"]), list(batch["cell_id"])
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _adamw(groups: list[dict], opts: TrainOptions) -> torch.optim.Optimizer:
+    try:  # the fused kernel: on CPU the optimizer's elementwise passes cost as much as a small model's matmuls
+        return torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, eps=1e-8, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, eps=1e-8)
+
+
+class _LocalEngine:
+    """A model and a torch AdamW in this process, behind DeepSpeed's engine interface (call, backward, step)."""
+
+    def __init__(self, model: torch.nn.Module, groups: list[dict], opts: TrainOptions):
+        self.module, self.opts, self.micro_steps = model, opts, 0
+        self.optimizer = _adamw(groups, opts)
+        self.scheduler = opts.schedule_for(self.optimizer)
+        self.params = [p for g in groups for p in g["params"]]
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def train(self) -> None:
+        self.module.train()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.opts.grad_accum).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.opts.grad_accum:
+            return
+        if self.opts.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.opts.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class Trainer:
+    """One training run of ``model`` (see the module docstring).
+
+    ``launch``: the run's place in a DeepSpeed launch (:func:`start_run`); None trains in this process without
+    DeepSpeed or checkpoints. ``loader``: the data's state for checkpoints (``state_dict``/``load_state_dict``).
+    ``param_groups``: AdamW groups, by default ``model.param_groups(weight_decay, lr)``. ``loss_keys``: the losses
+    logged besides ``loss``; ``rate_key``: the throughput's name in ``metrics.jsonl``.
+    """
+
+    def __init__(self, model: torch.nn.Module, opts: TrainOptions, *, name: str, launch: Launch | None = None,
+                 deepspeed: str | Path | None = None, micro_batch: int = 1, loader: Any = None,
+                 param_groups: list[dict] | None = None, loss_keys: tuple[str, ...] = (),
+                 rate_key: str = "cells_per_s", metrics_path: Path | None = None, progress: bool = True):
+        self.model, self.opts, self.name, self.launch, self.loader = model, opts, name, launch, loader
+        self.rank = launch.rank if launch else 0
+        self.progress, self.step, self.history = progress, 0, []
+        if opts.activation_checkpointing:
+            model.gradient_checkpointing_enable()
+        groups = param_groups if param_groups is not None else model.param_groups(opts.weight_decay, opts.lr)
+        if launch is None:
+            if opts.precision == "bf16":
+                raise ScmmError(f"{name}: precision bf16 (bf16 weights) needs DeepSpeed; use autocast-bf16")
+            self.engine = _LocalEngine(model, groups, opts)
+            device = next(model.parameters()).device
+        else:
+            self.engine = self._deepspeed_engine(groups, deepspeed, micro_batch)
+            device = launch.device
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.precision == "autocast-bf16")
+        self.window = MetricsWindow(("loss", *loss_keys), rate_key, metrics_path, self.rank, launch is not None)
+
+    def _deepspeed_engine(self, groups: list[dict], config_path, micro_batch: int):
+        import deepspeed  # after init_distributed (start_run), which sets DeepSpeed's accelerator
+        opts, launch = self.opts, self.launch
+        optimizer = None if opts.use_deepspeed_optimizer else _adamw(groups, opts)
+        engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+            config=deepspeed_config(config_path, opts, micro_batch, launch.world, launch.out, self.name),
+            lr_scheduler=opts.schedule_for)
+        return engine
+
+    # --- the loop ---------------------------------------------------------------------------------
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        scheduler = self.engine.scheduler if isinstance(self.engine, _LocalEngine) else self.scheduler
+        return float(scheduler.get_last_lr()[0])
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.opts.steps
+
+    def fit(self, batches: Iterator[dict], forward: Forward, *, stop_at: int | None = None,
+            items: Callable[[dict], tuple[int, list]] = cell_items) -> dict:
+        """Train until ``opts.steps`` (or ``stop_at``, with a checkpoint); returns the last logged line.
+
+        ``forward(module, batch, step)`` computes the losses of one micro-batch with ``module`` (the DeepSpeed
+        engine, or the model itself); ``items(batch)`` gives what the batch counts for throughput and digest.
+        """
+        t = self.opts
+        bar = tqdm(total=t.steps, initial=self.step, desc=self.name, unit="step",
+                   disable=True if (self.rank != 0 or not self.progress) else None)
+        last: dict = {}
+        self.engine.train()
+        while self.step < t.steps:
+            lr = self.lr
+            for _ in range(t.grad_accum):
+                batch = next(batches)
+                with self.autocast:
+                    losses = forward(self.engine, batch, self.step)
+                self.engine.backward(losses["loss"])
+                self.engine.step()
+                self.window.add(losses, *items(batch))
+            self.step += 1
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                last = self._log(lr, bar)
+            bar.update(1)
+            if self.launch is not None and (self.step % t.save_every == 0 or self.step in (t.steps, stop_at)):
+                self.save_checkpoint()
+            if self.step == stop_at:
+                break
+        bar.close()
+        return last
+
+    def _log(self, lr: float, bar) -> dict:
+        line = self.window.flush(self.step, getattr(self.loader, "epoch", 0), lr)
+        bad = [k for k in self.window.keys if not np.isfinite(line[k])]
+        if bad:  # the same on every rank (averaged over ranks), so every rank stops here
+            raise ScmmError(f"{self.name}: the loss is not finite at step {self.step} ({', '.join(bad)}); "
+                            f"lower train.lr or check the input data")
+        self.history.append(line)
+        if self.rank == 0:
+            monitor = getattr(self.engine, "monitor", None)
+            if monitor is not None and monitor.enabled:
+                monitor.write_events([(f"{self.name}/{k}", v, self.step) for k, v in line.items()
+                                      if isinstance(v, float)])
+            rate = self.window.rate_key
+            bar.set_postfix(loss=f"{line['loss']:.3f}", **{rate.replace("_per_s", "_s"): f"{line[rate]:.1f}"})
+        return line
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """DeepSpeed checkpoint of the engine, plus this rank's loader position and RNG states; keep the last K."""
+        ckpt_dir, tag = self.launch.ckpt_dir, f"step{self.step:08d}"
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": self.step})
+        state = {"step": self.step, "rng": _rng_state(),
+                 "loader": self.loader.state_dict() if self.loader is not None else None}
+        torch.save(state, ckpt_dir / tag / f"trainer_state_rank{self.rank}.pt")
+        torch.distributed.barrier()
+        if self.rank == 0:
+            tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
+            for old in tags[:-self.opts.keep_last]:
+                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        torch.distributed.barrier()
+
+    def resume(self) -> int:
+        """Restore the latest checkpoint (engine, loader, RNG states); returns the step to continue from."""
+        ckpt_dir = self.launch.ckpt_dir
+        latest = ckpt_dir / "latest"
+        if not latest.is_file():
+            raise ScmmError(f"--resume: no checkpoint in {ckpt_dir}")
+        tag = latest.read_text().strip()
+        path, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise ScmmError(f"--resume: cannot load checkpoint {ckpt_dir / tag}")
+        state_file = ckpt_dir / tag / f"trainer_state_rank{self.rank}.pt"
+        if not state_file.is_file():
+            raise ScmmError(f"--resume: {state_file} is missing (was the run launched with another number of ranks?)")
+        state = torch.load(state_file, weights_only=False)
+        if self.loader is not None:
+            self.loader.load_state_dict(state["loader"])
+        _set_rng_state(state["rng"])
+        self.step = int(client["step"])
+        return self.step
+
+    # --- export -----------------------------------------------------------------------------------
+    def load_trained_state(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Load the trained weights into ``model`` (a fresh copy of the trained model, on rank 0): the fp32 weights
+        consolidated from the last checkpoint (any ZeRO stage) under DeepSpeed, else the trained model's own.
+        Every trained parameter and buffer must be there; frozen weights stay as the fresh model has them."""
+        if self.launch is None:
+            state = {k: v.detach() for k, v in self.model.state_dict().items()}
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            state = get_fp32_state_dict_from_zero_checkpoint(str(self.launch.ckpt_dir))
+        own = model.state_dict()
+        params = dict(model.named_parameters())
+        needed = {k for k in own if k not in params} | {k for k, p in self.model.named_parameters() if p.requires_grad}
+        missing = sorted(needed - set(state))
+        if missing:
+            raise RuntimeError(f"{self.name}: the trained state lacks {missing[:5]}")
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items() if k in own},
+                              strict=False)
+        return model
+
+    def close(self) -> None:
+        """End a DeepSpeed launch: every rank waits for the others, then leaves the process group."""
+        if self.launch is not None:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
