@@ -34,7 +34,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +46,7 @@ def _run(cmd: list[str], env=None) -> None:
 
 def prepare(out: Path, cells: int, genes: int, corpus_cells: int, size: str, fresh: bool) -> tuple[Path, Path]:
     import anndata as ad
+
     from common import save_untrained_stage1
     from scmm.data_pipeline.build import BuildConfig, build_corpus
     from scmm.package import package_model

@@ -86,9 +86,9 @@ def measure(corpus_dir: Path, model_dir: Path, embed_cells: int | None = None) -
     from scmm.eval.annotate import Candidates, embed_split, label_prototypes, predict_by_text
     from scmm.eval.baselines import knn_smoothing, run_corpus_baselines, smoothing_k
     from scmm.eval.harness import _text_features
-    from scmm.model.aligner import CellTextAligner
     from scmm.eval.metrics import annotation_metrics
     from scmm.eval.retrieval import retrieval_metrics
+    from scmm.model.aligner import CellTextAligner
 
     stages: dict[str, dict] = {}
     t_all = time.perf_counter()

@@ -111,6 +111,7 @@ class BackedBaseline:
     def __init__(self, h5ad: Path, batch_size: int, max_len: int, n_bins: int = 51, pad_value: float = -2.0,
                  target_sum: float = 1e4, block_chunk: int = 4096):
         import anndata
+
         from scmm.data_pipeline.vocab import GeneVocab, map_genes
 
         self.h5ad, self.batch_size, self.max_len, self.n_bins = str(h5ad), batch_size, max_len, n_bins
@@ -355,8 +356,8 @@ def machine() -> dict:
         mem = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) / 2**20
     except OSError:
         mem = float("nan")
-    import anndata
     from importlib.metadata import version
+
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "gpu": torch.cuda.is_available(),
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "anndata": version("anndata"), "zarr": version("zarr"), "h5py": version("h5py")}

@@ -20,13 +20,13 @@ import scipy.sparse as sp
 import zarr
 from tqdm.auto import tqdm
 
+from scmm.atomic import publish_dir, temp_dir_beside
 from scmm.data_pipeline.h5ad import H5adSource, open_h5ad
 from scmm.data_pipeline.ontology import Ontology, get_ontology
 from scmm.data_pipeline.splits import SPLITS, plan_splits
 from scmm.data_pipeline.store import OBS_COLUMNS, SCHEMA_VERSION, label_keys, shard_checksums
 from scmm.data_pipeline.text import describe, metadata_from_obs
 from scmm.data_pipeline.vocab import GeneVocab, check_coverage, map_genes
-from scmm.atomic import publish_dir, temp_dir_beside
 from scmm.errors import ScmmError
 
 log = logging.getLogger(__name__)

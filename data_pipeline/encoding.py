@@ -22,9 +22,9 @@ what keeps its output reproducible: the loader seeds one generator per batch (ex
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp

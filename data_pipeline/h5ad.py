@@ -5,9 +5,9 @@ backed mode), so a matrix larger than RAM is never loaded whole.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import anndata
 import h5py

@@ -8,7 +8,8 @@ reproducible across processes and the model does not overfit one wording.
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.store import Corpus

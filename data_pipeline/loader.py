@@ -12,8 +12,8 @@ How a cell becomes model input is not the loader's business: the model's
 :class:`~scmm.data_pipeline.encoding.CellEncoding` decides it and :func:`~scmm.data_pipeline.encoding.encode_cells`
 does it, with one generator per batch (seeded by seed, epoch, stream and position, so resume is exact).
 """
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import numpy as np
 import scipy.sparse as sp

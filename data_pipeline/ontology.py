@@ -11,7 +11,8 @@ import functools
 import re
 import unicodedata
 from collections import defaultdict
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["Ontology", "get_ontology", "resolve_cell_types", "normalise_label", "NORMAL_DISEASE_ID", "SPECIAL_VALUES"]
 
@@ -205,7 +206,7 @@ class Ontology:
         return matched, sorted(unmatched)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_ontology(schema_version: str | None = None) -> Ontology:
     """Process-wide shared :class:`Ontology` (the data is read-only)."""
     return Ontology(schema_version)

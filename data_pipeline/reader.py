@@ -24,9 +24,10 @@ chunking); inside a chunk, cells are grouped by length so that little is padded.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import h5py
 import numpy as np

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from scmm.data_pipeline.ontology import NORMAL_DISEASE_ID, Ontology, get_ontology
 from scmm.data_pipeline.store import Corpus

@@ -56,7 +56,7 @@ class GeneVocab:
             self._upper.setdefault(tok.upper(), idx)
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None) -> "GeneVocab":
+    def load(cls, path: str | os.PathLike | None = None) -> GeneVocab:
         """Load a vocab JSON file or a checkpoint folder holding `vocab.json`; None = scGPT's census vocab."""
         if path is None:
             p, name = default_vocab_path(), "scgpt_census"

@@ -9,9 +9,9 @@ normalised text embeddings of the phrasings are averaged into one prototype per 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -29,7 +29,8 @@ Each baseline returns predictions; score them with :func:`eval.metrics.annotatio
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp

@@ -17,7 +17,8 @@ their majority label (ties: the label of the nearest tied neighbour) is ``t``. A
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import faiss
 import numpy as np

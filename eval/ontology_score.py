@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter, deque
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -5,8 +5,8 @@ Used by `scmm eval` (true vs predicted type on the test split) and by `scmm plot
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 

@@ -39,10 +39,10 @@ n_types_scored, metric}}``, ``per_type[t] = {accuracy, class_mean_accuracy, n, n
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-
 import scipy.sparse as sp
 import torch
 

@@ -8,8 +8,9 @@ retrieval, the per-class table and links to the PNGs. Both read the ``metrics`` 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["main_table", "retrieval_table", "generation_section", "stage2_table", "pseudocell_section",
            "write_report", "METHOD_NAMES"]

@@ -28,7 +28,8 @@ plus its boolean masks, and the [N, 10] FAISS results; well within 2 GB (``bench
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -14,14 +14,14 @@ model, the training split and the seed, so an interrupted export simply runs it 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
 from scmm.model.bridge import decoder_loss
-from scmm.pretrain.engine import TrainOptions, Trainer
+from scmm.pretrain.engine import Trainer, TrainOptions
 
 __all__ = ["RefitOptions", "refit_decoder"]
 

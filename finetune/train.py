@@ -30,7 +30,7 @@ from scmm.errors import ScmmError
 from scmm.finetune.pairs import PairBuilder, hvg_info
 from scmm.finetune.refit import RefitOptions, refit_decoder
 from scmm.model.stage2 import LOSSES, Stage2Config, Stage2Model
-from scmm.pretrain.engine import TrainOptions, Trainer, endless_batches, start_run
+from scmm.pretrain.engine import Trainer, TrainOptions, endless_batches, start_run
 
 log = logging.getLogger("scmm.finetune")
 

@@ -29,9 +29,10 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,13 +65,13 @@ class CellTowerConfig:
     """
 
     vocab_size: int = 0
-    pad_token_id: Optional[int] = None
+    pad_token_id: int | None = None
     d_model: int = 512
     nhead: int = 8
     d_hid: int = 512
     nlayers: int = 12
     dropout: float = 0.2
-    attn_dropout: Optional[float] = None  # dropout on attention weights; None = `dropout` (as upstream scGPT)
+    attn_dropout: float | None = None  # dropout on attention weights; None = `dropout` (as upstream scGPT)
     pad_value: float = -2.0  # the padding value: the category value encoder's padding row
     input_emb_style: str = "continuous"
     n_input_bins: int = 51
@@ -102,11 +103,11 @@ class CellTowerConfig:
     def head_dim(self) -> int:
         return self.d_model // self.nhead
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "CellTowerConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> CellTowerConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -117,7 +118,7 @@ class CellTowerConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, path: PathLike) -> "CellTowerConfig":
+    def load(cls, path: PathLike) -> CellTowerConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
@@ -158,7 +159,7 @@ class ContinuousValueEncoder(nn.Module):
 class CategoryValueEncoder(nn.Module):
     """Binned expression value -> embedding + LayerNorm (upstream ``CategoryValueEncoder``)."""
 
-    def __init__(self, n_bins: int, d_model: int, padding_idx: Optional[int], eps: float = 1e-5):
+    def __init__(self, n_bins: int, d_model: int, padding_idx: int | None, eps: float = 1e-5):
         super().__init__()
         self.n_bins = n_bins
         self.embedding = nn.Embedding(n_bins, d_model, padding_idx=padding_idx)
@@ -197,7 +198,7 @@ class SelfAttention(nn.Module):
         nn.init.zeros_(self.in_proj_bias)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: Tensor, key_mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
         """x: ``[B, L, d]``; key_mask: bool ``[B, 1, 1, L]``, True where a key may be attended to."""
         batch, length, _ = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
@@ -235,7 +236,7 @@ class CellTowerLayer(nn.Module):
     def _ff(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
 
-    def forward(self, x: Tensor, key_mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
         if self.pre_norm:
             x = self.norm1(x)
             x = x + self.dropout1(self.self_attn(x, key_mask))
@@ -297,7 +298,7 @@ class CellTower(nn.Module):
         """Input embeddings (gene + value), ``[B, L, d_model]``, before the encoder layers."""
         return self.gene_encoder(gene_ids) + self.value_encoder(values)
 
-    def forward(self, gene_ids: Tensor, values: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Per-gene hidden states.
 
         Args:
@@ -337,7 +338,7 @@ class CellTower(nn.Module):
 
     def _encode(self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor) -> Tensor:
         x = self.embed(gene_ids, values)
-        key_mask: Optional[Tensor] = None
+        key_mask: Tensor | None = None
         if bool(padding_mask.any()):
             # rows that are entirely padding attend to everything (finite garbage, zeroed below)
             empty_rows = padding_mask.all(dim=1, keepdim=True)
@@ -352,13 +353,13 @@ class CellTower(nn.Module):
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         return x
 
-    def cell_embedding(self, gene_ids: Tensor, values: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+    def cell_embedding(self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Cell embedding ``[B, d_model]``: the hidden state at position 0 (``<cls>``)."""
         return self.forward(gene_ids, values, padding_mask)[:, 0]
 
     # -- native checkpoints ------------------------------------------------------------------------
 
-    def save_pretrained(self, folder: PathLike, vocab: Optional[Mapping[str, int]] = None) -> Path:
+    def save_pretrained(self, folder: PathLike, vocab: Mapping[str, int] | None = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (and ``vocab.json`` if given), atomically."""
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
 
@@ -371,7 +372,7 @@ class CellTower(nn.Module):
         return write_folder(folder, write, marker=CONFIG_NAME)
 
     @classmethod
-    def from_pretrained(cls, folder: PathLike, map_location: Union[str, torch.device] = "cpu") -> "CellTower":
+    def from_pretrained(cls, folder: PathLike, map_location: str | torch.device = "cpu") -> CellTower:
         """Load a folder written by :meth:`save_pretrained` (strict: every key must match)."""
         folder = Path(folder)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -383,7 +384,7 @@ class CellTower(nn.Module):
         return model.to(map_location)
 
 
-def _category_padding_idx(config: CellTowerConfig) -> Optional[int]:
+def _category_padding_idx(config: CellTowerConfig) -> int | None:
     # upstream: Embedding(n_input_bins, d, padding_idx=pad_value); negative indices count from the end
     pad = config.pad_value
     if float(pad).is_integer() and -config.n_input_bins <= int(pad) < config.n_input_bins:

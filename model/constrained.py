@@ -8,13 +8,14 @@ CL ID.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from scmm.data_pipeline.ontology import Ontology, get_ontology, normalise_label
-from scmm.model.sequences import encode_text
 from scmm.errors import ScmmError
+from scmm.model.sequences import encode_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -101,7 +102,7 @@ def _encode_many(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[l
         batch = tokenizer(texts, add_special_tokens=False)["input_ids"]
         if len(batch) == len(texts):
             return [list(ids) for ids in batch]
-    except Exception:  # noqa: BLE001 - slow tokenizers without batch support
+    except Exception:
         pass
     return [encode_text(tokenizer, t) for t in texts]
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any
 
 import torch
-from torch import Tensor, nn
-
 from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
 from scmm.atomic import write_folder
 from scmm.model.cell_tower import CONFIG_NAME, WEIGHTS_NAME, PathLike, load_state_dict_strict
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ExprDecoderConfig:
     d_model: int = 512
-    d_in: Optional[int] = None  # input width; None -> d_model (upstream doubles it with batch labels)
+    d_in: int | None = None  # input width; None -> d_model (upstream doubles it with batch labels)
     explicit_zero_prob: bool = False
 
     def __post_init__(self) -> None:
@@ -40,11 +40,11 @@ class ExprDecoderConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"invalid ExprDecoderConfig: {name} must be a positive integer, got {value!r}")
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ExprDecoderConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> ExprDecoderConfig:
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown ExprDecoderConfig keys: {', '.join(unknown)}")
@@ -64,7 +64,7 @@ def _mlp(d_in: int, d_model: int) -> nn.Sequential:
 class ExprDecoder(nn.Module):
     """scGPT-style expression decoder: ``[B, L, d_in] -> [B, L]``."""
 
-    def __init__(self, config: Union[ExprDecoderConfig, int], explicit_zero_prob: bool = False):
+    def __init__(self, config: ExprDecoderConfig | int, explicit_zero_prob: bool = False):
         super().__init__()
         if isinstance(config, int):
             config = ExprDecoderConfig(d_model=config, explicit_zero_prob=explicit_zero_prob)
@@ -72,7 +72,7 @@ class ExprDecoder(nn.Module):
         self.fc = _mlp(config.d_in, config.d_model)
         self.zero_logit = _mlp(config.d_in, config.d_model) if config.explicit_zero_prob else None
 
-    def forward(self, hidden: Tensor, return_zero_probs: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    def forward(self, hidden: Tensor, return_zero_probs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Predicted expression per position, ``[B, L]``.
 
         With ``return_zero_probs=True`` (needs ``explicit_zero_prob``), returns ``(pred, zero_probs)``.
@@ -97,7 +97,7 @@ class ExprDecoder(nn.Module):
         return write_folder(folder, write, marker=CONFIG_NAME)
 
     @classmethod
-    def from_pretrained(cls, folder: PathLike, map_location: Union[str, torch.device] = "cpu") -> "ExprDecoder":
+    def from_pretrained(cls, folder: PathLike, map_location: str | torch.device = "cpu") -> ExprDecoder:
         folder = Path(folder)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (folder / name).is_file():

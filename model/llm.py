@@ -11,9 +11,10 @@ so a pretrained LLM keeps its text knowledge (LoRA adapts the attention layers).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str | Path, text:
     try:
         ids = tokenizer.encode(text, add_special_tokens=False)
         back = tokenizer.decode(ids, skip_special_tokens=True)
-    except Exception as exc:  # noqa: BLE001 - any failure here means an unusable tokenizer
+    except Exception as exc:
         raise ScmmError(f"tokenizer in {where} is broken ({type(exc).__name__}: {exc})") from None
     if not ids or " ".join(back.split()) != " ".join(text.split()):
         raise ScmmError(f"tokenizer in {where} is broken: {text!r} encodes to {len(ids)} ids that decode "
@@ -77,7 +78,7 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
             return AutoTokenizer.from_pretrained(str(path))
         if (path / "tokenizer.model").is_file():
             return LlamaTokenizer.from_pretrained(str(path))
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types for bad folders
+    except Exception as exc:
         raise ScmmError(f"cannot load the tokenizer in {path} ({type(exc).__name__}: {exc})") from None
     raise ScmmError(f"{path} has no tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model)")
 
@@ -104,7 +105,7 @@ def load_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTr
         tokenizer.pad_token = pad
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ScmmError(f"cannot load the language model in {path} ({type(exc).__name__}: {exc})") from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise ScmmError(f"tokenizer in {path} has {len(tokenizer)} tokens but the model only "

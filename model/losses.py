@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
 # ----------------------------------------------------------------------------------------------- gathering
 
 def _distributed(world_size: int) -> bool:

@@ -65,7 +65,7 @@ class QFormerConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
-    def resolved(self, text_config, encoder_width: int) -> "QFormerConfig":
+    def resolved(self, text_config, encoder_width: int) -> QFormerConfig:
         """A copy with the unset sizes taken from a transformers BERT config and the cell tower's width."""
         derived = dict(hidden_size=text_config.hidden_size, num_heads=text_config.num_attention_heads,
                        intermediate_size=text_config.intermediate_size, vocab_size=text_config.vocab_size,
@@ -73,7 +73,7 @@ class QFormerConfig:
         return replace(self, **{k: v for k, v in derived.items() if not getattr(self, k)})
 
     @classmethod
-    def from_text_config(cls, text_config, **overrides) -> "QFormerConfig":
+    def from_text_config(cls, text_config, **overrides) -> QFormerConfig:
         """Match a transformers BERT config (``text_tower.model.config``), its layer count included;
         ``overrides`` win (e.g. encoder_width, num_queries)."""
         overrides.setdefault("num_layers", text_config.num_hidden_layers)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -63,16 +64,16 @@ class ScGPTCheckpoint:
     """
 
     config: CellTowerConfig
-    vocab: Dict[str, int]
-    args: Dict[str, Any]
-    tower_state: Dict[str, Tensor] = field(default_factory=dict)
-    decoder_state: Dict[str, Tensor] = field(default_factory=dict)
-    head_state: Dict[str, Tensor] = field(default_factory=dict)
-    unknown_state: Dict[str, Tensor] = field(default_factory=dict)
+    vocab: dict[str, int]
+    args: dict[str, Any]
+    tower_state: dict[str, Tensor] = field(default_factory=dict)
+    decoder_state: dict[str, Tensor] = field(default_factory=dict)
+    head_state: dict[str, Tensor] = field(default_factory=dict)
+    unknown_state: dict[str, Tensor] = field(default_factory=dict)
     flash_attention: bool = False
 
     @property
-    def encoding(self) -> Dict[str, float]:
+    def encoding(self) -> dict[str, float]:
         """The value encoding the checkpoint was trained with, as far as args.json says (pad and mask values,
         value bins)."""
         out = {"pad_value": float(self.config.pad_value)}
@@ -119,7 +120,7 @@ _EMBED_RENAMES = {
 _INVERSE_RENAMES = {v: k for k, v in _EMBED_RENAMES.items()}
 
 
-def map_scgpt_key(key: str) -> Tuple[str, Optional[str]]:
+def map_scgpt_key(key: str) -> tuple[str, str | None]:
     """Classify one upstream state-dict key: ``(kind, new_name)``.
 
     kind is ``"tower"`` (new_name in CellTower), ``"decoder"`` (new_name in ExprDecoder), ``"head"``
@@ -141,7 +142,7 @@ def map_scgpt_key(key: str) -> Tuple[str, Optional[str]]:
     return "unknown", None
 
 
-def _upstream_names(tower_keys: List[str]) -> List[str]:
+def _upstream_names(tower_keys: list[str]) -> list[str]:
     """Tower key names as they would appear upstream (for error messages)."""
     out = []
     for key in tower_keys:
@@ -168,7 +169,7 @@ def _read_json(path: Path, what: str) -> Any:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
 
 
-def _load_vocab(source: Union[Mapping[str, int], PathLike]) -> Dict[str, int]:
+def _load_vocab(source: Mapping[str, int] | PathLike) -> dict[str, int]:
     if isinstance(source, Mapping):
         data = dict(source)
         origin = "vocab mapping"
@@ -180,7 +181,7 @@ def _load_vocab(source: Union[Mapping[str, int], PathLike]) -> Dict[str, int]:
     return data
 
 
-def _unwrap_state_dict(obj: Any, path: Path) -> Dict[str, Tensor]:
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     if isinstance(obj, Mapping) and not all(isinstance(v, Tensor) for v in obj.values()):
         for key in ("model_state_dict", "state_dict", "model", "module"):
             if isinstance(obj.get(key), Mapping):
@@ -201,7 +202,7 @@ def _first(args: Mapping[str, Any], *names: str) -> Any:
     return None
 
 
-def _config_from_scgpt(args: Mapping[str, Any], tower_state: Mapping[str, Tensor], vocab: Dict[str, int], folder: Path) -> CellTowerConfig:
+def _config_from_scgpt(args: Mapping[str, Any], tower_state: Mapping[str, Tensor], vocab: dict[str, int], folder: Path) -> CellTowerConfig:
     """Architecture from args.json, cross-checked with (and completed by) the weight shapes."""
     emb = tower_state.get("gene_encoder.embedding.weight")
     if emb is None:
@@ -263,7 +264,7 @@ def _config_from_scgpt(args: Mapping[str, Any], tower_state: Mapping[str, Tensor
     )
 
 
-def load_scgpt_state(folder: PathLike, vocab: Optional[Union[Mapping[str, int], PathLike]] = None) -> ScGPTCheckpoint:
+def load_scgpt_state(folder: PathLike, vocab: Mapping[str, int] | PathLike | None = None) -> ScGPTCheckpoint:
     """Read an scGPT checkpoint folder and split its remapped state dict into tower/decoder/heads.
 
     ``vocab.json`` gets upstream's treatment: missing ``<pad>``, ``<cls>``, ``<eoc>`` are appended
@@ -315,10 +316,10 @@ def tower_from_scgpt(
     folder: PathLike,
     strict: bool = True,
     allow_missing_heads: bool = False,
-    vocab: Optional[Union[Mapping[str, int], PathLike]] = None,
-    checkpoint: Optional[ScGPTCheckpoint] = None,
+    vocab: Mapping[str, int] | PathLike | None = None,
+    checkpoint: ScGPTCheckpoint | None = None,
     **config_overrides: Any,
-) -> Tuple[CellTower, Dict[str, int]]:
+) -> tuple[CellTower, dict[str, int]]:
     """Build a tower from an scGPT checkpoint folder (``args.json``, ``vocab.json``, ``best_model.pt``).
 
     Args:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from scmm.model.llm import CellTokens
 from scmm.errors import ScmmError
+from scmm.model.llm import CellTokens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

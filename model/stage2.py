@@ -28,9 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -42,8 +42,15 @@ from scmm.config import from_dict, read_json
 from scmm.data_pipeline.instructions import prompt_for
 from scmm.errors import ScmmError
 from scmm.model.aligner import CellTextAligner
-from scmm.model.bridge import (BridgeOptions, CellProjector, PseudoCellDecoder, QueryNorm, TextToCellHead, decoder_loss,
-                               t2c_loss)
+from scmm.model.bridge import (
+    BridgeOptions,
+    CellProjector,
+    PseudoCellDecoder,
+    QueryNorm,
+    TextToCellHead,
+    decoder_loss,
+    t2c_loss,
+)
 from scmm.model.constrained import cell_ontology_trie
 from scmm.model.llm import LoraOptions, add_cell_tokens, apply_lora, load_lm, optimizer_param_groups
 from scmm.model.sequences import SequenceBuilder

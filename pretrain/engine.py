@@ -21,7 +21,6 @@ RNG states, so ``--resume`` continues with exactly the batches and losses of an 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -29,9 +28,10 @@ import random
 import shutil
 import socket
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -16,7 +16,6 @@ import json
 import logging
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -28,7 +27,7 @@ from scmm.data_pipeline.vocab import GeneVocab
 from scmm.errors import ScmmError
 from scmm.eval.annotate import corpus_label_texts, zero_shot_accuracy
 from scmm.model.aligner import AlignerConfig, CellTextAligner
-from scmm.pretrain.engine import TrainOptions, Trainer, endless_batches, start_run
+from scmm.pretrain.engine import Trainer, TrainOptions, endless_batches, start_run
 
 log = logging.getLogger("scmm.pretrain")
 LOSS_KEYS = ("contrastive", "matching", "reconstruction")

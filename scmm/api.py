@@ -44,9 +44,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import anndata as ad
 import h5py
@@ -56,11 +57,11 @@ import torch
 from tqdm.auto import tqdm
 
 from scmm.atomic import temp_file_beside
+from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.reader import DEFAULT_MIN_COVERAGE, detect_normalization, iter_batches, open_input, plan_genes
 from scmm.errors import ScmmError
 from scmm.eval import knn
 from scmm.eval.annotate import Candidates, label_prototypes, read_labels_option
-from scmm.data_pipeline.ontology import get_ontology
 from scmm.index import ReferenceIndex, reference_labels, write_index
 from scmm.model.folders import ScmmModel, load_model
 

@@ -75,6 +75,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 def cmd_data_demo(args: argparse.Namespace) -> int:
     import tempfile
+
     from scmm.data_pipeline.build import BuildConfig, build_corpus
     from scmm.data_pipeline.demo_data import pbmc_demo_adata
     h5ad = Path(args.h5ad) if args.h5ad else None
@@ -286,6 +287,7 @@ def cmd_plot_umap(args: argparse.Namespace) -> int:
     import anndata as ad
     import h5py
     import numpy as np
+
     from scmm.eval.plots import umap_png
     src, out = Path(args.input), Path(args.out)
     if not src.is_file():

@@ -26,8 +26,9 @@ import math
 import sys
 import types
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,7 @@ class FlashMHAStandIn(nn.Module):
         self.Wqkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, device=device, dtype=dtype)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, need_weights: bool = False):
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False):
         b, s, _ = x.shape
         qkv = self.Wqkv(x).view(b, s, 3, self.num_heads, self.head_dim)  # 'b s (three h d) -> b s three h d'
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # b h s d
@@ -133,7 +134,7 @@ def flash_stand_in() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------
 
 
-def make_vocab(n_genes: int = 100) -> Dict[str, int]:
+def make_vocab(n_genes: int = 100) -> dict[str, int]:
     """Genes first, specials last (as in scGPT's census vocab), so ``<pad>`` is not id 0."""
     vocab = {f"GENE{i}": i for i in range(n_genes)}
     for token in SPECIALS:
@@ -141,7 +142,7 @@ def make_vocab(n_genes: int = 100) -> Dict[str, int]:
     return vocab
 
 
-def style_values(input_emb_style: str, n_bins: int = 51) -> Dict[str, Any]:
+def style_values(input_emb_style: str, n_bins: int = 51) -> dict[str, Any]:
     """pad/mask values and bin count per input style, following the scGPT tutorials."""
     if input_emb_style == "category":
         return {"pad_value": n_bins, "mask_value": n_bins + 1, "n_input_bins": n_bins + 2}
@@ -149,7 +150,7 @@ def style_values(input_emb_style: str, n_bins: int = 51) -> Dict[str, Any]:
 
 
 def build_upstream_model(
-    vocab: Dict[str, int],
+    vocab: dict[str, int],
     input_emb_style: str = "continuous",
     d_model: int = 64,
     nhead: int = 4,
@@ -190,8 +191,8 @@ def build_upstream_model(
     return model.eval()
 
 
-def scgpt_args(model: nn.Module, vocab: Dict[str, int], input_emb_style: str = "continuous",
-               n_bins: int = 51, **extra: Any) -> Dict[str, Any]:
+def scgpt_args(model: nn.Module, vocab: dict[str, int], input_emb_style: str = "continuous",
+               n_bins: int = 51, **extra: Any) -> dict[str, Any]:
     """args.json in upstream's style (the keys scGPT's pretraining script writes, plus noise)."""
     first_layer = model.transformer_encoder.layers[0]
     sv = style_values(input_emb_style, n_bins)
@@ -221,13 +222,13 @@ def scgpt_args(model: nn.Module, vocab: Dict[str, int], input_emb_style: str = "
     return args
 
 
-def to_wqkv_layout(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def to_wqkv_layout(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Rename ``self_attn.in_proj_*`` to flash's ``self_attn.Wqkv.*`` (the inverse of upstream load_pretrained)."""
     return {k.replace("self_attn.in_proj_weight", "self_attn.Wqkv.weight")
              .replace("self_attn.in_proj_bias", "self_attn.Wqkv.bias"): v for k, v in state.items()}
 
 
-def write_scgpt_checkpoint(folder: Path, state: Dict[str, Tensor], args: Dict[str, Any], vocab: Dict[str, int]) -> Path:
+def write_scgpt_checkpoint(folder: Path, state: dict[str, Tensor], args: dict[str, Any], vocab: dict[str, int]) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "args.json").write_text(json.dumps(args, indent=2))
@@ -246,7 +247,7 @@ def make_scgpt_checkpoint(
     n_genes: int = 100,
     seed: int = 0,
     **model_kwargs: Any,
-) -> Tuple[nn.Module, Dict[str, Any], Dict[str, int]]:
+) -> tuple[nn.Module, dict[str, Any], dict[str, int]]:
     """Build a small upstream model and write it as an scGPT checkpoint folder.
 
     ``wqkv=True`` renames attention keys to the flash layout; ``flash=True`` builds the model with
@@ -266,13 +267,13 @@ def make_scgpt_checkpoint(
 
 
 def make_batch(
-    vocab: Dict[str, int],
-    lengths: Tuple[int, ...] = (12, 7, 3, 10),
+    vocab: dict[str, int],
+    lengths: tuple[int, ...] = (12, 7, 3, 10),
     input_emb_style: str = "continuous",
     n_bins: int = 51,
-    max_len: Optional[int] = None,
+    max_len: int | None = None,
     seed: int = 1,
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """``<cls>`` + distinct random genes per cell, right-padded with ``<pad>`` / pad_value.
 
     Returns ``(gene_ids, values, padding_mask)``; ``lengths`` count the ``<cls>`` token.

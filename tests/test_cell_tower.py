@@ -10,11 +10,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import scgpt_reference as ref  # noqa: E402
-
-from scmm.model.cell_tower import CellTower, CellTowerConfig  # noqa: E402
-from scmm.model.expr_decoder import ExprDecoder  # noqa: E402
-from scmm.model.scgpt import decoder_from_scgpt, load_scgpt_state, tower_from_scgpt  # noqa: E402
+import scgpt_reference as ref
+from scmm.model.cell_tower import CellTower, CellTowerConfig
+from scmm.model.expr_decoder import ExprDecoder
+from scmm.model.scgpt import decoder_from_scgpt, load_scgpt_state, tower_from_scgpt
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
 

@@ -8,11 +8,21 @@ import pytest
 
 from scmm.data_pipeline.hvg import log1p_profiles
 from scmm.data_pipeline.ontology import get_ontology
-from scmm.eval.baselines import (knn_smoothing, logistic_regression_baseline,
-                            majority_baseline, pca_knn_baseline, run_corpus_baselines)
+from scmm.eval.baselines import (
+    knn_smoothing,
+    logistic_regression_baseline,
+    majority_baseline,
+    pca_knn_baseline,
+    run_corpus_baselines,
+)
 from scmm.eval.knn import build_index, knn_search, knn_vote, pseudocell_knn_accuracy
-from scmm.eval.metrics import (annotation_metrics, apply_unknown, choose_unknown_threshold, confusion_matrix_png,
-                          text_generation_metrics)
+from scmm.eval.metrics import (
+    annotation_metrics,
+    apply_unknown,
+    choose_unknown_threshold,
+    confusion_matrix_png,
+    text_generation_metrics,
+)
 from scmm.eval.ontology_score import ontology_score, ppr_similarity
 from scmm.eval.retrieval import retrieval_metrics
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-import types
 from pathlib import Path
 
 import anndata as ad
@@ -18,7 +16,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
 
 from conftest import run_cli, save_tiny_stage1
 
@@ -109,6 +106,7 @@ def test_package_layout_and_round_trip(package: Path, model, stage1: Path, corpu
 
 def test_package_corrupted_file_and_wrong_version(package: Path, tmp_path: Path):
     import shutil
+
     from scmm.api import load_model
     from scmm.errors import ScmmError
     bad = tmp_path / "bad"
@@ -150,10 +148,10 @@ def test_embed_cli_writes_copy_plus_embedding(package: Path, pbmc_h5ad: Path, wo
 
 def test_embedding_matches_the_training_pipeline(model, corpus: Path):
     """The reader + collate path gives the embeddings the corpus loader gives for the same cells."""
-    from scmm.data_pipeline.store import Corpus
-    from scmm.eval.annotate import embed_split
     from scmm.api import embed
     from scmm.data_pipeline.demo_data import pbmc_demo_adata
+    from scmm.data_pipeline.store import Corpus
+    from scmm.eval.annotate import embed_split
     c = Corpus(corpus)
     ref = embed_split(model.aligner, c, "test", progress=False)
     adata = pbmc_demo_adata()[::4].copy()

@@ -16,13 +16,25 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import LlamaTokenizer
 
-from scmm.data_pipeline.store import Corpus
-from scmm.model.constrained import LabelTrie, cell_ontology_names, cell_ontology_trie
 from scmm.data_pipeline.instructions import PROMPTS, TASKS, instruction_dataset, prompt_for, template_for
-from scmm.model.sequences import SequenceBuilder, encode_text
-from scmm.model.llm import (CELL_END, CELL_START, LlamaSize, LoraOptions, add_cell_tokens, apply_lora, build_llama,
-                       load_lm, optimizer_param_groups, save_adapter, slot_token, train_tokenizer)
+from scmm.data_pipeline.store import Corpus
 from scmm.errors import ScmmError
+from scmm.model.constrained import LabelTrie, cell_ontology_names, cell_ontology_trie
+from scmm.model.llm import (
+    CELL_END,
+    CELL_START,
+    LlamaSize,
+    LoraOptions,
+    add_cell_tokens,
+    apply_lora,
+    build_llama,
+    load_lm,
+    optimizer_param_groups,
+    save_adapter,
+    slot_token,
+    train_tokenizer,
+)
+from scmm.model.sequences import SequenceBuilder, encode_text
 from tests.conftest import run_cli
 
 torch.set_num_threads(2)
@@ -100,7 +112,7 @@ def test_add_cell_tokens_ids_init_and_idempotence(lm) -> None:
     assert (cell.start_id, cell.end_id, cell.slot_ids) == (n, n + 1, [n + 2, n + 3, n + 4])
     assert len(tok) == n + 5 and model.get_input_embeddings().weight.shape[0] == n + 5
     assert tok.convert_ids_to_tokens(cell.all_ids) == [CELL_START, CELL_END, *(slot_token(i) for i in range(3))]
-    assert tok.encode(f"<cell><cell_0><cell_1><cell_2></cell>", add_special_tokens=False) == \
+    assert tok.encode("<cell><cell_0><cell_1><cell_2></cell>", add_special_tokens=False) == \
         [cell.start_id, *cell.slot_ids, cell.end_id]
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     assert torch.equal(emb[:n], old_emb) and torch.equal(head[:n], old_head)

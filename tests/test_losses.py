@@ -6,8 +6,15 @@ import socket
 import pytest
 import torch
 
-from scmm.model.losses import (contrastive_loss, gather_features, gather_labels, itm_hard_negatives, itm_loss,
-                          mask_values, masked_expression_loss)
+from scmm.model.losses import (
+    contrastive_loss,
+    gather_features,
+    gather_labels,
+    itm_hard_negatives,
+    itm_loss,
+    mask_values,
+    masked_expression_loss,
+)
 
 # ------------------------------------------------------------------------------------------ contrastive, by hand
 

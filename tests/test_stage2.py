@@ -27,8 +27,8 @@ def tiny_stage1(tmp_path_factory, small_corpus: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory, small_corpus: Path) -> Path:
-    from scmm.data_pipeline.store import Corpus
     from scmm.data_pipeline.instructions import PROMPTS
+    from scmm.data_pipeline.store import Corpus
     from scmm.model.llm import LlamaSize, build_llama, train_tokenizer
     folder = tmp_path_factory.mktemp("lm") / "lm"
     corpus = Corpus(small_corpus)
@@ -198,8 +198,8 @@ def test_answer_mean_counts_each_answer_once(small_corpus, tiny_stage1, tiny_lm,
                                                ("refit", {"steps": -1}, "steps >= 0")])
 def test_stage2_config_rejects_bad_loss_and_refit_keys(small_corpus, tiny_stage1, tiny_lm, tmp_path, key, value,
                                                       message):
-    from scmm.finetune.train import load_config
     from scmm.errors import ScmmError
+    from scmm.finetune.train import load_config
     path = _stage2_config(tmp_path, small_corpus, tiny_stage1, tiny_lm, "bad", 1)
     cfg = yaml.safe_load(path.read_text())
     cfg[key] = value
