@@ -52,7 +52,8 @@ test-fast: setup
 lint: setup
 	@view=$$(mktemp -d) && mkdir "$$view/scmm" && ln -s $(CURDIR)/scmm/*.py "$$view/scmm/" && \
 	for d in data_pipeline model eval pretrain finetune; do ln -s $(CURDIR)/$$d "$$view/scmm/$$d"; done && \
-	PYTHONPATH="$$view" $(VENV)/bin/lint-imports .importlinter; status=$$?; rm -rf "$$view"; exit $$status
+	cd "$$view" && PYTHONPATH="$$view" $(CURDIR)/$(VENV)/bin/lint-imports $(CURDIR)/.importlinter; \
+	status=$$?; rm -rf "$$view"; exit $$status
 	$(VENV)/bin/ruff check .
 
 bench: setup

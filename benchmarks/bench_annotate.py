@@ -36,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+from common import SIZES, save_untrained_stage1
+
 ROOT = Path(__file__).resolve().parents[1]
 
 def _run(cmd: list[str], env=None) -> None:
@@ -47,7 +49,6 @@ def _run(cmd: list[str], env=None) -> None:
 def prepare(out: Path, cells: int, genes: int, corpus_cells: int, size: str, fresh: bool) -> tuple[Path, Path]:
     import anndata as ad
 
-    from common import save_untrained_stage1
     from scmm.data_pipeline.build import BuildConfig, build_corpus
     from scmm.package import package_model
 

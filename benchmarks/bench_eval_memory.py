@@ -124,7 +124,8 @@ def measure(corpus_dir: Path, model_dir: Path, embed_cells: int | None = None) -
         measured = np.concatenate(parts)
         rate = round(len(measured) / (time.perf_counter() - t), 1)
         rng = np.random.default_rng(0)
-        e = measured[np.arange(len(ids)) % len(measured)] + rng.normal(0, 0.01, (len(ids), measured.shape[1])).astype(np.float32)
+        noise = rng.normal(0, 0.01, (len(ids), measured.shape[1])).astype(np.float32)
+        e = measured[np.arange(len(ids)) % len(measured)] + noise
         e /= np.linalg.norm(e, axis=1, keepdims=True)
         emb = Embedded(e.astype(np.float32), ids, labels, texts)
         mode = f"proxy: model on {len(measured)} cells, embeddings of the others copied + noise"
@@ -199,10 +200,10 @@ def main() -> None:
     proc = subprocess.run([sys.executable, __file__, "--measure", str(corpus), str(model_dir),
                            "--embed-cells", str(args.embed_cells)],
                           stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
-    sys.stdout.write("".join(l + "\n" for l in proc.stdout.splitlines() if not l.startswith("RESULT ")))
+    sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines() if not line.startswith("RESULT ")))
     if proc.returncode != 0:
         raise SystemExit(f"measured run failed (exit {proc.returncode})")
-    result = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
     result.update({"total_cells": args.total_cells, "genes": args.genes, "corpus": str(corpus)})
     name = "bench_eval_memory.json" if not args.embed_cells else "bench_eval_memory_proxy.json"
     (out / name).write_text(json.dumps(result, indent=1) + "\n")

@@ -281,8 +281,8 @@ def measure_all(variants: dict, n_batches: int, reps: int) -> dict:
         for name, factory in variants.items():
             r = time_stream(factory(rep), n_batches)
             runs[name].append(r)
-            print(f"    rep {rep}  {name:<58} {r['cells_per_s']:8.0f} cells/s ({r['cells']} cells, {r['seconds']:.2f} s)",
-                  flush=True)
+            print(f"    rep {rep}  {name:<58} {r['cells_per_s']:8.0f} cells/s "
+                  f"({r['cells']} cells, {r['seconds']:.2f} s)", flush=True)
     return {name: {"cells_per_s": statistics.median(r["cells_per_s"] for r in rs),
                    "min": min(r["cells_per_s"] for r in rs), "max": max(r["cells_per_s"] for r in rs), "runs": rs}
             for name, rs in runs.items()}
@@ -295,7 +295,7 @@ def _vm_hwm_kib() -> int:
     """Peak RSS of this process since its exec (VmHWM). Unlike ru_maxrss it is not inherited from
     the parent across fork + exec."""
     with open("/proc/self/status") as f:
-        return int(next(l.split()[1] for l in f if l.startswith("VmHWM")))
+        return int(next(line.split()[1] for line in f if line.startswith("VmHWM")))
 
 
 def _child_stream(corpus: str, batch_size: int, max_len: int, num_workers: int, shuffle_buffer: int) -> None:
@@ -349,11 +349,12 @@ def stream_memory(corpus: Path, batch_size: int, max_len: int, num_workers: int,
 # --------------------------------------------------------------------------------------------------
 def machine() -> dict:
     try:
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name")), "")
     except OSError:
         cpu = platform.processor()
     try:
-        mem = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) / 2**20
+        mem = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))) / 2**20
     except OSError:
         mem = float("nan")
     from importlib.metadata import version
@@ -424,7 +425,8 @@ def main(argv=None) -> int:
                 memory[f"{n} cells, workers={nw}"] = {"corpus_cells": n, "num_workers": nw, **r}
                 print(f"    {n:>7} cells workers={nw}: {r['cells']} train cells, {r['cells_per_s']:.0f} cells/s, "
                       f"peak RSS main {r['peak_rss_main_mib']:.0f} MiB, worker {r['peak_rss_worker_mib']:.0f} MiB, "
-                      f"tree RSS {r['peak_tree_rss_mib']:.0f} MiB, tree PSS {r['peak_tree_pss_mib']:.0f} MiB", flush=True)
+                      f"tree RSS {r['peak_tree_rss_mib']:.0f} MiB, tree PSS {r['peak_tree_pss_mib']:.0f} MiB",
+                      flush=True)
 
     result = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name, "benchmarks/bench_loader.py"] + sys.argv[1:]),
@@ -439,7 +441,7 @@ def main(argv=None) -> int:
     (out / "bench_loader.json").write_text(json.dumps(result, indent=2))
 
     print()
-    print(f"{'loader (same data, batch %d, max_len %d)' % (a.batch_size, a.max_len):<58} {'cells/s':>9}")
+    print(f"{f'loader (same data, batch {a.batch_size}, max_len {a.max_len})':<58} {'cells/s':>9}")
     for k, v in throughput.items():
         print(f"{k:<58} {v['cells_per_s']:9.0f}")
     print()

@@ -16,7 +16,8 @@ from scmm.model.qformer import QFormerConfig
 from scmm.model.text_tower import TextTowerConfig
 
 SIZES = {
-    "tiny": dict(cell=dict(d_model=16, nhead=2, d_hid=32, nlayers=1), q=dict(num_queries=2, num_layers=1, embed_dim=16)),
+    "tiny": dict(cell=dict(d_model=16, nhead=2, d_hid=32, nlayers=1),
+                 q=dict(num_queries=2, num_layers=1, embed_dim=16)),
     "small": dict(cell=dict(d_model=64, nhead=4, d_hid=128, nlayers=2, dropout=0.0),
                   q=dict(num_queries=4, num_layers=1, embed_dim=32)),
     "demo": dict(cell=dict(d_model=128, nhead=4, d_hid=256, nlayers=4, attn_dropout=0.0),

@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from scmm.atomic import publish_dir, temp_dir_beside
 from scmm.data_pipeline.h5ad import H5adSource, open_h5ad
 from scmm.data_pipeline.ontology import Ontology, get_ontology
-from scmm.data_pipeline.splits import SPLITS, plan_splits
+from scmm.data_pipeline.splits import SPLITS, SplitPlan, plan_splits
 from scmm.data_pipeline.store import OBS_COLUMNS, SCHEMA_VERSION, label_keys, shard_checksums
 from scmm.data_pipeline.text import describe, metadata_from_obs
-from scmm.data_pipeline.vocab import GeneVocab, check_coverage, map_genes
+from scmm.data_pipeline.vocab import GeneMapping, GeneVocab, check_coverage, map_genes
 from scmm.errors import ScmmError
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,8 @@ class _ShardWriter:
         group = self.root.create_group(f"shards/{name}")
         for key, value in arrays.items():
             write_array(group, key, value)
-        for key, label in zip(label_keys(head_o["cell_type_ontology_term_id"], head_o["cell_type"]), head_o["cell_type"]):
+        keys = label_keys(head_o["cell_type_ontology_term_id"], head_o["cell_type"])
+        for key, label in zip(keys, head_o["cell_type"]):
             rec = self.cell_types.setdefault(key, {"label": label, "count": 0, "splits": {s: 0 for s in SPLITS}})
             rec["count"] += 1
             rec["splits"][split] += 1
@@ -254,6 +255,126 @@ def _check_values(block: sp.csr_matrix, path: Path, start: int) -> None:
                         f"give raw counts or log1p-normalised values")
 
 
+@dataclass
+class _Plan:
+    """Pass-1 result: the opened inputs, their gene mappings, the corpus obs and where each cell goes."""
+
+    sources: list[H5adSource]
+    mappings: list[GeneMapping]
+    obs: pd.DataFrame  # corpus obs columns of all files, in input order
+    keep: np.ndarray  # per cell: False when dropped for its label
+    splits: SplitPlan
+    panel_ids: np.ndarray  # sorted vocabulary IDs of the corpus gene panel
+    columns: tuple[str, ...]  # shard columns
+
+
+def _read_metadata(path: Path, cfg: BuildConfig, vocab: GeneVocab,
+                   ontology: Ontology) -> tuple[H5adSource, GeneMapping, pd.DataFrame, np.ndarray]:
+    """Open one input and check its genes and obs; return (source, gene mapping, corpus obs, keep mask)."""
+    source = open_h5ad(path, cfg.layer)
+    mapping = map_genes(source.var, vocab, cfg.gene_column)
+    dup = pd.Index(mapping.names).duplicated()
+    if dup.any():
+        raise ScmmError(f"{path}: duplicated gene names in var column '{mapping.column}': "
+                        f"{', '.join(sorted(set(mapping.names[dup]))[:5])}")
+    # two identifiers that reach one vocabulary id (e.g. case variants): keep the first only
+    seen = pd.Index(mapping.gene_ids).duplicated() & (mapping.gene_ids >= 0)
+    mapping.gene_ids[seen] = -1
+    check_coverage(mapping, cfg.min_gene_coverage)
+    frame, keep = _standard_obs(source, cfg, ontology)
+    frame["source_file"] = source.path.name
+    return source, mapping, frame, keep
+
+
+def _plan_corpus(cfg: BuildConfig, vocab: GeneVocab, ontology: Ontology) -> _Plan:
+    """Pass 1: read obs and var of every input, then plan the gene panel and the splits (no expression read)."""
+    sources, frames, keeps, mappings = [], [], [], []
+    for path in cfg.inputs:
+        source, mapping, frame, keep = _read_metadata(path, cfg, vocab, ontology)
+        sources.append(source), frames.append(frame), keeps.append(keep), mappings.append(mapping)
+    for frame, path in zip(frames, cfg.inputs):
+        if frame.index.duplicated().any():
+            raise ScmmError(f"{path}: duplicated cell IDs (obs names), "
+                            f"e.g. '{frame.index[frame.index.duplicated()][0]}'")
+    all_obs = pd.concat(frames)
+    if all_obs.index.duplicated().any():  # the same obs names in two files: qualify them by file
+        all_obs.index = [f"{src}:{cell}" for src, cell in zip(all_obs["source_file"], all_obs.index)]
+    splits = plan_splits(all_obs, all_obs["cell_type_ontology_term_id"].where(
+        all_obs["cell_type_ontology_term_id"] != "", all_obs["cell_type"]).to_numpy(),
+        cfg.split_fractions, cfg.seed, "donor_id", "dataset_id")
+    panel_ids = np.unique(np.concatenate([m.gene_ids[m.gene_ids >= 0] for m in mappings]))
+    extras = tuple(c for c in _TEXT_EXTRAS if c in all_obs.columns)
+    columns = ("cell_id", "text", *OBS_COLUMNS, *extras, "source_file")
+    return _Plan(sources, mappings, all_obs, np.concatenate(keeps), splits, panel_ids, columns)
+
+
+def _init_store(tmp: Path, panel_ids: np.ndarray, vocab: GeneVocab) -> zarr.Group:
+    """Create the corpus zarr group with its gene panel (vocabulary IDs and symbols) and vocab.json."""
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    write_array(root, "genes/vocab_id", panel_ids.astype(np.int32))
+    inverse_vocab = {i: t for t, i in vocab.token_to_id.items()}
+    symbols = np.array([inverse_vocab[int(i)] for i in panel_ids], dtype=str)
+    write_array(root, "genes/symbol", symbols)
+    vocab.save(tmp / "vocab.json")
+    return root
+
+
+def _route_rows(plan: _Plan, rows: slice, remapped: sp.csr_matrix, writer: _ShardWriter,
+                ontology: Ontology) -> int:
+    """Describe the kept, non-empty cells of one chunk and hand them to their split; return the empty count."""
+    nonempty = np.diff(remapped.indptr) > 0
+    keep = plan.keep[rows] & nonempty
+    n_empty = int((plan.keep[rows] & ~nonempty).sum())
+    chunk_obs = plan.obs.iloc[rows]
+    for s, split in enumerate(SPLITS):
+        sel = np.flatnonzero(keep & (plan.splits.split[rows] == s))
+        if sel.size:
+            part = chunk_obs.iloc[sel].copy()
+            part["text"] = _describe_rows(part[[c for c in part.columns if c != "source_file"]], ontology)
+            writer.add(split, remapped[sel], part)
+    return n_empty
+
+
+def _stream_file(cfg: BuildConfig, plan: _Plan, source: H5adSource, mapping: GeneMapping, offset: int,
+                 writer: _ShardWriter, ontology: Ontology, bar: tqdm) -> tuple[bool, int]:
+    """Stream one file's expression onto the gene panel and into the shards; return (integer counts, n empty)."""
+    to_panel = np.full(source.n_vars, -1, dtype=np.int64)
+    mapped = mapping.gene_ids >= 0
+    to_panel[mapped] = np.searchsorted(plan.panel_ids, mapping.gene_ids[mapped])
+    cols = np.flatnonzero(mapped)
+    total_counts, mapped_counts, integral, n_empty = 0.0, 0.0, True, 0
+    for start, block in source.iter_chunks(cfg.chunk_size):
+        _check_values(block, source.path, start)
+        integral &= bool(np.all(block.data == np.round(block.data)))
+        total_counts += float(block.data.sum())
+        sub = block[:, cols].tocoo()
+        remapped = sp.csr_matrix((sub.data, (sub.row, to_panel[cols][sub.col])),
+                                 shape=(block.shape[0], len(plan.panel_ids)), dtype=np.float32)
+        remapped.sort_indices()
+        mapped_counts += float(remapped.data.sum())
+        rows = slice(offset + start, offset + start + block.shape[0])
+        n_empty += _route_rows(plan, rows, remapped, writer, ontology)
+        bar.update(block.shape[0])
+    mapping.count_share = mapped_counts / total_counts if total_counts > 0 else 0.0
+    return integral, n_empty
+
+
+def _write_cells(cfg: BuildConfig, plan: _Plan, writer: _ShardWriter, ontology: Ontology,
+                 bar: tqdm) -> tuple[str, int, list[dict]]:
+    """Pass 2: stream every input into the shards; return (normalization, cells dropped empty, file reports)."""
+    normalization, n_dropped_empty, file_reports = "counts", 0, []
+    offset = 0
+    for source, mapping in zip(plan.sources, plan.mappings):
+        integral, n_empty = _stream_file(cfg, plan, source, mapping, offset, writer, ontology, bar)
+        n_dropped_empty += n_empty
+        if not integral:
+            normalization = "log1p"
+        file_reports.append({"file": str(source.path), "element": source.element, "integer_counts": integral,
+                             **mapping.report()})
+        offset += source.n_obs
+    return normalization, n_dropped_empty, file_reports
+
+
 def build_corpus(cfg: BuildConfig) -> dict:
     """Build the corpus described by `cfg`; returns its manifest."""
     out = Path(cfg.out)
@@ -263,89 +384,21 @@ def build_corpus(cfg: BuildConfig) -> dict:
         raise ScmmError("no input h5ad files given")
     ontology = get_ontology()
     vocab = GeneVocab.load(cfg.vocab)
-    # pass 1: metadata of every file
-    sources, frames, keeps, mappings = [], [], [], []
-    for path in cfg.inputs:
-        source = open_h5ad(path, cfg.layer)
-        mapping = map_genes(source.var, vocab, cfg.gene_column)
-        dup = pd.Index(mapping.names).duplicated()
-        if dup.any():
-            raise ScmmError(f"{path}: duplicated gene names in var column '{mapping.column}': "
-                            f"{', '.join(sorted(set(mapping.names[dup]))[:5])}")
-        # two identifiers that reach one vocabulary id (e.g. case variants): keep the first only
-        seen = pd.Index(mapping.gene_ids).duplicated() & (mapping.gene_ids >= 0)
-        mapping.gene_ids[seen] = -1
-        check_coverage(mapping, cfg.min_gene_coverage)
-        frame, keep = _standard_obs(source, cfg, ontology)
-        frame["source_file"] = source.path.name
-        sources.append(source), frames.append(frame), keeps.append(keep), mappings.append(mapping)
-    for frame, path in zip(frames, cfg.inputs):
-        if frame.index.duplicated().any():
-            raise ScmmError(f"{path}: duplicated cell IDs (obs names), e.g. '{frame.index[frame.index.duplicated()][0]}'")
-    all_obs = pd.concat(frames)
-    if all_obs.index.duplicated().any():  # the same obs names in two files: qualify them by file
-        all_obs.index = [f"{src}:{cell}" for src, cell in zip(all_obs["source_file"], all_obs.index)]
-    keep_all = np.concatenate(keeps)
-    plan = plan_splits(all_obs, all_obs["cell_type_ontology_term_id"].where(
-        all_obs["cell_type_ontology_term_id"] != "", all_obs["cell_type"]).to_numpy(),
-        cfg.split_fractions, cfg.seed, "donor_id", "dataset_id")
-    panel_ids = np.unique(np.concatenate([m.gene_ids[m.gene_ids >= 0] for m in mappings]))
-    inverse_vocab = {i: t for t, i in vocab.token_to_id.items()}
-    extras = tuple(c for c in _TEXT_EXTRAS if c in all_obs.columns)
-    columns = ("cell_id", "text", *OBS_COLUMNS, *extras, "source_file")
+    plan = _plan_corpus(cfg, vocab, ontology)
 
     # disable=None: no bar when stderr is not a terminal, so logs and `error:` lines stay clean
-    bar = tqdm(total=sum(s.n_obs for s in sources), unit="cells", desc="build corpus",
+    bar = tqdm(total=sum(s.n_obs for s in plan.sources), unit="cells", desc="build corpus",
                disable=None if cfg.progress else True)
     tmp = temp_dir_beside(out)
     try:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        write_array(root, "genes/vocab_id", panel_ids.astype(np.int32))
-        symbols = np.array([inverse_vocab[int(i)] for i in panel_ids], dtype=str)
-        write_array(root, "genes/symbol", symbols)
-        vocab.save(tmp / "vocab.json")
-        writer = _ShardWriter(root, cfg.shard_size, columns)
-        normalization, n_dropped_empty, file_reports = "counts", 0, []
-        offset = 0
-        for source, mapping, frame in zip(sources, mappings, frames):
-            to_panel = np.full(source.n_vars, -1, dtype=np.int64)
-            mapped = mapping.gene_ids >= 0
-            to_panel[mapped] = np.searchsorted(panel_ids, mapping.gene_ids[mapped])
-            cols = np.flatnonzero(mapped)
-            total_counts, mapped_counts, integral = 0.0, 0.0, True
-            for start, block in source.iter_chunks(cfg.chunk_size):
-                _check_values(block, source.path, start)
-                integral &= bool(np.all(block.data == np.round(block.data)))
-                total_counts += float(block.data.sum())
-                sub = block[:, cols].tocoo()
-                remapped = sp.csr_matrix((sub.data, (sub.row, to_panel[cols][sub.col])),
-                                         shape=(block.shape[0], len(panel_ids)), dtype=np.float32)
-                remapped.sort_indices()
-                mapped_counts += float(remapped.data.sum())
-                rows = slice(offset + start, offset + start + block.shape[0])
-                nonempty = np.diff(remapped.indptr) > 0
-                keep = keep_all[rows] & nonempty
-                n_dropped_empty += int((keep_all[rows] & ~nonempty).sum())
-                chunk_obs = all_obs.iloc[rows]
-                for s, split in enumerate(SPLITS):
-                    sel = np.flatnonzero(keep & (plan.split[rows] == s))
-                    if sel.size:
-                        part = chunk_obs.iloc[sel].copy()
-                        part["text"] = _describe_rows(part[[c for c in part.columns if c != "source_file"]], ontology)
-                        writer.add(split, remapped[sel], part)
-                bar.update(block.shape[0])
-            if not integral:
-                normalization = "log1p"
-            mapping.count_share = mapped_counts / total_counts if total_counts > 0 else 0.0
-            file_reports.append({"file": str(source.path), "element": source.element, "integer_counts": integral,
-                                 **mapping.report()})
-            offset += source.n_obs
+        writer = _ShardWriter(_init_store(tmp, plan.panel_ids, vocab), cfg.shard_size, plan.columns)
+        normalization, n_dropped_empty, file_reports = _write_cells(cfg, plan, writer, ontology, bar)
         bar.close()
         writer.close()
         if not writer.entries:
             raise ScmmError("no cells left to write (every cell was dropped or empty)")
-        manifest = _manifest(cfg, writer.entries, writer.cell_types, vocab, panel_ids, plan.group_by,
-                             normalization, n_dropped_empty, int((~keep_all).sum()), file_reports)
+        manifest = _manifest(cfg, writer.entries, writer.cell_types, vocab, plan.panel_ids, plan.splits.group_by,
+                             normalization, n_dropped_empty, int((~plan.keep).sum()), file_reports)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         publish_dir(tmp, out, marker="manifest.json")  # --overwrite: the old corpus is swapped out, then deleted
     except BaseException:

@@ -24,9 +24,12 @@ back to ``dataset_id`` (a single data set) or to cells.
 
 from __future__ import annotations
 
+import anndata
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from scmm.data_pipeline.ontology import get_ontology
 
 __all__ = ["pbmc_demo_adata", "BULK_LABEL_TO_CL", "DATASET_ID"]
 
@@ -76,9 +79,7 @@ def pbmc_demo_adata():
     See the module docstring for provenance. Raises ``ValueError`` if a ``bulk_labels`` category
     has no Cell Ontology mapping.
     """
-    import anndata
-    import scanpy as sc
-    from cellxgene_ontology_guide.ontology_parser import OntologyParser
+    import scanpy as sc  # noqa: PLC0415 - scanpy takes seconds to import; only the demo data needs it
 
     src = sc.datasets.pbmc68k_reduced()
     if src.raw is None:
@@ -104,18 +105,18 @@ def pbmc_demo_adata():
     X = sp.csr_matrix((counts.astype(np.float32), raw.indices.copy(), raw.indptr.copy()), shape=raw.shape)
     X.eliminate_zeros()
 
-    parser = OntologyParser()
+    ontology = get_ontology()
     n = src.n_obs
     cl_ids = labels.astype(str).map(BULK_LABEL_TO_CL).to_numpy()
     cl_order = [BULK_LABEL_TO_CL[c] for c in categories]
     obs = pd.DataFrame(index=src.obs_names.copy())
     obs["cell_type_ontology_term_id"] = pd.Categorical(cl_ids, categories=cl_order)
-    cl_labels = {cl: parser.get_term_label(cl) for cl in cl_order}
+    cl_labels = {cl: ontology.label(cl) for cl in cl_order}
     obs["cell_type"] = pd.Categorical([cl_labels[c] for c in cl_ids], categories=[cl_labels[c] for c in cl_order])
     obs["bulk_labels"] = labels.copy()
     for col, term in _CONSTANT_OBS.items():
         obs[col] = _const_cat(term, n)
-        obs[_LABEL_COLUMN[col]] = _const_cat(parser.get_term_label(term), n)
+        obs[_LABEL_COLUMN[col]] = _const_cat(ontology.label(term), n)
     # NCBITaxon is not looked up: cellxgene-ontology-guide needs ~20 s to load that ontology.
     obs["organism_ontology_term_id"] = _const_cat("NCBITaxon:9606", n)
     obs["organism"] = _const_cat("Homo sapiens", n)

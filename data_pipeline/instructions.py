@@ -70,7 +70,7 @@ def _clean(value: object) -> str | None:
 def instruction_dataset(corpus: Corpus, split: str, tasks: Sequence[str] = TASKS, seed: int = 0) -> datasets.Dataset:
     """Rows (cell_id, task, prompt, answer, cell_type_ontology_term_id), cell by cell in corpus order, tasks in
     the order given."""
-    import datasets  # imported here: it costs seconds, and the prompts alone do not need it
+    import datasets  # noqa: PLC0415 - it costs about a second, and the prompts alone (inference) do not need it
 
     unknown = [t for t in tasks if t not in PROMPTS]
     if unknown or not tasks:
@@ -91,7 +91,7 @@ def instruction_dataset(corpus: Corpus, split: str, tasks: Sequence[str] = TASKS
         obs = corpus.read_shard(entry["name"], columns).obs
         n = entry["n_cells"]
         for i in range(n):
-            def get(name: str) -> str | None:
+            def get(name: str, i: int = i, obs: dict = obs) -> str | None:
                 return _clean(obs[name][i]) if name in obs else None
 
             cell_id = get("cell_id") or f"{entry['name']}:{i}"

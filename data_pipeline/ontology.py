@@ -14,6 +14,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from cellxgene_ontology_guide.ontology_parser import OntologyParser
+
 __all__ = ["Ontology", "get_ontology", "resolve_cell_types", "normalise_label", "NORMAL_DISEASE_ID", "SPECIAL_VALUES"]
 
 NORMAL_DISEASE_ID = "PATO:0000461"  # "normal": the disease value of healthy donors
@@ -45,8 +47,6 @@ class Ontology:
     # -- internals ---------------------------------------------------------------------------------------
     @functools.cached_property
     def _parser(self) -> Any:
-        from cellxgene_ontology_guide.ontology_parser import OntologyParser
-
         return OntologyParser(self._schema_version)
 
     def _ontology_name(self, term_id: str) -> str | None:

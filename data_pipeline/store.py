@@ -52,7 +52,7 @@ def shard_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
 
 def label_keys(term_ids, labels) -> list[str]:
     """The corpus's key of each cell's type: its CL ID, or `unmatched:<label>` for kept free-text labels."""
-    return [t if t else f"unmatched:{l}" for t, l in zip(term_ids, labels)]
+    return [t if t else f"unmatched:{label}" for t, label in zip(term_ids, labels)]
 
 
 @dataclass
@@ -137,7 +137,8 @@ class Corpus:
             group = self._root[f"shards/{name}"]
             arrays = {key: group[key][:] for key in NUMERIC_ARRAYS + want}
         except Exception as exc:  # zarr/codec errors on damaged chunk files
-            raise ScmmError(f"corpus shard '{name}' in {self.path} is corrupted ({type(exc).__name__}: {exc})") from None
+            raise ScmmError(f"corpus shard '{name}' in {self.path} is corrupted "
+                            f"({type(exc).__name__}: {exc})") from None
         if self.verify:
             for key, value in arrays.items():
                 if column_checksum(key, value) != entry["checksums"][key]:

@@ -43,8 +43,11 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
+from anndata import AnnData
+from tqdm.auto import tqdm
 
 __all__ = ["synthesize", "CELL_TYPES", "census_vocab_path", "load_census_vocab"]
 
@@ -232,6 +235,238 @@ def _generate_block(rng, lib, prof, donor_eff):
     return data, cols.astype(np.int32), row_nnz, row_sums
 
 
+@dataclass(frozen=True)
+class _Model:
+    """The generative model drawn once from the seed: gene panel, markers, profiles and per-cell draws."""
+
+    seed: int
+    symbols: list[str]
+    gene_ids: np.ndarray  # made-up Ensembl-style IDs, one per symbol
+    markers: list[np.ndarray]  # per cell type: gene indices of its markers
+    prof: np.ndarray  # (types, genes) expression proportions
+    donor_eff: np.ndarray  # (donors, genes) multiplicative donor effects
+    donors: pd.DataFrame  # one row per donor
+    donor_of_cell: np.ndarray
+    type_of_cell: np.ndarray
+    lib: np.ndarray  # library size per cell
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells."""
+        return len(self.lib)
+
+    @property
+    def n_genes(self) -> int:
+        """Number of genes."""
+        return len(self.symbols)
+
+
+def _marker_genes(symbols: list[str], canonical: list[list[str]], rng: np.random.Generator) -> list[np.ndarray]:
+    """Marker gene indices per cell type: its canonical markers, topped up from a shuffled gene pool."""
+    n_genes, n_cell_types = len(symbols), len(canonical)
+    pos = {s: i for i, s in enumerate(symbols)}
+    k = max(1, min(_MAX_MARKERS, n_genes // (2 * n_cell_types)))
+    canon_idx = [[pos[s] for s in c] for c in canonical]
+    canon_set = {i for c in canon_idx for i in c}
+    pool = rng.permutation(np.array([i for i in range(n_genes) if i not in canon_set], dtype=np.int64))
+    markers, cursor = [], 0
+    for t in range(n_cell_types):
+        extra = k - len(canon_idx[t])
+        take = [int(pool[(cursor + j) % len(pool)]) for j in range(extra)]
+        cursor += extra
+        markers.append(np.array(canon_idx[t] + take, dtype=np.int64))
+    return markers
+
+
+def _expression_profiles(markers: list[np.ndarray], n_genes: int, rng: np.random.Generator) -> np.ndarray:
+    """Per cell type, the expected proportion of each gene (a shared profile, type noise, marker boosts)."""
+    base = rng.normal(0.0, _BASE_SD, size=n_genes)
+    logp = base[None, :] + rng.normal(0.0, _TYPE_SD, size=(len(markers), n_genes))
+    for t, m in enumerate(markers):
+        logp[t, m] += rng.uniform(*_MARKER_UP, size=len(m))
+    logp -= logp.max(axis=1, keepdims=True)
+    prof = np.exp(logp)
+    prof /= prof.sum(axis=1, keepdims=True)
+    return prof
+
+
+def _assign_cells(n_cells: int, n_donors: int, n_cell_types: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Donor and cell type of every cell; each donor's composition varies around a shared one."""
+    comp = rng.dirichlet(np.full(n_cell_types, 4.0))
+    donor_of_cell = rng.integers(n_donors, size=n_cells)
+    type_of_cell = np.empty(n_cells, dtype=np.int64)
+    for d in range(n_donors):
+        sel = np.flatnonzero(donor_of_cell == d)
+        p_d = rng.dirichlet(20.0 * comp + 0.5)
+        type_of_cell[sel] = rng.choice(n_cell_types, size=len(sel), p=p_d)
+    return donor_of_cell, type_of_cell
+
+
+def _draw_model(vocab: dict[str, int], n_cells: int, n_genes: int, seed: int, types: tuple[_CellType, ...],
+                n_donors: int) -> _Model:
+    """Draw every global parameter (small; the counts themselves are drawn per block when written)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
+    symbols, canonical = _select_genes(vocab, n_genes, types, rng)
+    markers = _marker_genes(symbols, canonical, rng)
+    prof = _expression_profiles(markers, n_genes, rng)
+    donor_eff = np.exp(rng.normal(0.0, _DONOR_SD, size=(n_donors, n_genes)))
+    donors = _donor_table(n_donors, rng)
+    donor_of_cell, type_of_cell = _assign_cells(n_cells, n_donors, len(types), rng)
+    lib = np.exp(rng.normal(np.log(_LIB_PER_GENE * n_genes), _LIB_SD, size=n_cells))
+    return _Model(seed=seed, symbols=symbols, gene_ids=np.array([f"ENSG9{vocab[s]:010d}" for s in symbols]),
+                  markers=markers, prof=prof, donor_eff=donor_eff, donors=donors,
+                  donor_of_cell=donor_of_cell, type_of_cell=type_of_cell, lib=lib)
+
+
+def _categorical(values: list | np.ndarray, categories: list | np.ndarray) -> pd.Categorical:
+    """A categorical whose categories keep their first-seen order (stable codes in the file)."""
+    return pd.Categorical(values, categories=list(dict.fromkeys(categories)))
+
+
+def _obs_table(model: _Model, types: tuple[_CellType, ...]) -> pd.DataFrame:
+    """The CELLxGENE-schema ``obs`` (``n_counts`` zero: it is filled in once ``X`` is written)."""
+    n_cells, type_of_cell = model.n_cells, model.type_of_cell
+    width = len(str(n_cells - 1))
+    d_rows = model.donors.iloc[model.donor_of_cell].reset_index(drop=True)
+    obs = pd.DataFrame(index=pd.Index([f"cell_{i:0{width}d}" for i in range(n_cells)], name=None))
+    obs["cell_type_ontology_term_id"] = _categorical([types[t].term_id for t in type_of_cell],
+                                                     [t.term_id for t in types])
+    obs["cell_type"] = _categorical([types[t].label for t in type_of_cell], [t.label for t in types])
+    obs["tissue_ontology_term_id"] = _categorical([types[t].tissue_id for t in type_of_cell],
+                                                  [t.tissue_id for t in types])
+    obs["tissue"] = _categorical([types[t].tissue for t in type_of_cell], [t.tissue for t in types])
+    for col in ("disease_ontology_term_id", "disease", "sex_ontology_term_id", "sex",
+                "development_stage_ontology_term_id", "development_stage", "donor_id", "dataset_id"):
+        obs[col] = _categorical(d_rows[col].to_numpy(), model.donors[col].to_numpy())
+    const = {
+        "assay_ontology_term_id": _ASSAY[0], "assay": _ASSAY[1],
+        "organism_ontology_term_id": _ORGANISM[0], "organism": _ORGANISM[1],
+        "self_reported_ethnicity_ontology_term_id": "unknown", "self_reported_ethnicity": "unknown",
+        "suspension_type": "cell",
+    }
+    for col, value in const.items():
+        obs[col] = pd.Categorical.from_codes(np.zeros(n_cells, dtype=np.int8), categories=[value])
+    obs["is_primary_data"] = np.ones(n_cells, dtype=bool)
+    obs["n_counts"] = np.zeros(n_cells, dtype=np.float32)
+    return obs
+
+
+def _var_table(model: _Model) -> pd.DataFrame:
+    """The ``var`` table: made-up Ensembl-style IDs as index, real symbols in ``feature_name``."""
+    var = pd.DataFrame(index=pd.Index(model.gene_ids, name=None))
+    var["feature_name"] = pd.Categorical(model.symbols)
+    var["feature_reference"] = pd.Categorical.from_codes(np.zeros(model.n_genes, dtype=np.int8),
+                                                         categories=[_ORGANISM[0]])
+    return var
+
+
+def _uns(model: _Model, types: tuple[_CellType, ...]) -> dict:
+    """The ``uns`` dict: a title and the ground truth (parameters and marker genes per cell type)."""
+    n_cells, n_genes, seed = model.n_cells, model.n_genes, model.seed
+    return {
+        "title": f"scmm synthetic dataset ({n_cells} cells x {n_genes} genes, seed {seed})",
+        "synth": {
+            "seed": seed, "n_cells": n_cells, "n_genes": n_genes,
+            "n_cell_types": len(types), "n_donors": len(model.donors),
+            "markers": {types[t].term_id: model.gene_ids[m] for t, m in enumerate(model.markers)},
+        },
+    }
+
+
+def _skeleton(model: _Model, types: tuple[_CellType, ...]) -> AnnData:
+    """The AnnData without ``X`` (obs, var, uns); ``X`` is appended to its file afterwards."""
+    return AnnData(obs=_obs_table(model, types), var=_var_table(model), uns=_uns(model, types))
+
+
+def _temp_name(path: Path) -> str:
+    """A unique temporary file name beside ``path``, so the final rename stays on one filesystem."""
+    return str(path.resolve().parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+class _RowAppender:
+    """Appends CSR ``data``/``indices`` to growable HDF5 datasets, at most ``chunk_size`` rows at a time."""
+
+    def __init__(self, ds_data: h5py.Dataset, ds_idx: h5py.Dataset, chunk_size: int) -> None:
+        self.ds_data, self.ds_idx, self.chunk_size = ds_data, ds_idx, chunk_size
+        self.buf_data: list[np.ndarray] = []
+        self.buf_idx: list[np.ndarray] = []
+        self.buffered = 0  # rows in the buffers
+        self.nnz = 0  # entries written so far
+
+    def add(self, data: np.ndarray, idx: np.ndarray, row_ptr: np.ndarray) -> None:
+        """Buffer a block of rows (``row_ptr``: its local CSR offsets), splitting it at chunk boundaries."""
+        r, n_rows = 0, len(row_ptr) - 1
+        while r < n_rows:
+            r_end = min(n_rows, r + self.chunk_size - self.buffered)
+            a, e = row_ptr[r], row_ptr[r_end]
+            self.buf_data.append(data[a:e])
+            self.buf_idx.append(idx[a:e])
+            self.buffered += r_end - r
+            r = r_end
+            if self.buffered >= self.chunk_size:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows to the file and empty the buffers."""
+        if not self.buf_data:
+            return
+        data = np.concatenate(self.buf_data)
+        idx = np.concatenate(self.buf_idx)
+        self.ds_data.resize((self.nnz + len(data),))
+        self.ds_data[self.nnz:] = data
+        self.ds_idx.resize((self.nnz + len(idx),))
+        self.ds_idx[self.nnz:] = idx
+        self.nnz += len(data)
+        self.buf_data, self.buf_idx, self.buffered = [], [], 0
+
+
+def _create_csr_group(f: h5py.File, n_cells: int, n_genes: int) -> tuple[h5py.Dataset, h5py.Dataset]:
+    """Create the ``X`` group in anndata's CSR encoding, with empty growable ``data`` and ``indices``."""
+    g = f.create_group("X")
+    g.attrs["encoding-type"] = "csr_matrix"
+    g.attrs["encoding-version"] = "0.1.0"
+    g.attrs["shape"] = np.array([n_cells, n_genes], dtype=np.int64)
+    h5chunk = (1 << 18,)
+    ds_data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=h5chunk)
+    ds_idx = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=h5chunk)
+    return ds_data, ds_idx
+
+
+def _stream_counts(model: _Model, appender: _RowAppender, bar: tqdm | None) -> tuple[np.ndarray, np.ndarray]:
+    """Draw the counts block by block (fixed blocks: independent of chunk_size); return (indptr, n_counts)."""
+    n_cells = model.n_cells
+    block = max(1, min(1024, _BLOCK_ELEMENTS // model.n_genes))
+    indptr = np.zeros(n_cells + 1, dtype=np.int64)
+    n_counts = np.empty(n_cells, dtype=np.float32)
+    for b, start in enumerate(range(0, n_cells, block)):
+        stop = min(n_cells, start + block)
+        data, idx, row_nnz, row_sums = _generate_block(
+            _block_rng(model.seed, b), model.lib[start:stop],
+            model.prof[model.type_of_cell[start:stop]], model.donor_eff[model.donor_of_cell[start:stop]])
+        indptr[start + 1:stop + 1] = indptr[start] + np.cumsum(row_nnz)
+        n_counts[start:stop] = row_sums
+        appender.add(data, idx, indptr[start:stop + 1] - indptr[start])
+        if bar is not None:
+            bar.update(stop - start)
+    appender.flush()
+    return indptr, n_counts
+
+
+def _write_counts(tmp: str, model: _Model, chunk_size: int, progress: bool, name: str) -> None:
+    """Append ``X`` to the skeleton file chunk by chunk and fill in ``obs['n_counts']``."""
+    with h5py.File(tmp, "r+") as f:
+        ds_data, ds_idx = _create_csr_group(f, model.n_cells, model.n_genes)
+        bar = tqdm(total=model.n_cells, unit="cell", desc=f"synthesize {name}") if progress else None
+        try:
+            indptr, n_counts = _stream_counts(model, _RowAppender(ds_data, ds_idx, chunk_size), bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        f["X"].create_dataset("indptr", data=indptr)
+        f["obs"]["n_counts"][...] = n_counts
+
+
 def synthesize(path, n_cells: int, n_genes: int, seed: int = 0, n_cell_types: int = 10,
                n_donors: int = 8, chunk_size: int = 10_000, progress: bool = True) -> None:
     """Write a synthetic CELLxGENE-schema ``.h5ad`` of ``n_cells`` x ``n_genes`` raw counts to ``path``.
@@ -246,156 +481,21 @@ def synthesize(path, n_cells: int, n_genes: int, seed: int = 0, n_cell_types: in
     docstring) with ``feature_name`` (real symbols) and ``feature_reference``. The result depends
     on ``seed`` and the sizes, not on ``chunk_size``. Raises ``ValueError`` on bad arguments.
     """
-    import h5py
-    from anndata import AnnData
-
     vocab = load_census_vocab()
     _validate(path, n_cells, n_genes, seed, n_cell_types, n_donors, chunk_size, len(vocab))
     n_cells, n_genes, seed = int(n_cells), int(n_genes), int(seed)
-    n_cell_types, n_donors, chunk_size = int(n_cell_types), int(n_donors), int(chunk_size)
-    types = CELL_TYPES[:n_cell_types]
+    n_donors, chunk_size = int(n_donors), int(chunk_size)
+    types = CELL_TYPES[:int(n_cell_types)]
 
-    # --- global parameters (small; drawn once) ----------------------------------------------
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
-    symbols, canonical = _select_genes(vocab, n_genes, types, rng)
-    gene_ids = np.array([f"ENSG9{vocab[s]:010d}" for s in symbols])
-    pos = {s: i for i, s in enumerate(symbols)}
+    model = _draw_model(vocab, n_cells, n_genes, seed, types, n_donors)
+    skeleton = _skeleton(model, types)
 
-    k = max(1, min(_MAX_MARKERS, n_genes // (2 * n_cell_types)))
-    canon_idx = [[pos[s] for s in c] for c in canonical]
-    canon_set = {i for c in canon_idx for i in c}
-    pool = rng.permutation(np.array([i for i in range(n_genes) if i not in canon_set], dtype=np.int64))
-    markers, cursor = [], 0
-    for t in range(n_cell_types):
-        extra = k - len(canon_idx[t])
-        take = [int(pool[(cursor + j) % len(pool)]) for j in range(extra)]
-        cursor += extra
-        markers.append(np.array(canon_idx[t] + take, dtype=np.int64))
-
-    base = rng.normal(0.0, _BASE_SD, size=n_genes)
-    logp = base[None, :] + rng.normal(0.0, _TYPE_SD, size=(n_cell_types, n_genes))
-    for t, m in enumerate(markers):
-        logp[t, m] += rng.uniform(*_MARKER_UP, size=len(m))
-    logp -= logp.max(axis=1, keepdims=True)
-    prof = np.exp(logp)
-    prof /= prof.sum(axis=1, keepdims=True)  # (types, genes) expression proportions
-    donor_eff = np.exp(rng.normal(0.0, _DONOR_SD, size=(n_donors, n_genes)))
-
-    donors = _donor_table(n_donors, rng)
-    # per-donor composition around a shared (seeded) composition
-    comp = rng.dirichlet(np.full(n_cell_types, 4.0))
-    donor_of_cell = rng.integers(n_donors, size=n_cells)
-    type_of_cell = np.empty(n_cells, dtype=np.int64)
-    for d in range(n_donors):
-        sel = np.flatnonzero(donor_of_cell == d)
-        p_d = rng.dirichlet(20.0 * comp + 0.5)
-        type_of_cell[sel] = rng.choice(n_cell_types, size=len(sel), p=p_d)
-    lib = np.exp(rng.normal(np.log(_LIB_PER_GENE * n_genes), _LIB_SD, size=n_cells))
-
-    # --- obs / var ---------------------------------------------------------------------------
-    width = len(str(n_cells - 1))
-    d_rows = donors.iloc[donor_of_cell].reset_index(drop=True)
-    obs = pd.DataFrame(index=pd.Index([f"cell_{i:0{width}d}" for i in range(n_cells)], name=None))
-
-    def cat(values, categories):
-        return pd.Categorical(values, categories=list(dict.fromkeys(categories)))
-
-    obs["cell_type_ontology_term_id"] = cat([types[t].term_id for t in type_of_cell], [t.term_id for t in types])
-    obs["cell_type"] = cat([types[t].label for t in type_of_cell], [t.label for t in types])
-    obs["tissue_ontology_term_id"] = cat([types[t].tissue_id for t in type_of_cell], [t.tissue_id for t in types])
-    obs["tissue"] = cat([types[t].tissue for t in type_of_cell], [t.tissue for t in types])
-    for col in ("disease_ontology_term_id", "disease", "sex_ontology_term_id", "sex",
-                "development_stage_ontology_term_id", "development_stage", "donor_id", "dataset_id"):
-        obs[col] = cat(d_rows[col].to_numpy(), donors[col].to_numpy())
-    const = {
-        "assay_ontology_term_id": _ASSAY[0], "assay": _ASSAY[1],
-        "organism_ontology_term_id": _ORGANISM[0], "organism": _ORGANISM[1],
-        "self_reported_ethnicity_ontology_term_id": "unknown", "self_reported_ethnicity": "unknown",
-        "suspension_type": "cell",
-    }
-    for col, value in const.items():
-        obs[col] = pd.Categorical.from_codes(np.zeros(n_cells, dtype=np.int8), categories=[value])
-    obs["is_primary_data"] = np.ones(n_cells, dtype=bool)
-    obs["n_counts"] = np.zeros(n_cells, dtype=np.float32)  # filled in after X is written
-
-    var = pd.DataFrame(index=pd.Index(gene_ids, name=None))
-    var["feature_name"] = pd.Categorical(symbols)
-    var["feature_reference"] = pd.Categorical.from_codes(np.zeros(n_genes, dtype=np.int8),
-                                                         categories=[_ORGANISM[0]])
-    uns = {
-        "title": f"scmm synthetic dataset ({n_cells} cells x {n_genes} genes, seed {seed})",
-        "synth": {
-            "seed": seed, "n_cells": n_cells, "n_genes": n_genes,
-            "n_cell_types": n_cell_types, "n_donors": n_donors,
-            "markers": {types[t].term_id: gene_ids[m] for t, m in enumerate(markers)},
-        },
-    }
-
-    # --- write: skeleton with anndata, then X appended chunk by chunk with h5py --------------
     path = Path(path)
-    tmp = str(path.resolve().parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = _temp_name(path)
     try:
-        AnnData(obs=obs, var=var, uns=uns).write_h5ad(tmp)
-        del obs
-        block = max(1, min(1024, _BLOCK_ELEMENTS // n_genes))
-        n_counts = np.empty(n_cells, dtype=np.float32)
-        with h5py.File(tmp, "r+") as f:
-            g = f.create_group("X")
-            g.attrs["encoding-type"] = "csr_matrix"
-            g.attrs["encoding-version"] = "0.1.0"
-            g.attrs["shape"] = np.array([n_cells, n_genes], dtype=np.int64)
-            h5chunk = (1 << 18,)
-            ds_data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=h5chunk)
-            ds_idx = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=h5chunk)
-            indptr = np.zeros(n_cells + 1, dtype=np.int64)
-
-            buf_data, buf_idx, buffered, nnz = [], [], 0, 0
-
-            def flush():
-                nonlocal buf_data, buf_idx, buffered, nnz
-                if not buf_data:
-                    return
-                data = np.concatenate(buf_data)
-                idx = np.concatenate(buf_idx)
-                ds_data.resize((nnz + len(data),))
-                ds_data[nnz:] = data
-                ds_idx.resize((nnz + len(idx),))
-                ds_idx[nnz:] = idx
-                nnz += len(data)
-                buf_data, buf_idx, buffered = [], [], 0
-
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=n_cells, unit="cell", desc=f"synthesize {path.name}")
-            try:
-                for b, start in enumerate(range(0, n_cells, block)):
-                    stop = min(n_cells, start + block)
-                    data, idx, row_nnz, row_sums = _generate_block(
-                        _block_rng(seed, b), lib[start:stop],
-                        prof[type_of_cell[start:stop]], donor_eff[donor_of_cell[start:stop]])
-                    indptr[start + 1:stop + 1] = indptr[start] + np.cumsum(row_nnz)
-                    n_counts[start:stop] = row_sums
-                    # split the block at chunk_size boundaries so each append holds <= chunk_size rows
-                    r = start
-                    while r < stop:
-                        r_end = min(stop, r + chunk_size - buffered)
-                        a, e = indptr[r] - indptr[start], indptr[r_end] - indptr[start]
-                        buf_data.append(data[a:e])
-                        buf_idx.append(idx[a:e])
-                        buffered += r_end - r
-                        r = r_end
-                        if buffered >= chunk_size:
-                            flush()
-                    if bar is not None:
-                        bar.update(stop - start)
-                flush()
-            finally:
-                if bar is not None:
-                    bar.close()
-            g.create_dataset("indptr", data=indptr)
-            f["obs"]["n_counts"][...] = n_counts
+        skeleton.write_h5ad(tmp)
+        del skeleton  # obs is not needed while X is written
+        _write_counts(tmp, model, chunk_size, progress, path.name)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -158,7 +158,8 @@ def map_genes(var: pd.DataFrame, vocab: GeneVocab, gene_column: str | None = Non
     """
     if gene_column is not None:
         if gene_column not in var.columns:
-            raise ScmmError(f"gene column '{gene_column}' is not in var (columns: {', '.join(map(str, var.columns)) or 'none'})")
+            raise ScmmError(f"gene column '{gene_column}' is not in var "
+                            f"(columns: {', '.join(map(str, var.columns)) or 'none'})")
         names, column = var[gene_column].astype(str).to_numpy(), gene_column
     elif "feature_name" in var.columns:
         names, column = var["feature_name"].astype(str).to_numpy(), "feature_name"

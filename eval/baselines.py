@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
 
 from scmm.data_pipeline.hvg import hvg_panel, iter_log1p_profiles, log1p_profiles
 from scmm.data_pipeline.store import Corpus
@@ -56,8 +58,6 @@ def majority_baseline(y_train: Sequence, n: int) -> np.ndarray:
 def logistic_regression_baseline(x_train: np.ndarray, y_train: Sequence, x_test: np.ndarray,
                                  max_iter: int = 1000, c: float = 1.0, seed: int = 0) -> np.ndarray:
     """Predictions of a multinomial logistic regression on log1p expression (not standardised)."""
-    from sklearn.linear_model import LogisticRegression
-
     y = np.asarray(y_train).astype(str)
     if len(np.unique(y)) < 2:
         return majority_baseline(y, x_test.shape[0])
@@ -66,9 +66,7 @@ def logistic_regression_baseline(x_train: np.ndarray, y_train: Sequence, x_test:
     return model.predict(x_test).astype(object)
 
 
-def _pca(x_fit: np.ndarray, n_components: int, seed: int):
-    from sklearn.decomposition import PCA
-
+def _pca(x_fit: np.ndarray, n_components: int, seed: int) -> PCA:
     k = max(1, min(n_components, x_fit.shape[0] - 1, x_fit.shape[1]))
     return PCA(n_components=k, svd_solver="auto", random_state=seed).fit(x_fit)
 
@@ -126,8 +124,6 @@ def run_corpus_baselines(corpus: Corpus, n_genes: int = 2000, seed: int = 0, n_c
     cells of ``split`` in the train-fitted PCA space, for :func:`knn_smoothing` (``fit_pca=False``) of scmm's
     predictions. ``max_train_cells`` None fits on every train cell.
     """
-    from sklearn.linear_model import LogisticRegression
-
     genes = hvg_panel(corpus, n_genes, "train")
     x_train, _, y_train = log1p_profiles(corpus, "train", genes, max_cells=max_train_cells, seed=seed)
     y_train = np.asarray(y_train).astype(str)

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sacrebleu
+from matplotlib.figure import Figure
 
 from scmm.data_pipeline.ontology import Ontology
 from scmm.eval.ontology_score import mean_pair_score
@@ -94,11 +96,6 @@ def annotation_metrics(y_true: Sequence, y_pred: Sequence, ontology: Ontology,
 def confusion_matrix_png(y_true: Sequence, y_pred: Sequence, labels: Sequence[str], names: Sequence[str] | None,
                          path: str | Path, title: str = "Confusion matrix (rows: true, normalised)") -> Path:
     """Row-normalised confusion matrix as a PNG; predictions outside ``labels`` go to an extra 'other' column."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     t, p = _as_str_array(y_true), _as_str_array(y_pred)
     labels = [str(c) for c in labels]
     names = list(names) if names is not None else labels
@@ -114,7 +111,8 @@ def confusion_matrix_png(y_true: Sequence, y_pred: Sequence, labels: Sequence[st
     frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     col_names = names + (["other / unknown"] if extra else [])
     size = max(4.0, 0.45 * n_cols + 3.0)
-    fig, ax = plt.subplots(figsize=(size, max(3.5, 0.45 * n_rows + 2.5)))
+    fig = Figure(figsize=(size, max(3.5, 0.45 * n_rows + 2.5)))  # no pyplot: no global state, no backend change
+    ax = fig.subplots()
     im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
     fontsize = 8 if n_cols <= 30 else 6
     ax.set_xticks(range(n_cols), col_names, rotation=90, fontsize=fontsize)
@@ -133,7 +131,6 @@ def confusion_matrix_png(y_true: Sequence, y_pred: Sequence, labels: Sequence[st
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -183,8 +180,7 @@ def apply_unknown(pred: Sequence, scores: Sequence[float], threshold: float, unk
 
 def text_generation_metrics(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     """BLEU-2/4 (sacrebleu corpus BLEU / 100) and mean ROUGE-1/2/L F-measure of ``hyps`` against ``refs``."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # noqa: PLC0415 - rouge_score takes ~1 s to import; only stage 2 needs it
 
     hyps, refs = [str(h) for h in hyps], [str(r) for r in refs]
     if len(hyps) != len(refs):

@@ -4,11 +4,17 @@ Used by `scmm eval` (true vs predicted type on the test split) and by `scmm plot
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import anndata as ad
+import matplotlib
 import numpy as np
+import pandas as pd
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
 
 __all__ = ["umap_png", "palette", "UMAP_MAX_CELLS"]
 
@@ -17,8 +23,6 @@ UMAP_MAX_CELLS = 20_000  # more points add nothing to a picture; a seeded subsam
 
 def palette(n: int) -> list[str]:
     """n distinct colours: the tab20 family (60 colours), then evenly spaced colours of gist_ncar."""
-    import matplotlib
-    from matplotlib.colors import to_hex
     base = list(matplotlib.colormaps["tab20"].colors) + list(matplotlib.colormaps["tab20b"].colors) + \
         list(matplotlib.colormaps["tab20c"].colors)
     if n <= len(base):
@@ -32,15 +36,19 @@ def _neighbours_and_umap(adata, n_neighbors: int, seed: int) -> None:
 
     numba's OpenMP start-up inside `sc.pp.neighbors` resets torch's intra-op threads to every core, which
     changes the summation order of later matmuls (1e-7 differences between two evaluations in one process).
+    A process that has not imported torch has no thread count to keep, so torch is not imported here (it
+    would add a second or more to ``scmm plot umap``).
     """
-    import scanpy as sc
-    import torch
-    threads = torch.get_num_threads()
+    import scanpy as sc  # noqa: PLC0415 - scanpy takes seconds to import; only the UMAP needs it
+
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
     try:
         sc.pp.neighbors(adata, use_rep="X_scmm", n_neighbors=n_neighbors, random_state=seed)
         sc.tl.umap(adata, random_state=seed)
     finally:
-        torch.set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
 
 
 def umap_png(x: np.ndarray, panels: Mapping[str, Sequence[str]], path: str | Path, seed: int = 0,
@@ -55,12 +63,7 @@ def umap_png(x: np.ndarray, panels: Mapping[str, Sequence[str]], path: str | Pat
     if n < 4:
         notes.append(f"UMAP skipped: {n} cells (at least 4 needed)")
         return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import anndata as ad
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import scanpy as sc
+    import scanpy as sc  # noqa: PLC0415 - scanpy takes seconds to import; only plots need it
 
     idx = np.arange(n)
     if n > UMAP_MAX_CELLS:
@@ -77,7 +80,8 @@ def umap_png(x: np.ndarray, panels: Mapping[str, Sequence[str]], path: str | Pat
     colours = palette(len(categories))
     for name in columns:
         adata.uns[f"{name}_colors"] = colours
-    fig, axes = plt.subplots(1, len(columns), figsize=(6.5 * len(columns), 5.5), squeeze=False)
+    fig = Figure(figsize=(6.5 * len(columns), 5.5))  # no pyplot: no global state, no backend change
+    axes = fig.subplots(1, len(columns), squeeze=False)
     size = max(4.0, min(60.0, 12000.0 / len(idx)))
     with warnings.catch_warnings():  # scanpy's own deprecation notices about matplotlib calls
         warnings.simplefilter("ignore", PendingDeprecationWarning)
@@ -87,5 +91,4 @@ def umap_png(x: np.ndarray, panels: Mapping[str, Sequence[str]], path: str | Pat
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True

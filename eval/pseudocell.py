@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import torch
+from sklearn.decomposition import PCA
 
 from scmm.data_pipeline.encoding import cell_rng, encode_cells
 from scmm.data_pipeline.hvg import iter_log1p_profiles, log1p_profiles
@@ -61,7 +62,8 @@ REFERENCE_SPLITS = ("val", "test")
 EMBED_BATCH = 64
 
 
-def type_moments(corpus: Corpus, genes: np.ndarray, split: str = "train") -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
+def type_moments(corpus: Corpus, genes: np.ndarray,
+                 split: str = "train") -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
     """{type: (n cells, mean [G], std [G] ddof 1 (0 for a single cell))} of log1p profiles, streamed by shard."""
     sums: dict[str, list] = {}
     for x, _, labels in iter_log1p_profiles(corpus, split, genes):
@@ -125,8 +127,7 @@ def embed_profiles(aligner, x: np.ndarray, genes: np.ndarray, gene_vocab_ids: np
     return out
 
 
-def _fit_pca(corpus: Corpus, genes: np.ndarray, n_components: int, seed: int):
-    from sklearn.decomposition import PCA
+def _fit_pca(corpus: Corpus, genes: np.ndarray, n_components: int, seed: int) -> PCA:
     x, _, _ = log1p_profiles(corpus, "train", genes, max_cells=PCA_MAX_TRAIN_CELLS, seed=seed)
     if len(x) < 2:
         raise ValueError(f"the PCA space needs at least 2 train cells, corpus {corpus.path} has {len(x)}")
@@ -150,6 +151,91 @@ def _score_space(gen_x, gen_labels, cm_x, cm_labels, ref_x, ref_labels, k: int, 
             "n_types_scored": main["n_types_scored"], "metric": metric}
 
 
+def _check_pseudocells(pseudo_x: np.ndarray, pseudo_labels: Sequence,
+                       genes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(genes int64, pseudo-cells float32 [n, len(genes)], labels str); ``ValueError`` on bad shapes or values."""
+    genes = np.asarray(genes, dtype=np.int64)
+    gen_x = np.asarray(pseudo_x, dtype=np.float32)
+    gen_labels = np.asarray(pseudo_labels).astype(str)
+    if gen_x.ndim != 2 or gen_x.shape[1] != len(genes):
+        raise ValueError(f"pseudo_x must be [n, {len(genes)}] (one column per panel gene), got shape {gen_x.shape}")
+    if len(gen_labels) != len(gen_x) or len(gen_x) == 0:
+        raise ValueError(f"need one label per pseudo-cell and at least one pseudo-cell "
+                         f"({len(gen_labels)} labels, {len(gen_x)} cells)")
+    if not np.all(np.isfinite(gen_x)):
+        raise ValueError("pseudo_x holds non-finite values")
+    return genes, gen_x, gen_labels
+
+
+def _present_splits(corpus: Corpus, reference_splits: Sequence[str]) -> list[str]:
+    """The reference splits that hold cells; ``ValueError`` when none does."""
+    ref_splits = [s for s in reference_splits if corpus.manifest["splits"].get(s, 0) > 0]
+    if not ref_splits:
+        raise ValueError(f"corpus {corpus.path} has no {' or '.join(reference_splits)} cells to use as the reference")
+    return ref_splits
+
+
+def _type_counts(gen_labels: np.ndarray) -> tuple[dict[str, int], list[str]]:
+    """({type: pseudo-cells}, notes): a note lists the types with fewer than ``MIN_PER_TYPE`` pseudo-cells."""
+    types, type_counts = np.unique(gen_labels, return_counts=True)
+    counts = dict(zip(types.tolist(), type_counts.astype(int).tolist()))
+    notes = []
+    few = {t: n for t, n in counts.items() if n < MIN_PER_TYPE}
+    if few:
+        notes.append(f"{len(few)} type(s) have fewer than {MIN_PER_TYPE} pseudo-cells: "
+                     + ", ".join(f"{t} ({n})" for t, n in sorted(few.items())))
+    return counts, notes
+
+
+def _reference_cells(corpus: Corpus, splits: Sequence[str], genes: np.ndarray, pca: PCA, aligner,
+                     seed: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[str]]:
+    """(PCA coordinates, panel embeddings or None without ``aligner``, labels, cell ids) of the reference cells.
+
+    Streamed shard by shard over the panel ``genes``; embeddings are those of :func:`embed_profiles`.
+    """
+    ref_pca, ref_emb, ref_labels, ref_ids = [], [], [], []
+    for split in splits:
+        for x, cell_ids, labels in iter_log1p_profiles(corpus, split, genes):
+            ref_ids += cell_ids
+            ref_pca.append(pca.transform(x).astype(np.float32))
+            if aligner is not None:
+                ref_emb.append(embed_profiles(aligner, x, genes, corpus.gene_vocab_ids, seed))
+            ref_labels += labels
+    emb = np.concatenate(ref_emb) if aligner is not None else None
+    return np.concatenate(ref_pca), emb, np.asarray(ref_labels), ref_ids
+
+
+def _reference_embeddings_all_genes(aligner, corpus: Corpus, splits: Sequence[str], ref_ids: list[str]) -> np.ndarray:
+    """Embeddings of the reference cells from every gene (:func:`embed_split`), in the order of ``ref_ids``."""
+    parts, ids = [], []
+    for split in splits:
+        emb = embed_split(aligner, corpus, split, progress=False)
+        parts.append(emb.embeddings)
+        ids += emb.cell_ids
+    pos = {c: i for i, c in enumerate(ids)}
+    return np.concatenate(parts)[[pos[c] for c in ref_ids]]  # into shard order, with the label keys
+
+
+def _score_pca_space(pca: PCA, gen_x, gen_labels, cm_x, cm_labels, ref_z, ref_labels, k: int,
+                     ref_splits: Sequence[str]) -> dict[str, Any]:
+    """The ``expression_pca`` space; ``ValueError`` when no generated type has ``k`` reference cells."""
+    space = _score_space(pca.transform(gen_x).astype(np.float32), gen_labels,
+                         pca.transform(cm_x).astype(np.float32) if len(cm_x) else cm_x, cm_labels,
+                         ref_z, ref_labels, k, "l2")
+    if space["n_types_scored"] == 0:
+        raise ValueError(f"no generated type has at least k={k} reference cells in the {'+'.join(ref_splits)} "
+                         f"split(s): {space['excluded_types']}")
+    return space
+
+
+def _score_embedding_space(aligner, genes: np.ndarray, gene_vocab_ids: np.ndarray, gen_x, gen_labels, cm_x,
+                           cm_labels, ref_e, ref_labels, k: int, seed: int) -> dict[str, Any]:
+    """The ``stage1_embedding`` space: pseudo-cells and class-mean profiles embedded, cosine similarity."""
+    gen_e = embed_profiles(aligner, gen_x, genes, gene_vocab_ids, seed)
+    cm_e = embed_profiles(aligner, cm_x, genes, gene_vocab_ids, seed + 1) if len(cm_x) else cm_x
+    return _score_space(gen_e, gen_labels, cm_e, cm_labels, ref_e, ref_labels, k, "ip")
+
+
 def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Sequence, genes: np.ndarray, k: int = 5,
                       n_components: int = 50, seed: int = 0, aligner=None,
                       restrict_reference: bool = True,
@@ -161,65 +247,23 @@ def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Seque
     ``reference_splits``: the held-out splits whose cells are the reference (val alone when
     choosing hyper-parameters). Raises ``ValueError`` when no generated type has ``k`` reference cells.
     """
-    genes = np.asarray(genes, dtype=np.int64)
-    gen_x = np.asarray(pseudo_x, dtype=np.float32)
-    gen_labels = np.asarray(pseudo_labels).astype(str)
-    if gen_x.ndim != 2 or gen_x.shape[1] != len(genes):
-        raise ValueError(f"pseudo_x must be [n, {len(genes)}] (one column per panel gene), got shape {gen_x.shape}")
-    if len(gen_labels) != len(gen_x) or len(gen_x) == 0:
-        raise ValueError(f"need one label per pseudo-cell and at least one pseudo-cell "
-                         f"({len(gen_labels)} labels, {len(gen_x)} cells)")
-    if not np.all(np.isfinite(gen_x)):
-        raise ValueError("pseudo_x holds non-finite values")
-    ref_splits = [s for s in reference_splits if corpus.manifest["splits"].get(s, 0) > 0]
-    if not ref_splits:
-        raise ValueError(f"corpus {corpus.path} has no {' or '.join(reference_splits)} cells to use as the reference")
-    types, type_counts = np.unique(gen_labels, return_counts=True)
-    counts = dict(zip(types.tolist(), type_counts.astype(int).tolist()))
-    notes = []
-    few = {t: n for t, n in counts.items() if n < MIN_PER_TYPE}
-    if few:
-        notes.append(f"{len(few)} type(s) have fewer than {MIN_PER_TYPE} pseudo-cells: "
-                     + ", ".join(f"{t} ({n})" for t, n in sorted(few.items())))
-
-    moments = type_moments(corpus, genes, "train")
-    cm_x, cm_labels, cm_missing = class_mean_profiles(moments, counts, seed)
+    genes, gen_x, gen_labels = _check_pseudocells(pseudo_x, pseudo_labels, genes)
+    ref_splits = _present_splits(corpus, reference_splits)
+    counts, notes = _type_counts(gen_labels)
+    cm_x, cm_labels, cm_missing = class_mean_profiles(type_moments(corpus, genes, "train"), counts, seed)
     if cm_missing:
         notes.append(f"no train cells (no class-mean profiles) for: {', '.join(cm_missing)}")
 
     pca = _fit_pca(corpus, genes, n_components, seed)
-    want_emb = aligner is not None
-    ref_pca, ref_emb, ref_labels, ref_ids = [], [], [], []
-    for split in ref_splits:
-        for x, cell_ids, labels in iter_log1p_profiles(corpus, split, genes):
-            ref_ids += cell_ids
-            ref_pca.append(pca.transform(x).astype(np.float32))
-            if want_emb and restrict_reference:
-                ref_emb.append(embed_profiles(aligner, x, genes, corpus.gene_vocab_ids, seed))
-            ref_labels += labels
-    ref_labels = np.asarray(ref_labels)
-    spaces: dict[str, Any] = {}
-    spaces["expression_pca"] = _score_space(
-        pca.transform(gen_x).astype(np.float32), gen_labels,
-        pca.transform(cm_x).astype(np.float32) if len(cm_x) else cm_x, cm_labels,
-        np.concatenate(ref_pca), ref_labels, k, "l2")
-    if spaces["expression_pca"]["n_types_scored"] == 0:
-        raise ValueError(f"no generated type has at least k={k} reference cells in the {'+'.join(ref_splits)} "
-                         f"split(s): {spaces['expression_pca']['excluded_types']}")
-    if want_emb:
-        if restrict_reference:
-            ref_e = np.concatenate(ref_emb)
-        else:
-            parts, ids = [], []
-            for split in ref_splits:
-                emb = embed_split(aligner, corpus, split, progress=False)
-                parts.append(emb.embeddings)
-                ids += emb.cell_ids
-            pos = {c: i for i, c in enumerate(ids)}
-            ref_e = np.concatenate(parts)[[pos[c] for c in ref_ids]]  # into shard order, with the label keys
-        gen_e = embed_profiles(aligner, gen_x, genes, corpus.gene_vocab_ids, seed)
-        cm_e = embed_profiles(aligner, cm_x, genes, corpus.gene_vocab_ids, seed + 1) if len(cm_x) else cm_x
-        spaces["stage1_embedding"] = _score_space(gen_e, gen_labels, cm_e, cm_labels, ref_e, ref_labels, k, "ip")
+    ref_z, ref_e, ref_labels, ref_ids = _reference_cells(
+        corpus, ref_splits, genes, pca, aligner if restrict_reference else None, seed)
+    spaces = {"expression_pca": _score_pca_space(pca, gen_x, gen_labels, cm_x, cm_labels, ref_z, ref_labels, k,
+                                                 ref_splits)}
+    if aligner is not None:
+        if not restrict_reference:
+            ref_e = _reference_embeddings_all_genes(aligner, corpus, ref_splits, ref_ids)
+        spaces["stage1_embedding"] = _score_embedding_space(aligner, genes, corpus.gene_vocab_ids, gen_x, gen_labels,
+                                                            cm_x, cm_labels, ref_e, ref_labels, k, seed)
     pca_space = spaces["expression_pca"]
     return {"knn_accuracy": pca_space["knn_accuracy"], "k": int(k), "space": "expression_pca",
             "random_baseline": pca_space["random_baseline"],

@@ -160,10 +160,8 @@ def pseudocell_section(p: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(metrics: Mapping[str, Any], out_dir: str | Path, context: Mapping[str, Any]) -> Path:
-    """Write ``out_dir/report.md`` and return its path."""
-    out = Path(out_dir) / "report.md"
-    c = dict(context)
+def _context_header(c: Mapping[str, Any]) -> list[str]:
+    """Title and the run's context: model, corpus, splits, tasks and seeds, value encoding, wall time."""
     lines = ["# scmm evaluation", ""]
     lines += [f"- model: `{c.get('model', '?')}`", f"- corpus: `{c.get('corpus', '?')}`"]
     splits = c.get("splits") or {}
@@ -180,64 +178,120 @@ def write_report(metrics: Mapping[str, Any], out_dir: str | Path, context: Mappi
     if "seconds" in c:
         lines.append(f"- wall time: {c['seconds']} s")
     lines.append("")
+    return lines
 
+
+def _annotation_intro(metrics: Mapping[str, Any], c: Mapping[str, Any], det: Mapping[str, Any]) -> list[str]:
+    """How scmm and the baselines predict, then :func:`main_table`."""
+    hvg = f" on {det['n_hvg']} genes (the train split's most variable, at most 2,000)" if "n_hvg" in det else ""
+    return ["## Cell-type annotation (test split)", "",
+            f"scmm predicts the candidate label ({c.get('labels', 'corpus cell types')}, "
+            f"{len(det.get('candidates', [])) or '?'} candidates) whose text is most similar to the cell "
+            "embedding; the baselines are fitted on the train split" + hvg + ".", "",
+            main_table(metrics), ""]
+
+
+def _ontology_scores(ann: Mapping[str, Any], det: Mapping[str, Any]) -> list[str]:
+    """Path and PPR scores of scmm and of each baseline with details."""
+    bdet = det.get("baselines") or {}
+    rows = [[_method("scmm"), ann.get("ontology_score"), ann.get("ppr_score")]]
+    rows += [[_method(n), bdet[n].get("ontology_score"), bdet[n].get("ppr_score")]
+             for n in BASELINE_ORDER if n in bdet]
+    return ["### Ontology-aware scores", "",
+            "Partial credit for near misses in the Cell Ontology (1 exact, 0 unrelated): the path score "
+            "(0.8 per step through the closest shared informative ancestor) and the two-way "
+            "Personalized-PageRank similarity; definitions in `eval/ontology_score.py`.", "",
+            _table(["method", "ontology score", "PPR score"], rows), ""]
+
+
+def _unknown_option(ann: Mapping[str, Any]) -> list[str]:
+    """The 'unknown' threshold chosen on val and its scores (or why it was not evaluated)."""
+    wu = ann.get("with_unknown")
+    if not wu:
+        return ["### 'Unknown' option", "", "Not evaluated (no val split to choose the threshold on).", ""]
+    return ["### 'Unknown' option", "",
+            "Cells whose best similarity is below a threshold chosen on the val split "
+            f"({wu.get('n_val_cells', '?')} cells; never on test) are called `unknown` (counted wrong "
+            "in accuracy; kept accuracy is over the assigned cells). A threshold of -1 keeps every cell.", "",
+            _table(["threshold", "accuracy", "macro-F1", "ontology score", "unknown rate", "kept accuracy"],
+                   [[wu.get("threshold"), wu.get("accuracy"), wu.get("macro_f1"), wu.get("ontology_score"),
+                     wu.get("unknown_rate"), wu.get("kept_accuracy")]]), ""]
+
+
+def _per_class(det: Mapping[str, Any]) -> list[str]:
+    """scmm's per-class precision / recall / F1 table (nothing without one)."""
+    per_class = det.get("per_class") or []
+    if not per_class:
+        return []
+    return ["### Per class (scmm)", "",
+            _table(["cell type", "label", "precision", "recall", "F1", "support"],
+                   [[r["name"], f"`{r['label']}`", r["precision"], r["recall"], r["f1"], r["support"]]
+                    for r in per_class], ["---", "---"] + ["---:"] * 4), ""]
+
+
+def _annotation_section(metrics: Mapping[str, Any], c: Mapping[str, Any]) -> list[str]:
+    """The annotation section and its subsections (nothing when annotation was not evaluated)."""
     ann = metrics.get("annotation")
+    if not ann:
+        return []
     det = c.get("annotation") or {}
-    if ann:
-        lines += ["## Cell-type annotation (test split)", "",
-                  f"scmm predicts the candidate label ({c.get('labels', 'corpus cell types')}, "
-                  f"{len(det.get('candidates', [])) or '?'} candidates) whose text is most similar to the cell "
-                  "embedding; the baselines are fitted on the train split"
-                  + (f" on {det['n_hvg']} genes (the train split's most variable, at most 2,000)" if "n_hvg" in det else "")
-                  + ".", "",
-                  main_table(metrics), ""]
-        bdet = det.get("baselines") or {}
-        rows = [[_method("scmm"), ann.get("ontology_score"), ann.get("ppr_score")]]
-        rows += [[_method(n), bdet[n].get("ontology_score"), bdet[n].get("ppr_score")]
-                 for n in BASELINE_ORDER if n in bdet]
-        lines += ["### Ontology-aware scores", "",
-                  "Partial credit for near misses in the Cell Ontology (1 exact, 0 unrelated): the path score "
-                  "(0.8 per step through the closest shared informative ancestor) and the two-way "
-                  "Personalized-PageRank similarity; definitions in `eval/ontology_score.py`.", "",
-                  _table(["method", "ontology score", "PPR score"], rows), ""]
-        wu = ann.get("with_unknown")
-        lines += ["### 'Unknown' option", ""]
-        if wu:
-            lines += ["Cells whose best similarity is below a threshold chosen on the val split "
-                      f"({wu.get('n_val_cells', '?')} cells; never on test) are called `unknown` (counted wrong "
-                      "in accuracy; kept accuracy is over the assigned cells). A threshold of -1 keeps every cell.", "",
-                      _table(["threshold", "accuracy", "macro-F1", "ontology score", "unknown rate", "kept accuracy"],
-                             [[wu.get("threshold"), wu.get("accuracy"), wu.get("macro_f1"), wu.get("ontology_score"),
-                               wu.get("unknown_rate"), wu.get("kept_accuracy")]]), ""]
-        else:
-            lines += ["Not evaluated (no val split to choose the threshold on).", ""]
-        per_class = det.get("per_class") or []
-        if per_class:
-            lines += ["### Per class (scmm)", "",
-                      _table(["cell type", "label", "precision", "recall", "F1", "support"],
-                             [[r["name"], f"`{r['label']}`", r["precision"], r["recall"], r["f1"], r["support"]]
-                              for r in per_class], ["---", "---"] + ["---:"] * 4), ""]
-        lines.append(f"Cells: {ann.get('n_cells')}, classes in the test split: {ann.get('n_classes')}.")
-        lines.append("")
+    return (_annotation_intro(metrics, c, det) + _ontology_scores(ann, det) + _unknown_option(ann) + _per_class(det)
+            + [f"Cells: {ann.get('n_cells')}, classes in the test split: {ann.get('n_classes')}.", ""])
+
+
+def _retrieval_section(metrics: Mapping[str, Any]) -> list[str]:
+    """Cell <-> text retrieval: what R@k means, then :func:`retrieval_table`."""
     ret = metrics.get("retrieval")
-    if ret:
-        lines += ["## Cell ↔ text retrieval (test split)", "",
-                  f"Each of the {ret.get('n_pairs', '?')} test cells is paired with its own text. R@k: the exact "
-                  "pair within the top k (ties shared); label R@k: any of the top k has the query's cell type.", "",
-                  retrieval_table(metrics), ""]
+    if not ret:
+        return []
+    return ["## Cell ↔ text retrieval (test split)", "",
+            f"Each of the {ret.get('n_pairs', '?')} test cells is paired with its own text. R@k: the exact "
+            "pair within the top k (ties shared); label R@k: any of the top k has the query's cell type.", "",
+            retrieval_table(metrics), ""]
+
+
+def _stage2_sections(metrics: Mapping[str, Any], c: Mapping[str, Any]) -> list[str]:
+    """The description / cell-type answer section and the pseudo-cell section, those that were evaluated."""
+    lines = []
     if metrics.get("generation"):
         lines += generation_section(metrics["generation"], c.get("generation_examples"))
     if metrics.get("pseudocell"):
         lines += pseudocell_section(metrics["pseudocell"])
-    pngs = (det.get("pngs") or []) if ann else []
-    if pngs:
-        lines += ["## Plots", ""]
-        titles = {"confusion_matrix.png": "Confusion matrix (scmm, test split)",
-                  "umap.png": "UMAP of test cell embeddings, by true and by predicted type"}
-        for p in pngs:
-            lines += [f"![{titles.get(p, p)}]({p})", ""]
+    return lines
+
+
+PLOT_TITLES = {"confusion_matrix.png": "Confusion matrix (scmm, test split)",
+               "umap.png": "UMAP of test cell embeddings, by true and by predicted type"}
+
+
+def _plots_section(metrics: Mapping[str, Any], c: Mapping[str, Any]) -> list[str]:
+    """Links to the annotation's PNGs (nothing without annotation or PNGs)."""
+    pngs = ((c.get("annotation") or {}).get("pngs") or []) if metrics.get("annotation") else []
+    if not pngs:
+        return []
+    lines = ["## Plots", ""]
+    for p in pngs:
+        lines += [f"![{PLOT_TITLES.get(p, p)}]({p})", ""]
+    return lines
+
+
+def _notes_section(c: Mapping[str, Any]) -> list[str]:
+    """The context's notes as a list (nothing without notes)."""
     notes = c.get("notes") or []
-    if notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if not notes:
+        return []
+    return ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+
+
+def write_report(metrics: Mapping[str, Any], out_dir: str | Path, context: Mapping[str, Any]) -> Path:
+    """Write ``out_dir/report.md`` and return its path."""
+    out = Path(out_dir) / "report.md"
+    c = dict(context)
+    lines = _context_header(c)
+    lines += _annotation_section(metrics, c)
+    lines += _retrieval_section(metrics)
+    lines += _stage2_sections(metrics, c)
+    lines += _plots_section(metrics, c)
+    lines += _notes_section(c)
     out.write_text("\n".join(lines).rstrip() + "\n")
     return out

@@ -226,8 +226,10 @@ class CellTextAligner(nn.Module):
         out = {"contrastive": contrastive_loss(cell_f, text_f, self.heads.get_logit_scale(), labels, rank, world_size)}
         pred = self.expr_decoder(states)
         out["reconstruction"] = masked_expression_loss(pred.float(), values.float(), mask.to(device))
-        out["matching"] = self._matching_loss(states, pad | mask.to(device), cell_f, text_f, batch["text"], labels, gen) \
-            if lo.matching > 0 else torch.zeros((), device=device)
+        out["matching"] = torch.zeros((), device=device)
+        if lo.matching > 0:
+            out["matching"] = self._matching_loss(states, pad | mask.to(device), cell_f, text_f, batch["text"],
+                                                  labels, gen)
         out["loss"] = lo.contrastive * out["contrastive"] + lo.matching * out["matching"] + \
             lo.reconstruction * out["reconstruction"]
         return out

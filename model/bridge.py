@@ -163,4 +163,5 @@ def t2c_loss(mapped: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> t
     return F.mse_loss(mapped, target)
 
 
-__all__ = ["BridgeOptions", "QueryNorm", "CellProjector", "TextToCellHead", "PseudoCellDecoder", "decoder_loss", "t2c_loss"]
+__all__ = ["BridgeOptions", "QueryNorm", "CellProjector", "TextToCellHead", "PseudoCellDecoder", "decoder_loss",
+           "t2c_loss"]

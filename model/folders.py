@@ -201,8 +201,8 @@ def _load_bare(folder: Path, stage2: bool) -> ScmmModel:
         labels = corpus_labels(corpus)
         panel = np.asarray(corpus.gene_vocab_ids, dtype=np.int64)
         log.info("model %s: candidate labels and gene panel from its training corpus %s", folder, corpus_dir)
-    return ScmmModel(folder=folder, stage1_folder=stage1, aligner=CellTextAligner.from_pretrained(stage1), labels=labels,
-                     panel_vocab_ids=panel, fingerprint=fingerprint(files_of(stage1)),
+    return ScmmModel(folder=folder, stage1_folder=stage1, aligner=CellTextAligner.from_pretrained(stage1),
+                     labels=labels, panel_vocab_ids=panel, fingerprint=fingerprint(files_of(stage1)),
                      stage2_folder=folder if stage2 else None)
 
 

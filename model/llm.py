@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import sentencepiece as spm
 import torch
 from torch import nn
 
 from scmm.errors import ScmmError
 
-if TYPE_CHECKING:  # transformers is imported where used: importing it costs seconds (config-only paths skip it)
+# transformers is imported where it is used: its model classes take seconds to import, and inference with a
+# stage-1 model never builds an LLM
+if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["CELL_START", "CELL_END", "slot_token", "CellTokens", "load_lm", "add_cell_tokens", "LoraOptions",
@@ -71,7 +74,7 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str | Path, text:
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer, LlamaTokenizer
+    from transformers import AutoTokenizer, LlamaTokenizer  # noqa: PLC0415 - transformers' LLM classes take seconds to import (module note)
     hf_files = ("tokenizer_config.json", "tokenizer.json")
     try:
         if any((path / f).is_file() for f in hf_files):
@@ -89,7 +92,7 @@ def load_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTr
     A missing pad token is set (to `<pad>` if the vocabulary has it, else unk, else eos); the model config's
     pad_token_id follows it.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - transformers' LLM classes take seconds to import (module note)
     path = Path(path)
     if not path.is_dir():
         raise ScmmError(f"language model folder not found: {path}")
@@ -124,7 +127,7 @@ def add_cell_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, 
     outgrows them; rows of newly added tokens (input embedding and output head) start at the mean of the
     rows that existed before, a deterministic init that keeps the new tokens' logits ordinary.
     """
-    from transformers import AddedToken
+    from transformers import AddedToken  # noqa: PLC0415 - transformers' LLM classes take seconds to import (module note)
     if n_slots < 1:
         raise ScmmError(f"n_slots must be >= 1, got {n_slots}")
     names = [CELL_START, CELL_END, *(slot_token(i) for i in range(n_slots))]
@@ -206,7 +209,7 @@ def apply_lora(model: PreTrainedModel, options: LoraOptions, new_token_ids: list
         if head is not None and not tied:
             _mask_rows_grad(head.weight, new_token_ids)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - peft imports transformers: seconds
     indices = {_module_name(model, emb): list(new_token_ids)}
     if head is not None and not tied:
         indices[_module_name(model, head)] = list(new_token_ids)
@@ -265,7 +268,7 @@ class LlamaSize:
 def build_llama(cfg: LlamaSize, vocab_size: int, *, bos_token_id: int = 1, eos_token_id: int = 2,
                 pad_token_id: int | None = 3) -> LlamaForCausalLM:
     """A randomly initialised LlamaForCausalLM (untied head), special ids matching `train_tokenizer`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415 - transformers' LLM classes take seconds to import (module note)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size,
                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
                          num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
@@ -281,8 +284,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int) -> Pre
     give the text back. Ids: unk 0, bos 1, eos 2, pad 3. `vocab_size` is an upper bound on small corpora.
     Returns the tokenizer as `load_lm` loads it (LlamaTokenizer), already round-trip checked.
     """
-    import sentencepiece as spm
-    from transformers import LlamaTokenizer
+    from transformers import LlamaTokenizer  # noqa: PLC0415 - transformers' LLM classes take seconds to import (module note)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,8 @@ def contrastive_loss(cell_feats: torch.Tensor, text_feats: torch.Tensor, logit_s
     per-rank losses equals the loss on the concatenated batch (see the module docstring for gradients).
     """
     if cell_feats.shape != text_feats.shape:
-        raise ValueError(f"cell and text features differ in shape: {tuple(cell_feats.shape)} vs {tuple(text_feats.shape)}")
+        raise ValueError(f"cell and text features differ in shape: {tuple(cell_feats.shape)} vs "
+                         f"{tuple(text_feats.shape)}")
     n, e = cell_feats.shape
     device = cell_feats.device
     both = torch.cat([cell_feats, text_feats.to(cell_feats.dtype)], dim=1)

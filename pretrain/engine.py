@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from scmm.errors import ScmmError
 
@@ -92,8 +93,6 @@ class TrainOptions:
 
     def schedule_for(self, optimizer: torch.optim.Optimizer):
         """The learning-rate schedule of this run (``transformers``' implementations)."""
-        # transformers takes seconds to import: only a training run pays for it
-        from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_linear_schedule_with_warmup
         if self.schedule == "linear":
             return get_linear_schedule_with_warmup(optimizer, self.warmup_steps, self.steps)
         return get_cosine_with_min_lr_schedule_with_warmup(optimizer, self.warmup_steps, self.steps,
@@ -126,7 +125,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed  # imported here: deepspeed reads DS_ACCELERATOR when it is first imported
+    import deepspeed  # noqa: PLC0415 - deepspeed reads DS_ACCELERATOR, set just above, when first imported
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -191,8 +190,8 @@ class MetricsWindow:
     Each rank adds its micro-steps; :meth:`flush` averages the losses over micro-steps and, in a distributed run,
     over ranks (one all-reduce), sums the items over ranks, and on rank 0 appends the line to ``metrics.jsonl``
     (when the run has a folder). A run inside one process (``distributed`` False) never joins a collective, even
-    when a process group exists (the decoder refit on rank 0 at the end of stage 2). ``batch_digest`` hashes the ids of the items this rank trained on, so a resumed run can be
-    checked against an uninterrupted one.
+    when a process group exists (the decoder refit on rank 0 at the end of stage 2). ``batch_digest`` hashes the
+    ids of the items this rank trained on, so a resumed run can be checked against an uninterrupted one.
     """
 
     def __init__(self, keys: tuple[str, ...], rate_key: str, path: Path | None, rank: int, distributed: bool):
@@ -316,7 +315,7 @@ class Trainer:
         self.window = MetricsWindow(("loss", *loss_keys), rate_key, metrics_path, self.rank, launch is not None)
 
     def _deepspeed_engine(self, groups: list[dict], config_path, micro_batch: int):
-        import deepspeed  # after init_distributed (start_run), which sets DeepSpeed's accelerator
+        import deepspeed  # noqa: PLC0415 - only after init_distributed (start_run) has set its accelerator
         opts, launch = self.opts, self.launch
         optimizer = None if opts.use_deepspeed_optimizer else _adamw(groups, opts)
         engine, _, _, self.scheduler = deepspeed.initialize(
@@ -427,8 +426,8 @@ class Trainer:
         if self.launch is None:
             state = {k: v.detach() for k, v in self.model.state_dict().items()}
         else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            state = get_fp32_state_dict_from_zero_checkpoint(str(self.launch.ckpt_dir))
+            from deepspeed.utils import zero_to_fp32  # noqa: PLC0415 - see _deepspeed_engine
+            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(self.launch.ckpt_dir))
         own = model.state_dict()
         params = dict(model.named_parameters())
         needed = {k for k in own if k not in params} | {k for k, p in self.model.named_parameters() if p.requires_grad}

@@ -97,7 +97,8 @@ def test_parity_category(upstream, tmp_path):
     assert tower.config.input_emb_style == "category"
     assert tower.config.n_input_bins == 53 and tower.config.pad_value == 51
     tower.eval()
-    assert_parity(upstream_model, tower, ref.make_batch(vocab, input_emb_style="category"), decoder_from_scgpt(tmp_path))
+    assert_parity(upstream_model, tower, ref.make_batch(vocab, input_emb_style="category"),
+                  decoder_from_scgpt(tmp_path))
 
 
 def test_parity_wqkv_renamed_checkpoint(upstream, tmp_path):

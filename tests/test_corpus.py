@@ -53,7 +53,8 @@ def test_build_round_trip(small_corpus: Path, tmp_path: Path):
     m = corpus.manifest
     assert m["n_cells"] == 400 and m["n_genes"] == len(GENES) and m["normalization"] == "counts"
     assert sorted(m["cell_types"]) == sorted(CELL_TYPES)
-    assert m["cell_types"]["CL:0000236"] == {"label": "B cell", "count": 100, "splits": m["cell_types"]["CL:0000236"]["splits"]}
+    assert m["cell_types"]["CL:0000236"] == {"label": "B cell", "count": 100,
+                                             "splits": m["cell_types"]["CL:0000236"]["splits"]}
     assert sum(m["splits"].values()) == 400 and m["split_group_by"] == "donor_id"
     # the expression round-trips exactly (genes reordered onto the panel, which is sorted by vocab id)
     src = make_adata(n_cells=400, donors=10)
@@ -149,7 +150,7 @@ def _expect_error(tmp_path: Path, *args: str) -> str:
     before = set(tmp_path.iterdir())
     r = run_cli(*args)
     assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith(("INFO", "WARNING"))]
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith(("INFO", "WARNING"))]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "Traceback" not in r.stderr
     assert set(tmp_path.iterdir()) == before  # nothing half written
@@ -157,12 +158,14 @@ def _expect_error(tmp_path: Path, *args: str) -> str:
 
 
 def test_error_missing_file(tmp_path: Path):
-    assert "not found" in _expect_error(tmp_path, "data", "build", str(tmp_path / "nope.h5ad"), "--out", str(tmp_path / "o"))
+    assert "not found" in _expect_error(tmp_path, "data", "build", str(tmp_path / "nope.h5ad"),
+                                        "--out", str(tmp_path / "o"))
 
 
 def test_error_not_h5ad(tmp_path: Path):
     (tmp_path / "x.h5ad").write_text("hello")
-    assert "not an h5ad" in _expect_error(tmp_path, "data", "build", str(tmp_path / "x.h5ad"), "--out", str(tmp_path / "o"))
+    assert "not an h5ad" in _expect_error(tmp_path, "data", "build", str(tmp_path / "x.h5ad"),
+                                          "--out", str(tmp_path / "o"))
 
 
 def test_error_missing_label_column(tmp_path: Path):
@@ -218,7 +221,8 @@ def test_error_corrupted_shard(tmp_path: Path, h5ad_path: Path):
     shard = Corpus(tmp_path / "c").shards("train")[1]["name"]
     chunk = next((tmp_path / "c" / "shards" / shard / "data").rglob("c*/*")) if \
         any((tmp_path / "c" / "shards" / shard / "data").rglob("c*/*")) else \
-        next(p for p in (tmp_path / "c" / "shards" / shard / "data").rglob("*") if p.is_file() and p.name != "zarr.json")
+        next(p for p in (tmp_path / "c" / "shards" / shard / "data").rglob("*")
+             if p.is_file() and p.name != "zarr.json")
     raw = bytearray(chunk.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     chunk.write_bytes(bytes(raw))

@@ -253,7 +253,8 @@ def test_baselines_on_small_corpus(small_corpus, onto):
     assert all(np.array_equal(capped["predictions"][n], again["predictions"][n]) for n in capped["predictions"])
     # the streamed baselines agree with the in-memory functions fitted on the same cells
     x_test, _, _ = log1p_profiles(corpus, "test", out["genes"])
-    assert out["predictions"]["pca_knn"].tolist() == pca_knn_baseline(x_train[:, out["genes"]], y_train, x_test).tolist()
+    assert out["predictions"]["pca_knn"].tolist() == \
+        pca_knn_baseline(x_train[:, out["genes"]], y_train, x_test).tolist()
     assert out["predictions"]["logistic_regression"].tolist() == \
         logistic_regression_baseline(x_train[:, out["genes"]], y_train, x_test).tolist()
     assert logistic_regression_baseline(x_train, y_train, x_train[:3]).shape == (3,)

@@ -311,6 +311,7 @@ def _assert_clean_error(r, out: Path, needle: str) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_2_with_one_error_line(package: Path, pbmc_h5ad: Path, tmp_path: Path):
     out = tmp_path / "out.h5ad"
     r = run_cli("annotate", str(tmp_path / "missing.h5ad"), "--model", str(package), "--out", str(out))

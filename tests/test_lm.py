@@ -181,7 +181,8 @@ def test_lora_save_reload_identical(lm_dir: Path, tmp_path: Path) -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = _batch(tok, cell)
     for _ in range(3):
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              labels=batch["labels"]).loss.backward()
         opt.step()
         opt.zero_grad()
     model.eval()
@@ -233,6 +234,7 @@ def test_cell_to_text_truncates_the_answer(builder: SequenceBuilder) -> None:
     room = 40 - 6 - len(p)
     item = builder.cell_to_text("Describe this cell.", "A natural killer cell " * 10)
     assert len(item["input_ids"]) == 40
+    assert item["input_ids"][:6 + len(p)] == [1, c.start_id, *c.slot_ids, c.end_id] + p  # only the answer is cut
     assert item["input_ids"][6 + len(p):] == a[:room] and item["labels"][6 + len(p):] == a[:room]
     assert 2 not in item["labels"]  # a cut answer has no eos
     with pytest.raises(ScmmError, match="prompt too long"):
@@ -255,7 +257,8 @@ def test_text_to_cell_layout_and_truncation(builder: SequenceBuilder) -> None:
 
 
 def test_collate_both_sides(builder: SequenceBuilder) -> None:
-    a = {"input_ids": [1, 7, 8, 9], "attention_mask": [1, 1, 1, 1], "labels": [-100, -100, 9, 2], "slot_positions": [1, 2]}
+    a = {"input_ids": [1, 7, 8, 9], "attention_mask": [1, 1, 1, 1], "labels": [-100, -100, 9, 2],
+         "slot_positions": [1, 2]}
     b = {"input_ids": [1, 7], "attention_mask": [1, 1], "labels": [-100, 5], "slot_positions": [0, 1]}
     right = builder.collate([a, b])
     assert right["input_ids"].tolist() == [[1, 7, 8, 9], [1, 7, 3, 3]]
@@ -374,7 +377,7 @@ def test_instruction_dataset(small_corpus: Path) -> None:
         else:
             assert row["answer"] == texts[row["cell_id"]]
     for task in TASKS:  # several phrasings in use, each task
-        assert len(set(ds.filter(lambda r: r["task"] == task)["prompt"])) >= 3
+        assert len(set(ds.filter(lambda r, task=task: r["task"] == task)["prompt"])) >= 3
     assert instruction_dataset(corpus, "train")["prompt"] == ds["prompt"]  # deterministic
     assert instruction_dataset(corpus, "train", seed=1)["prompt"] != ds["prompt"]
     sub = instruction_dataset(corpus, "val", tasks=("cell_type",))

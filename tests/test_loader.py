@@ -119,7 +119,8 @@ def test_memory_stays_bounded_by_the_shuffle_window(small_corpus: Path, monkeypa
     """Each shard is read once per epoch and dropped when its last cell is delivered."""
     reads: list[str] = []
     original = Corpus.read_shard
-    monkeypatch.setattr(Corpus, "read_shard", lambda self, name, columns=None: reads.append(name) or original(self, name, columns))
+    monkeypatch.setattr(Corpus, "read_shard",
+                        lambda self, name, columns=None: reads.append(name) or original(self, name, columns))
     loader = _loader(small_corpus, num_workers=0, drop_last=False, even_ranks=False, shuffle_buffer=32)
     n = sum(len(b) for b in _ids(loader))
     assert n == Corpus(small_corpus).manifest["splits"]["train"]

@@ -111,6 +111,7 @@ def _free_port():
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_two_rank_loss_and_gradients_match_single_process(tmp_path):
     import torch.multiprocessing as mp
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 
 from conftest import run_cli
 
@@ -21,6 +22,7 @@ def _annotated(path, n=60):
     return path
 
 
+@pytest.mark.slow
 def test_plot_umap_writes_png(tmp_path):
     src = _annotated(tmp_path / "a.h5ad")
     out = tmp_path / "fig" / "umap.png"

@@ -47,6 +47,7 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_ranks_loss_goes_down_and_model_exports(tmp_path: Path, small_corpus: Path, zero: int):
     config = _config(tmp_path, small_corpus, f"z{zero}", steps=12)
@@ -71,6 +72,7 @@ def test_two_ranks_loss_goes_down_and_model_exports(tmp_path: Path, small_corpus
     assert 0.0 <= summary["val_zero_shot_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path: Path, small_corpus: Path):
     """Stop after step 3 (checkpointed), resume: steps 4-6 match the uninterrupted run (loss and batches)."""
     full = _config(tmp_path, small_corpus, "full", steps=6)
@@ -98,6 +100,7 @@ def test_bad_config_is_one_error_line(tmp_path: Path, small_corpus: Path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_single_process_without_launcher_in_deepspeed_bf16(tmp_path: Path, small_corpus: Path):
     """`scmm pretrain` alone (no launcher) with DeepSpeed's bf16 weights: trains, exports an fp32 model."""
     from conftest import run_cli

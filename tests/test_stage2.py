@@ -232,7 +232,7 @@ def test_decoder_refit_trains_the_decoder_alone_on_each_description_once(small_c
         loss0 = _pairs_loss(model, pairs)
         seen: list[str] = []
         mapped = model.mapped_states
-        model.mapped_states = lambda texts: (seen.extend(texts), mapped(texts))[1]
+        model.mapped_states = lambda texts, seen=seen, mapped=mapped: (seen.extend(texts), mapped(texts))[1]
         summary = refit_decoder(model, pairs.text_pool, pairs.text_index, pairs.x, opts, seed=3, nll_weight=0.1,
                                 log_path=tmp_path / f"{run}.jsonl", progress=False)
         del model.mapped_states
@@ -317,6 +317,7 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_rank_deepspeed_steps_resume_exactly_and_export(tmp_path, small_corpus, tiny_stage1, tiny_lm):
     full = _stage2_config(tmp_path, small_corpus, tiny_stage1, tiny_lm, "full", steps=4)
     _launch(full)
@@ -345,6 +346,7 @@ def test_two_rank_deepspeed_steps_resume_exactly_and_export(tmp_path, small_corp
 
 
 # --- scmm generate -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_scmm_generate_writes_a_valid_h5ad(trained_stage2, tmp_path):
     import anndata as ad
 
