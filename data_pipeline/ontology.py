@@ -16,7 +16,7 @@ from typing import Any
 
 from cellxgene_ontology_guide.ontology_parser import OntologyParser
 
-__all__ = ["Ontology", "get_ontology", "resolve_cell_types", "normalise_label", "NORMAL_DISEASE_ID", "SPECIAL_VALUES"]
+__all__ = ["Ontology", "get_ontology", "normalise_label", "NORMAL_DISEASE_ID", "SPECIAL_VALUES"]
 
 NORMAL_DISEASE_ID = "PATO:0000461"  # "normal": the disease value of healthy donors
 SPECIAL_VALUES = frozenset({"unknown", "na"})  # CELLxGENE values that are valid but not ontology terms
@@ -89,12 +89,6 @@ class Ontology:
     def is_special(value: str) -> bool:
         """True for the CELLxGENE placeholder values "unknown" and "na"."""
         return isinstance(value, str) and value.strip().lower() in SPECIAL_VALUES
-
-    def is_deprecated(self, term_id: str) -> bool:
-        """True if the term is obsolete in its ontology. Raises KeyError for unknown terms."""
-        if self.is_special(term_id):
-            return False
-        return bool(self._require(term_id).get("deprecated", False))
 
     def label(self, term_id: str) -> str:
         """Human-readable label. Raises KeyError naming the term if it is unknown."""
@@ -211,7 +205,3 @@ def get_ontology(schema_version: str | None = None) -> Ontology:
     """Process-wide shared :class:`Ontology` (the data is read-only)."""
     return Ontology(schema_version)
 
-
-def resolve_cell_types(values: Iterable[str], ontology: Ontology | None = None) -> tuple[dict[str, str], list[str]]:
-    """Module-level form of :meth:`Ontology.resolve_cell_types` (uses the shared ontology by default)."""
-    return (ontology or get_ontology()).resolve_cell_types(values)

@@ -253,8 +253,6 @@ class CellTower(nn.Module):
     ``cell_embedding(...)`` -> ``[B, d_model]`` (the ``<cls>`` position, index 0).
     """
 
-    config_class = CellTowerConfig
-
     def __init__(self, config: CellTowerConfig):
         super().__init__()
         if not config.vocab_size or config.pad_token_id is None:

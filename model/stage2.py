@@ -52,7 +52,7 @@ from scmm.model.bridge import (
     t2c_loss,
 )
 from scmm.model.constrained import cell_ontology_trie
-from scmm.model.llm import LoraOptions, add_cell_tokens, apply_lora, load_lm, optimizer_param_groups
+from scmm.model.llm import LoraOptions, add_cell_tokens, apply_lora, load_lm, optimizer_param_groups, save_adapter
 from scmm.model.sequences import SequenceBuilder
 
 log = logging.getLogger("scmm.stage2")
@@ -395,7 +395,7 @@ class Stage2Model(nn.Module):
                 self.tokenizer.save_pretrained(str(tmp / "lm"))
             else:
                 shutil.copytree(self.lm_path, tmp / "lm")
-                self.lm.save_pretrained(str(tmp / "lora"), save_embedding_layers=False)
+                save_adapter(self.lm, tmp / "lora")
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             save_file(self.bridge_state(), str(tmp / "bridge.safetensors"))
             (tmp / "hvg.json").write_text(json.dumps(self.hvg))

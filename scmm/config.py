@@ -76,11 +76,6 @@ def load_yaml(path: str | Path, cls: type[T]) -> T:
     return from_dict(cls, data)
 
 
-def to_dict(obj: Any) -> dict:
-    """A dataclass (nested ones included) as a plain dict."""
-    return dataclasses.asdict(obj)
-
-
 def read_json(path: str | Path, what: str) -> Any:
     """The JSON content of ``path``; a missing or unreadable file is a :class:`ScmmError` naming ``what``."""
     path = Path(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scmm.data_pipeline.ontology import Ontology, get_ontology, normalise_label, resolve_cell_types
+from scmm.data_pipeline.ontology import Ontology, get_ontology, normalise_label
 from scmm.data_pipeline.text import TEMPLATES, CellMetadata, describe, label_texts, metadata_from_obs, template_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,6 @@ def test_resolve_cell_types(onto: Ontology) -> None:
     matched, unmatched = onto.resolve_cell_types(values)
     assert matched == {"B cell": "CL:0000236", "CD14+ Monocyte": MONO}
     assert unmatched == ["bar", "foo"]
-    assert resolve_cell_types(values) == (matched, unmatched)
 
 
 # -- descriptions ----------------------------------------------------------------------------------------------
