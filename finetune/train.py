@@ -12,10 +12,8 @@ so keep ``refit.steps`` well inside the process group's timeout) and writes ``<o
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ from scmm.errors import ScmmError
 from scmm.finetune.pairs import PairBuilder, hvg_info
 from scmm.finetune.refit import RefitOptions, refit_decoder
 from scmm.model.stage2 import LOSSES, Stage2Config, Stage2Model
-from scmm.pretrain.engine import Trainer, TrainOptions, endless_batches, start_run
+from scmm.pretrain.engine import Trainer, TrainOptions, endless_batches, script_main, start_run
 
 log = logging.getLogger("scmm.finetune")
 
@@ -127,22 +125,7 @@ def export(cfg: Stage2RunConfig, trainer: Trainer, hvg: dict, pairs: PairBuilder
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="scmm stage 2: LLM bridge fine-tuning")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (overrides the config's)")
-    parser.add_argument("--stop-at", type=int, default=None, help="end this launch after that step (checkpointed)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        train(load_config(args.config), resume=args.resume, deepspeed_json=args.deepspeed_config,
-              stop_at=args.stop_at)
-    except ScmmError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    return 0
+    return script_main("scmm stage 2: LLM bridge fine-tuning", load_config, train, argv)
 
 
 if __name__ == "__main__":

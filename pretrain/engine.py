@@ -21,12 +21,15 @@ RNG states, so ``--resume`` continues with exactly the batches and losses of an 
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -40,7 +43,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_linear
 
 from scmm.errors import ScmmError
 
-__all__ = ["TrainOptions", "Launch", "start_run", "endless_batches", "deepspeed_config", "Trainer",
+__all__ = ["TrainOptions", "Launch", "start_run", "endless_batches", "deepspeed_config", "Trainer", "script_main",
            "PRECISIONS", "SCHEDULES", "DEFAULT_DEEPSPEED_CONFIG"]
 
 PRECISIONS = ("fp32", "bf16", "autocast-bf16")
@@ -443,3 +446,26 @@ class Trainer:
         if self.launch is not None:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+# --- the scripts' command line ----------------------------------------------------------------------
+def script_main(description: str, load_config: Callable[[str], Any], train: Callable[..., dict],
+                argv: list[str] | None = None) -> int:
+    """The command line of a training script run by a launcher (``deepspeed``, ``torchrun``) or alone:
+    ``--config FILE [--resume] [--deepspeed_config JSON] [--stop-at STEP]``; bad input is one ``error:`` line."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (overrides the config's)")
+    parser.add_argument("--stop-at", type=int, default=None, help="end this launch after that step (checkpointed)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        train(load_config(args.config), resume=args.resume, deepspeed_json=args.deepspeed_config,
+              stop_at=args.stop_at)
+    except ScmmError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    return 0

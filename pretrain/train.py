@@ -11,7 +11,6 @@ the gene vocabulary and the cell encoding the model was trained with.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -24,10 +23,9 @@ from scmm.data_pipeline.encoding import CellEncoding
 from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
 from scmm.data_pipeline.store import Corpus
 from scmm.data_pipeline.vocab import GeneVocab
-from scmm.errors import ScmmError
 from scmm.eval.annotate import corpus_label_texts, zero_shot_accuracy
 from scmm.model.aligner import AlignerConfig, CellTextAligner
-from scmm.pretrain.engine import Trainer, TrainOptions, endless_batches, start_run
+from scmm.pretrain.engine import Trainer, TrainOptions, endless_batches, script_main, start_run
 
 log = logging.getLogger("scmm.pretrain")
 LOSS_KEYS = ("contrastive", "matching", "reconstruction")
@@ -103,21 +101,7 @@ def export(cfg: Stage1Config, trainer: Trainer, corpus: Corpus, vocab: GeneVocab
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="scmm stage 1: cell–text alignment pretraining")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (overrides the config's)")
-    parser.add_argument("--stop-at", type=int, default=None, help="end this launch after that step (checkpointed)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        train(load_config(args.config), resume=args.resume, deepspeed_json=args.deepspeed_config,
-              stop_at=args.stop_at)
-    except ScmmError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    return 0
+    return script_main("scmm stage 1: cell–text alignment pretraining", load_config, train, argv)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,24 @@ def save_tiny_stage1(corpus: Path, folder: Path, d_model: int = 16, num_queries:
     model.set_text_center(corpus_label_texts(Corpus(corpus)))
     model.save_pretrained(folder)
     return folder
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch_ranks(script: str, config: Path, nproc: int, *extra: str, zero: int = 2) -> subprocess.CompletedProcess:
+    """Run a training script (``pretrain/train.py``, ``finetune/train.py``) on ``nproc`` CPU ranks with torchrun."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script), "--config", str(config),
+           "--deepspeed_config", str(ROOT / "configs" / "deepspeed" / f"zero{zero}.json"), *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The lines of a run's ``metrics.jsonl``."""
+    import json
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

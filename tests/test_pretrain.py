@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import launch_ranks, read_metrics
 
 
 def _config(tmp_path: Path, corpus: Path, out: str, steps: int, **train) -> Path:
@@ -33,18 +31,7 @@ def _config(tmp_path: Path, corpus: Path, out: str, steps: int, **train) -> Path
 
 
 def _launch(config: Path, nproc: int, *extra: str, zero: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "pretrain" / "train.py"), "--config", str(config),
-           "--deepspeed_config", str(ROOT / "configs" / "deepspeed" / f"zero{zero}.json"), *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return r
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return launch_ranks("pretrain/train.py", config, nproc, *extra, zero=zero)
 
 
 @pytest.mark.slow
@@ -52,7 +39,7 @@ def _metrics(out: Path) -> list[dict]:
 def test_two_ranks_loss_goes_down_and_model_exports(tmp_path: Path, small_corpus: Path, zero: int):
     config = _config(tmp_path, small_corpus, f"z{zero}", steps=12)
     _launch(config, 2, zero=zero)
-    rows = _metrics(tmp_path / f"z{zero}")
+    rows = read_metrics(tmp_path / f"z{zero}")
     assert [r["step"] for r in rows] == list(range(1, 13))
     first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
     assert last < 0.8 * first, (first, last)
@@ -81,7 +68,7 @@ def test_resume_continues_exactly(tmp_path: Path, small_corpus: Path):
     _launch(split, 2, "--stop-at", "3")
     assert not (tmp_path / "split" / "model").exists()
     _launch(split, 2, "--resume")
-    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "split")
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b):
         assert ra["batch_digest"] == rb["batch_digest"]
@@ -107,7 +94,7 @@ def test_single_process_without_launcher_in_deepspeed_bf16(tmp_path: Path, small
     config = _config(tmp_path, small_corpus, "bf16", steps=3, precision="bf16")
     r = run_cli("pretrain", "--config", str(config))
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = _metrics(tmp_path / "bf16")
+    rows = read_metrics(tmp_path / "bf16")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
     from safetensors.torch import load_file
     state = load_file(str(tmp_path / "bf16" / "model" / "aligner.safetensors"))

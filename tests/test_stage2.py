@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +10,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import save_tiny_stage1
+from conftest import launch_ranks, read_metrics, save_tiny_stage1
 
-ROOT = Path(__file__).resolve().parents[1]
 N_QUERIES = 4
 
 
@@ -302,19 +299,7 @@ def test_reloaded_model_equals_the_trained_one(small_corpus, tiny_stage1, tiny_l
 
 # --- DeepSpeed: 2 ranks, resume ----------------------------------------------------------------------------
 def _launch(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), "PYTHONPATH": str(ROOT),
-           "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "finetune" / "train.py"), "--config", str(config),
-           "--deepspeed_config", str(ROOT / "configs" / "deepspeed" / "zero2.json"), *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return r
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return launch_ranks("finetune/train.py", config, 2, *extra)
 
 
 @pytest.mark.slow
@@ -325,7 +310,7 @@ def test_two_rank_deepspeed_steps_resume_exactly_and_export(tmp_path, small_corp
     _launch(split, "--stop-at", "2")
     assert not (tmp_path / "split" / "model").exists()
     _launch(split, "--resume")
-    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "split")
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
     assert [r["step"] for r in a] == [1, 2, 3, 4] and [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         assert ra["batch_digest"] == rb["batch_digest"]
