@@ -56,10 +56,16 @@ lint: setup
 	status=$$?; rm -rf "$$view"; exit $$status
 	$(VENV)/bin/ruff check .
 
+# each benchmark prints its comparison table and appends a JSON line to benchmarks/results.jsonl
 bench: setup
+	$(PY) benchmarks/bench_encoder.py
 	$(PY) benchmarks/bench_loader.py
 	test -d runs/demo/corpus || $(SCMM) data demo --out runs/demo/corpus --quiet
 	$(PY) benchmarks/bench_stage1_precision.py
+
+# one command for a GPU machine (it fits in a few minutes on one H100/H200): the encoder against upstream in bf16
+bench-gpu: setup
+	$(PY) benchmarks/bench_encoder.py --device cuda --threads 8 --repeats 5
 
 clean:
 	rm -rf runs .cache .pytest_cache

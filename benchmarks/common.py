@@ -1,7 +1,12 @@
-"""Helpers shared by the benchmarks: an untrained stage-1 model of a chosen size (speed and memory do not depend
-on the weights)."""
+"""Helpers shared by the benchmarks: recording results, printing tables, and an untrained stage-1 model of a chosen
+size (speed and memory do not depend on the weights)."""
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -14,6 +19,42 @@ from scmm.model.aligner import AlignerConfig, CellTextAligner
 from scmm.model.cell_tower import CellTowerConfig
 from scmm.model.qformer import QFormerConfig
 from scmm.model.text_tower import TextTowerConfig
+
+RESULTS = Path(__file__).resolve().parent / "results.jsonl"
+
+
+def machine() -> dict:
+    """What the figures were measured on: CPU model, cores, load, GPU."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2), "gpu": gpu,
+            "torch": torch.__version__}
+
+
+def record(benchmark: str, figures: dict) -> dict:
+    """Append one JSON line (date, commit, machine, figures) to benchmarks/results.jsonl; returns it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=RESULTS.parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    line = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
+            "machine": machine(), **figures}
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+    return line
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
 
 SIZES = {
     "tiny": dict(cell=dict(d_model=16, nhead=2, d_hid=32, nlayers=1),

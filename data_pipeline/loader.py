@@ -39,6 +39,7 @@ class LoaderConfig:
     num_workers: int = 0
     drop_last: bool = True
     even_ranks: bool = True  # every rank yields the same number of batches (needed by data parallelism)
+    group_by_length: bool = False  # batches of cells of similar length (less padding), see stream_order
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.shuffle_buffer < 1 or self.num_workers < 0:
@@ -61,16 +62,28 @@ def shard_assignment(n_shards: int, n_streams: int, seed: int, epoch: int, shuff
 
 
 def stream_order(sizes: np.ndarray, shards: np.ndarray, seed: int, epoch: int, stream: int, shuffle: bool,
-                 window: int) -> np.ndarray:
-    """(shard index, row) pairs of one stream in delivery order, as an [n, 2] array."""
+                 window: int, lengths: list[np.ndarray] | None = None, batch_size: int = 1) -> np.ndarray:
+    """(shard index, row) pairs of one stream in delivery order, as an [n, 2] array.
+
+    With ``lengths`` (genes per cell of each shard) the cells of each shuffled window are sorted by length, cut
+    into batches of ``batch_size``, and the batches of the window are shuffled: each batch holds cells of similar
+    length (little padding), the window's cells and the batches' order stay random, and the order is still a
+    pure function of (seed, epoch, stream).
+    """
     if len(shards) == 0:
         return np.zeros((0, 2), dtype=np.int64)
     pairs = np.concatenate([np.stack([np.full(sizes[s], s), np.arange(sizes[s])], 1) for s in shards])
-    if shuffle:
-        rng = _rng(seed, epoch, 1, stream)
-        for start in range(0, len(pairs), window):
-            block = pairs[start:start + window]
-            pairs[start:start + window] = block[rng.permutation(len(block))]
+    if not shuffle:
+        return pairs
+    rng = _rng(seed, epoch, 1, stream)
+    for start in range(0, len(pairs), window):
+        block = pairs[start:start + window][rng.permutation(min(window, len(pairs) - start))]
+        if lengths is not None:
+            n = np.array([lengths[s][r] for s, r in block])
+            block = block[np.argsort(n, kind="stable")]
+            batches = [block[i:i + batch_size] for i in range(0, len(block), batch_size)]
+            block = np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+        pairs[start:start + window] = block
     return pairs
 
 
@@ -102,8 +115,12 @@ class CorpusStream(IterableDataset):
         stream = self.rank * n_workers + local
         shards = shard_assignment(len(entries), self.world_size * n_workers, self.cfg.seed, self.epoch,
                                   self.cfg.shuffle)[stream]
+        lengths = None
+        if self.cfg.group_by_length:
+            mine = set(shards.tolist())
+            lengths = [corpus.cell_lengths(e["name"]) if i in mine else None for i, e in enumerate(entries)]
         order = stream_order(sizes, shards, self.cfg.seed, self.epoch, stream, self.cfg.shuffle,
-                             self.cfg.shuffle_buffer)
+                             self.cfg.shuffle_buffer, lengths, self.cfg.batch_size)
         labels = {c: i for i, c in enumerate(corpus.cell_types)}
         pos = self.start[local]
         remaining = np.bincount(order[pos:, 0], minlength=len(entries))  # cells still due, per shard
@@ -229,11 +246,15 @@ class CorpusLoader:
         for key, value in mine.items():
             if state.get(key) != value:
                 raise ScmmError(f"cannot resume the loader: {key} was {state.get(key)}, now {value}")
-        for section, now, keys in (("config", self.cfg, ("seed", "batch_size", "shuffle", "shuffle_buffer")),
+        if "encoding" not in state:
+            raise ScmmError("cannot resume the loader: the checkpoint was written by an older scmm")
+        for section, now, keys in (("config", self.cfg, ("seed", "batch_size", "shuffle", "shuffle_buffer",
+                                                          "group_by_length")),
                                    ("encoding", self.encoder.encoding, ("max_len", "n_bins"))):
             for key in keys:
-                if state[section].get(key) != getattr(now, key):
+                was = state[section].get(key, getattr(type(now)(), key))  # a key added later: its default
+                if was != getattr(now, key):
                     raise ScmmError(f"cannot resume the loader: {section} option {key} changed "
-                                    f"({state[section].get(key)} -> {getattr(now, key)})")
+                                    f"({was} -> {getattr(now, key)})")
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.consumed, self.next_stream = list(state["consumed"]), int(state["next_stream"])

@@ -151,6 +151,18 @@ class Corpus:
         obs = {k: np.asarray(arrays[k]).astype(object) for k in want}
         return Shard(name=name, matrix=matrix, obs=obs)
 
+    def cell_lengths(self, name: str) -> np.ndarray:
+        """Stored (expressed) genes per cell of one shard, from its ``indptr`` alone (checked against its checksum)."""
+        entry = self.shard_entry(name)
+        try:
+            indptr = self._root[f"shards/{name}/indptr"][:]
+        except Exception as exc:  # zarr/codec errors on damaged chunk files
+            raise ScmmError(f"corpus shard '{name}' in {self.path} is corrupted "
+                            f"({type(exc).__name__}: {exc})") from None
+        if self.verify and column_checksum("indptr", indptr) != entry["checksums"]["indptr"]:
+            raise ScmmError(f"corpus shard '{name}' in {self.path} is corrupted (checksum mismatch in 'indptr')")
+        return np.diff(indptr)
+
     def iter_shards(self, split: str | None = None, columns: tuple[str, ...] | None = None):
         for entry in self.shards(split):
             yield self.read_shard(entry["name"], columns)

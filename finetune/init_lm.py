@@ -67,6 +67,7 @@ class LMTrainOptions(TrainOptions):
     warmup_steps: int = 10
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.95)
+    fused_adamw: bool = True
     precision: str = "autocast-bf16"
 
 

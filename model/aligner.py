@@ -23,6 +23,7 @@ Saved as a folder (`save_pretrained`/`from_pretrained`, no DeepSpeed needed)::
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
@@ -116,6 +117,27 @@ def build_cell_tower(config: AlignerConfig, vocab: GeneVocab, encoding: CellEnco
     return tower
 
 
+def _cell_features(cell_tower: CellTower, qformer: QFormer, heads: AlignmentHeads, gene_ids: torch.Tensor,
+                   values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    states = cell_tower(gene_ids, values, padding_mask)
+    return heads.cell_features(qformer(states, padding_mask), states[:, 0])
+
+
+class CellEmbedder(nn.Module):
+    """The cell path of a stage-1 model (cell tower, Q-Former, heads) copied in one dtype, for inference in
+    bf16 weights without touching the model (its text tower stays as it is). Returns fp32 embeddings."""
+
+    def __init__(self, aligner: CellTextAligner, dtype: torch.dtype):
+        super().__init__()
+        self.cell_tower = copy.deepcopy(aligner.cell_tower).to(dtype).eval()
+        self.qformer = copy.deepcopy(aligner.qformer).to(dtype).eval()
+        self.heads = copy.deepcopy(aligner.heads).to(dtype).eval()
+
+    def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        features = _cell_features(self.cell_tower, self.qformer, self.heads, gene_ids, values, padding_mask)
+        return nn.functional.normalize(features.float(), dim=-1)  # unit length in fp32, not just in bf16
+
+
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """True when `flag` holds on any rank (just `flag` outside a process group)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
@@ -171,8 +193,11 @@ class CellTextAligner(nn.Module):
 
     def cell_features(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """The aligned, L2-normalised cell embedding [B, embed_dim] (`obsm['X_scmm']`)."""
-        states, query = self.encode_cells(gene_ids, values, padding_mask)
-        return self.heads.cell_features(query, states[:, 0])
+        return _cell_features(self.cell_tower, self.qformer, self.heads, gene_ids, values, padding_mask)
+
+    def cell_embedder(self, dtype: torch.dtype) -> CellEmbedder:
+        """The cell path alone (tower, Q-Former, heads) as a copy in ``dtype``, for fast inference."""
+        return CellEmbedder(self, dtype)
 
     def text_pooled(self, texts: list[str]) -> torch.Tensor:
         """Pooled text-tower outputs; cached per text when the text tower is frozen (texts repeat a lot)."""

@@ -15,9 +15,14 @@ It is numerically compatible with scGPT 0.2.4 (``scgpt.model.TransformerModel._e
   (post-norm), or to scGPT's ``FlashTransformerEncoderLayer(norm_scheme="pre")`` when ``pre_norm``.
 
 Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` with a key padding mask,
-so padded genes are never attended to. Columns that are padding in every row of a batch are dropped
-before the encoder (exact, since there is no positional encoding) and hidden states at padded
-positions are returned as zeros.
+so padded genes are never attended to, and no work is spent on padding: since there is no positional
+encoding, a cell's genes can be moved and grouped freely (exactly). In training, columns that are padding
+in every row of a batch are dropped before the encoder. At inference (no gradient) cells of similar length
+run together: a batch is split into groups whose padding is at most ``GROUP_WASTE`` of their tokens, each
+group trimmed to its longest cell (:meth:`CellTower._encode_by_length`). Hidden states at padded positions
+are returned as zeros. For speed at inference use bf16 weights (``tower.to(torch.bfloat16)``; the product
+does this where bf16 is measured faster, see ``scmm.api.Options``): cosine similarity to the fp32 cell
+embeddings stays above 0.999 (BENCHMARKS.md, "Cell tower").
 
 Native folders are ``config.json`` + ``model.safetensors`` (+ ``vocab.json``):
 :meth:`CellTower.save_pretrained` / :meth:`CellTower.from_pretrained`. scGPT checkpoint folders load through
@@ -49,6 +54,7 @@ WEIGHTS_NAME = "model.safetensors"
 VOCAB_NAME = "vocab.json"
 
 PathLike = str | os.PathLike
+GROUP_WASTE = 0.05  # inference: the share of a group's tokens that may be padding (BENCHMARKS.md, "Cell tower")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,6 +324,8 @@ class CellTower(nn.Module):
                 f"padding_mask must be [B, L] like gene_ids; got {tuple(padding_mask.shape)} vs {tuple(gene_ids.shape)}"
             )
         padding_mask = padding_mask.to(device=gene_ids.device, dtype=torch.bool)
+        if not torch.is_grad_enabled() and bool(padding_mask.any()):
+            return self._encode_by_length(gene_ids, values, padding_mask)
 
         # Columns that are padding in every row are dropped: the encoder has no positional
         # encoding, so this is exact and spares all compute on them.
@@ -332,6 +340,24 @@ class CellTower(nn.Module):
         hidden = self._encode(gene_ids[:, cols], values[:, cols], padding_mask[:, cols])
         out = hidden.new_zeros((batch, length, hidden.shape[-1]))
         out[:, cols] = hidden
+        return out
+
+    def _encode_by_length(self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor) -> Tensor:
+        """Inference without work on padding: each row's genes first (in their order), then groups of rows of
+        similar length, each trimmed to its longest row; the states go back to the genes' positions."""
+        batch, length = gene_ids.shape
+        order = torch.argsort(padding_mask.to(torch.int8), dim=1, stable=True)
+        gene_ids, values = gene_ids.gather(1, order), values.gather(1, order)
+        lengths = (~padding_mask).sum(1)
+        out: Tensor | None = None
+        for rows in length_groups(lengths, GROUP_WASTE):
+            width = max(int(lengths[rows[0]]), 1)
+            pad = torch.arange(width, device=gene_ids.device)[None, :] >= lengths[rows, None]
+            hidden = self._encode(gene_ids[rows, :width], values[rows, :width], pad)
+            if out is None:
+                out = hidden.new_zeros((batch, length, hidden.shape[-1]))
+            out[rows[:, None], order[rows, :width]] = hidden
+        assert out is not None
         return out
 
     def _encode(self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor) -> Tensor:
@@ -380,6 +406,22 @@ class CellTower(nn.Module):
         load_state_dict_strict(model, load_file(str(folder / WEIGHTS_NAME), device="cpu"),
                                what=str(folder / WEIGHTS_NAME))
         return model.to(map_location)
+
+
+def length_groups(lengths: Tensor, max_waste: float) -> list[Tensor]:
+    """Row indices grouped by length, longest first: each group holds rows of similar length, so that padding
+    them to the group's longest row wastes at most ``max_waste`` of the group's tokens."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sizes = lengths[order].tolist()
+    groups, start = [], 0
+    while start < len(sizes):
+        end, total = start + 1, sizes[start]
+        while end < len(sizes) and (total + sizes[end]) >= (1 - max_waste) * sizes[start] * (end - start + 1):
+            total += sizes[end]
+            end += 1
+        groups.append(order[start:end])
+        start = end
+    return groups
 
 
 def _category_padding_idx(config: CellTowerConfig) -> int | None:

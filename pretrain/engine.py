@@ -48,7 +48,7 @@ __all__ = ["TrainOptions", "Launch", "start_run", "endless_batches", "deepspeed_
 
 PRECISIONS = ("fp32", "bf16", "autocast-bf16")
 SCHEDULES = ("cosine", "linear")
-DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json"
+DEFAULT_DEEPSPEED_CONFIG = {"zero_optimization": {"stage": 2}}  # configs/deepspeed/zero2.json, also when installed
 
 
 @dataclass
@@ -64,6 +64,7 @@ class TrainOptions:
     grad_clip: float = 1.0  # 0: no clipping
     grad_accum: int = 1
     betas: tuple[float, float] = (0.9, 0.98)
+    fused_adamw: bool = False  # torch's fused AdamW kernel (a client optimizer only): faster, other rounding
     precision: str = "bf16"  # fp32 | bf16 (DeepSpeed bf16 weights) | autocast-bf16 (fp32 weights, bf16 matmuls)
     activation_checkpointing: bool = False
     optimizer: str = "auto"  # auto: DeepSpeed's fused AdamW on GPU, torch AdamW on CPU | torch | deepspeed
@@ -153,13 +154,17 @@ def start_run(out: str | Path, resume: bool, threads: int = 0) -> Launch:
 
 def deepspeed_config(path: str | Path | None, train: TrainOptions, micro_batch: int, world: int,
                      out: Path, name: str) -> dict:
-    """The DeepSpeed JSON (default: configs/deepspeed/zero2.json) with the values the run config owns filled in:
-    batch sizes, accumulation, clipping, precision, TensorBoard, and the optimizer when DeepSpeed builds it."""
-    path = Path(path) if path else DEFAULT_DEEPSPEED_CONFIG
-    try:
-        ds = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ScmmError(f"cannot read the DeepSpeed config {path}: {exc}") from None
+    """The DeepSpeed JSON (default: ZeRO-2, as configs/deepspeed/zero2.json) with the values the run config owns
+    filled in: batch sizes, accumulation, clipping, precision, TensorBoard, and the optimizer when DeepSpeed builds
+    it."""
+    ds = json.loads(json.dumps(DEFAULT_DEEPSPEED_CONFIG))
+    if path:
+        try:
+            ds = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ScmmError(f"cannot read the DeepSpeed config {path}: {exc}") from None
+        if not isinstance(ds, dict):
+            raise ScmmError(f"the DeepSpeed config {path} must hold a JSON object")
     ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=train.grad_accum,
               train_batch_size=micro_batch * train.grad_accum * world, gradient_clipping=train.grad_clip,
               steps_per_print=10 ** 9, wall_clock_breakdown=False)
@@ -252,10 +257,14 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _adamw(groups: list[dict], opts: TrainOptions) -> torch.optim.Optimizer:
-    try:  # the fused kernel: on CPU the optimizer's elementwise passes cost as much as a small model's matmuls
-        return torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, eps=1e-8, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, eps=1e-8)
+    """torch's AdamW; ``fused_adamw`` asks for the fused kernel (on CPU the optimizer's elementwise passes cost
+    as much as a small model's matmuls), where this torch build has it."""
+    if opts.fused_adamw:
+        try:
+            return torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, eps=1e-8, fused=True)
+        except (RuntimeError, TypeError):
+            pass
+    return torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, eps=1e-8)
 
 
 class _LocalEngine:

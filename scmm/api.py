@@ -34,12 +34,12 @@ Outputs (DESIGN.md names):
 * ``generate``: ``X`` float32 ``[n, G]`` of log1p-CP10k expression over the model's HVG panel (``var`` index: gene
   symbols, ``var['vocab_id']``), ``obs['prompt']``, ``uns['scmm_generate']`` (seed, noise, normalisation).
 
-Precision: ``auto`` runs fp32 on CPU and bf16 autocast on a CUDA GPU that supports it; ``bf16`` forces autocast,
-``fp32`` disables it (BENCHMARKS.md has the CPU measurements behind the default).
+Precision: the cell path (cell tower, Q-Former, heads) runs in bf16 weights with ``bf16``, in fp32 with ``fp32``, and
+with ``auto`` (the default) in bf16 wherever the hardware multiplies bf16 natively: a CUDA GPU that supports it, a
+CPU with AVX512-BF16 or AMX (cosine similarity to the fp32 embeddings above 0.999; BENCHMARKS.md, "Cell tower").
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -88,7 +88,7 @@ class Options:
     batch_size: int = 64  # cells per forward pass
     chunk_size: int = 10_000  # rows read at a time: the memory bound
     device: str = "cpu"  # cpu or cuda
-    precision: str = "auto"  # auto, fp32 or bf16
+    precision: str = "auto"  # auto (bf16 where native), fp32 or bf16: the cell path's weights
     layer: str | None = None  # X, raw or a layer name (default: raw counts first)
     gene_column: str | None = None  # var column of gene symbols (default feature_name, else the var names)
     min_gene_coverage: float = DEFAULT_MIN_COVERAGE
@@ -117,11 +117,14 @@ class Options:
             raise ScmmError(f"--device must be cpu or cuda, not '{self.device}'")
         return torch.device(self.device)
 
-    def autocast(self, device: torch.device):
-        """bf16 autocast where the precision asks for it (auto: on a CUDA GPU that supports bf16)."""
-        use = (self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"
-                                            and torch.cuda.is_bf16_supported()))
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
+    def dtype(self, device: torch.device) -> torch.dtype:
+        """The weights' dtype of the cell path: bf16 with ``bf16``, and with ``auto`` wherever the hardware runs
+        bf16 matrix products natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX)."""
+        if self.precision != "auto":
+            return torch.bfloat16 if self.precision == "bf16" else torch.float32
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else \
+            torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if native else torch.float32
 
 
 # --- input and the cell model -----------------------------------------------------------------------
@@ -154,14 +157,17 @@ class _Input:
 def _embed(inp: _Input) -> np.ndarray:
     dev = inp.opts.torch_device
     aligner = inp.model.aligner.to(dev).eval()
+    dtype = inp.opts.dtype(dev)
+    cell_path = aligner.cell_features if dtype == torch.float32 else aligner.cell_embedder(dtype)
     out = np.zeros((inp.n_obs, aligner.heads.cell_proj.out_features), dtype=np.float32)
     t0 = time.perf_counter()
-    with inp.progress("embed") as bar, torch.inference_mode(), inp.opts.autocast(dev):
+    with inp.progress("embed") as bar, torch.inference_mode():
         for rows, batch in inp.batches():
-            out[rows] = aligner.cell_features(**{k: v.to(dev) for k, v in batch.items()}).float().cpu().numpy()
+            out[rows] = cell_path(**{k: v.to(dev) for k, v in batch.items()}).float().cpu().numpy()
             bar.update(len(rows))
     dt = time.perf_counter() - t0
-    log.info("embedded %d cells in %.1f s (%.1f cells/s)", inp.n_obs, dt, inp.n_obs / max(dt, 1e-9))
+    log.info("embedded %d cells in %.1f s (%.1f cells/s, %s weights)", inp.n_obs, dt, inp.n_obs / max(dt, 1e-9),
+             str(dtype).removeprefix("torch."))
     return out
 
 

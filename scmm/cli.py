@@ -221,7 +221,7 @@ def _add_inference_options(p: argparse.ArgumentParser, batch_size: int = 64) -> 
     p.add_argument("--chunk-size", type=int, default=10_000, help="rows read from the h5ad at a time (default 10000)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto: bf16 autocast on a GPU, fp32 on CPU")
+                   help="weights of the cell path; auto: bf16 where the CPU or GPU multiplies bf16 natively")
     p.add_argument("--layer", help="expression to read: X, raw, or a layer name (default: raw counts first)")
     p.add_argument("--gene-column", help="var column of gene symbols (default feature_name, else var names)")
     p.add_argument("--min-gene-coverage", type=float, default=0.5,

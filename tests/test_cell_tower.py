@@ -335,3 +335,26 @@ def test_category_values_out_of_range():
 def test_product_does_not_import_scgpt():
     code = "import sys, scmm.model.scgpt, scmm.api, scmm.cli; sys.exit('scgpt' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_inference_groups_cells_by_length_exactly():
+    """Without gradient, cells of similar length run together without padding work: the same states as the
+    padded path, also for padding that is not at the end of a row; every group wastes at most GROUP_WASTE."""
+    from scmm.model.cell_tower import GROUP_WASTE, length_groups
+    tower = small_tower()
+    lengths = (40, 3, 39, 20, 1, 38, 21, 0)
+    gene_ids, values, padding_mask = ref.make_batch(ref.make_vocab(100), lengths=lengths, max_len=44)
+    perm = torch.randperm(44, generator=torch.Generator().manual_seed(0))  # padding scattered inside rows
+    perm = torch.cat([torch.tensor([0]), perm[perm != 0]])
+    gene_ids, values, padding_mask = gene_ids[:, perm], values[:, perm], padding_mask[:, perm]
+    with torch.enable_grad():
+        padded = tower(gene_ids, values, padding_mask).detach()
+    with torch.no_grad():
+        grouped = tower(gene_ids, values, padding_mask)
+    assert torch.allclose(grouped, padded, atol=1e-5) and torch.all(grouped[padding_mask] == 0)
+    groups = length_groups(torch.tensor(lengths), GROUP_WASTE)
+    assert sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
+    for rows in groups:
+        n = torch.tensor(lengths)[rows]
+        assert n.sum() >= (1 - GROUP_WASTE) * n.max() * len(n)
+    assert [r.tolist() for r in groups][:2] == [[0, 2, 5], [6, 3]]

@@ -155,19 +155,27 @@ def test_embedding_matches_the_training_pipeline(model, corpus: Path):
     c = Corpus(corpus)
     ref = embed_split(model.aligner, c, "test", progress=False)
     adata = pbmc_demo_adata()[::4].copy()
-    out = embed(adata[ref.cell_ids].copy(), model)
+    out = embed(adata[ref.cell_ids].copy(), model, precision="fp32")
     np.testing.assert_allclose(out.obsm["X_scmm"], ref.embeddings, atol=1e-5)
+    # the bf16 fast path (the default where bf16 is native) stays close to it, at unit length
+    fast = embed(adata[ref.cell_ids].copy(), model, precision="bf16").obsm["X_scmm"]
+    np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
+    assert (fast * ref.embeddings).sum(1).min() > 0.999
 
 
 def test_chunked_equals_one_chunk(model, pbmc_h5ad: Path, synth_h5ad: Path):
     from scmm.api import annotate
-    for path in (pbmc_h5ad, synth_h5ad):
-        whole = annotate(str(path), model, chunk_size=100_000, batch_size=64)
-        chunked = annotate(str(path), model, chunk_size=7, batch_size=3)
+    for path in (pbmc_h5ad, synth_h5ad):  # exact in fp32
+        whole = annotate(str(path), model, chunk_size=100_000, batch_size=64, precision="fp32")
+        chunked = annotate(str(path), model, chunk_size=7, batch_size=3, precision="fp32")
         np.testing.assert_allclose(chunked.obsm["X_scmm"], whole.obsm["X_scmm"], atol=1e-6)
         for col in OBS_FIELDS[:2]:
             assert list(chunked.obs[col]) == list(whole.obs[col])
         np.testing.assert_allclose(chunked.obs["scmm_confidence"], whole.obs["scmm_confidence"], atol=1e-5)
+    # in bf16 the rounding follows the batches' shapes: close, not bit-identical
+    a = annotate(str(pbmc_h5ad), model, chunk_size=100_000, precision="bf16").obsm["X_scmm"]
+    b = annotate(str(pbmc_h5ad), model, chunk_size=7, batch_size=3, precision="bf16").obsm["X_scmm"]
+    assert (a * b).sum(1).min() > 0.999
 
 
 def test_api_returns_new_anndata_and_leaves_input_alone(model, pbmc_h5ad: Path):
@@ -365,5 +373,6 @@ def test_log_normalised_input_is_detected(model, pbmc_h5ad: Path):
     x = sp.diags(1e4 / np.asarray(x.sum(1)).ravel()) @ x
     x.data = np.log1p(x.data)
     logn.X = sp.csr_matrix(x, dtype=np.float32)
-    a, b = embed(counts, model).obsm["X_scmm"], embed(logn, model).obsm["X_scmm"]
+    a = embed(counts, model, precision="fp32").obsm["X_scmm"]
+    b = embed(logn, model, precision="fp32").obsm["X_scmm"]
     np.testing.assert_allclose(a, b, atol=1e-5)

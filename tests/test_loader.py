@@ -137,3 +137,25 @@ def test_binning_equals_the_quantile_digitize_definition():
         u = np.random.default_rng(5).random(n)
         expect = np.ceil(u * (right - left) + left)
         np.testing.assert_array_equal(binning(values, 51, np.random.default_rng(5)), expect)
+
+
+@pytest.mark.parametrize("stop", [2, 7])
+def test_length_grouped_batches_hold_similar_cells_and_resume_exactly(small_corpus: Path, stop: int):
+    """group_by_length: within each shuffled window, batches of cells of similar length, in a random order; an
+    epoch still delivers every cell once and a resumed loader the same batches."""
+    corpus = Corpus(small_corpus)
+    lengths = {}
+    for entry in corpus.shards("train"):
+        ids = corpus.read_shard(entry["name"], columns=("cell_id",)).obs["cell_id"]
+        lengths.update(zip(ids, corpus.cell_lengths(entry["name"])))
+    grouped = _ids(_loader(small_corpus, 0, 2, group_by_length=True, shuffle_buffer=64))
+    plain = _ids(_loader(small_corpus, 0, 2, shuffle_buffer=64))
+    assert sorted(c for b in grouped for c in b) == sorted(c for b in plain for c in b)  # the same cells
+
+    def spread(batches):  # mean range of lengths inside a batch
+        return np.mean([np.ptp([lengths[c] for c in b]) for b in batches])
+    assert spread(grouped) < 0.5 * spread(plain)
+    head = _ids(first := _loader(small_corpus, 0, 2, group_by_length=True, shuffle_buffer=64), stop)
+    resumed = _loader(small_corpus, 0, 2, group_by_length=True, shuffle_buffer=64)
+    resumed.load_state_dict(first.state_dict())
+    assert head + _ids(resumed) == grouped
