@@ -61,7 +61,9 @@ bench: setup
 	$(PY) benchmarks/bench_encoder.py
 	$(PY) benchmarks/bench_loader.py
 	test -d runs/demo/corpus || $(SCMM) data demo --out runs/demo/corpus --quiet
-	$(PY) benchmarks/bench_stage1_precision.py
+	$(PY) benchmarks/bench_stage1.py --size demo
+	$(PY) benchmarks/bench_stage1.py --size human
+	$(PY) benchmarks/bench_retrieval.py
 
 # one command for a GPU machine (it fits in a few minutes on one H100/H200): the encoder against upstream in bf16
 bench-gpu: setup

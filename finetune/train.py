@@ -85,16 +85,8 @@ def train(cfg: Stage2RunConfig, resume: bool = False, deepspeed_json: str | None
     trainer = Trainer(model, cfg.train, name="stage2", launch=launch, deepspeed=deepspeed_json or cfg.deepspeed,
                       micro_batch=cfg.loader.batch_size, loader=loader, loss_keys=LOSSES, rate_key="samples_per_s",
                       metrics_path=launch.out / "metrics.jsonl")
-    if resume:
-        trainer.resume()
-    if launch.rank == 0:
-        launch.out.mkdir(parents=True, exist_ok=True)
-        (launch.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-        n_params = sum(p.numel() for p in model.parameters())
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("stage 2: %d ranks, %s, %.1fM parameters (%.2fM trained), %d HVGs, %d train cells, "
-                 "%d batches/epoch/rank", launch.world, cfg.train.precision, n_params / 1e6, n_train / 1e6,
-                 len(hvg["indices"]), corpus.manifest["splits"]["train"], len(loader))
+    trainer.begin(asdict(cfg), resume, f"{len(hvg['indices'])} HVGs, {corpus.manifest['splits']['train']} train "
+                                       f"cells, {len(loader)} batches/epoch/rank")
 
     def forward(engine, batch: dict, step: int) -> dict:
         return engine(pairs(batch, step, launch.rank))

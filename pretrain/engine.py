@@ -43,6 +43,8 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_linear
 
 from scmm.errors import ScmmError
 
+log = logging.getLogger("scmm.train")
+
 __all__ = ["TrainOptions", "Launch", "start_run", "endless_batches", "deepspeed_config", "Trainer", "script_main",
            "PRECISIONS", "SCHEDULES", "DEFAULT_DEEPSPEED_CONFIG"]
 
@@ -335,6 +337,21 @@ class Trainer:
             config=deepspeed_config(config_path, opts, micro_batch, launch.world, launch.out, self.name),
             lr_scheduler=opts.schedule_for)
         return engine
+
+    def begin(self, run_config: dict, resume: bool, data: str) -> None:
+        """Resume from the latest checkpoint when asked; then rank 0 writes the run's ``config.json`` and logs the
+        run's shape (ranks, precision, parameters, and ``data``: what the stage trains on)."""
+        if resume:
+            self.resume()
+        if self.rank != 0:
+            return
+        out = self.launch.out
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(run_config, indent=1))
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log.info("%s: %d ranks, %s, %.1fM parameters (%.2fM trained), %s", self.name, self.launch.world,
+                 self.opts.precision, n_params / 1e6, n_train / 1e6, data)
 
     # --- the loop ---------------------------------------------------------------------------------
     @property

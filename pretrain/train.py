@@ -69,16 +69,8 @@ def train(cfg: Stage1Config, resume: bool = False, deepspeed_json: str | None = 
     trainer = Trainer(model, cfg.train, name="stage1", launch=launch, deepspeed=deepspeed_json or cfg.deepspeed,
                       micro_batch=cfg.loader.batch_size, loader=loader, loss_keys=LOSS_KEYS,
                       metrics_path=launch.out / "metrics.jsonl")
-    if resume:
-        trainer.resume()
-    if launch.rank == 0:
-        launch.out.mkdir(parents=True, exist_ok=True)
-        (launch.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-        n_params = sum(p.numel() for p in model.parameters())
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("stage 1: %d ranks, %s, %.1fM parameters (%.1fM trained), %d train cells, %d batches/epoch/rank",
-                 launch.world, cfg.train.precision, n_params / 1e6, n_train / 1e6, corpus.manifest["splits"]["train"],
-                 len(loader))
+    trainer.begin(asdict(cfg), resume, f"{corpus.manifest['splits']['train']} train cells, "
+                                       f"{len(loader)} batches/epoch/rank")
 
     def forward(engine, batch: dict, step: int) -> dict:
         return engine(batch, step=step, rank=launch.rank, world_size=launch.world, seed=cfg.seed)
