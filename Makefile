@@ -62,8 +62,8 @@ bench: setup
 	$(PY) benchmarks/bench_loader.py
 	test -d runs/demo/corpus || $(SCMM) data demo --out runs/demo/corpus --quiet
 	$(PY) benchmarks/bench_stage1.py --size demo
-	$(PY) benchmarks/bench_stage1.py --size human
-	$(PY) benchmarks/bench_retrieval.py
+	$(PY) benchmarks/bench_stage1.py --size human --precisions fp32,bf16 --steps 4
+	$(PY) benchmarks/bench_retrieval.py --n 300000 --queries 5000
 
 # one command for a GPU machine (it fits in a few minutes on one H100/H200): the encoder against upstream in bf16
 bench-gpu: setup

@@ -42,6 +42,6 @@ setup(
         "rouge-score",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "import-linter>=2.13"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "import-linter>=2.13", "hypothesis>=6"]},
     entry_points={"console_scripts": ["scmm=scmm.cli:main"]},
 )

@@ -21,7 +21,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from scmm.atomic import publish_dir, temp_dir_beside
-from scmm.data_pipeline.h5ad import H5adSource, open_h5ad
+from scmm.data_pipeline.h5ad import H5adSource, check_normalization, open_h5ad
 from scmm.data_pipeline.ontology import Ontology, get_ontology
 from scmm.data_pipeline.splits import SPLITS, SplitPlan, plan_splits
 from scmm.data_pipeline.store import OBS_COLUMNS, SCHEMA_VERSION, label_keys, shard_checksums
@@ -246,15 +246,6 @@ def write_array(group: zarr.Group, key: str, value: np.ndarray) -> None:
         group.create_array(key, shape=value.shape, dtype=str, chunks=chunks)[:] = value
 
 
-def _check_values(block: sp.csr_matrix, path: Path, start: int) -> None:
-    data = block.data
-    if not np.isfinite(data).all():
-        raise ScmmError(f"{path}: the expression matrix holds NaN or infinite values (rows from {start})")
-    if (data < 0).any():
-        raise ScmmError(f"{path}: the expression matrix holds negative values (rows from {start}); "
-                        f"give raw counts or log1p-normalised values")
-
-
 @dataclass
 class _Plan:
     """Pass-1 result: the opened inputs, their gene mappings, the corpus obs and where each cell goes."""
@@ -342,10 +333,10 @@ def _stream_file(cfg: BuildConfig, plan: _Plan, source: H5adSource, mapping: Gen
     mapped = mapping.gene_ids >= 0
     to_panel[mapped] = np.searchsorted(plan.panel_ids, mapping.gene_ids[mapped])
     cols = np.flatnonzero(mapped)
-    total_counts, mapped_counts, integral, n_empty = 0.0, 0.0, True, 0
-    for start, block in source.iter_chunks(cfg.chunk_size):
-        _check_values(block, source.path, start)
+    total_counts, mapped_counts, integral, n_empty, max_value = 0.0, 0.0, True, 0, 0.0
+    for start, block in source.iter_chunks(cfg.chunk_size):  # values checked as read (h5ad.check_values)
         integral &= bool(np.all(block.data == np.round(block.data)))
+        max_value = max(max_value, float(block.data.max(initial=0.0)))
         total_counts += float(block.data.sum())
         sub = block[:, cols].tocoo()
         remapped = sp.csr_matrix((sub.data, (sub.row, to_panel[cols][sub.col])),
@@ -356,6 +347,7 @@ def _stream_file(cfg: BuildConfig, plan: _Plan, source: H5adSource, mapping: Gen
         n_empty += _route_rows(plan, rows, remapped, writer, ontology)
         bar.update(block.shape[0])
     mapping.count_share = mapped_counts / total_counts if total_counts > 0 else 0.0
+    check_normalization(integral, max_value, str(source.path))
     return integral, n_empty
 
 

@@ -17,6 +17,44 @@ import scipy.sparse as sp
 
 from scmm.errors import ScmmError
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_LOG1P = 30.0  # log1p-normalised expression stays far below this (log1p of 10^13)
+
+
+def check_values(values: np.ndarray, where: str) -> None:
+    """Stop on stored expression values no model input can hold: NaN or infinite, negative, or beyond float32
+    (scmm computes in float32: such a value would become infinite, then NaN)."""
+    if values.size == 0:
+        return
+    if not np.isfinite(values).all():
+        raise ScmmError(f"{where}: the expression matrix holds NaN or infinite values")
+    if (values < 0).any():
+        raise ScmmError(f"{where}: the expression matrix holds negative values; give raw counts or "
+                        f"log1p-normalised values")
+    if values.dtype.kind == "f" and values.dtype.itemsize > 4 and values.max() > FLOAT32_MAX:
+        raise ScmmError(f"{where}: the expression matrix holds values too large for float32 (up to "
+                        f"{values.max():.3g}); give raw counts or log1p-normalised values")
+
+
+def as_csr(block) -> sp.csr_matrix:
+    """A row block (dense or sparse) as CSR; float16, which scipy.sparse cannot hold, is widened to float32."""
+    if getattr(block, "dtype", None) == np.float16:
+        block = block.astype(np.float32)
+    return sp.csr_matrix(block)
+
+
+def check_normalization(integral: bool, max_value: float, where: str) -> str:
+    """'counts' when every stored value is an integer, else 'log1p' (the corpus build's rule), which must then
+    look log1p-normalised: non-integer values far beyond any log1p value (e.g. ambient-corrected counts) are an
+    error rather than a silent misreading."""
+    if integral:
+        return "counts"
+    if max_value > MAX_LOG1P:
+        raise ScmmError(f"{where}: values are not all integers, so they are read as log1p-normalised, but they "
+                        f"reach {max_value:.4g} (log1p-normalised values stay below {MAX_LOG1P:g}); round "
+                        f"corrected counts to integers, or give log1p(CP10k) values")
+    return "log1p"
+
 
 @dataclass
 class H5adSource:
@@ -41,8 +79,9 @@ class H5adSource:
             else:
                 matrix = node
             for start in range(0, self.n_obs, chunk_size):
-                block = matrix[start:min(start + chunk_size, self.n_obs)]
-                yield start, sp.csr_matrix(block, dtype=np.float32)
+                block = as_csr(matrix[start:min(start + chunk_size, self.n_obs)])
+                check_values(block.data, f"{self.path} (rows from {start})")
+                yield start, block.astype(np.float32)
 
 
 def _shape_of(node: h5py.Group | h5py.Dataset) -> tuple[int, int]:

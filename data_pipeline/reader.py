@@ -35,7 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scmm.data_pipeline.encoding import CellEncoding, cell_rng, encode_cells
-from scmm.data_pipeline.h5ad import open_h5ad
+from scmm.data_pipeline.h5ad import as_csr, check_normalization, check_values, open_h5ad
 from scmm.data_pipeline.vocab import GeneVocab, check_coverage, map_genes
 from scmm.errors import ScmmError
 
@@ -75,7 +75,9 @@ class _MemorySource:
 
     def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         for start in range(0, self.n_obs, chunk_size):
-            yield start, sp.csr_matrix(self.matrix[start:start + chunk_size], dtype=np.float32)
+            block = as_csr(self.matrix[start:start + chunk_size])
+            check_values(block.data, f"{self.path} (rows from {start})")
+            yield start, block.astype(np.float32)
 
     def scan_values(self) -> Iterator[np.ndarray]:
         m = self.matrix
@@ -108,20 +110,18 @@ def open_input(data: Any, layer: str | None = None):
 
 
 def detect_normalization(source) -> str:
-    """'counts' when every stored value is an integer, else 'log1p' (the corpus build's rule)."""
-    integral = True
+    """'counts' or 'log1p', by the corpus build's rule (:func:`scmm.data_pipeline.h5ad.check_normalization`), from
+    one pass over the stored values, which are checked on the way (:func:`~scmm.data_pipeline.h5ad.check_values`)."""
+    integral, max_value = True, 0.0
     scan = source.scan_values() if isinstance(source, _MemorySource) else _file_scan(source)
     for values in scan:
         if values.size == 0:
             continue
-        if not np.isfinite(values).all():
-            raise ScmmError(f"{source.path}: the expression matrix holds NaN or infinite values")
-        if (values < 0).any():
-            raise ScmmError(f"{source.path}: the expression matrix holds negative values; give raw counts or "
-                            f"log1p-normalised values")
+        check_values(values, str(source.path))
+        max_value = max(max_value, float(values.max()))
         if integral and not np.all(values == np.round(values)):
             integral = False
-    return "counts" if integral else "log1p"
+    return check_normalization(integral, max_value, str(source.path))
 
 
 # --- genes ------------------------------------------------------------------------------------------

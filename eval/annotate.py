@@ -100,13 +100,20 @@ class Candidates:
         self.keys.append(key), self.names.append(name), self.cl_ids.append(cl_id), self.texts.append(texts)
 
 
+LABEL_FILE_SUFFIXES = (".txt", ".tsv", ".csv", ".list")
+
+
 def read_labels_option(value: str | Sequence[str] | None) -> list[str] | None:
     """Candidate labels from ``--labels``: a file (one label per line; blank lines and ``#`` comments skipped)
-    when ``value`` names an existing file, else a comma-separated list. A sequence is taken as is."""
+    when ``value`` names an existing file, else a comma-separated list. A sequence is taken as is. A value
+    without a comma that looks like a path (a ``/``, or a ``.txt``/``.tsv``/``.csv``/``.list`` ending) but names
+    no file is an error, never a label."""
     if value is None:
         return None
     if isinstance(value, str):
         path = Path(value)
+        if not path.is_file() and "," not in value and ("/" in value or path.suffix.lower() in LABEL_FILE_SUFFIXES):
+            raise ScmmError(f"labels file not found: {value} (give a file, or labels separated by commas)")
         if path.is_file():
             items = [line.strip() for line in path.read_text().splitlines()]
             items = [x for x in items if x and not x.startswith("#")]

@@ -30,9 +30,6 @@ class PairBuilder:
 
     def __init__(self, corpus: Corpus, split: str, tasks: list[str], seed: int, genes: np.ndarray,
                  builder: SequenceBuilder, task_weights: list[float] | None = None):
-        if task_weights and (len(task_weights) != len(tasks) or min(task_weights) < 0 or sum(task_weights) <= 0):
-            raise ScmmError(f"data.task_weights needs one non-negative weight per task ({len(tasks)}), "
-                            f"got {task_weights}")
         weight = dict(zip(tasks, task_weights)) if task_weights else {t: 1.0 for t in tasks}
         ds = instruction_dataset(corpus, split, tasks, seed)
         self.rows: dict[str, list[tuple[str, str, float]]] = {}

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from scmm.config import load_yaml
+from scmm.data_pipeline.instructions import TASKS
 from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
 from scmm.data_pipeline.store import Corpus
+from scmm.data_pipeline.vocab import GeneVocab
 from scmm.errors import ScmmError
 from scmm.finetune.pairs import PairBuilder, hvg_info
 from scmm.finetune.refit import RefitOptions, refit_decoder
@@ -38,6 +40,18 @@ class DataOptions:
     tasks: list[str] = field(default_factory=lambda: ["describe", "cell_type", "tissue"])
     task_weights: list[float] = field(default_factory=list)  # sampling weight per task (empty: uniform)
     n_hvg: int = 2000  # highly variable genes of the training split: the pseudo-cell gene panel
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"data.tasks: unknown task(s) {', '.join(unknown) or '(none given)'} "
+                             f"(tasks: {', '.join(TASKS)})")
+        if self.task_weights and (len(self.task_weights) != len(self.tasks) or min(self.task_weights) < 0
+                                  or sum(self.task_weights) <= 0):
+            raise ValueError(f"data.task_weights needs one non-negative weight per task ({len(self.tasks)}), "
+                             f"not all zero")
+        if self.n_hvg < 1:
+            raise ValueError("data.n_hvg must be >= 1")
 
 
 @dataclass
@@ -69,8 +83,10 @@ def train(cfg: Stage2RunConfig, resume: bool = False, deepspeed_json: str | None
         if not Path(path).is_dir():
             hint = " (run `scmm finetune init-lm` first)" if what == "LLM" else ""
             raise ScmmError(f"{what} folder not found: {path}{hint}")
+    corpus = Corpus(cfg.corpus)  # checked before any process group starts: the corpus and the stage-1 vocabulary
+    GeneVocab.load(Path(cfg.stage1) / "cell_tower").check_panel(corpus.gene_symbols, corpus.gene_vocab_ids,
+                                                                 f"the corpus {corpus.path}")
     launch = start_run(cfg.out, resume, cfg.train.threads)
-    corpus = Corpus(cfg.corpus)
     hvg = hvg_info(corpus, cfg.data.n_hvg)
     torch.manual_seed(cfg.seed)
     model = Stage2Model.build(cfg.model, cfg.stage1, cfg.lm, hvg)

@@ -7,7 +7,7 @@ Every training in scmm runs through :class:`Trainer`: stage 1 (``pretrain/train.
     launch = start_run(cfg.out, resume, cfg.train.threads)          # process group, checkpoint guard
     trainer = Trainer(model, cfg.train, name="stage1", launch=launch, loader=loader, deepspeed=ds_json)
     last = trainer.fit(batches, forward)                             # forward(module, batch, step) -> losses
-    state = trainer.consolidated_state()                             # fp32 weights (any ZeRO stage), rank 0
+    model = trainer.load_trained_state(fresh_model)                 # fp32 weights (any ZeRO stage), rank 0
 
 Two back ends share the loop. With a ``launch`` the model runs in a DeepSpeed engine (ZeRO 1-3, bf16 weights,
 gradient accumulation and clipping, ``save_checkpoint``/``load_checkpoint``; on CPU a torch AdamW is the client
@@ -16,8 +16,10 @@ a short run) the model trains with a plain torch AdamW in this process, without 
 
 The model owns its parameter groups (``model.param_groups(weight_decay, lr)``, as nanoGPT's
 ``configure_optimizers``); the schedule is ``transformers``' warmup + cosine decay to ``lr * min_lr_ratio``, or
-warmup + linear decay to 0. A checkpoint holds the DeepSpeed engine plus, per rank, the loader position and the
-RNG states, so ``--resume`` continues with exactly the batches and losses of an uninterrupted run.
+warmup + linear decay to 0. A checkpoint holds the DeepSpeed engine (frozen weights left out) plus, per rank, the
+loader position and the RNG states, and counts only once complete (:mod:`scmm.pretrain.checkpoints`), so
+``--resume`` continues from the newest complete one with exactly the batches and losses of an uninterrupted run.
+A micro-batch with a NaN/inf loss is skipped on every rank, up to ``train.max_bad_batches`` of them.
 """
 from __future__ import annotations
 
@@ -27,7 +29,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import socket
 import sys
 import time
@@ -41,7 +42,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from scmm.atomic import write_file
 from scmm.errors import ScmmError
+from scmm.pretrain import checkpoints
 
 log = logging.getLogger("scmm.train")
 
@@ -73,6 +76,7 @@ class TrainOptions:
     log_every: int = 10
     save_every: int = 500
     keep_last: int = 2
+    max_bad_batches: int = 5  # micro-batches with a NaN/inf loss skipped (each logged) before the run stops
     tensorboard: bool = False
     threads: int = 0  # torch intra-op threads per process (0: leave as is)
 
@@ -85,6 +89,8 @@ class TrainOptions:
             raise ValueError(f"train.optimizer must be auto, torch or deepspeed, not '{self.optimizer}'")
         if min(self.steps, self.grad_accum, self.save_every, self.keep_last, self.log_every) < 1:
             raise ValueError("train.steps, grad_accum, save_every, keep_last and log_every must be >= 1")
+        if self.max_bad_batches < 0 or self.threads < 0:
+            raise ValueError("train.max_bad_batches and threads must be >= 0")
         if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ValueError("train.lr must be > 0; weight_decay, grad_clip and warmup_steps >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -236,6 +242,22 @@ class MetricsWindow:
         return line
 
 
+def _cut_metrics(path: Path | None, step: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` up to ``step``: a resumed run logs the steps after it again."""
+    if path is None or not path.is_file():
+        return
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # a line cut short by a kill
+            return False
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if before(line)]
+    if len(kept) != len(lines):
+        write_file(path, lambda p: p.write_text("".join(kept)))
+
+
 # --- the trainer ----------------------------------------------------------------------------------
 Forward = Callable[[Any, dict, int], dict]  # (the module to call, a batch, the step) -> losses with "loss"
 
@@ -313,7 +335,7 @@ class Trainer:
                  rate_key: str = "cells_per_s", metrics_path: Path | None = None, progress: bool = True):
         self.model, self.opts, self.name, self.launch, self.loader = model, opts, name, launch, loader
         self.rank = launch.rank if launch else 0
-        self.progress, self.step, self.history = progress, 0, []
+        self.progress, self.step, self.skipped, self.history = progress, 0, 0, []
         if opts.activation_checkpointing:
             model.gradient_checkpointing_enable()
         groups = param_groups if param_groups is not None else model.param_groups(opts.weight_decay, opts.lr)
@@ -378,13 +400,18 @@ class Trainer:
         self.engine.train()
         while self.step < t.steps:
             lr = self.lr
-            for _ in range(t.grad_accum):
+            done = 0
+            while done < t.grad_accum:
                 batch = next(batches)
                 with self.autocast:
                     losses = forward(self.engine, batch, self.step)
+                n_items, ids = items(batch)
+                if not self._finite(losses["loss"], ids):
+                    continue
                 self.engine.backward(losses["loss"])
                 self.engine.step()
-                self.window.add(losses, *items(batch))
+                self.window.add(losses, n_items, ids)
+                done += 1
             self.step += 1
             if self.step % t.log_every == 0 or self.step == t.steps:
                 last = self._log(lr, bar)
@@ -395,6 +422,27 @@ class Trainer:
                 break
         bar.close()
         return last
+
+    def _finite(self, loss: torch.Tensor, ids: list) -> bool:
+        """Whether the micro-batch's loss is finite on every rank. A batch with a NaN/inf loss is skipped on all
+        ranks (no backward, no step), each rank that saw it logging the step and its cells; past
+        ``max_bad_batches`` skips the run stops with those details."""
+        ok = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
+        if self.launch is not None:
+            ok = ok.to(self.launch.device)
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        if ok.item() == 1.0:
+            return True
+        self.skipped += 1
+        where = f"{self.name}: the loss is not finite at step {self.step + 1}"
+        if not torch.isfinite(loss.detach()).all():
+            shown = ", ".join(map(str, ids[:8])) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+            where += f" on rank {self.rank} (batch of {shown})"
+        if self.skipped > self.opts.max_bad_batches:
+            raise ScmmError(f"{where}; {self.skipped} batches skipped, more than train.max_bad_batches "
+                            f"({self.opts.max_bad_batches}): lower train.lr or check the input data")
+        log.warning("%s; batch skipped (%d of at most %d)", where, self.skipped, self.opts.max_bad_batches)
+        return False
 
     def _log(self, lr: float, bar) -> dict:
         line = self.window.flush(self.step, getattr(self.loader, "epoch", 0), lr)
@@ -414,37 +462,52 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        """DeepSpeed checkpoint of the engine, plus this rank's loader position and RNG states; keep the last K."""
-        ckpt_dir, tag = self.launch.ckpt_dir, f"step{self.step:08d}"
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": self.step})
-        state = {"step": self.step, "rng": _rng_state(),
+        """A checkpoint of this step that counts only once complete (:mod:`scmm.pretrain.checkpoints`): DeepSpeed's
+        engine files without the frozen weights, each rank's loader position and RNG states, then rank 0's seal;
+        older checkpoints beyond ``keep_last`` are removed."""
+        ckpt_dir, tag = self.launch.ckpt_dir, checkpoints.tag_of(self.step)
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": self.step}, save_latest=False,
+                                    exclude_frozen_parameters=True)
+        state = {"step": self.step, "rng": _rng_state(), "skipped": self.skipped,
                  "loader": self.loader.state_dict() if self.loader is not None else None}
-        torch.save(state, ckpt_dir / tag / f"trainer_state_rank{self.rank}.pt")
+        write_file(checkpoints.state_file(ckpt_dir / tag, self.rank), lambda p: torch.save(state, p))
         torch.distributed.barrier()
         if self.rank == 0:
-            tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
-            for old in tags[:-self.opts.keep_last]:
-                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            checkpoints.seal(ckpt_dir / tag, self.step, self.launch.world)
+            checkpoints.clean(ckpt_dir, checkpoints.read_seal(ckpt_dir / tag), self.opts.keep_last)
         torch.distributed.barrier()
 
     def resume(self) -> int:
-        """Restore the latest checkpoint (engine, loader, RNG states); returns the step to continue from."""
-        ckpt_dir = self.launch.ckpt_dir
-        latest = ckpt_dir / "latest"
-        if not latest.is_file():
-            raise ScmmError(f"--resume: no checkpoint in {ckpt_dir}")
-        tag = latest.read_text().strip()
-        path, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        """Continue from the newest complete checkpoint (engine, loader, RNG states, the metrics log cut back to
+        its step); without one, start from step 0 and say so (a requeued job passes --resume on every launch).
+        Returns the step to continue from."""
+        launch = self.launch
+        sealed = checkpoints.newest_complete(launch.ckpt_dir)
+        torch.distributed.barrier()  # every rank has chosen before rank 0 removes what does not count
+        if self.rank == 0:
+            checkpoints.clean(launch.ckpt_dir, sealed, self.opts.keep_last)
+            _cut_metrics(self.window.path, sealed.step if sealed else 0)
+        torch.distributed.barrier()
+        if sealed is None:
+            log.warning("%s: --resume: no complete checkpoint in %s; starting from step 0", self.name,
+                        launch.ckpt_dir)
+            return 0
+        if sealed.world != launch.world:
+            raise ScmmError(f"--resume: checkpoint {sealed.folder} was written by {sealed.world} ranks; resume it "
+                            f"on {sealed.world} ranks (this launch has {launch.world})")
+        path, client = self.engine.load_checkpoint(str(launch.ckpt_dir), tag=sealed.tag, load_module_strict=False)
         if path is None:
-            raise ScmmError(f"--resume: cannot load checkpoint {ckpt_dir / tag}")
-        state_file = ckpt_dir / tag / f"trainer_state_rank{self.rank}.pt"
-        if not state_file.is_file():
-            raise ScmmError(f"--resume: {state_file} is missing (was the run launched with another number of ranks?)")
-        state = torch.load(state_file, weights_only=False)
+            raise ScmmError(f"--resume: cannot load checkpoint {sealed.folder}")
+        try:
+            state = torch.load(checkpoints.state_file(sealed.folder, self.rank), weights_only=False)
+        except (OSError, RuntimeError, EOFError) as exc:
+            raise ScmmError(f"--resume: cannot read {checkpoints.state_file(sealed.folder, self.rank)} "
+                            f"({exc})") from None
         if self.loader is not None:
             self.loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
-        self.step = int(client["step"])
+        self.step, self.skipped = int(client["step"]), int(state.get("skipped", 0))
+        log.info("%s: resumed from %s (step %d)", self.name, sealed.folder, self.step)
         return self.step
 
     # --- export -----------------------------------------------------------------------------------
@@ -493,5 +556,8 @@ def script_main(description: str, load_config: Callable[[str], Any], train: Call
               stop_at=args.stop_at)
     except ScmmError as exc:
         sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except OSError as exc:  # a folder that cannot be written, a full disk, ...
+        sys.stderr.write(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}\n")
         return 2
     return 0

@@ -57,9 +57,9 @@ def train(cfg: Stage1Config, resume: bool = False, deepspeed_json: str | None = 
     ``stop_at`` ends this launch after that step with a checkpoint (for time-limited cluster jobs); ``resume``
     continues from the latest checkpoint.
     """
-    launch = start_run(cfg.out, resume, cfg.train.threads)
-    corpus = Corpus(cfg.corpus)
+    corpus = Corpus(cfg.corpus)  # before any process group starts
     vocab = GeneVocab.load(corpus.path)
+    launch = start_run(cfg.out, resume, cfg.train.threads)
     loader = CorpusLoader(corpus, "train", cfg.loader, cfg.encoding, vocab, rank=launch.rank,
                           world_size=launch.world)
 

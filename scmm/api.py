@@ -30,6 +30,9 @@ Outputs (DESIGN.md names):
     embedding space (itself included; FAISS) before the choice.
   - ``query_index``: confidence = the vote share of the winner among the ``k`` nearest reference cells;
     ``unknown_threshold`` is on that vote share.
+* ``obs['scmm_qc']`` (``embed``, ``annotate``, ``query_index``): "ok", or "no_expressed_gene" for a cell that
+  expresses none of the model's genes. Such a cell's embedding holds no information about it: it is called
+  "unknown" with confidence 0, and ``build_index`` leaves it out of the reference.
 * ``obs['scmm_description']``: the stage-2 model's text for each cell.
 * ``generate``: ``X`` float32 ``[n, G]`` of log1p-CP10k expression over the model's HVG panel (``var`` index: gene
   symbols, ``var['vocab_id']``), ``obs['prompt']``, ``uns['scmm_generate']`` (seed, noise, normalisation).
@@ -68,13 +71,15 @@ from scmm.model.folders import ScmmModel, load_model
 log = logging.getLogger("scmm")
 
 __all__ = ["load_model", "embed", "annotate", "describe", "generate", "build_index", "query_index", "Options",
-           "ScmmModel", "EMBEDDING_KEY", "CELL_TYPE", "CELL_TYPE_ID", "CONFIDENCE", "DESCRIPTION"]
+           "ScmmModel", "EMBEDDING_KEY", "CELL_TYPE", "CELL_TYPE_ID", "CONFIDENCE", "DESCRIPTION", "QC"]
 
 EMBEDDING_KEY = "X_scmm"
 CELL_TYPE = "scmm_cell_type"
 CELL_TYPE_ID = "scmm_cell_type_ontology_term_id"
 CONFIDENCE = "scmm_confidence"
 DESCRIPTION = "scmm_description"
+QC = "scmm_qc"
+QC_EMPTY = "no_expressed_gene"
 UNKNOWN = "unknown"
 SMOOTH_K = 15
 INDEX_K = 15
@@ -154,21 +159,40 @@ class _Input:
                     smoothing=0.1)
 
 
-def _embed(inp: _Input) -> np.ndarray:
+def _embed(inp: _Input) -> tuple[np.ndarray, np.ndarray]:
+    """The cells' embeddings, and which cells express none of the model's genes (their input is ``<cls>`` alone)."""
     dev = inp.opts.torch_device
     aligner = inp.model.aligner.to(dev).eval()
     dtype = inp.opts.dtype(dev)
     cell_path = aligner.cell_features if dtype == torch.float32 else aligner.cell_embedder(dtype)
     out = np.zeros((inp.n_obs, aligner.heads.cell_proj.out_features), dtype=np.float32)
+    empty = np.zeros(inp.n_obs, dtype=bool)
     t0 = time.perf_counter()
     with inp.progress("embed") as bar, torch.inference_mode():
         for rows, batch in inp.batches():
             out[rows] = cell_path(**{k: v.to(dev) for k, v in batch.items()}).float().cpu().numpy()
+            empty[rows] = (~batch["padding_mask"]).sum(1).numpy() <= 1
             bar.update(len(rows))
     dt = time.perf_counter() - t0
     log.info("embedded %d cells in %.1f s (%.1f cells/s, %s weights)", inp.n_obs, dt, inp.n_obs / max(dt, 1e-9),
              str(dtype).removeprefix("torch."))
-    return out
+    if empty.any():
+        log.warning("%d of %d cells express none of the model's genes: flagged in obs['%s'] as '%s'",
+                    int(empty.sum()), inp.n_obs, QC, QC_EMPTY)
+    return out, empty
+
+
+def _qc(obs: pd.DataFrame | None, empty: np.ndarray) -> pd.DataFrame:
+    """``obs`` (or a new frame) with the QC column; cells with no expressed gene are called unknown (confidence 0)."""
+    if obs is None:
+        obs = pd.DataFrame(index=pd.RangeIndex(len(empty)))
+    elif CELL_TYPE in obs:
+        cell_type, cell_id = (obs[c].astype(str).to_numpy(dtype=object) for c in (CELL_TYPE, CELL_TYPE_ID))
+        conf = obs[CONFIDENCE].to_numpy(copy=True)
+        cell_type[empty], cell_id[empty], conf[empty] = UNKNOWN, UNKNOWN, 0.0
+        obs = _label_frame(cell_type, cell_id, conf)
+    obs[QC] = pd.Categorical(np.where(empty, QC_EMPTY, "ok"), categories=["ok", QC_EMPTY])
+    return obs
 
 
 # --- annotation -------------------------------------------------------------------------------------
@@ -216,6 +240,11 @@ def annotate_embeddings(emb: np.ndarray, model: ScmmModel, candidates: Candidate
     return _label_frame(cell_type, cell_id, prob[rows, best])
 
 
+def _check_threshold(value: float | None, low: float, high: float, what: str) -> None:
+    if value is not None and not low <= value <= high:  # NaN fails both comparisons
+        raise ScmmError(f"--unknown-threshold must be {what} in [{low:g}, {high:g}], got {value}")
+
+
 def _label_frame(cell_type: np.ndarray, cell_id: np.ndarray, conf: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({CELL_TYPE: pd.Categorical(cell_type.astype(str)),
                          CELL_TYPE_ID: pd.Categorical(cell_id.astype(str)),
@@ -254,7 +283,13 @@ def _describe(inp: _Input, constrained: bool, num_beams: int) -> list[str]:
 
 # --- results ----------------------------------------------------------------------------------------
 def check_output(src: Path | None, out: Path, overwrite: bool) -> None:
-    """Refuse to write over the input or, without ``overwrite``, over an existing file."""
+    """Refuse to write over the input or, without ``overwrite``, over an existing file, or where nothing can be
+    written (missing folders on the way are created when the result is written)."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ScmmError(f"cannot write --out {out}: {parent} is not a writable folder")
     if src is not None and out.exists() and src.exists() and out.resolve() == src.resolve():
         raise ScmmError(f"--out {out} is the input file; scmm never modifies its input")
     if out.exists() and not overwrite:
@@ -331,7 +366,8 @@ def _start(data: Any, model: Any, out: str | os.PathLike | None, overwrite: bool
     """Check the output, open the model and prepare the input, before any work."""
     out = Path(out) if out is not None else None
     if isinstance(data, (str, Path)) and not Path(data).is_file():
-        raise ScmmError(f"input file not found: {data}")
+        kind = "is a folder, not an .h5ad file" if Path(data).is_dir() else "not found"
+        raise ScmmError(f"input file {kind}: {data}")
     if out is not None:
         check_output(Path(data) if isinstance(data, (str, Path)) else None, out, overwrite)
     opts = Options.of(options, **defaults)
@@ -343,7 +379,8 @@ def _start(data: Any, model: Any, out: str | os.PathLike | None, overwrite: bool
 def embed(data: Any, model: Any, *, out: str | os.PathLike | None = None, overwrite: bool = False, **options):
     """A copy of ``data`` with ``obsm['X_scmm']`` (the aligned cell embedding)."""
     model, inp, out = _start(data, model, out, overwrite, options)
-    return _result(data, None, {EMBEDDING_KEY: _embed(inp)}, out)
+    emb, empty = _embed(inp)
+    return _result(data, _qc(None, empty), {EMBEDDING_KEY: emb}, out)
 
 
 def annotate(data: Any, model: Any, *, labels: str | Sequence[str] | None = None,
@@ -356,11 +393,12 @@ def annotate(data: Any, model: Any, *, labels: str | Sequence[str] | None = None
     """
     if smooth and k < 1:
         raise ScmmError("--k must be at least 1")
+    _check_threshold(unknown_threshold, -1.0, 1.0, "a cosine similarity")
     model, inp, out = _start(data, model, out, overwrite, options)
     candidates = _candidates(model, labels)  # bad labels fail before the work
-    emb = _embed(inp)
+    emb, empty = _embed(inp)
     obs = annotate_embeddings(emb, model, candidates, unknown_threshold, smooth, k)
-    return _result(data, obs, {EMBEDDING_KEY: emb}, out)
+    return _result(data, _qc(obs, empty), {EMBEDDING_KEY: emb}, out)
 
 
 def describe(data: Any, model: Any, *, constrained: bool = False, num_beams: int = 1,
@@ -388,8 +426,6 @@ def generate(model: Any, text: str | Sequence[str], *, n: int, seed: int = 0, no
     if out is not None:
         out = Path(out)
         check_output(None, out, overwrite)
-        if not out.parent.is_dir():
-            raise ScmmError(f"output folder {out.parent} does not exist")
     model = load_model(model)
     stage2 = model.stage2
     x = stage2.generate_pseudocells(texts, n, seed=seed, noise=noise)
@@ -420,7 +456,9 @@ def build_index(data: Any, model: Any, label_column: str, out: str | os.PathLike
     codes, classes = reference_labels(obs[label_column].to_numpy(), label_column)
     if not (codes >= 0).any():
         raise ScmmError(f"no reference cell has a label in column '{label_column}'")
-    return write_index(out, _embed(inp), codes, classes, model.fingerprint, label_column, overwrite,
+    emb, empty = _embed(inp)
+    codes = np.where(empty, -1, codes)  # a cell with no expressed gene says nothing about its label
+    return write_index(out, emb, codes, classes, model.fingerprint, label_column, overwrite,
                        extra={"reference": str(inp.source.path)})
 
 
@@ -429,9 +467,10 @@ def query_index(index: Any, data: Any, model: Any, *, k: int = INDEX_K, unknown_
     """A copy of ``data`` labelled by k-NN vote against a reference index (a folder or a ReferenceIndex)."""
     if k < 1:
         raise ScmmError("--k must be at least 1")
+    _check_threshold(unknown_threshold, 0.0, 1.0, "a vote share")
     ref = index if isinstance(index, ReferenceIndex) else ReferenceIndex.load(index)
     model = load_model(model)
     ref.check_model(model.fingerprint)
     model, inp, out = _start(data, model, out, overwrite, options)
-    emb = _embed(inp)
-    return _result(data, _query(ref, emb, k, unknown_threshold), {EMBEDDING_KEY: emb}, out)
+    emb, empty = _embed(inp)
+    return _result(data, _qc(_query(ref, emb, k, unknown_threshold), empty), {EMBEDDING_KEY: emb}, out)

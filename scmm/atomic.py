@@ -6,18 +6,30 @@ Every folder scmm writes (corpora, model folders, packages, indexes, evaluation 
 `tempfile.mkdtemp` / `mkstemp` create private entries (0700 / 0600); renamed into place they would stay
 private, so a model folder or corpus on a shared cluster file system would be unreadable by the rest of the
 group. These helpers give the temporary entry the permissions a plain `mkdir` / `open` would (the umask's).
+
+A temporary name records the host and process that made it (``.<name>.tmp-<host>-<pid>-XXXX``): a process
+killed mid-write leaves its temporary entry behind, and the next write of the same output removes the entries of
+processes of this host that no longer run (:func:`remove_stale`). Entries of other hosts are left alone (their
+processes cannot be checked from here) and logged.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from scmm.errors import ScmmError
 
-__all__ = ["temp_dir_beside", "temp_file_beside", "publish_dir", "write_folder", "check_replaceable"]
+log = logging.getLogger("scmm.atomic")
+
+__all__ = ["temp_dir_beside", "temp_file_beside", "publish_dir", "write_folder", "check_replaceable",
+           "write_file", "remove_stale"]
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[^/]+)-(?P<pid>\d+)-[^-]+$")
 
 
 def _umask() -> int:
@@ -26,23 +38,79 @@ def _umask() -> int:
     return mask
 
 
+def _host() -> str:
+    return socket.gethostname().replace("-", "_").replace("/", "_") or "host"
+
+
+def _prefix(out: Path, tag: str) -> str:
+    return f".{out.name}.{tag}-{_host()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale(out: str | os.PathLike) -> list[Path]:
+    """Remove the temporary entries beside ``out`` left by killed processes of this host; returns them."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    host, removed = _host(), []
+    for entry in out.parent.iterdir():
+        m = _TEMP.match(entry.name)
+        if m is None or m["name"] != out.name:
+            continue
+        if m["host"] != host:
+            log.info("leaving %s: a temporary entry of another host (%s)", entry, m["host"])
+        elif int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted run (process %s)", entry, m["pid"])
+            removed.append(entry)
+    return removed
+
+
 def temp_dir_beside(out: str | os.PathLike, tag: str = "tmp") -> Path:
-    """A new hidden folder ``.<name>.<tag>-XXXX`` in ``out``'s parent (created if missing), umask permissions."""
+    """A new hidden folder ``.<name>.<tag>-<host>-<pid>-XXXX`` in ``out``'s parent (created if missing), umask
+    permissions; stale ones of killed processes are removed first."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
+    remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(out, tag), dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 
 
 def temp_file_beside(out: str | os.PathLike, suffix: str = "") -> Path:
-    """A new empty hidden file ``.<name>.tmp-XXXX<suffix>`` beside ``out``, with umask permissions."""
+    """A new empty hidden file ``.<name>.tmp-<host>-<pid>-XXXX<suffix>`` beside ``out``, with umask permissions;
+    stale ones of killed processes are removed first."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=suffix, dir=out.parent)
+    remove_stale(out)
+    fd, name = tempfile.mkstemp(prefix=_prefix(out, "tmp"), suffix=suffix, dir=out.parent)
     os.close(fd)
     os.chmod(name, 0o666 & ~_umask())
     return Path(name)
+
+
+def write_file(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a temporary file beside ``out``, flush it to disk, then rename it to ``out``: readers
+    (and a process restarted after a kill or a node failure) see the old file or the new one, never a part."""
+    out = Path(out)
+    tmp = temp_file_beside(out)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
 
 
 def check_replaceable(out: str | os.PathLike, marker: str | None) -> None:

@@ -455,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     except ScmmError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    except OSError as exc:  # a file system's refusal: a folder that cannot be written, a full disk, ...
+        where = f": {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"error: {exc.strerror or exc}{where}\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         return 2

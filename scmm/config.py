@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -32,13 +33,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         (inner, *_) = typing.get_args(tp) or (Any,)
         out = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
+    if tp is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
         try:
-            return float(value)  # YAML reads 3e-4 as a string
+            number = float(value)  # YAML reads 3e-4 as a string
         except ValueError:
-            pass
+            number = None
+        if number is not None:
+            if not math.isfinite(number):
+                raise ScmmError(f"config key '{where}' must be a finite number, got {value!r}")
+            return number
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ScmmError(f"config key '{where}' must be {tp.__name__}, got {value!r}")
     return value
@@ -47,11 +50,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Build dataclass `cls` from a dict; unknown keys and wrongly typed values are errors naming the key."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ScmmError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)} "
-                        f"(allowed here: {', '.join(sorted(fields))})")
+        names = (prefix + (k if isinstance(k, str) and k.isprintable() and k.strip() == k and k else repr(k))
+                 for k in unknown)
+        raise ScmmError(f"unknown config key(s) {', '.join(names)} (allowed here: {', '.join(sorted(fields))})")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:

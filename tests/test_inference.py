@@ -142,7 +142,8 @@ def test_embed_cli_writes_copy_plus_embedding(package: Path, pbmc_h5ad: Path, wo
     assert emb.shape == (src.n_obs, 16) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert (res.X != src.X).nnz == 0 and list(res.obs_names) == list(src.obs_names)
-    pd.testing.assert_frame_equal(res.obs, src.obs)
+    pd.testing.assert_frame_equal(res.obs.drop(columns="scmm_qc"), src.obs)  # the input's obs, plus the QC flag
+    assert set(res.obs["scmm_qc"]) == {"ok"}
     assert not [p for p in work.iterdir() if p.name.startswith(".embedded")]
 
 
@@ -182,13 +183,13 @@ def test_api_returns_new_anndata_and_leaves_input_alone(model, pbmc_h5ad: Path):
     from scmm.api import annotate
     adata = ad.read_h5ad(pbmc_h5ad)
     snapshot = adata.copy()
-    out = annotate(adata, model, labels=["CL:0000236", "T cell", "something never seen"], unknown_threshold=-2)
+    out = annotate(adata, model, labels=["CL:0000236", "T cell", "something never seen"], unknown_threshold=-1.0)
     assert out is not adata and "X_scmm" not in adata.obsm and "scmm_cell_type" not in adata.obs
     assert (adata.X != snapshot.X).nnz == 0
     assert set(out.obs["scmm_cell_type"]) <= {"B cell", "T cell", "something never seen"}
     ids = dict(zip(out.obs["scmm_cell_type"], out.obs["scmm_cell_type_ontology_term_id"]))
     assert ids.get("B cell", "CL:0000236") == "CL:0000236" and ids.get("something never seen", "") == ""
-    everything_unknown = annotate(adata, model, unknown_threshold=1.01)
+    everything_unknown = annotate(adata, model, unknown_threshold=1.0)
     assert set(everything_unknown.obs["scmm_cell_type"]) == {"unknown"}
 
 
@@ -205,7 +206,7 @@ def test_annotate_cli_default_labels_smooth_and_unknown(package: Path, pbmc_h5ad
     assert conf.dtype == np.float32 and ((conf > 0) & (conf <= 1.0 + 1e-6)).all()
     assert res.obsm["X_scmm"].shape == (res.n_obs, 16)
     assert _cli("annotate", str(pbmc_h5ad), "--model", str(package), "--out", str(out), "--overwrite",
-                "--unknown-threshold", "1.5", "--quiet") == 0
+                "--unknown-threshold", "1", "--quiet") == 0
     assert set(ad.read_h5ad(out).obs["scmm_cell_type"]) == {"unknown"}
 
 
@@ -376,3 +377,32 @@ def test_log_normalised_input_is_detected(model, pbmc_h5ad: Path):
     a = embed(counts, model, precision="fp32").obsm["X_scmm"]
     b = embed(logn, model, precision="fp32").obsm["X_scmm"]
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_cells_with_no_expressed_gene_are_flagged_and_called_unknown(model, pbmc_h5ad: Path):
+    from scmm.api import annotate, embed
+    adata = ad.read_h5ad(pbmc_h5ad)[:12].copy()
+    x = adata.X.toarray()
+    x[[2, 7]] = 0.0  # two empty cells
+    x[5, :] = 0.0
+    x[5, 0] = 3.0  # one cell expressing a single gene: a real, if thin, input
+    adata.X = sp.csr_matrix(x)
+    out = annotate(adata, model, labels=["B cell", "T cell"], precision="fp32")
+    qc = out.obs["scmm_qc"].astype(str).to_numpy()
+    assert list(np.flatnonzero(qc == "no_expressed_gene")) == [2, 7]
+    assert set(qc) == {"ok", "no_expressed_gene"}
+    assert list(out.obs["scmm_cell_type"].astype(str)[[2, 7]]) == ["unknown", "unknown"]
+    assert out.obs["scmm_confidence"].to_numpy()[[2, 7]].tolist() == [0.0, 0.0]
+    assert (out.obs["scmm_confidence"].to_numpy()[qc == "ok"] > 0).all()
+    assert np.isfinite(out.obsm["X_scmm"]).all()
+    assert list(embed(adata, model).obs["scmm_qc"].astype(str)) == list(qc)
+
+
+def test_non_integer_values_beyond_log1p_are_an_error(model, pbmc_h5ad: Path):
+    """Ambient-corrected counts (not integers, far above any log1p value) are not silently read as log1p."""
+    from scmm.api import embed
+    from scmm.errors import ScmmError
+    adata = ad.read_h5ad(pbmc_h5ad)[:20].copy()
+    adata.X = sp.csr_matrix(adata.X.toarray() * 0.93)
+    with pytest.raises(ScmmError, match="read as log1p-normalised, but they reach"):
+        embed(adata, model)

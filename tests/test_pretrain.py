@@ -60,14 +60,20 @@ def test_two_ranks_loss_goes_down_and_model_exports(tmp_path: Path, small_corpus
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(tmp_path: Path, small_corpus: Path):
-    """Stop after step 3 (checkpointed), resume: steps 4-6 match the uninterrupted run (loss and batches)."""
+def test_resume_continues_exactly_after_a_stop_and_a_killed_rank(tmp_path: Path, small_corpus: Path):
+    """Stop after step 3 (checkpointed); resume and lose rank 1 to SIGKILL while it writes the checkpoint of
+    step 6 (the launcher fails); resume again: from step 3, steps 4-6 match the uninterrupted run (loss and
+    batches) and each appears once in the metrics log."""
     full = _config(tmp_path, small_corpus, "full", steps=6)
     _launch(full, 2)
     split = _config(tmp_path, small_corpus, "split", steps=6)
     _launch(split, 2, "--stop-at", "3")
     assert not (tmp_path / "split" / "model").exists()
-    _launch(split, 2, "--resume")
+    killed = launch_ranks("tests/faults.py", split, 2, "--resume", fault="engine-files:6:1", check=False)
+    assert killed.returncode != 0
+    assert [r["step"] for r in read_metrics(tmp_path / "split")] == [1, 2, 3, 4, 5, 6]  # logged before the kill
+    resumed = _launch(split, 2, "--resume")
+    assert "resumed from" in resumed.stderr and "step00000003 (step 3)" in resumed.stderr
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b):
