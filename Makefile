@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE = 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup demo test test-fast lint bench bench-gpu clean
+.PHONY: setup demo test test-fast lint bench bench-gpu annbatch-env clean
 
 setup: $(VENV)/.installed
 
@@ -57,7 +57,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 # each benchmark prints its comparison table and appends a JSON line to benchmarks/results.jsonl
-bench: setup
+bench: setup annbatch-env
 	$(PY) benchmarks/bench_encoder.py
 	$(PY) benchmarks/bench_loader.py
 	test -d runs/demo/corpus || $(SCMM) data demo --out runs/demo/corpus --quiet
@@ -66,6 +66,17 @@ bench: setup
 	$(PY) benchmarks/bench_retrieval.py --n 300000 --queries 5000
 
 # one command for a GPU machine (it fits in a few minutes on one H100/H200): the encoder against upstream in bf16
+# annbatch (the loader benchmark's comparison) needs Python >= 3.12: its own environment, scmm's numpy kernels in it
+ANNBATCH_BASE ?= $(shell pyenv root 2>/dev/null)/versions/3.12.1/bin/python3
+annbatch-env: .venv-annbatch/.installed
+
+.venv-annbatch/.installed: setup.py
+	@if ! test -x "$(ANNBATCH_BASE)"; then echo "no Python 3.12 at '$(ANNBATCH_BASE)' (set ANNBATCH_BASE): \
+	the loader benchmark will skip annbatch"; exit 0; fi; \
+	$(ANNBATCH_BASE) -m venv .venv-annbatch && \
+	.venv-annbatch/bin/pip install --quiet 'annbatch[zarrs]==0.3.1' && \
+	.venv-annbatch/bin/pip install --quiet --no-deps -e . && touch $@
+
 bench-gpu: setup
 	$(PY) benchmarks/bench_encoder.py --device cuda --threads 8 --repeats 5
 

@@ -17,7 +17,8 @@ A batch row is ``<cls>`` followed by the cell's expressed genes in column order 
 
 Randomness (binning ties, the length sample) comes from the generator(s) the caller passes, so each caller decides
 what keeps its output reproducible: the loader seeds one generator per batch (exact resume), inference one per cell
-(:func:`cell_rng`: results independent of chunking and batching).
+(:func:`cell_rng`: results independent of chunking and batching). The arithmetic, a whole batch per numpy call, is
+in :mod:`scmm.data_pipeline.collate`.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import scipy.sparse as sp
 import torch
 
 from scmm.config import from_dict, read_json
+from scmm.data_pipeline.collate import NORMALIZATIONS, binning, encode_rows, log1p_normalize
 from scmm.data_pipeline.vocab import GeneVocab
 from scmm.errors import ScmmError
 
@@ -38,7 +40,6 @@ __all__ = ["CellEncoding", "ENCODING_FILE", "NORMALIZATIONS", "binning", "cell_r
            "log1p_normalize"]
 
 ENCODING_FILE = "cell_encoding.json"
-NORMALIZATIONS = ("counts", "log1p")
 
 
 @dataclass
@@ -80,52 +81,6 @@ class CellEncoding:
         return from_dict(cls, read_json(path, "cell encoding"), where="encoding")
 
 
-def log1p_normalize(matrix: sp.spmatrix, normalization: str, target_sum: float = 1e4,
-                    dtype: type = np.float64) -> sp.csr_matrix:
-    """log1p(x / row total * target_sum) of a cell x gene matrix of counts (``normalization='counts'``), or the
-    stored values of an already log1p-normalised one (``'log1p'``): a new CSR of ``dtype``, explicit zeros dropped."""
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, not {normalization!r}")
-    m = sp.csr_matrix(matrix, dtype=np.float64, copy=True)
-    m.eliminate_zeros()
-    if normalization == "counts":
-        totals = np.asarray(m.sum(axis=1)).ravel()
-        scale = np.where(totals > 0, target_sum / np.maximum(totals, 1e-300), 0.0)
-        m.data *= np.repeat(scale, np.diff(m.indptr))
-        np.log1p(m.data, out=m.data)
-    return m if dtype == np.float64 else m.astype(dtype)
-
-
-_BIN_PLANS: dict[tuple[int, int], tuple] = {}
-
-
-def binning(values: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.ndarray:
-    """scGPT value binning of one cell's non-zero values into 1..n_bins-1 by the cell's own quantiles.
-
-    Same result as upstream's ``np.quantile`` edges + two ``np.digitize`` calls, computed from one sort (numpy's
-    linear-interpolation quantile formula, its interpolation weights cached per cell size). Ties between bin edges
-    are spread uniformly as upstream does, but with a seeded generator.
-    """
-    n = values.size
-    if n == 0:
-        return values.astype(np.float32)
-    plan = _BIN_PLANS.get((n, n_bins))
-    if plan is None:
-        position = np.linspace(0, 1, n_bins - 1) * (n - 1)
-        lo = np.floor(position).astype(np.intp)
-        frac = position - lo
-        plan = (lo, np.minimum(lo + 1, n - 1), frac, frac >= 0.5)
-        if len(_BIN_PLANS) < 100_000:  # one small entry per distinct number of expressed genes
-            _BIN_PLANS[(n, n_bins)] = plan
-    lo, hi, frac, upper = plan
-    ordered = np.sort(values)
-    a, b = ordered[lo], ordered[hi]
-    edges = np.where(upper, b - (b - a) * (1 - frac), a + (b - a) * frac)  # numpy's own lerp
-    left = np.searchsorted(edges, values, side="right")  # np.digitize(values, edges)
-    right = np.searchsorted(edges, values, side="left")  # np.digitize(values, edges, right=True)
-    return np.ceil(rng.random(n) * (right - left) + left).astype(np.float32)
-
-
 def cell_rng(seed: int, row: int) -> np.random.Generator:
     """The generator of one cell at inference: a function of (seed, the cell's row) only."""
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 7, int(row)]))
@@ -138,42 +93,9 @@ def encode_cells(matrix: sp.spmatrix, gene_ids: np.ndarray, vocab: GeneVocab, en
     ``{gene_ids, values, padding_mask}`` of ``[n, L]`` tensors (see the module docstring).
 
     ``normalization``: ``'counts'`` or ``'log1p'`` (what the stored values are); ``training`` picks the length
-    limit; ``rng``: one generator drawn from row after row, or one generator per row.
+    limit; ``rng``: one generator for the batch, or one per row (:func:`~scmm.data_pipeline.collate.encode_rows`).
     """
-    gene_ids = np.asarray(gene_ids, dtype=np.int64)
-    m = log1p_normalize(matrix, normalization, encoding.target_sum)
-    if m.shape[1] != len(gene_ids):
-        raise ValueError(f"{m.shape[1]} matrix columns but {len(gene_ids)} gene ids")
-    n = m.shape[0]
-    per_row = not isinstance(rng, np.random.Generator)
-    if per_row and len(rng) != n:
-        raise ValueError(f"{len(rng)} generators for {n} cells")
-    limit = encoding.length_limit(training)
-    genes: list[np.ndarray] = []
-    values: list[np.ndarray] = []
-    for r in range(n):
-        gen = rng[r] if per_row else rng
-        lo, hi = m.indptr[r], m.indptr[r + 1]
-        idx, val = m.indices[lo:hi], m.data[lo:hi]
-        if encoding.n_bins > 0:
-            val = binning(val, encoding.n_bins, gen)
-        if limit is not None and len(idx) > limit - 1:
-            pick = np.sort(gen.choice(len(idx), limit - 1, replace=False))
-            idx, val = idx[pick], val[pick]
-        genes.append(gene_ids[idx])
-        values.append(val)
-    return pad_cells(genes, values, vocab, encoding.pad_value)
-
-
-def pad_cells(genes: list[np.ndarray], values: list[np.ndarray], vocab: GeneVocab,
-              pad_value: float) -> dict[str, torch.Tensor]:
-    """``<cls>`` + each cell's (gene id, value) pairs, padded to the longest cell."""
-    n = len(genes)
-    length = 1 + max((len(g) for g in genes), default=0)
-    ids = np.full((n, length), vocab.pad_id, dtype=np.int64)
-    vals = np.full((n, length), pad_value, dtype=np.float32)
-    ids[:, 0], vals[:, 0] = vocab.cls_id, 0.0
-    for i, (g, v) in enumerate(zip(genes, values)):
-        ids[i, 1:1 + len(g)], vals[i, 1:1 + len(v)] = g, v
-    ids_t = torch.from_numpy(ids)
-    return {"gene_ids": ids_t, "values": torch.from_numpy(vals), "padding_mask": ids_t == vocab.pad_id}
+    arrays = encode_rows(matrix, gene_ids, normalization=normalization, target_sum=encoding.target_sum,
+                         n_bins=encoding.n_bins, limit=encoding.length_limit(training), cls_id=vocab.cls_id,
+                         pad_id=vocab.pad_id, pad_value=encoding.pad_value, rng=rng)
+    return {key: torch.from_numpy(value) for key, value in arrays.items()}

@@ -13,6 +13,7 @@ How a cell becomes model input is not the loader's business: the model's
 does it, with one generator per batch (seeded by seed, epoch, stream and position, so resume is exact).
 """
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -123,40 +124,105 @@ class CorpusStream(IterableDataset):
                              self.cfg.shuffle_buffer, lengths, self.cfg.batch_size)
         labels = {c: i for i, c in enumerate(corpus.cell_types)}
         pos = self.start[local]
-        remaining = np.bincount(order[pos:, 0], minlength=len(entries))  # cells still due, per shard
-        cache: dict[int, object] = {}
+        shards = _ShardCache(corpus, entries, labels, order[pos:])
         bs = self.cfg.batch_size
-        while pos < len(order):
-            end = min(pos + bs, len(order))
-            if end - pos < bs and self.cfg.drop_last:
-                return
-            indices, data, obs = [], [], []
-            for shard_idx, row in order[pos:end]:
-                if shard_idx not in cache:
-                    cache[shard_idx] = corpus.read_shard(entries[shard_idx]["name"], columns=TEXT_COLUMNS)
-                shard = cache[shard_idx]
-                lo, hi = shard.matrix.indptr[row], shard.matrix.indptr[row + 1]
-                indices.append(shard.matrix.indices[lo:hi])
-                data.append(shard.matrix.data[lo:hi])
-                obs.append({k: shard.obs[k][row] for k in TEXT_COLUMNS})
-                remaining[shard_idx] -= 1
-                if remaining[shard_idx] == 0:
-                    del cache[shard_idx]  # every cell of it delivered: memory stays bounded
-            indptr = np.concatenate([[0], np.cumsum([len(i) for i in indices])])
-            cells = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr),
-                                  shape=(len(obs), corpus.n_genes))
-            enc = self.encoder
-            batch = encode_cells(cells, corpus.gene_vocab_ids, enc.vocab, enc.encoding,
-                                 normalization=corpus.manifest["normalization"], training=enc.training,
-                                 # one generator per batch: a resumed run starts at a batch
-                                 rng=_rng(self.cfg.seed, self.epoch, 2, stream, pos))
-            keys = label_keys([o["cell_type_ontology_term_id"] for o in obs], [o["cell_type"] for o in obs])
-            batch["labels"] = torch.tensor([labels.get(k, -1) for k in keys])
-            for key in TEXT_COLUMNS:
-                batch[key] = [o[key] for o in obs]
-            batch["stream"], batch["position"] = local, end
-            pos = end
-            yield batch
+        try:
+            while pos < len(order):
+                end = min(pos + bs, len(order))
+                if end - pos < bs and self.cfg.drop_last:
+                    return
+                part = order[pos:end]
+                cells, obs, label_ids = _gather(shards, part, corpus.n_genes)
+                enc = self.encoder
+                batch = encode_cells(cells, corpus.gene_vocab_ids, enc.vocab, enc.encoding,
+                                     normalization=corpus.manifest["normalization"], training=enc.training,
+                                     # one generator per batch: a resumed run starts at a batch
+                                     rng=_rng(self.cfg.seed, self.epoch, 2, stream, pos))
+                batch["labels"] = torch.from_numpy(label_ids)
+                batch.update({key: obs[key].tolist() for key in TEXT_COLUMNS})
+                batch["stream"], batch["position"] = local, end
+                shards.delivered(part)
+                pos = end
+                yield batch
+        finally:
+            shards.close()
+
+
+@dataclass
+class _Shard:
+    """A shard in a stream's memory: its expression, strings, and each cell's label index."""
+
+    matrix: sp.csr_matrix
+    obs: dict[str, np.ndarray]
+    labels: np.ndarray
+
+    @classmethod
+    def read(cls, corpus: Corpus, name: str, labels: dict[str, int]) -> "_Shard":
+        shard = corpus.read_shard(name, columns=TEXT_COLUMNS)
+        keys = label_keys(shard.obs["cell_type_ontology_term_id"], shard.obs["cell_type"])
+        return cls(shard.matrix, shard.obs, np.array([labels.get(k, -1) for k in keys], dtype=np.int64))
+
+
+class _ShardCache:
+    """The shards of one stream: each read once, one ahead of need in a thread (zarr's decoding and the checksums
+    release the GIL, so the read overlaps the encoding of the batches before it), dropped when its last cell is
+    delivered, so memory holds the shards of one shuffle window plus one."""
+
+    def __init__(self, corpus: Corpus, entries: list[dict], labels: dict[str, int], order: np.ndarray):
+        self._read = lambda s: _Shard.read(corpus, entries[s]["name"], labels)
+        self._due = np.bincount(order[:, 0], minlength=len(entries))  # cells still to deliver, per shard
+        _, first = np.unique(order[:, 0], return_index=True)
+        self._queue = order[np.sort(first), 0].tolist()  # shards in the order they are first needed
+        self._place = {s: k for k, s in enumerate(self._queue)}
+        self._submitted = 0
+        self._held: dict[int, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scmm-shard")
+
+    def __getitem__(self, s: int) -> _Shard:
+        ahead = min(self._place[s] + 2, len(self._queue))  # this shard and the next one in flight
+        while self._submitted < ahead:
+            nxt = self._queue[self._submitted]
+            self._held[nxt] = self._pool.submit(self._read, nxt)
+            self._submitted += 1
+        return self._held[s].result()
+
+    def delivered(self, part: np.ndarray) -> None:
+        self._due -= np.bincount(part[:, 0], minlength=len(self._due))
+        for s in [s for s in self._held if self._due[s] == 0]:
+            del self._held[s]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(a, a + n) for a, n in zip(starts, counts)])`` without a Python loop."""
+    return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+
+
+def _gather(shards: _ShardCache, part: np.ndarray, n_genes: int) -> tuple[sp.csr_matrix, dict[str, np.ndarray],
+                                                                         np.ndarray]:
+    """The cells ``part`` ((shard, row) pairs) as one CSR matrix in that order, their strings and labels."""
+    n = len(part)
+    counts = np.empty(n, dtype=np.int64)
+    pieces = [(s, np.flatnonzero(part[:, 0] == s)) for s in np.unique(part[:, 0])]
+    for s, mine in pieces:
+        indptr = shards[s].matrix.indptr
+        counts[mine] = indptr[part[mine, 1] + 1] - indptr[part[mine, 1]]
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    like = shards[pieces[0][0]].matrix
+    data, indices = np.empty(indptr[-1], dtype=like.data.dtype), np.empty(indptr[-1], dtype=like.indices.dtype)
+    obs = {key: np.empty(n, dtype=object) for key in TEXT_COLUMNS}
+    label_ids = np.empty(n, dtype=np.int64)
+    for s, mine in pieces:
+        shard, rows = shards[s], part[mine, 1]
+        src = _ranges(shard.matrix.indptr[rows], counts[mine])
+        dst = slice(None) if len(pieces) == 1 else _ranges(indptr[mine], counts[mine])
+        data[dst], indices[dst] = shard.matrix.data[src], shard.matrix.indices[src]
+        for key in TEXT_COLUMNS:
+            obs[key][mine] = shard.obs[key][rows]
+        label_ids[mine] = shard.labels[rows]
+    return sp.csr_matrix((data, indices, indptr), shape=(n, n_genes)), obs, label_ids
 
 
 def _as_is(batch: dict) -> dict:
