@@ -65,7 +65,6 @@ bench: setup annbatch-env
 	$(PY) benchmarks/bench_stage1.py --size human --precisions fp32,bf16 --steps 4
 	$(PY) benchmarks/bench_retrieval.py --n 300000 --queries 5000
 
-# one command for a GPU machine (it fits in a few minutes on one H100/H200): the encoder against upstream in bf16
 # annbatch (the loader benchmark's comparison) needs Python >= 3.12: its own environment, scmm's numpy kernels in it
 ANNBATCH_BASE ?= $(shell pyenv root 2>/dev/null)/versions/3.12.1/bin/python3
 annbatch-env: .venv-annbatch/.installed
@@ -77,6 +76,7 @@ annbatch-env: .venv-annbatch/.installed
 	.venv-annbatch/bin/pip install --quiet 'annbatch[zarrs]==0.3.1' && \
 	.venv-annbatch/bin/pip install --quiet --no-deps -e . && touch $@
 
+# one command for a GPU machine (it fits in a few minutes on one H100/H200): the encoder against upstream in bf16
 bench-gpu: setup
 	$(PY) benchmarks/bench_encoder.py --device cuda --threads 8 --repeats 5
 

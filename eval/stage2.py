@@ -45,7 +45,7 @@ def _loader(model: Stage2Model, corpus: Corpus, split: str, batch_size: int) -> 
 
 @torch.no_grad()
 def describe_split(model, corpus: Corpus, split: str = "test", constrained: bool = False, num_beams: int = 1,
-                   describe: bool = True, batch_size: int = 16, max_cells: int | None = None,
+                   describe: bool = True, batch_size: int = 64, max_cells: int | None = None,
                    progress: bool = False) -> dict[str, list]:
     """Generated descriptions and cell-type answers for the cells of ``split`` (loader order).
 

@@ -177,6 +177,9 @@ def deepspeed_config(path: str | Path | None, train: TrainOptions, micro_batch: 
               train_batch_size=micro_batch * train.grad_accum * world, gradient_clipping=train.grad_clip,
               steps_per_print=10 ** 9, wall_clock_breakdown=False)
     ds["bf16"] = {"enabled": train.precision == "bf16"}
+    if train.precision == "bf16" and not (ds.get("zero_optimization") or {}).get("stage", 0):
+        raise ScmmError(f"{name}: precision bf16 (bf16 weights) needs a ZeRO stage of 1 or more, which keeps the fp32 "
+                        f"weights the model is exported from; use autocast-bf16 without ZeRO")
     ds.pop("fp16", None)
     if train.tensorboard:
         ds["tensorboard"] = {"enabled": True, "output_path": str(out / "tensorboard"), "job_name": name}
@@ -288,7 +291,9 @@ def _adamw(groups: list[dict], opts: TrainOptions) -> torch.optim.Optimizer:
             return torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, eps=1e-8, fused=True)
         except (RuntimeError, TypeError):
             pass
-    return torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, eps=1e-8)
+    # foreach: a few kernels over all tensors instead of a loop per tensor (torch picks it on GPUs only; on CPU it
+    # took the demo stage-1 optimizer step from 80 to 66 ms)
+    return torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, eps=1e-8, foreach=True)
 
 
 class _LocalEngine:
@@ -513,9 +518,10 @@ class Trainer:
     # --- export -----------------------------------------------------------------------------------
     def load_trained_state(self, model: torch.nn.Module) -> torch.nn.Module:
         """Load the trained weights into ``model`` (a fresh copy of the trained model, on rank 0): the fp32 weights
-        consolidated from the last checkpoint (any ZeRO stage) under DeepSpeed, else the trained model's own.
+        consolidated from the last checkpoint under ZeRO (stages 1-3), else the trained model's own.
         Every trained parameter and buffer must be there; frozen weights stay as the fresh model has them."""
-        if self.launch is None:
+        if self.launch is None or self.engine.zero_optimization_stage() == 0:
+            # no ZeRO: this process holds the trained fp32 weights themselves (bf16 weights need ZeRO, see above)
             state = {k: v.detach() for k, v in self.model.state_dict().items()}
         else:
             from deepspeed.utils import zero_to_fp32  # noqa: PLC0415 - see _deepspeed_engine

@@ -406,7 +406,7 @@ def describe(data: Any, model: Any, *, constrained: bool = False, num_beams: int
     """A copy of ``data`` with ``obs['scmm_description']`` from the model's stage 2."""
     model = load_model(model)
     model.stage2  # noqa: B018 - fail early when there is no stage 2
-    model, inp, out = _start(data, model, out, overwrite, options, batch_size=16)
+    model, inp, out = _start(data, model, out, overwrite, options)
     texts = _describe(inp, constrained, num_beams)
     return _result(data, pd.DataFrame({DESCRIPTION: texts}), {}, out)
 

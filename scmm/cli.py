@@ -214,10 +214,10 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # --- scmm embed | annotate | describe | index | package (inference; logic in scmm/api.py) ---------------
-def _add_inference_options(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder: a package (scmm package), a stage-2 or a stage-1 "
                    "model folder")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"cells per forward pass (default {batch_size})")
+    p.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
     p.add_argument("--chunk-size", type=int, default=10_000, help="rows read from the h5ad at a time (default 10000)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
@@ -358,7 +358,7 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--constrained", action="store_true", help="constrain cell-type words to known labels")
     p.add_argument("--num-beams", type=int, default=1)
-    _add_inference_options(p, batch_size=16)
+    _add_inference_options(p)
     p.set_defaults(func=cmd_describe)
 
     index = sub.add_parser("index", help="FAISS reference index for label transfer")
