@@ -76,9 +76,12 @@ annbatch-env: .venv-annbatch/.installed
 	.venv-annbatch/bin/pip install --quiet 'annbatch[zarrs]==0.3.1' && \
 	.venv-annbatch/bin/pip install --quiet --no-deps -e . && touch $@
 
-# one command for a GPU machine (it fits in a few minutes on one H100/H200): the encoder against upstream in bf16
+# one command for a GPU machine (about 10 minutes on one H100/H200): the encoder against upstream in bf16, stage 1 at
+# the human size with a BERT-base-sized text tower (cells/s, MFU), stage 2 with a 1B Llama under ZeRO-2 and ZeRO-3
 bench-gpu: setup
 	$(PY) benchmarks/bench_encoder.py --device cuda --threads 8 --repeats 5
+	$(PY) benchmarks/bench_stage1.py --device cuda --precisions bf16 --text-tower bert-base --batch-size 32
+	$(PY) benchmarks/bench_stage2.py --llm 1b --zero 2,3 --steps 8
 
 clean:
 	rm -rf runs .cache .pytest_cache

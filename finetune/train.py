@@ -105,7 +105,10 @@ def train(cfg: Stage2RunConfig, resume: bool = False, deepspeed_json: str | None
                                        f"cells, {len(loader)} batches/epoch/rank")
 
     def forward(engine, batch: dict, step: int) -> dict:
-        return engine(pairs(batch, step, launch.rank))
+        sequences = pairs(batch, step, launch.rank)
+        out = engine(sequences)
+        out["tokens"] = int(sequences["c2t"]["attention_mask"].sum() + sequences["t2c"]["attention_mask"].sum())
+        return out
 
     last = trainer.fit(endless_batches(loader), forward, stop_at=stop_at)
     if launch.rank == 0 and trainer.finished:

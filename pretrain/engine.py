@@ -219,7 +219,7 @@ class MetricsWindow:
 
     def _reset(self) -> None:
         self.sums = {k: 0.0 for k in self.keys}
-        self.items = self.n = 0
+        self.items = self.n = self.tokens = 0
         self.digest = hashlib.sha1()
         self.tic = time.perf_counter()
 
@@ -227,17 +227,23 @@ class MetricsWindow:
         for k in self.keys:
             self.sums[k] += float(losses[k].detach())
         self.items += n_items
+        self.tokens += int(losses.get("tokens", 0))  # a forward that feeds a language model counts its tokens
         self.digest.update("\x1f".join(map(str, ids)).encode())
         self.n += 1
 
     def flush(self, step: int, epoch: int, lr: float) -> dict:
-        summary = torch.tensor([self.sums[k] for k in self.keys] + [self.items, self.n], dtype=torch.float64)
+        summary = torch.tensor([self.sums[k] for k in self.keys] + [self.items, self.tokens, self.n],
+                               dtype=torch.float64)
         if self.distributed:
             torch.distributed.all_reduce(summary)
         elapsed = max(time.perf_counter() - self.tic, 1e-9)
-        n = summary[-1].item()
+        n, tokens = summary[-1].item(), summary[-2].item()
         line = {"step": step, "epoch": epoch, "lr": lr, **{k: summary[i].item() / n for i, k in enumerate(self.keys)},
                 self.rate_key: summary[len(self.keys)].item() / elapsed, "batch_digest": self.digest.hexdigest()[:16]}
+        if tokens:
+            line["tokens_per_s"] = tokens / elapsed
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # this rank's peak, for sizing a run
+            line["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if self.rank == 0 and self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(line) + "\n")

@@ -10,6 +10,7 @@ from scmm.data_pipeline.encoding import CellEncoding, binning
 from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
 from scmm.data_pipeline.store import Corpus
 from scmm.data_pipeline.vocab import GeneVocab
+from scmm.errors import ScmmError
 
 VOCAB = GeneVocab.load()
 
@@ -65,7 +66,6 @@ def _loader_at_epoch(corpus: Path, rank: int, epoch: int) -> CorpusLoader:
 
 def test_resume_rejects_changed_layout(small_corpus: Path):
     state = _loader(small_corpus, 0, 2).state_dict()
-    from scmm.errors import ScmmError
     with pytest.raises(ScmmError, match="num_workers"):
         _loader(small_corpus, 0, 2, num_workers=1).load_state_dict(state)
     with pytest.raises(ScmmError, match="batch_size"):
@@ -159,3 +159,22 @@ def test_length_grouped_batches_hold_similar_cells_and_resume_exactly(small_corp
     resumed = _loader(small_corpus, 0, 2, group_by_length=True, shuffle_buffer=64)
     resumed.load_state_dict(first.state_dict())
     assert head + _ids(resumed) == grouped
+
+
+def test_a_shard_that_fails_to_read_ahead_stops_the_loader_with_its_error(small_corpus: Path, monkeypatch):
+    """Shards are read one ahead in a thread; a read that fails there is the loader's error when the shard is
+    needed, and the batches before it are delivered."""
+    names = [e["name"] for e in Corpus(small_corpus).shards("train")]
+    original = Corpus.read_shard
+
+    def read(self, name, columns=None):
+        if name == names[-1]:
+            raise ScmmError(f"corpus shard '{name}' is corrupted (test)")
+        return original(self, name, columns)
+
+    monkeypatch.setattr(Corpus, "read_shard", read)
+    delivered = []
+    with pytest.raises(ScmmError, match=names[-1]):
+        for batch in _loader(small_corpus, num_workers=0, shuffle=False, shuffle_buffer=8):
+            delivered.append(batch["cell_id"])
+    assert delivered  # the shards before the broken one were delivered
