@@ -5,9 +5,9 @@ generator draws what) and returns tensors; the arithmetic lives here. These func
 no torch, so that another loader can be measured doing exactly scmm's work (``benchmarks/bench_loader.py`` runs them
 on annbatch's batches in a Python 3.12 environment that has no CPU build of torch).
 
-Per batch the cost is a few numpy calls over all its values, plus one small sort per cell (each cell's quantiles
-need its values in order); other Python loops over cells remain only where a generator per cell is asked for
-(inference) or a cell is longer than the length limit.
+Per batch the cost is a few numpy calls over all its values (one sort by value, a radix sort by row, scatters and
+counts); Python loops over cells remain only where a generator per cell is asked for (inference: one draw call per
+cell) or a cell is longer than the length limit.
 """
 from __future__ import annotations
 

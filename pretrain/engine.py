@@ -369,6 +369,9 @@ class Trainer:
             model=self.model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
             config=deepspeed_config(config_path, opts, micro_batch, launch.world, launch.out, self.name),
             lr_scheduler=opts.schedule_for)
+        if launch.world == 1 and engine.zero_optimization_stage() == 0:
+            # one rank holds every gradient: DeepSpeed's all-reduce would only flatten and copy them back
+            engine.enable_backward_allreduce = False
         return engine
 
     def begin(self, run_config: dict, resume: bool, data: str) -> None:
