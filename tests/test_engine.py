@@ -124,3 +124,19 @@ def test_negative_counts_are_rejected(key: str):
     with pytest.raises(ValueError, match=key):
         TrainOptions(**{key: -1})
 
+
+
+def test_metrics_window_logs_tokens_per_second_only_when_a_forward_counts_tokens(tmp_path, monkeypatch):
+    """A stage-2 forward reports its LLM input tokens; the window sums them over micro-steps and logs their rate
+    over the window's wall time; a forward without tokens (stage 1) logs no such key."""
+    from scmm.pretrain import engine
+    clock = iter([100.0, 104.0, 200.0, 202.0, 300.0])  # window start, flush, start, flush, start
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
+    window = engine.MetricsWindow(("lm",), "samples_per_s", tmp_path / "metrics.jsonl", rank=0, distributed=False)
+    for tokens in (30, 50):
+        window.add({"loss": torch.tensor(1.0), "lm": torch.tensor(2.0), "tokens": tokens}, n_items=4, ids=["a"])
+    line = window.flush(step=1, epoch=0, lr=0.1)
+    assert line["tokens_per_s"] == pytest.approx(80 / 4.0) and line["samples_per_s"] == pytest.approx(8 / 4.0)
+    window.add({"loss": torch.tensor(1.0), "lm": torch.tensor(2.0)}, n_items=4, ids=["b"])
+    assert "tokens_per_s" not in window.flush(step=2, epoch=0, lr=0.1)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
