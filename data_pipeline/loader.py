@@ -6,13 +6,15 @@ shuffled inside consecutive windows of `shuffle_buffer` cells, so only the shard
 window are held in memory. The whole order is a pure function of (manifest, seed, epoch, stream),
 which is what makes resuming exact: the loader's state is the epoch, the number of cells each of
 its streams has delivered, and which stream delivers next (torch's DataLoader serves workers
-round-robin, so on resume the streams are rotated onto the workers to keep that order).
+round-robin, so on resume the streams are rotated onto the workers to keep that order). A launch on another
+number of ranks or workers continues the epoch from every old rank's state (:meth:`CorpusLoader.reshard`,
+:class:`EpochLayout`): the cells not delivered yet are dealt to the new streams, none skipped or repeated.
 
 How a cell becomes model input is not the loader's business: the model's
 :class:`~scmm.data_pipeline.encoding.CellEncoding` decides it and :func:`~scmm.data_pipeline.encoding.encode_cells`
 does it, with one generator per batch (seeded by seed, epoch, stream and position, so resume is exact).
 """
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -88,6 +90,68 @@ def stream_order(sizes: np.ndarray, shards: np.ndarray, seed: int, epoch: int, s
     return pairs
 
 
+class EpochLayout:
+    """Which cells each stream delivers in one epoch, and in what order: a pure function of the corpus's shard
+    sizes, the loader options, the epoch and its ``plan``.
+
+    ``plan`` is ``[{"streams": n0}]`` for an epoch run on one number of streams throughout. A run resumed on
+    another number of streams (ranks x workers) mid-epoch appends ``{"streams": n1, "consumed": [...]}``, the
+    cells each old stream had delivered: the cells the old streams had not delivered yet, in the old streams'
+    order, are cut into batches dealt round-robin to the new streams. So no cell of the epoch is skipped or seen
+    twice, the new streams' orders are again pure functions of the state, and a run may be re-sharded again.
+    """
+
+    def __init__(self, sizes: np.ndarray, cfg: "LoaderConfig", epoch: int, plan: list[dict],
+                 lengths: Callable[[int], np.ndarray] | None = None):
+        self.sizes, self.cfg, self.epoch, self.plan, self.lengths = sizes, cfg, epoch, plan, lengths
+
+    @property
+    def streams(self) -> int:
+        return int(self.plan[-1]["streams"])
+
+    @property
+    def level(self) -> int:
+        """How many times this epoch was re-sharded (0: never)."""
+        return len(self.plan) - 1
+
+    def counts(self, level: int | None = None) -> np.ndarray:
+        """Cells of each stream at ``level`` (default: the last), computed from sizes alone."""
+        level = self.level if level is None else level
+        n = int(self.plan[level]["streams"])
+        if level == 0:
+            assignment = shard_assignment(len(self.sizes), n, self.cfg.seed, self.epoch, self.cfg.shuffle)
+            return np.array([int(self.sizes[a].sum()) for a in assignment], dtype=np.int64)
+        rest = int((self.counts(level - 1) - np.asarray(self.plan[level]["consumed"])).sum())
+        owner = np.arange(-(-rest // self.cfg.batch_size)) % n  # stream of each batch of the remainder
+        per_batch = np.full(len(owner), self.cfg.batch_size, dtype=np.int64)
+        if len(per_batch) and rest % self.cfg.batch_size:
+            per_batch[-1] = rest % self.cfg.batch_size
+        return np.bincount(owner, weights=per_batch, minlength=n).astype(np.int64)
+
+    def pairs(self, stream: int, level: int | None = None) -> np.ndarray:
+        """(shard index, row) pairs of ``stream`` at ``level`` (default: the last) in delivery order, [n, 2]."""
+        level = self.level if level is None else level
+        cfg = self.cfg
+        if level == 0:
+            shards = shard_assignment(len(self.sizes), int(self.plan[0]["streams"]), cfg.seed, self.epoch,
+                                      cfg.shuffle)[stream]
+            lengths = None
+            if cfg.group_by_length and self.lengths is not None:
+                mine = set(shards.tolist())
+                lengths = [self.lengths(i) if i in mine else None for i in range(len(self.sizes))]
+            return stream_order(self.sizes, shards, cfg.seed, self.epoch, stream, cfg.shuffle, cfg.shuffle_buffer,
+                                lengths, cfg.batch_size)
+        consumed = self.plan[level]["consumed"]
+        rest = [self.pairs(t, level - 1)[consumed[t]:] for t in range(int(self.plan[level - 1]["streams"]))]
+        rest = np.concatenate(rest) if rest else np.zeros((0, 2), dtype=np.int64)
+        owner = (np.arange(len(rest)) // cfg.batch_size) % int(self.plan[level]["streams"])
+        return rest[owner == stream]
+
+    def batch_rng(self, stream: int, position: int) -> np.random.Generator:
+        """The encoding's generator of the batch that starts at ``position`` of ``stream``."""
+        return _rng(self.cfg.seed, self.epoch, 2, stream, position, *([self.level] if self.level else []))
+
+
 @dataclass
 class _Encoder:
     """What a stream needs to turn cells into model input."""
@@ -101,9 +165,9 @@ class CorpusStream(IterableDataset):
     """The cells of one split for this rank, as batches; iterated by a DataLoader's workers."""
 
     def __init__(self, corpus_path: str, split: str, cfg: LoaderConfig, encoder: _Encoder, rank: int,
-                 world_size: int, epoch: int, start: list[int], rotation: int):
+                 epoch: int, plan: list[dict], start: list[int], rotation: int):
         self.corpus_path, self.split, self.cfg, self.encoder = corpus_path, split, cfg, encoder
-        self.rank, self.world_size, self.epoch, self.start, self.rotation = rank, world_size, epoch, start, rotation
+        self.rank, self.epoch, self.plan, self.start, self.rotation = rank, epoch, plan, start, rotation
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -114,14 +178,9 @@ class CorpusStream(IterableDataset):
         entries = corpus.shards(self.split)
         sizes = np.array([e["n_cells"] for e in entries])
         stream = self.rank * n_workers + local
-        shards = shard_assignment(len(entries), self.world_size * n_workers, self.cfg.seed, self.epoch,
-                                  self.cfg.shuffle)[stream]
-        lengths = None
-        if self.cfg.group_by_length:
-            mine = set(shards.tolist())
-            lengths = [corpus.cell_lengths(e["name"]) if i in mine else None for i, e in enumerate(entries)]
-        order = stream_order(sizes, shards, self.cfg.seed, self.epoch, stream, self.cfg.shuffle,
-                             self.cfg.shuffle_buffer, lengths, self.cfg.batch_size)
+        layout = EpochLayout(sizes, self.cfg, self.epoch, self.plan,
+                             lambda i: corpus.cell_lengths(entries[i]["name"]))
+        order = layout.pairs(stream)
         labels = {c: i for i, c in enumerate(corpus.cell_types)}
         pos = self.start[local]
         shards = _ShardCache(corpus, entries, labels, order[pos:])
@@ -137,7 +196,7 @@ class CorpusStream(IterableDataset):
                 batch = encode_cells(cells, corpus.gene_vocab_ids, enc.vocab, enc.encoding,
                                      normalization=corpus.manifest["normalization"], training=enc.training,
                                      # one generator per batch: a resumed run starts at a batch
-                                     rng=_rng(self.cfg.seed, self.epoch, 2, stream, pos))
+                                     rng=layout.batch_rng(stream, pos))
                 batch["labels"] = torch.from_numpy(label_ids)
                 batch.update({key: obs[key].tolist() for key in TEXT_COLUMNS})
                 batch["stream"], batch["position"] = local, end
@@ -247,24 +306,28 @@ class CorpusLoader:
         self.epoch, self.batches_done = 0, 0
         self.consumed = [0] * self.n_workers
         self.next_stream = 0
+        self.plan: list[dict] = []  # the current epoch's re-shardings (EpochLayout); [] while there is none
 
     # --- sizes ------------------------------------------------------------------------------------
-    def _stream_batches(self, rank: int, epoch: int) -> list[int]:
-        n_streams = self.world_size * self.n_workers
-        assignment = shard_assignment(len(self._sizes), n_streams, self.cfg.seed, epoch, self.cfg.shuffle)
-        out = []
-        for local in range(self.n_workers):
-            n = int(self._sizes[assignment[rank * self.n_workers + local]].sum())
-            out.append(n // self.cfg.batch_size if self.cfg.drop_last else -(-n // self.cfg.batch_size))
-        return out
+    def layout(self, epoch: int | None = None) -> EpochLayout:
+        """Which cells each stream delivers in ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        plan = self.plan if (self.plan and epoch == self.epoch) else [{"streams": self.world_size * self.n_workers}]
+        return EpochLayout(self._sizes, self.cfg, epoch, plan)
+
+    def _stream_batches(self, rank: int, epoch: int, layout: EpochLayout | None = None) -> list[int]:
+        counts = (layout or self.layout(epoch)).counts()
+        mine = counts[rank * self.n_workers:(rank + 1) * self.n_workers]
+        bs = self.cfg.batch_size
+        return [int(n // bs if self.cfg.drop_last else -(-n // bs)) for n in mine]
 
     def batches_in_epoch(self, epoch: int | None = None) -> int:
         """Batches this rank yields in an epoch (the minimum over ranks when `even_ranks`)."""
-        epoch = self.epoch if epoch is None else epoch
-        mine = sum(self._stream_batches(self.rank, epoch))
+        layout = self.layout(epoch)
+        mine = sum(self._stream_batches(self.rank, layout.epoch, layout))
         if not self.cfg.even_ranks:
             return mine
-        return min(sum(self._stream_batches(r, epoch)) for r in range(self.world_size))
+        return min(sum(self._stream_batches(r, layout.epoch, layout)) for r in range(self.world_size))
 
     def __len__(self) -> int:
         return self.batches_in_epoch()
@@ -276,7 +339,7 @@ class CorpusLoader:
         stream_len = self._stream_batches(self.rank, self.epoch)
         if self.batches_done < total:
             dataset = CorpusStream(str(self.corpus.path), self.split, self.cfg, self.encoder, self.rank,
-                                   self.world_size, self.epoch, list(self.consumed), self.next_stream)
+                                   self.epoch, self.layout().plan, list(self.consumed), self.next_stream)
             loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
                                 persistent_workers=False, collate_fn=_as_is,
                                 # its own generator: starting an iterator must not draw from the global
@@ -292,7 +355,7 @@ class CorpusLoader:
                     break
             del loader
         self.epoch += 1
-        self.batches_done, self.consumed, self.next_stream = 0, [0] * self.n_workers, 0
+        self.batches_done, self.consumed, self.next_stream, self.plan = 0, [0] * self.n_workers, 0, []
 
     def _after(self, s: int, stream_len: list[int]) -> int:
         bs = self.cfg.batch_size
@@ -305,13 +368,13 @@ class CorpusLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_done": self.batches_done, "consumed": list(self.consumed),
                 "next_stream": self.next_stream, "world_size": self.world_size, "num_workers": self.n_workers,
-                "config": asdict(self.cfg), "encoding": asdict(self.encoder.encoding), "split": self.split}
+                "plan": self.plan, "config": asdict(self.cfg), "encoding": asdict(self.encoder.encoding),
+                "split": self.split}
 
-    def load_state_dict(self, state: dict) -> None:
-        mine = {"world_size": self.world_size, "num_workers": self.n_workers, "split": self.split}
-        for key, value in mine.items():
-            if state.get(key) != value:
-                raise ScmmError(f"cannot resume the loader: {key} was {state.get(key)}, now {value}")
+    def _check_state(self, state: dict) -> None:
+        """A state of this split, seed, batching and encoding (what the order of the cells depends on)."""
+        if state.get("split") != self.split:
+            raise ScmmError(f"cannot resume the loader: split was {state.get('split')}, now {self.split}")
         if "encoding" not in state:
             raise ScmmError("cannot resume the loader: the checkpoint was written by an older scmm")
         for section, now, keys in (("config", self.cfg, ("seed", "batch_size", "shuffle", "shuffle_buffer",
@@ -322,5 +385,43 @@ class CorpusLoader:
                 if was != getattr(now, key):
                     raise ScmmError(f"cannot resume the loader: {section} option {key} changed "
                                     f"({was} -> {getattr(now, key)})")
+
+    def same_streams(self, state: dict) -> bool:
+        """Whether ``state`` was written by a loader with this one's ranks and workers (else: :meth:`reshard`)."""
+        return state.get("world_size") == self.world_size and state.get("num_workers") == self.n_workers
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where this rank's loader of a launch with the same ranks and workers stood."""
+        if not self.same_streams(state):
+            raise ScmmError(f"cannot resume the loader: it ran on {state.get('world_size')} ranks x "
+                            f"{state.get('num_workers')} workers, now {self.world_size} x {self.n_workers}")
+        self._check_state(state)
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.consumed, self.next_stream = list(state["consumed"]), int(state["next_stream"])
+        self.plan = [dict(level) for level in state.get("plan", [])]
+
+    def reshard(self, states: list[dict]) -> None:
+        """Continue the epoch of a launch on another number of ranks or workers: ``states`` holds the state of
+        every rank of that launch, in rank order. The cells its streams had not delivered are dealt to this
+        launch's streams (:class:`EpochLayout`); none is skipped or delivered twice."""
+        first = states[0]
+        for state in states:
+            self._check_state(state)
+        old_world, old_workers = int(first["world_size"]), int(first["num_workers"])
+        if len(states) != old_world or any(
+                (s["world_size"], s["num_workers"], s["epoch"], s.get("plan", [])) !=
+                (old_world, old_workers, first["epoch"], first.get("plan", [])) for s in states):
+            raise ScmmError("cannot resume the loader: the ranks' checkpointed states disagree")
+        epoch = int(first["epoch"])
+        plan = [dict(level) for level in first.get("plan", [])] or [{"streams": old_world * old_workers}]
+        counts = EpochLayout(self._sizes, self.cfg, epoch, plan).counts()
+        bs = self.cfg.batch_size
+        per_stream = counts // bs if self.cfg.drop_last else -(-counts // bs)
+        per_rank = per_stream.reshape(old_world, old_workers).sum(1)
+        due = np.full(old_world, per_rank.min()) if self.cfg.even_ranks else per_rank
+        self.batches_done, self.consumed, self.next_stream = 0, [0] * self.n_workers, 0
+        if all(int(s["batches_done"]) >= d for s, d in zip(states, due)):  # that epoch was over
+            self.epoch, self.plan = epoch + 1, []
+            return
+        consumed = [int(c) for s in states for c in s["consumed"]]
+        self.epoch, self.plan = epoch, plan + [{"streams": self.world_size * self.n_workers, "consumed": consumed}]

@@ -9,9 +9,16 @@ removes unsealed folders newer than it.
 
 Kept out of checkpoints: frozen parameters (the text tower's weights; rebuilt from the config when the run is
 resumed or exported).
+
+A launch on another number of ranks resumes a ZeRO checkpoint through DeepSpeed's universal checkpoint
+(:func:`universal`: every parameter's fp32 weights and optimizer moments, whole, made once per checkpoint under
+``checkpoints/universal/<tag>/`` and removed once the new launch has sealed a checkpoint of its own).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -19,13 +26,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from scmm.atomic import write_file
+from scmm.atomic import write_file, write_folder
 
 log = logging.getLogger("scmm.train")
 
 SEAL = "complete.json"
 LATEST = "latest"  # DeepSpeed's pointer file; zero_to_fp32 reads it
 PREFIX = "step"
+UNIVERSAL = "universal"
 
 
 def tag_of(step: int) -> str:
@@ -113,3 +121,26 @@ def clean(ckpt_dir: Path, keep: Sealed | None, keep_last: int) -> None:
     for folder in sealed[:-keep_last]:
         if keep is None or folder != keep.folder:
             shutil.rmtree(folder, ignore_errors=True)
+    if keep is None or not (ckpt_dir / UNIVERSAL / keep.tag).is_dir():  # the launch has sealed its own
+        shutil.rmtree(ckpt_dir / UNIVERSAL, ignore_errors=True)
+
+
+def universal(sealed: Sealed) -> Path:
+    """The folder to load ``sealed`` from as a DeepSpeed universal checkpoint (``load_universal``), converted
+    with DeepSpeed's ``ds_to_universal`` the first time (rank 0 only; atomic: a killed conversion is redone)."""
+    root = sealed.folder.parent / UNIVERSAL
+    if not (root / sealed.tag / "zero").is_dir():
+        from deepspeed.checkpoint import ds_to_universal  # noqa: PLC0415 - DeepSpeed only where it converts
+
+        def convert(tmp: Path) -> None:
+            args = argparse.Namespace(input_folder=str(sealed.folder), output_folder=str(tmp),
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True)
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+                ds_to_universal.main(args)
+
+        log.info("converting checkpoint %s to DeepSpeed's universal checkpoint (another number of ranks)",
+                 sealed.folder)
+        root.mkdir(exist_ok=True)
+        write_folder(root / sealed.tag, convert)
+    return root

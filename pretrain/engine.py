@@ -18,7 +18,8 @@ The model owns its parameter groups (``model.param_groups(weight_decay, lr)``, a
 ``configure_optimizers``); the schedule is ``transformers``' warmup + cosine decay to ``lr * min_lr_ratio``, or
 warmup + linear decay to 0. A checkpoint holds the DeepSpeed engine (frozen weights left out) plus, per rank, the
 loader position and the RNG states, and counts only once complete (:mod:`scmm.pretrain.checkpoints`), so
-``--resume`` continues from the newest complete one with exactly the batches and losses of an uninterrupted run.
+``--resume`` continues from the newest complete one with exactly the batches and losses of an uninterrupted run,
+or, on another number of ranks, through DeepSpeed's universal checkpoint with the loader re-sharded.
 A micro-batch with a NaN/inf loss is skipped on every rank, up to ``train.max_bad_batches`` of them.
 """
 from __future__ import annotations
@@ -121,6 +122,7 @@ class Launch:
     device: torch.device
     out: Path
     ckpt_dir: Path
+    resume: bool = False  # continue from the newest complete checkpoint (--resume)
 
 
 def _free_port() -> int:
@@ -157,7 +159,7 @@ def start_run(out: str | Path, resume: bool, threads: int = 0) -> Launch:
     if not resume and ckpt_dir.exists():
         raise ScmmError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose another out")
     torch.distributed.barrier()
-    return Launch(rank, world, device, out, ckpt_dir)
+    return Launch(rank, world, device, out, ckpt_dir, resume)
 
 
 def deepspeed_config(path: str | Path | None, train: TrainOptions, micro_batch: int, world: int,
@@ -350,25 +352,38 @@ class Trainer:
         if opts.activation_checkpointing:
             model.gradient_checkpointing_enable()
         groups = param_groups if param_groups is not None else model.param_groups(opts.weight_decay, opts.lr)
+        self.window = MetricsWindow(("loss", *loss_keys), rate_key, metrics_path, self.rank, launch is not None)
+        self.resume_from: checkpoints.Sealed | None = None  # the checkpoint --resume continues from
         if launch is None:
             if opts.precision == "bf16":
                 raise ScmmError(f"{name}: precision bf16 (bf16 weights) needs DeepSpeed; use autocast-bf16")
             self.engine = _LocalEngine(model, groups, opts)
             device = next(model.parameters()).device
         else:
+            if launch.resume:
+                self.resume_from = self._choose_checkpoint()
             self.engine = self._deepspeed_engine(groups, deepspeed, micro_batch)
             device = launch.device
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.precision == "autocast-bf16")
-        self.window = MetricsWindow(("loss", *loss_keys), rate_key, metrics_path, self.rank, launch is not None)
 
     def _deepspeed_engine(self, groups: list[dict], config_path, micro_batch: int):
         import deepspeed  # noqa: PLC0415 - only after init_distributed (start_run) has set its accelerator
         opts, launch = self.opts, self.launch
         optimizer = None if opts.use_deepspeed_optimizer else _adamw(groups, opts)
+        config = deepspeed_config(config_path, opts, micro_batch, launch.world, launch.out, self.name)
+        self.load_dir = launch.ckpt_dir
+        sealed = self.resume_from
+        if sealed is not None and sealed.world != launch.world and (config.get("zero_optimization") or {}).get("stage"):
+            # ZeRO shards the optimizer over the ranks that wrote the checkpoint: resume through DeepSpeed's
+            # universal checkpoint, which holds every parameter's state whole
+            if self.rank == 0:
+                checkpoints.universal(sealed)
+            torch.distributed.barrier()
+            self.load_dir = launch.ckpt_dir / checkpoints.UNIVERSAL
+            config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
         engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
-            config=deepspeed_config(config_path, opts, micro_batch, launch.world, launch.out, self.name),
-            lr_scheduler=opts.schedule_for)
+            config=config, lr_scheduler=opts.schedule_for)
         if launch.world == 1 and engine.zero_optimization_stage() == 0:
             # one rank holds every gradient: DeepSpeed's all-reduce would only flatten and copy them back
             engine.enable_backward_allreduce = False
@@ -491,10 +506,8 @@ class Trainer:
             checkpoints.clean(ckpt_dir, checkpoints.read_seal(ckpt_dir / tag), self.opts.keep_last)
         torch.distributed.barrier()
 
-    def resume(self) -> int:
-        """Continue from the newest complete checkpoint (engine, loader, RNG states, the metrics log cut back to
-        its step); without one, start from step 0 and say so (a requeued job passes --resume on every launch).
-        Returns the step to continue from."""
+    def _choose_checkpoint(self) -> checkpoints.Sealed | None:
+        """The newest complete checkpoint; rank 0 removes what does not count and cuts the metrics log back to it."""
         launch = self.launch
         sealed = checkpoints.newest_complete(launch.ckpt_dir)
         torch.distributed.barrier()  # every rank has chosen before rank 0 removes what does not count
@@ -502,27 +515,42 @@ class Trainer:
             checkpoints.clean(launch.ckpt_dir, sealed, self.opts.keep_last)
             _cut_metrics(self.window.path, sealed.step if sealed else 0)
         torch.distributed.barrier()
+        return sealed
+
+    def resume(self) -> int:
+        """Continue from the newest complete checkpoint (engine, loader, RNG states, the metrics log cut back to
+        its step); without one, start from step 0 and say so (a requeued job passes --resume on every launch).
+        A checkpoint of another number of ranks continues the same run: the engine through DeepSpeed's
+        universal checkpoint, the loader re-sharded (no cell of the epoch skipped or seen twice), each rank that
+        existed before with its own RNG states. Returns the step to continue from."""
+        sealed, launch = self.resume_from, self.launch
         if sealed is None:
             log.warning("%s: --resume: no complete checkpoint in %s; starting from step 0", self.name,
                         launch.ckpt_dir)
             return 0
-        if sealed.world != launch.world:
-            raise ScmmError(f"--resume: checkpoint {sealed.folder} was written by {sealed.world} ranks; resume it "
-                            f"on {sealed.world} ranks (this launch has {launch.world})")
-        path, client = self.engine.load_checkpoint(str(launch.ckpt_dir), tag=sealed.tag, load_module_strict=False)
+        path, client = self.engine.load_checkpoint(str(self.load_dir), tag=sealed.tag, load_module_strict=False)
         if path is None:
             raise ScmmError(f"--resume: cannot load checkpoint {sealed.folder}")
-        try:
-            state = torch.load(checkpoints.state_file(sealed.folder, self.rank), weights_only=False)
-        except (OSError, RuntimeError, EOFError) as exc:
-            raise ScmmError(f"--resume: cannot read {checkpoints.state_file(sealed.folder, self.rank)} "
-                            f"({exc})") from None
+        own = self._rank_state(sealed, min(self.rank, sealed.world - 1))
         if self.loader is not None:
-            self.loader.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"])
-        self.step, self.skipped = int(client["step"]), int(state.get("skipped", 0))
-        log.info("%s: resumed from %s (step %d)", self.name, sealed.folder, self.step)
+            if sealed.world == launch.world and self.loader.same_streams(own["loader"]):
+                self.loader.load_state_dict(own["loader"])
+            else:
+                self.loader.reshard([self._rank_state(sealed, r)["loader"] for r in range(sealed.world)])
+        if self.rank < sealed.world:
+            _set_rng_state(own["rng"])
+        self.step, self.skipped = int(client["step"]), int(own.get("skipped", 0))
+        how = "" if sealed.world == launch.world else f", written by {sealed.world} ranks, now {launch.world}"
+        log.info("%s: resumed from %s (step %d%s)", self.name, sealed.folder, self.step, how)
         return self.step
+
+    @staticmethod
+    def _rank_state(sealed: checkpoints.Sealed, rank: int) -> dict:
+        path = checkpoints.state_file(sealed.folder, rank)
+        try:
+            return torch.load(path, weights_only=False)
+        except (OSError, RuntimeError, EOFError) as exc:
+            raise ScmmError(f"--resume: cannot read {path} ({exc})") from None
 
     # --- export -----------------------------------------------------------------------------------
     def load_trained_state(self, model: torch.nn.Module) -> torch.nn.Module:

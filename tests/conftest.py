@@ -65,6 +65,13 @@ def small_corpus(tmp_path_factory) -> Path:
     return tmp / "corpus"
 
 
+def split_cell_ids(corpus: Path, split: str = "train") -> list[str]:
+    """The cell IDs of one split of a corpus, in shard order."""
+    from scmm.data_pipeline.store import Corpus
+    c = Corpus(corpus)
+    return [i for e in c.shards(split) for i in c.read_shard(e["name"], columns=("cell_id",)).obs["cell_id"]]
+
+
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `scmm ...` in a subprocess, as a user would."""
     return subprocess.run([sys.executable, "-m", "scmm.cli", *args], capture_output=True, text=True, cwd=cwd)
@@ -97,12 +104,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def launch_ranks(script: str, config: Path, nproc: int, *extra: str, zero: int = 2, fault: str | None = None,
-                 check: bool = True) -> subprocess.CompletedProcess:
+                 check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a training script (``pretrain/train.py``, ``finetune/train.py``, ``tests/faults.py`` with ``fault`` as
-    its SCMM_FAULT) on ``nproc`` CPU ranks with torchrun; ``check``: the launch must succeed."""
+    its SCMM_FAULT and ``env`` added) on ``nproc`` CPU ranks with torchrun; ``check``: the launch must succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), "TOKENIZERS_PARALLELISM": "false",
-           **({"SCMM_FAULT": fault} if fault else {})}
+           **({"SCMM_FAULT": fault} if fault else {}), **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / script), "--config", str(config),
            "--deepspeed_config", str(ROOT / "configs" / "deepspeed" / f"zero{zero}.json"), *extra]

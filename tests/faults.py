@@ -8,14 +8,21 @@ Used by the kill tests in place of ``pretrain/train.py``. ``SCMM_FAULT=<point>:<
 * ``before-seal``: every rank's part is written, the seal is not;
 * ``before-latest``: the seal is written, ``latest`` still names the previous checkpoint;
 * ``mid-clean``: while the checkpoints beyond ``keep_last`` are being removed (one file of the oldest is gone).
+
+Two recorders for the tests of resuming on another number of ranks: ``SCMM_CELL_LOG=<file>`` appends one JSON line
+per batch a rank's loader delivers (rank, split, epoch, cell ids) to ``<file>.rank<r>``; ``SCMM_DUMP=<file>`` writes, on
+rank 0, every trained parameter's full fp32 weights and AdamW moments (``deepspeed.utils.safe_get_full_*``) right
+after ``--resume`` has loaded a checkpoint (``<file>.resumed``) and after each checkpoint (``<file>.step<N>``).
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 from pathlib import Path
 
+from scmm.data_pipeline.loader import CorpusLoader
 from scmm.pretrain import checkpoints, engine
 from scmm.pretrain.train import main
 
@@ -63,7 +70,60 @@ def inject(point: str, step: int, rank: int | None) -> None:
     checkpoints.clean = clean_and_maybe_die
 
 
+def record_cells(path: str) -> None:
+    iterate = CorpusLoader.__iter__
+
+    def logged(self):
+        with open(f"{path}.rank{self.rank}", "a") as f:
+            for batch in iterate(self):
+                f.write(json.dumps({"rank": self.rank, "split": self.split, "epoch": self.epoch,
+                                    "cells": batch["cell_id"]}) + "\n")
+                f.flush()
+                yield batch
+    CorpusLoader.__iter__ = logged
+
+
+def _dump(trainer: engine.Trainer, path: str) -> None:
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    state, zero = {}, trainer.engine.zero_optimization_stage()
+    if zero in (1, 2):
+        # DeepSpeed links each parameter to its AdamW moments after the optimizer's first group has stepped, so the
+        # later groups' links stay empty (deepspeed 0.19.8); link again now that every group has its moments
+        trainer.engine.optimizer._hp_optimizer_states_linked = False
+        trainer.engine.optimizer._lazy_init_hp_params_optimizer_state()
+    for name, p in trainer.engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if zero:  # every rank joins the gathers
+            state[name] = [safe_get_full_fp32_param(p)] + [safe_get_full_optimizer_state(p, k)
+                                                           for k in ("exp_avg", "exp_avg_sq")]
+        else:  # the client AdamW holds the whole state in each process
+            moments = trainer.engine.optimizer.state[p]
+            state[name] = [p.detach().float().clone(), moments["exp_avg"].clone(), moments["exp_avg_sq"].clone()]
+    if trainer.rank == 0:
+        torch.save(state, path)
+
+
+def record_state(path: str) -> None:
+    resume, save = engine.Trainer.resume, engine.Trainer.save_checkpoint
+
+    def resumed(self):
+        step = resume(self)
+        _dump(self, f"{path}.resumed")
+        return step
+
+    def saved(self):
+        save(self)
+        _dump(self, f"{path}.step{self.step}")
+    engine.Trainer.resume, engine.Trainer.save_checkpoint = resumed, saved
+
+
 if __name__ == "__main__":
+    if os.environ.get("SCMM_CELL_LOG"):
+        record_cells(os.environ["SCMM_CELL_LOG"])
+    if os.environ.get("SCMM_DUMP"):
+        record_state(os.environ["SCMM_DUMP"])
     fault = os.environ.get("SCMM_FAULT")
     if fault:
         point, step, *rank = fault.split(":")

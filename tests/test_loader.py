@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import split_cell_ids
 from scmm.data_pipeline.encoding import CellEncoding, binning
 from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
 from scmm.data_pipeline.store import Corpus
@@ -66,7 +67,7 @@ def _loader_at_epoch(corpus: Path, rank: int, epoch: int) -> CorpusLoader:
 
 def test_resume_rejects_changed_layout(small_corpus: Path):
     state = _loader(small_corpus, 0, 2).state_dict()
-    with pytest.raises(ScmmError, match="num_workers"):
+    with pytest.raises(ScmmError, match="2 ranks x 2 workers, now 2 x 1"):  # that is `reshard`'s work
         _loader(small_corpus, 0, 2, num_workers=1).load_state_dict(state)
     with pytest.raises(ScmmError, match="batch_size"):
         _loader(small_corpus, 0, 2, batch_size=4).load_state_dict(state)
@@ -178,3 +179,70 @@ def test_a_shard_that_fails_to_read_ahead_stops_the_loader_with_its_error(small_
         for batch in _loader(small_corpus, num_workers=0, shuffle=False, shuffle_buffer=8):
             delivered.append(batch["cell_id"])
     assert delivered  # the shards before the broken one were delivered
+
+
+def _cells(batches: list[tuple[str, ...]]) -> list[str]:
+    return [c for b in batches for c in b]
+
+
+def _launch(corpus: Path, world: int, workers: int, **kw) -> list[CorpusLoader]:
+    return [_loader(corpus, r, world, num_workers=workers, **kw) for r in range(world)]
+
+
+@pytest.mark.parametrize("old, new, stop", [((2, 2), (1, 1), 3), ((1, 1), (2, 2), 5), ((2, 1), (3, 2), 1),
+                                            ((1, 2), (1, 1), 4)])
+def test_resume_on_other_ranks_delivers_each_cell_of_the_epoch_once(small_corpus: Path, old, new, stop):
+    """A launch of `old` (ranks, workers) stopped after `stop` batches per rank, resumed on `new`: the cells
+    delivered before and after are exactly the split's, once each; the epoch after is the new layout's own."""
+    every = {"drop_last": False, "even_ranks": False}  # every cell of the split (no cut batch, no cut rank)
+    before = _launch(small_corpus, *old, **every)
+    head = [c for loader in before for c in _cells(_ids(loader, stop))]
+    states = [loader.state_dict() for loader in before]
+    after = _launch(small_corpus, *new, **every)
+    for loader in after:
+        loader.reshard(states)
+    tail = [_cells(_ids(loader)) for loader in after]
+    train = split_cell_ids(small_corpus)
+    cells = head + [c for part in tail for c in part]
+    assert len(cells) == len(set(cells)) and set(cells) == set(train)
+    assert all(tail)  # every new rank had a share of the rest
+    fresh = _launch(small_corpus, *new, **every)
+    for loader in fresh:
+        _ids(loader)
+    assert [_ids(loader) for loader in after] == [_ids(loader) for loader in fresh]
+
+
+def test_resharded_training_loader_is_even_exact_on_resume_and_chains(small_corpus: Path):
+    """With the training defaults (whole batches, the same number on every rank): 2 ranks -> 1 -> 3 delivers no
+    cell twice, every rank the same number of batches; a re-sharded loader resumes exactly on its own layout."""
+    before = _launch(small_corpus, 2, 2)
+    head = [c for loader in before for c in _cells(_ids(loader, 2))]
+    middle = _launch(small_corpus, 1, 1)
+    middle[0].reshard([loader.state_dict() for loader in before])
+    head += _cells(_ids(middle[0], 3))
+    after = _launch(small_corpus, 3, 2)
+    for loader in after:
+        loader.reshard([middle[0].state_dict()])
+    tails = [_ids(loader) for loader in after]
+    assert len({len(t) for t in tails}) == 1 and tails[0]  # even ranks
+    cells = head + [c for t in tails for c in _cells(t)]
+    assert len(cells) == len(set(cells))
+    assert all(len(b) == 8 for t in tails for b in t)
+    # a checkpoint in the middle of the re-sharded epoch resumes exactly
+    again = _launch(small_corpus, 3, 2)
+    for loader in again:
+        loader.reshard([middle[0].state_dict()])
+    part = _ids(again[1], 1)
+    resumed = _loader(small_corpus, 1, 3, num_workers=2)
+    resumed.load_state_dict(again[1].state_dict())
+    assert part + _ids(resumed) == tails[1]
+
+
+def test_reshard_after_the_last_batch_of_an_epoch_starts_the_next(small_corpus: Path):
+    before = _launch(small_corpus, 2, 2)
+    for loader in before:
+        n = len(loader)
+        _ids(loader, n)  # every batch, but the epoch not closed yet (as a checkpoint right after its last step)
+    after = _launch(small_corpus, 1, 1)
+    after[0].reshard([loader.state_dict() for loader in before])
+    assert after[0].epoch == 1 and after[0].plan == []

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import launch_ranks, read_metrics
+from conftest import launch_ranks, read_metrics, split_cell_ids
 
 
 def _config(tmp_path: Path, corpus: Path, out: str, steps: int, **train) -> Path:
@@ -57,6 +57,37 @@ def test_two_ranks_loss_goes_down_and_model_exports(tmp_path: Path, small_corpus
     assert feats.shape == (1, 32) and torch.allclose(feats.norm(dim=-1), torch.ones(1), atol=1e-5)
     summary = json.loads((tmp_path / f"z{zero}" / "model" / "train_summary.json").read_text())
     assert 0.0 <= summary["val_zero_shot_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after, zero", [(2, 1, 2), (1, 2, 2), (2, 1, 0), (2, 1, 3)])
+def test_resume_on_another_number_of_ranks(tmp_path: Path, small_corpus: Path, before: int, after: int, zero: int):
+    """A run checkpointed on `before` ranks continues on `after`: the engine as it was (every trained parameter's
+    fp32 weights and AdamW moments; under ZeRO through DeepSpeed's universal checkpoint), the loader re-sharded
+    (over epoch 0 every train cell delivered exactly once), each step logged once."""
+    config = _config(tmp_path, small_corpus, "run", steps=1)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["loader"].update(drop_last=False, even_ranks=False)  # an epoch is then exactly the split
+    train = split_cell_ids(small_corpus)
+    stop, batch = 3, cfg["loader"]["batch_size"]
+    cfg["train"].update(steps=stop + -(-(len(train) - stop * batch * before) // (batch * after)) + 2, save_every=100)
+    config.write_text(yaml.safe_dump(cfg))
+    env = {"SCMM_CELL_LOG": str(tmp_path / "cells"), "SCMM_DUMP": str(tmp_path / "state")}
+    launch_ranks("tests/faults.py", config, before, "--stop-at", str(stop), zero=zero, env=env)
+    resumed = launch_ranks("tests/faults.py", config, after, "--resume", zero=zero, env=env)
+    assert f"written by {before} ranks, now {after}" in resumed.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == list(range(1, cfg["train"]["steps"] + 1))
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    assert not (tmp_path / "run" / "checkpoints" / "universal").exists()  # removed once the new launch saved
+    was, now = torch.load(tmp_path / f"state.step{stop}"), torch.load(tmp_path / "state.resumed")
+    assert was.keys() == now.keys() and len(was) > 10
+    for name in was:
+        for a, b, what in zip(was[name], now[name], ("weights", "exp_avg", "exp_avg_sq")):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"{name} {what}")
+    seen = [c for r in range(max(before, after)) if (tmp_path / f"cells.rank{r}").exists()
+            for line in (tmp_path / f"cells.rank{r}").read_text().splitlines()
+            if (row := json.loads(line))["epoch"] == 0 and row["split"] == "train" for c in row["cells"]]
+    assert len(seen) == len(set(seen)) and set(seen) == set(train)
 
 
 @pytest.mark.slow
