@@ -19,6 +19,10 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps scgpt==0.2.4
+	@# DeepSpeed compiles its CPU shared-memory all-reduce at the first launch (about 20 s): an install step
+	$(PY) -c "import os, torch; os.environ.setdefault('DS_ACCELERATOR', 'cpu'); \
+		from deepspeed.accelerator import get_accelerator; \
+		torch.cuda.is_available() or get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
 
 demo: setup

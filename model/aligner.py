@@ -166,6 +166,8 @@ class CellTextAligner(nn.Module):
         self.qformer = QFormer(qcfg)
         if qcfg.init_from_text:
             self.qformer.init_from_bert(self.text_tower.model)
+            if qcfg.freeze_word_embeddings:
+                self.qformer.word_embeddings.requires_grad_(False)
         self.heads = AlignmentHeads(qcfg.hidden_size, self.text_tower.hidden_size, qcfg.embed_dim,
                                     cell_width=self.cell_tower.d_model if qcfg.cls_shortcut else None)
         self.expr_decoder = ExprDecoder(ExprDecoderConfig(d_model=self.cell_tower.d_model))

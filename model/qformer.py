@@ -45,6 +45,9 @@ class QFormerConfig:
     embed_dim: int = 256              # contrastive projection dim
     dropout: float = 0.1
     init_from_text: bool = True       # copy the text tower's BERT weights where shapes match (BLIP-2)
+    # with init_from_text, the token embedding table stays the text tower's: only the captions' few hundred tokens
+    # would learn, while AdamW rewrites the whole table (30k x 384 for MiniLM) every step (BENCHMARKS.md)
+    freeze_word_embeddings: bool = True
     cls_shortcut: bool = True         # add the projected <cls> output to the cell feature (see AlignmentHeads)
     hidden_size: int = 0              # 0: the text tower's (all-MiniLM-L6-v2: 384)
     num_heads: int = 0
