@@ -8,8 +8,8 @@ entry dropped) and saved as an ordinary Hugging Face folder that :func:`scmm.mod
 
 **The weights carry the quantisation's noise**: a Q4_1 file gives 4-bit weights dequantised to the chosen dtype,
 not the original bf16 weights. The folder is written atomically and checked before it is published: the
-tokenizer round-trips a sentence, and the reloaded model generates an answer to a short chat prompt (``import_summary.json`` keeps the
-answer, the source file's SHA-256 and the architecture).
+tokenizer round-trips a sentence, and the reloaded model generates an answer to a short chat prompt
+(``import_summary.json`` keeps the answer, the source file's SHA-256 and the architecture).
 """
 from __future__ import annotations
 
