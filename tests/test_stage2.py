@@ -386,6 +386,9 @@ def test_eval_package_and_describe_use_the_stage2_model(trained_stage2, tiny_sta
     assert gen["valid_answer_rate_constrained"] == 1.0  # the prefix tree only lets Cell Ontology names through
     assert {"knn_accuracy", "k", "space", "random_baseline", "class_mean_reference"} <= set(pc)
     assert pc["k"] == 5 and set(pc["spaces"]) == {"expression_pca", "stage1_embedding"}
+    # what training never said: the type question in other words, pseudo-cells from ontology synonyms/definitions
+    assert 0.0 <= gen["type_accuracy_unseen_phrasing"] <= 1.0 and 0.0 <= pc["knn_accuracy_unseen_phrasing"] <= 1.0
+    assert pc["unseen_phrasing"]["n_types"] == 4 and set(pc["unseen_phrasing"]["spaces"]) == set(pc["spaces"])
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "## Descriptions and cell-type answers" in report and "## Pseudo-cells" in report
     # the bare stage-2 folder evaluates to the same numbers as its package
@@ -397,3 +400,33 @@ def test_eval_package_and_describe_use_the_stage2_model(trained_stage2, tiny_sta
     texts = described.obs["scmm_description"].tolist()
     assert len(texts) == 10 and all(isinstance(t, str) for t in texts)
     assert api.describe(adata, package).obs["scmm_description"].tolist() == texts  # greedy: deterministic
+
+
+def test_unseen_phrasings_are_never_training_phrasings_and_come_from_the_ontology():
+    from scmm.data_pipeline.instructions import PROMPTS, UNSEEN_PROMPTS
+    from scmm.data_pipeline.ontology import get_ontology
+    from scmm.eval.stage2 import ontology_phrasings
+    seen = {p.lower() for task in PROMPTS.values() for p in task}
+    assert UNSEEN_PROMPTS["cell_type"] and not seen & {p.lower() for p in UNSEEN_PROMPTS["cell_type"]}
+    ontology = get_ontology()
+    texts = ontology_phrasings(["CL:0000623", "CL:0001054", "unknown type"], ontology)
+    assert set(texts) == {"CL:0000623", "CL:0001054"}  # a label key without a CL term gets none
+    nk = texts["CL:0000623"]
+    assert ontology.definition("CL:0000623") in nk
+    assert {f"A {s}." for s in ontology.synonyms("CL:0000623")} <= set(nk)
+    assert not any(t.lower().startswith(f"a {ontology.label('CL:0000623').lower()}.") for t in nk)
+
+
+def test_type_answers_in_other_phrasings_ask_each_cell_its_phrasing(trained_stage2, small_corpus):
+    """describe_split(type_prompts=...) asks cell i of the split phrasing i % n: the same answers as asking the
+    phrasings one at a time over the whole split."""
+    from scmm.data_pipeline.store import Corpus
+    from scmm.eval.stage2 import _loader, describe_split
+    from scmm.model.stage2 import Stage2Model
+    model = Stage2Model.from_pretrained(trained_stage2)
+    corpus = Corpus(small_corpus)
+    prompts = ["Identify the kind of cell shown here.", "Tell me what sort of cell this is."]
+    mixed = describe_split(model, corpus, "val", describe=False, type_prompts=prompts, batch_size=7)
+    batch = next(iter(_loader(model, corpus, "val", 64)))  # the whole split (40 cells)
+    each = [model.describe_cells(batch, task="cell_type", prompt=p) for p in prompts]
+    assert mixed["type_answers"] == [each[i % 2][i] for i in range(len(mixed["type_answers"]))]
