@@ -39,7 +39,7 @@ n_types_scored, metric}}``, ``per_type[t] = {accuracy, class_mean_accuracy, n, n
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -239,13 +239,16 @@ def _score_embedding_space(aligner, genes: np.ndarray, gene_vocab_ids: np.ndarra
 def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Sequence, genes: np.ndarray, k: int = 5,
                       n_components: int = 50, seed: int = 0, aligner=None,
                       restrict_reference: bool = True,
-                      reference_splits: Sequence[str] = REFERENCE_SPLITS) -> dict[str, Any]:
+                      reference_splits: Sequence[str] = REFERENCE_SPLITS,
+                      extra: Mapping[str, tuple[np.ndarray, Sequence]] | None = None) -> dict[str, Any]:
     """Pseudo-cell k-NN accuracy per space with its random baseline and class-mean reference (module docstring).
 
     ``pseudo_x``: float [n, len(genes)] log1p CP10k over the panel ``genes`` (corpus gene indices);
     ``pseudo_labels``: the type (corpus label key, e.g. a CL ID) of the text each pseudo-cell was generated from.
     ``reference_splits``: the held-out splits whose cells are the reference (val alone when
     choosing hyper-parameters). Raises ``ValueError`` when no generated type has ``k`` reference cells.
+    ``extra``: more pseudo-cell sets (name -> (x, labels)), scored against the same PCA and reference cells:
+    ``extra[name][space]`` is their k-NN accuracy.
     """
     genes, gen_x, gen_labels = _check_pseudocells(pseudo_x, pseudo_labels, genes)
     ref_splits = _present_splits(corpus, reference_splits)
@@ -264,8 +267,17 @@ def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Seque
             ref_e = _reference_embeddings_all_genes(aligner, corpus, ref_splits, ref_ids)
         spaces["stage1_embedding"] = _score_embedding_space(aligner, genes, corpus.gene_vocab_ids, gen_x, gen_labels,
                                                             cm_x, cm_labels, ref_e, ref_labels, k, seed)
+    scored = {}
+    for name, (x, labels) in (extra or {}).items():
+        _, ex, el = _check_pseudocells(x, labels, genes)
+        scored[name] = {"expression_pca": pseudocell_knn_accuracy(pca.transform(ex).astype(np.float32), el, ref_z,
+                                                                  ref_labels, k=k, metric="l2")["knn_accuracy"]}
+        if aligner is not None:
+            emb = embed_profiles(aligner, ex, genes, corpus.gene_vocab_ids, seed)
+            scored[name]["stage1_embedding"] = pseudocell_knn_accuracy(emb, el, ref_e, ref_labels, k=k,
+                                                                       metric="ip")["knn_accuracy"]
     pca_space = spaces["expression_pca"]
-    return {"knn_accuracy": pca_space["knn_accuracy"], "k": int(k), "space": "expression_pca",
+    return {"extra": scored, "knn_accuracy": pca_space["knn_accuracy"], "k": int(k), "space": "expression_pca",
             "random_baseline": pca_space["random_baseline"],
             "class_mean_reference": pca_space["class_mean_reference"], "spaces": spaces,
             "n_per_type": counts, "n_reference": int(len(ref_labels)), "reference_splits": ref_splits,

@@ -200,17 +200,15 @@ def pseudocell_evaluation(model, corpus: Corpus, seed: int = 0, n_per_type: int 
     """
     genes = np.asarray(model.hvg["indices"], dtype=np.int64)
     x, labels, _ = pseudocells_for_types(model, corpus, n_per_type=n_per_type, seed=seed)
-    out = pseudocell_report(corpus, x, labels, genes, k=k, seed=seed, aligner=model.aligner,
-                            reference_splits=reference_splits)
     unseen = ontology_phrasings(sorted(set(labels)), ontology)
+    extra = {"unseen_phrasing": _pseudocells_from(model, unseen, n_per_type, seed)} if unseen else {}
+    out = pseudocell_report(corpus, x, labels, genes, k=k, seed=seed, aligner=model.aligner,
+                            reference_splits=reference_splits, extra=extra)
+    scored = out.pop("extra")
     if unseen:
-        ux, ulabels = _pseudocells_from(model, unseen, n_per_type, seed)
-        report = pseudocell_report(corpus, ux, ulabels, genes, k=k, seed=seed, aligner=model.aligner,
-                                   reference_splits=reference_splits)
-        out["knn_accuracy_unseen_phrasing"] = report["knn_accuracy"]
-        spaces = {s: {"knn_accuracy": v["knn_accuracy"]} for s, v in report["spaces"].items()}
-        out["unseen_phrasing"] = {"spaces": spaces, "n_types": len(unseen),
-                                  "texts_per_type": {t: len(v) for t, v in unseen.items()}}
+        out["knn_accuracy_unseen_phrasing"] = scored["unseen_phrasing"]["expression_pca"]
+        out["unseen_phrasing"] = {"spaces": {s: {"knn_accuracy": v} for s, v in scored["unseen_phrasing"].items()},
+                                  "n_types": len(unseen), "texts_per_type": {t: len(v) for t, v in unseen.items()}}
     return out
 
 

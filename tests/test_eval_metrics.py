@@ -287,7 +287,11 @@ def test_pseudocell_report_real_cells_hit_and_class_mean_is_seeded(small_corpus)
     x_val, _, y_val = log1p_profiles(corpus, "val", genes)
     x_test, _, y_test = log1p_profiles(corpus, "test", genes)
     x, y = np.concatenate([x_val, x_test]), np.array(y_val + y_test)
-    r = pseudocell_report(corpus, x, y, genes, k=5, n_components=5)
+    # an extra set scored against the same PCA and references: the copies, and the copies with shuffled labels
+    shuffled = np.random.default_rng(0).permutation(y)
+    r = pseudocell_report(corpus, x, y, genes, k=5, n_components=5, extra={"same": (x, y), "wrong": (x, shuffled)})
+    assert r["extra"]["same"] == {"expression_pca": 1.0}
+    assert r["extra"]["wrong"]["expression_pca"] == pytest.approx(np.mean(shuffled == y), abs=0.15)
     assert r["knn_accuracy"] == 1.0 and r["space"] == "expression_pca" and r["k"] == 5
     assert r["random_baseline"] == pytest.approx(1 / 4) and set(r["spaces"]) == {"expression_pca"}
     sp = r["spaces"]["expression_pca"]

@@ -190,6 +190,29 @@ def test_answer_mean_counts_each_answer_once(small_corpus, tiny_stage1, tiny_lm,
     assert loss([0, 1], "token") == pytest.approx((n[0] * alone[0] + n[1] * alone[1]) / sum(n), rel=1e-4)
 
 
+@pytest.mark.parametrize("mean", ["token", "answer"])
+def test_length_grouped_answer_loss_equals_one_padded_batch(small_corpus, tiny_stage1, tiny_lm, tmp_path, mean):
+    """Training runs short and long answers as two groups cut to their own length: the same loss (and gradients)
+    as one padded batch, for either averaging."""
+    torch.set_num_threads(1)
+    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path)
+    model.eval()
+    model.config.loss.lm_mean = mean
+    answers = ["B cell", "A natural killer cell from the blood of a healthy donor, sequenced with 10x.", "T cell",
+               "A monocyte from the blood.", "NK cell", "A CD14-positive monocyte that expresses CD14 and CD16."]
+    enc = model.builder.collate([model.builder.cell_to_text("Which cell type is this?", a) for a in answers])
+    torch.manual_seed(3)
+    query = torch.randn(6, model.n_slots, model.aligner.qformer.hidden_size, requires_grad=True)
+    cell = torch.randn(6, 4)
+    one = model.answer_loss(model._embed_with_cells(enc["input_ids"], enc["slot_positions"], query, cell),
+                            enc["attention_mask"], enc["labels"])
+    (g_one,) = torch.autograd.grad(one, query)
+    grouped = model._grouped_answer_loss(enc, query, cell)
+    (g_grouped,) = torch.autograd.grad(grouped, query)
+    assert float(grouped) == pytest.approx(float(one), rel=1e-5)
+    torch.testing.assert_close(g_grouped, g_one, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("key,value,message", [("model", {"loss": {"lm_mean": "sentence"}}, "lm_mean"),
                                                ("refit", {"step": 10}, "refit.step"),
                                                ("refit", {"steps": -1}, "steps >= 0")])
