@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,19 @@ def apply_unknown(pred: Sequence, scores: Sequence[float], threshold: float, unk
         raise ValueError(f"{len(p)} predictions for {len(s)} scores")
     p[s < threshold] = unknown
     return p
+
+
+def repeated_phrase_rate(texts: Sequence[str], n: int = 4) -> float:
+    """Share of ``texts`` in which some phrase of ``n`` words occurs twice or more (case and punctuation ignored):
+    a fluency check that needs no reference, since a language model that lost the thread repeats itself."""
+    if not texts:
+        raise ValueError("no texts to score")
+    hits = 0
+    for text in texts:
+        words = re.findall(r"[a-z0-9+-]+", str(text).lower())
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        hits += len(set(grams)) < len(grams)
+    return hits / len(texts)
 
 
 def text_generation_metrics(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:

@@ -107,6 +107,8 @@ def stage2_table(metrics: Mapping[str, Any]) -> str:
         rows += [["cell-type answer accuracy (free / constrained)",
                   f"{_f(g.get('type_accuracy'))} / {_f(g.get('type_accuracy_constrained'))}"],
                  ["description BLEU-4 / ROUGE-L", f"{_f(g.get('bleu4'))} / {_f(g.get('rougeL'))}"]]
+        if "repeated_phrase_rate" in g:
+            rows.append(["descriptions that repeat a 4-word phrase", _f(g["repeated_phrase_rate"])])
         if "type_accuracy_unseen_phrasing" in g:
             rows.append(["cell-type answer accuracy, question in phrasings never trained on",
                          _f(g["type_accuracy_unseen_phrasing"])])

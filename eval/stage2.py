@@ -30,7 +30,7 @@ from scmm.data_pipeline.instructions import UNSEEN_PROMPTS
 from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
 from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.store import Corpus, label_keys
-from scmm.eval.metrics import text_generation_metrics
+from scmm.eval.metrics import repeated_phrase_rate, text_generation_metrics
 from scmm.eval.ontology_score import mean_pair_score
 from scmm.eval.pseudocell import REFERENCE_SPLITS, pseudocell_report
 from scmm.model.stage2 import Stage2Model
@@ -102,7 +102,8 @@ def generation_metrics(result: dict[str, list], ontology=None) -> dict[str, floa
     out: dict[str, float] = {}
     if result["descriptions"]:
         text = text_generation_metrics(result["descriptions"], result["references"][:len(result["descriptions"])])
-        out.update(bleu4=text["bleu4"], rougeL=text["rougeL"], bleu2=text["bleu2"], rouge1=text["rouge1"])
+        out.update(bleu4=text["bleu4"], rougeL=text["rougeL"], bleu2=text["bleu2"], rouge1=text["rouge1"],
+                   repeated_phrase_rate=repeated_phrase_rate(result["descriptions"]))
     true = np.asarray(result["true_cl"], dtype=object)
     pred = np.asarray([p if p else "unknown" for p in result["pred_cl"]], dtype=object)
     out["type_accuracy"] = float(np.mean(true == pred)) if len(true) else float("nan")

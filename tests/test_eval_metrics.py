@@ -362,3 +362,14 @@ def test_pseudocell_report_reference_splits_val_only(small_corpus):
     both = pseudocell_report(corpus, x, labels, genes, k=1, n_components=5)
     assert both["reference_splits"] == ["val", "test"]
     assert both["n_reference"] == corpus.manifest["splits"]["val"] + corpus.manifest["splits"]["test"]
+
+
+def test_repeated_phrase_rate():
+    from scmm.eval.metrics import repeated_phrase_rate
+    texts = ["A T cell from the blood of a healthy donor.",
+             "A blood of the blood of a healthy donor. A blood of the blood.",  # "a blood of the" twice
+             "The cell, the cell: THE CELL the cell."]  # "the cell the cell" twice, case and commas ignored
+    assert repeated_phrase_rate(texts) == pytest.approx(2 / 3)
+    assert repeated_phrase_rate(["one two three"]) == 0.0
+    with pytest.raises(ValueError):
+        repeated_phrase_rate([])
