@@ -149,7 +149,11 @@ def test_one_process_without_zero_exports_the_same_weights_as_zero2(tmp_path: Pa
         _launch(config, 1, zero=zero)
         models[zero] = load_file(str(tmp_path / f"one{zero}" / "model" / "aligner.safetensors"))
     assert models[0].keys() == models[2].keys()
-    for key, value in models[2].items():  # summation order differs a little (attention key biases get ~0 gradients)
+    for key, value in models[2].items():  # summation order differs a little
+        if key.endswith("key.bias"):
+            # softmax ignores a key bias (it adds q.b to every score of a query): its gradient is rounding noise,
+            # which AdamW's normalised step turns into moves of up to lr per step, different for each order
+            continue
         torch.testing.assert_close(models[0][key], value, rtol=1e-5, atol=1e-5, msg=key)
     r = launch_ranks("pretrain/train.py", _config(tmp_path, small_corpus, "bf16zero0", steps=2, precision="bf16"), 1,
                      zero=0, check=False)

@@ -209,7 +209,7 @@ def test_length_grouped_answer_loss_equals_one_padded_batch(small_corpus, tiny_s
     (g_one,) = torch.autograd.grad(one, query)
     grouped = model._grouped_answer_loss(enc, query, cell)
     (g_grouped,) = torch.autograd.grad(grouped, query)
-    assert float(grouped) == pytest.approx(float(one), rel=1e-5)
+    assert float(grouped.detach()) == pytest.approx(float(one.detach()), rel=1e-5)
     torch.testing.assert_close(g_grouped, g_one, rtol=1e-4, atol=1e-6)
 
 
