@@ -82,6 +82,8 @@ bench: setup annbatch-env
 	$(PY) benchmarks/bench_stage1.py --size demo
 	$(PY) benchmarks/bench_stage1.py --size human --precisions fp32,bf16 --steps 4
 	$(PY) benchmarks/bench_retrieval.py --n 300000 --queries 5000
+	@if test -f runs/demo/stage2/model/config.json; then $(PY) benchmarks/bench_demo_levers.py; \
+	else echo "bench_demo_levers.py skipped: it measures the demo's models (run make demo first)"; fi
 
 # annbatch (the loader benchmark's comparison) needs Python >= 3.12: its own environment, scmm's numpy kernels in it
 ANNBATCH_BASE ?= $(shell pyenv root 2>/dev/null)/versions/3.12.1/bin/python3
