@@ -131,13 +131,20 @@ def pseudocells_for_types(model, corpus: Corpus, n_per_type: int = 20, seed: int
     """(X [n_types * n_per_type, G], label keys, HVG gene symbols): pseudo-cells from each type's texts."""
     by_type = type_texts(corpus, text_splits)
     types = sorted(by_type) if types is None else [t for t in types if t in by_type]
+    x, labels = pseudocells_from_texts(model, {t: by_type[t] for t in types}, n_per_type, seed)
+    return x, labels, list(model.hvg["symbols"])
+
+
+def pseudocells_from_texts(model, texts_by_type: dict[str, list[str]], n_per_type: int, seed: int
+                           ) -> tuple[np.ndarray, list[str]]:
+    """(X [n_types * n_per_type, G], label keys): ``n_per_type`` pseudo-cells per type (in the dict's order), from
+    its texts cycled in order."""
     texts, labels = [], []
-    for t in types:
-        pool = by_type[t]
+    for t, pool in texts_by_type.items():
         texts += [pool[i % len(pool)] for i in range(n_per_type)]
         labels += [t] * n_per_type
     x = model.generate_pseudocells(texts, 1, seed=seed) if texts else np.zeros((0, len(model.hvg["indices"])))
-    return x, labels, list(model.hvg["symbols"])
+    return x, labels
 
 
 def generation_report(model, corpus: Corpus, split: str = "test", ontology=None, num_beams: int = 1,
@@ -181,16 +188,6 @@ def ontology_phrasings(types: Sequence[str], ontology=None) -> dict[str, list[st
     return out
 
 
-def _pseudocells_from(model, texts_by_type: dict[str, list[str]], n_per_type: int, seed: int
-                      ) -> tuple[np.ndarray, list[str]]:
-    texts, labels = [], []
-    for t, pool in sorted(texts_by_type.items()):
-        texts += [pool[i % len(pool)] for i in range(n_per_type)]
-        labels += [t] * n_per_type
-    x = model.generate_pseudocells(texts, 1, seed=seed) if texts else np.zeros((0, len(model.hvg["indices"])))
-    return x, labels
-
-
 def pseudocell_evaluation(model, corpus: Corpus, seed: int = 0, n_per_type: int = 20, k: int = 5,
                           reference_splits: Sequence[str] = REFERENCE_SPLITS, ontology=None) -> dict[str, Any]:
     """The ``pseudocell`` section: pseudo-cells of every type scored by
@@ -202,7 +199,7 @@ def pseudocell_evaluation(model, corpus: Corpus, seed: int = 0, n_per_type: int 
     genes = np.asarray(model.hvg["indices"], dtype=np.int64)
     x, labels, _ = pseudocells_for_types(model, corpus, n_per_type=n_per_type, seed=seed)
     unseen = ontology_phrasings(sorted(set(labels)), ontology)
-    extra = {"unseen_phrasing": _pseudocells_from(model, unseen, n_per_type, seed)} if unseen else {}
+    extra = {"unseen_phrasing": pseudocells_from_texts(model, unseen, n_per_type, seed)} if unseen else {}
     out = pseudocell_report(corpus, x, labels, genes, k=k, seed=seed, aligner=model.aligner,
                             reference_splits=reference_splits, extra=extra)
     scored = out.pop("extra")
