@@ -26,20 +26,26 @@ reference cells cannot win a majority and is left out of the accuracy and listed
 pseudo-cells per type; fewer is allowed but noted in ``notes``.
 
 **Class-mean reference**: for each generated type with train cells, as many profiles as there are pseudo-cells
-of that type, each = the type's mean train log1p profile + Gaussian noise with the type's per-gene standard
-deviation (ddof 1, over all train cells of the type, streamed), clipped at 0 (log1p values are non-negative;
-in the embedding space a gene <= 0 is not expressed). Drawn with ``numpy.random.default_rng(seed)`` type by
-type in sorted order, so it is deterministic for a seed; scored exactly like the pseudo-cells in each space.
+of that type, drawn gene by gene from the type's train statistics (:func:`type_moments`, streamed) the way
+scmm's decoder draws a pseudo-cell: the gene is detected with the share of the type's train cells that detect
+it, and a detected gene takes the type's mean detected log1p value + Gaussian noise of its standard deviation
+(ddof 1), clipped at 0. **Decision**: the reference is sparse like real cells (earlier versions drew the
+overall mean + noise, a dense profile that the stage-1 embedding space misplaces). Drawn with
+``numpy.random.default_rng(seed)`` type by type in sorted order, so it is deterministic for a seed; scored
+exactly like the pseudo-cells in each space.
 Types without train cells get no class-mean profiles (``class_mean_missing_types``).
 
 Output (DESIGN.md ``pseudocell``): ``knn_accuracy``, ``k``, ``space`` (``"expression_pca"``),
 ``random_baseline``, ``class_mean_reference`` of the PCA space at the top level, plus ``spaces`` =
 ``{name: {knn_accuracy, class_mean_reference, random_baseline, per_type, excluded_types, n_scored,
-n_types_scored, metric}}``, ``per_type[t] = {accuracy, class_mean_accuracy, n, n_reference}``.
+n_types_scored, metric}}``, ``per_type[t] = {accuracy, class_mean_accuracy, n, n_reference}``, and how sparse
+the pseudo-cells are (:func:`zero_fractions`): ``zero_fraction_ratio`` (pseudo-cells' share of zero panel genes
+over the reference cells' of their type, averaged over types) and ``zero_fraction[t] = {pseudo, real, ratio}``.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,8 +59,8 @@ from scmm.data_pipeline.store import Corpus
 from scmm.eval.annotate import embed_split
 from scmm.eval.knn import pseudocell_knn_accuracy
 
-__all__ = ["pseudocell_report", "embed_profiles", "class_mean_profiles", "type_moments", "PCA_MAX_TRAIN_CELLS",
-           "MIN_PER_TYPE", "REFERENCE_SPLITS"]
+__all__ = ["pseudocell_report", "embed_profiles", "class_mean_profiles", "type_moments", "TypeStats",
+           "zero_fractions", "PCA_MAX_TRAIN_CELLS", "MIN_PER_TYPE", "REFERENCE_SPLITS"]
 
 PCA_MAX_TRAIN_CELLS = 50_000
 MIN_PER_TYPE = 20
@@ -62,40 +68,63 @@ REFERENCE_SPLITS = ("val", "test")
 EMBED_BATCH = 64
 
 
-def type_moments(corpus: Corpus, genes: np.ndarray,
-                 split: str = "train") -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
-    """{type: (n cells, mean [G], std [G] ddof 1 (0 for a single cell))} of log1p profiles, streamed by shard."""
+@dataclass
+class TypeStats:
+    """Per-gene statistics of one type's log1p profiles [G]: over all values (``mean``, ``std``, ddof 1, 0 for a
+    single cell) and over the detected (> 0) values (``detected``: the share of cells with the gene detected,
+    ``detected_mean``, ``detected_std``, ddof 1, 0 with fewer than two detections)."""
+
+    n: int
+    mean: np.ndarray
+    std: np.ndarray
+    detected: np.ndarray
+    detected_mean: np.ndarray
+    detected_std: np.ndarray
+
+
+def _mean_std(n: np.ndarray | int, total: np.ndarray, squares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = np.asarray(n, dtype=np.float64)
+    mean = np.divide(total, n, out=np.zeros_like(total), where=n > 0)
+    var = np.divide(np.maximum(squares - n * mean ** 2, 0.0), n - 1, out=np.zeros_like(total), where=n > 1)
+    return mean, np.sqrt(var)
+
+
+def type_moments(corpus: Corpus, genes: np.ndarray, split: str = "train") -> dict[str, TypeStats]:
+    """{type: :class:`TypeStats`} of the log1p profiles of ``split``, streamed by shard."""
     sums: dict[str, list] = {}
     for x, _, labels in iter_log1p_profiles(corpus, split, genes):
         lab = np.asarray(labels)
         x = x.astype(np.float64)
         for t in np.unique(lab):
             rows = x[lab == t]
-            acc = sums.setdefault(str(t), [0, np.zeros(x.shape[1]), np.zeros(x.shape[1])])
+            acc = sums.setdefault(str(t), [0] + [np.zeros(x.shape[1]) for _ in range(3)])
             acc[0] += len(rows)
             acc[1] += rows.sum(0)
             acc[2] += (rows * rows).sum(0)
+            acc[3] += (rows > 0).sum(0)
     out = {}
-    for t, (n, s, sq) in sums.items():
-        mean = s / n
-        var = np.maximum(sq - n * mean ** 2, 0.0) / (n - 1) if n > 1 else np.zeros_like(mean)
-        out[t] = (n, mean, np.sqrt(var))
+    for t, (n, total, squares, n_detected) in sums.items():
+        mean, std = _mean_std(n, total, squares)
+        detected_mean, detected_std = _mean_std(n_detected, total, squares)  # zeros add nothing to either sum
+        out[t] = TypeStats(n, mean, std, n_detected / n, detected_mean, detected_std)
     return out
 
 
-def class_mean_profiles(moments: dict[str, tuple[int, np.ndarray, np.ndarray]], counts: dict[str, int],
+def class_mean_profiles(moments: dict[str, TypeStats], counts: dict[str, int],
                         seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(profiles float32 [sum n, G], labels, types without moments): mean + N(0, std) noise, clipped at 0."""
+    """(profiles float32 [sum n, G], labels, types without moments): per gene, detected with the type's detection
+    rate, then the type's detected mean + N(0, detected std) noise, clipped at 0 (the module docstring)."""
     rng = np.random.default_rng(seed)
     parts, labels, missing = [], [], []
-    n_genes = next(iter(moments.values()))[1].shape[0] if moments else 0
+    n_genes = len(next(iter(moments.values())).mean) if moments else 0
     for t in sorted(counts):
         if t not in moments:
             missing.append(t)
             continue
-        _, mean, std = moments[t]
+        m = moments[t]
         n = int(counts[t])
-        parts.append(np.maximum(mean[None, :] + rng.standard_normal((n, len(mean))) * std[None, :], 0.0))
+        value = np.maximum(m.detected_mean[None, :] + rng.standard_normal((n, n_genes)) * m.detected_std[None, :], 0)
+        parts.append(np.where(rng.random((n, n_genes)) < m.detected[None, :], value, 0.0))
         labels += [t] * n
     x = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, n_genes), dtype=np.float32)
     return x, np.asarray(labels, dtype=object), missing
@@ -188,21 +217,23 @@ def _type_counts(gen_labels: np.ndarray) -> tuple[dict[str, int], list[str]]:
 
 
 def _reference_cells(corpus: Corpus, splits: Sequence[str], genes: np.ndarray, pca: PCA, aligner,
-                     seed: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[str]]:
-    """(PCA coordinates, panel embeddings or None without ``aligner``, labels, cell ids) of the reference cells.
+                     seed: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[str], np.ndarray]:
+    """(PCA coordinates, panel embeddings or None without ``aligner``, labels, cell ids, each cell's share of zero
+    panel genes) of the reference cells.
 
     Streamed shard by shard over the panel ``genes``; embeddings are those of :func:`embed_profiles`.
     """
-    ref_pca, ref_emb, ref_labels, ref_ids = [], [], [], []
+    ref_pca, ref_emb, ref_labels, ref_ids, zeros = [], [], [], [], []
     for split in splits:
         for x, cell_ids, labels in iter_log1p_profiles(corpus, split, genes):
             ref_ids += cell_ids
+            zeros.append((x <= 0).mean(1))
             ref_pca.append(pca.transform(x).astype(np.float32))
             if aligner is not None:
                 ref_emb.append(embed_profiles(aligner, x, genes, corpus.gene_vocab_ids, seed))
             ref_labels += labels
     emb = np.concatenate(ref_emb) if aligner is not None else None
-    return np.concatenate(ref_pca), emb, np.asarray(ref_labels), ref_ids
+    return np.concatenate(ref_pca), emb, np.asarray(ref_labels), ref_ids, np.concatenate(zeros)
 
 
 def _reference_embeddings_all_genes(aligner, corpus: Corpus, splits: Sequence[str], ref_ids: list[str]) -> np.ndarray:
@@ -214,6 +245,23 @@ def _reference_embeddings_all_genes(aligner, corpus: Corpus, splits: Sequence[st
         ids += emb.cell_ids
     pos = {c: i for i, c in enumerate(ids)}
     return np.concatenate(parts)[[pos[c] for c in ref_ids]]  # into shard order, with the label keys
+
+
+def zero_fractions(gen_x: np.ndarray, gen_labels: np.ndarray, ref_zero: np.ndarray,
+                   ref_labels: np.ndarray) -> dict[str, Any]:
+    """How sparse the pseudo-cells are against real cells of their type: per type the mean share of zero panel
+    genes of its pseudo-cells and of its reference cells, and their ratio; ``ratio`` = the ratio averaged over the
+    types that have reference cells (1 = as sparse as real cells)."""
+    gen_zero = (gen_x <= 0).mean(1)
+    per_type = {}
+    for t in sorted(set(gen_labels.tolist())):
+        real = ref_zero[ref_labels == t]
+        if len(real) == 0 or real.mean() == 0:
+            continue
+        pseudo = float(gen_zero[gen_labels == t].mean())
+        per_type[t] = {"pseudo": pseudo, "real": float(real.mean()), "ratio": pseudo / float(real.mean())}
+    ratio = float(np.mean([row["ratio"] for row in per_type.values()])) if per_type else None
+    return {"ratio": ratio, "per_type": per_type}
 
 
 def _score_pca_space(pca: PCA, gen_x, gen_labels, cm_x, cm_labels, ref_z, ref_labels, k: int,
@@ -258,7 +306,7 @@ def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Seque
         notes.append(f"no train cells (no class-mean profiles) for: {', '.join(cm_missing)}")
 
     pca = _fit_pca(corpus, genes, n_components, seed)
-    ref_z, ref_e, ref_labels, ref_ids = _reference_cells(
+    ref_z, ref_e, ref_labels, ref_ids, ref_zero = _reference_cells(
         corpus, ref_splits, genes, pca, aligner if restrict_reference else None, seed)
     spaces = {"expression_pca": _score_pca_space(pca, gen_x, gen_labels, cm_x, cm_labels, ref_z, ref_labels, k,
                                                  ref_splits)}
@@ -277,7 +325,9 @@ def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Seque
             scored[name]["stage1_embedding"] = pseudocell_knn_accuracy(emb, el, ref_e, ref_labels, k=k,
                                                                        metric="ip")["knn_accuracy"]
     pca_space = spaces["expression_pca"]
-    return {"extra": scored, "knn_accuracy": pca_space["knn_accuracy"], "k": int(k), "space": "expression_pca",
+    sparsity = zero_fractions(gen_x, gen_labels, ref_zero, ref_labels)
+    return {"zero_fraction_ratio": sparsity["ratio"], "zero_fraction": sparsity["per_type"], "extra": scored,
+            "knn_accuracy": pca_space["knn_accuracy"], "k": int(k), "space": "expression_pca",
             "random_baseline": pca_space["random_baseline"],
             "class_mean_reference": pca_space["class_mean_reference"], "spaces": spaces,
             "n_per_type": counts, "n_reference": int(len(ref_labels)), "reference_splits": ref_splits,

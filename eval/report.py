@@ -121,6 +121,9 @@ def stage2_table(metrics: Mapping[str, Any]) -> str:
         for name, sp in ((p.get("unseen_phrasing") or {}).get("spaces") or {}).items():
             rows.append([f"pseudo-cell {p.get('k')}-NN accuracy, {name}, from ontology texts never trained on",
                          _f(sp.get("knn_accuracy"))])
+        if p.get("zero_fraction_ratio") is not None:
+            rows.append(["pseudo-cells' share of zero genes over real cells' (1 = as sparse)",
+                         _f(p["zero_fraction_ratio"])])
     return _table(["stage 2", "value"], rows, ["---", "---:"]) if rows else ""
 
 
@@ -136,8 +139,9 @@ def pseudocell_section(p: Mapping[str, Any]) -> list[str]:
              f"Each pseudo-cell takes its {k} nearest real cells of the "
              f"{'+'.join(p.get('reference_splits') or ['val', 'test'])} split(s) "
              f"({p.get('n_reference', '?')} cells, {p.get('n_genes', '?')} panel genes) and hits when their majority "
-             "label is the type it was generated from. Class-mean reference: each type's mean train profile plus "
-             "noise of the type's own per-gene spread, as many cells as pseudo-cells, scored the same way. "
+             "label is the type it was generated from. Class-mean reference: cells drawn gene by gene from each type's "
+             "train statistics (detected with the type's detection rate, then its mean detected value plus noise "
+             "of its spread), as many cells as pseudo-cells, scored the same way. "
              "Random: 1 / number of types scored.", ""]
     rows = []
     for name, sp in spaces.items():
@@ -157,6 +161,13 @@ def pseudocell_section(p: Mapping[str, Any]) -> list[str]:
                         + [(spaces[n].get("per_type") or {}).get(t, {}).get("class_mean_accuracy") for n in spaces]
                         + [row.get("n"), row.get("n_reference")])
         lines += ["### Per type", "", _table(header, prow, ["---"] + ["---:"] * (len(header) - 1)), ""]
+    sparsity = p.get("zero_fraction") or {}
+    if sparsity:
+        lines += [f"Sparsity: pseudo-cells' share of zero panel genes over the reference cells' of their type, "
+                  f"averaged over types: **{_f(p.get('zero_fraction_ratio'))}** (1 = as sparse as real cells).", "",
+                  _table(["cell type", "pseudo-cells' zeros", "real cells' zeros", "ratio"],
+                         [[f"`{t}`", r["pseudo"], r["real"], r["ratio"]] for t, r in sparsity.items()],
+                         ["---", "---:", "---:", "---:"]), ""]
     excluded = first.get("excluded_types") or {}
     if excluded:
         lines += [f"Left out of the accuracy (fewer than k = {k} reference cells, a majority vote cannot pick them): "

@@ -4,7 +4,8 @@ During the joint stage-2 loop the decoder sees each training cell a few times, w
 it reads keep moving; it ends under-fit. Once the LLM is final, its mapped state for a description is fixed, so
 the decoder can be fitted to those states cheaply: every distinct description runs through the LLM once
 (cached), and the decoder alone trains on ``(mapped state of a cell's description, the cell's profile)`` pairs,
-with the same loss as ``decode_llm`` (mean squared error plus the Gaussian NLL that sets the sampling noise).
+with the same loss as ``decode_llm`` (:func:`scmm.model.bridge.decoder_loss`: the zero model's cross-entropy,
+the mean's squared error and the Gaussian NLL that sets the sampling noise).
 
 **Decision**: the refit runs on rank 0 after the final checkpoint is consolidated, on the exported model, with
 the training engine's in-process back end (no DeepSpeed: the decoder is a small MLP). Measured effect:
@@ -76,8 +77,7 @@ def refit_decoder(model, texts: Sequence[str], text_index: torch.Tensor, profile
             yield torch.randint(0, len(profiles), (min(opts.batch_size, len(profiles)),), generator=gen)
 
     def forward(module, rows: torch.Tensor, step: int) -> dict:
-        mean, log_std = module(states_of(text_index[rows].tolist()))
-        loss = decoder_loss(mean, log_std, profiles[rows].to(device), nll_weight)
+        loss = decoder_loss(module(states_of(text_index[rows].tolist())), profiles[rows].to(device), nll_weight)
         return {"loss": loss, "decode_llm": loss}
 
     was = [p.requires_grad for p in decoder.parameters()]

@@ -8,15 +8,28 @@ Three small modules, each one idea:
 * :class:`TextToCellHead`: the LLM's hidden states at the cell slot tokens ``[B, n, H]`` -> the Q-Former query
   space ``[B, n, d_q]`` (text -> cell; trained against the paired real cell's query states, stop-gradient).
 * :class:`PseudoCellDecoder`: query states ``[B, n, d_q]`` (real or LLM-mapped) -> a pseudo-cell profile over
-  a gene panel (the corpus's highly variable genes): the mean log1p-CP10k expression ``[B, G]`` and a per-gene
-  log standard deviation ``[B, G]`` that sets the sampling noise. ``sample(states, generator)`` draws profiles
-  ``max(0, mean + std * eps)`` (log1p values are never negative).
+  a gene panel (the corpus's highly variable genes), as :class:`DecoderOutput`. Each gene's expected
+  log1p-CP10k value ``mean`` (zeros included) and a log standard deviation that sets the sampling noise; with
+  ``zero_inflated`` (the default) also the probability that the gene is not detected (``zero_logit``), so that
+  samples are sparse like real cells: ``sample(states, generator)`` draws each gene's detection, then a detected
+  gene's value ``max(0, mean / (1 - p_zero) + std * eps)``. **Decision**: the mean stays the expected value
+  (zeros included, trained by squared error as without a zero model) and a detected gene's mean is derived from
+  it, rather than a separate head for the detected values: so the samples' average is the profile the squared
+  error fits, and adding the zero model leaves the pseudo-cells' type means where they were (a separately
+  fitted detected-value head gave type means further from the real ones on the demo: BENCHMARKS.md). Without
+  ``zero_inflated`` (stage-2 folders of format 3) samples are ``max(0, mean + std * eps)``: dense.
+
+**Why zeros are modelled**: about 70% of the panel's values are zeros in a real PBMC cell, and a detected gene's
+log1p-CP10k value starts near 2 (one count in a cell of a few thousand). A dense profile (the mean with noise)
+holds hundreds of small values that no real cell has; the cell tower, which reads a cell as its expressed genes,
+then places it among the wrong cells (BENCHMARKS.md, "Sparse pseudo-cells").
 
 The losses live here too (:func:`decoder_loss`, :func:`t2c_loss`), so that a trainer only weights them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +52,8 @@ class BridgeOptions:
     lr_scale: float = 1.0  # learning rate of the bridge modules relative to train.lr (they start from scratch)
     # each soft token also reads the cell tower's <cls> embedding (scGPT's cell embedding) beside its query state
     cell_embedding: bool = False
+    # the decoder models each gene's probability of being zero (a hurdle model): sparse pseudo-cells like real ones
+    zero_inflated: bool = True
 
     def __post_init__(self) -> None:
         if self.t2c_loss not in ("mse", "cosine"):
@@ -101,11 +116,31 @@ class TextToCellHead(nn.Module):
         return self.mlp(slot_states)
 
 
+class DecoderOutput(NamedTuple):
+    """A decoded profile over the gene panel, each ``[B, G]``: the expected log1p value ``mean`` (zeros included),
+    the log standard deviation of a value (of a detected gene's, with a zero model) and, with a zero model, the
+    logit of each gene being zero."""
+
+    mean: torch.Tensor
+    log_std: torch.Tensor
+    zero_logit: torch.Tensor | None = None
+
+    def detected_mean(self) -> torch.Tensor:
+        """A detected gene's mean value, ``mean / (1 - p_zero)`` (the mean itself without a zero model)."""
+        if self.zero_logit is None:
+            return self.mean
+        p_detected = torch.sigmoid(-self.zero_logit.float()).clamp_min(MIN_DETECTION)
+        return self.mean.float().clamp_min(0.0) / p_detected
+
+
+MIN_DETECTION = 0.01  # a gene's detection probability is floored here when dividing by it
+
+
 class PseudoCellDecoder(nn.Module):
-    """Query states ``[B, n, d_q]`` -> (mean log1p expression ``[B, G]``, log std ``[B, G]``) over the gene panel."""
+    """Query states ``[B, n, d_q]`` -> :class:`DecoderOutput` over the gene panel (see the module docstring)."""
 
     def __init__(self, n_queries: int, d_query: int, n_genes: int, hidden: int = 512, dropout: float = 0.0,
-                 min_log_std: float = -4.0, max_log_std: float = 1.5):
+                 min_log_std: float = -4.0, max_log_std: float = 1.5, zero_inflated: bool = True):
         super().__init__()
         self.n_queries, self.d_query, self.n_genes = n_queries, d_query, n_genes
         self.min_log_std, self.max_log_std = min_log_std, max_log_std
@@ -116,40 +151,72 @@ class PseudoCellDecoder(nn.Module):
                                   nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU())
         self.mean_head = nn.Linear(hidden, n_genes)
         self.log_std_head = nn.Linear(hidden, n_genes)
+        self.zero_head = nn.Linear(hidden, n_genes) if zero_inflated else None
         nn.init.zeros_(self.log_std_head.weight)
         nn.init.zeros_(self.log_std_head.bias)
 
+    @property
+    def zero_inflated(self) -> bool:
+        return self.zero_head is not None
+
     @torch.no_grad()
     def init_from_profiles(self, profiles: torch.Tensor) -> None:
-        """Start at the panel's mean profile and per-gene spread (e.g. of the training cells)."""
+        """Start at the per-gene statistics of ``profiles`` (e.g. the training cells): the mean, the spread (of the
+        detected values under ``zero_inflated``) and the share of zeros."""
         profiles = profiles.float()
         self.mean_head.bias.copy_(profiles.mean(0).to(self.mean_head.bias))
-        std = profiles.std(0).clamp_min(1e-3).log().clamp(self.min_log_std, self.max_log_std)
-        self.log_std_head.bias.copy_(std.to(self.log_std_head.bias))
+        if self.zero_head is None:
+            std = profiles.std(0)
+        else:
+            detected = profiles > 0
+            n = detected.sum(0).float()
+            zero = (1 - n / len(profiles)).clamp(1e-3, 1 - 1e-3)
+            self.zero_head.bias.copy_(torch.logit(zero).to(self.zero_head.bias))
+            mean = (profiles * detected).sum(0) / n.clamp_min(1)
+            std = (((profiles - mean) ** 2 * detected).sum(0) / (n - 1).clamp_min(1)).sqrt()
+        log_std = std.clamp_min(1e-3).log().clamp(self.min_log_std, self.max_log_std)
+        self.log_std_head.bias.copy_(log_std.to(self.log_std_head.bias))
 
-    def forward(self, query_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, query_states: torch.Tensor) -> DecoderOutput:
         h = self.body(self.norm(query_states).flatten(1))
         log_std = self.log_std_head(h).clamp(self.min_log_std, self.max_log_std)
-        return self.mean_head(h), log_std
+        zero_logit = self.zero_head(h) if self.zero_head is not None else None
+        return DecoderOutput(self.mean_head(h), log_std, zero_logit)
 
     @torch.no_grad()
     def sample(self, query_states: torch.Tensor, generator: torch.Generator | None = None,
                noise: float = 1.0) -> torch.Tensor:
-        """Pseudo-cell profiles ``[B, G]``: ``max(0, mean + noise * std * eps)``, eps drawn from `generator`."""
-        mean, log_std = self(query_states)
-        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
-        return (mean.float() + noise * log_std.float().exp() * eps).clamp_min(0.0)
+        """Pseudo-cell profiles ``[B, G]`` with draws from ``generator``: each gene detected with probability
+        ``1 - p_zero`` (zero model only), a detected value ``max(0, detected mean + noise * std * eps)``.
+        ``noise=0`` gives the expected profile ``max(0, mean)`` instead of a draw."""
+        out = self(query_states)
+        if noise == 0:
+            return out.mean.float().clamp_min(0.0)
+        eps = torch.randn(out.mean.shape, generator=generator, dtype=torch.float32).to(out.mean.device)
+        value = (out.detected_mean() + noise * out.log_std.float().exp() * eps).clamp_min(0.0)
+        if out.zero_logit is None:
+            return value
+        uniform = torch.rand(out.mean.shape, generator=generator, dtype=torch.float32).to(out.mean.device)
+        return torch.where(uniform < torch.sigmoid(out.zero_logit.float()), torch.zeros_like(value), value)
 
 
-def decoder_loss(mean: torch.Tensor, log_std: torch.Tensor | None, target: torch.Tensor,
-                 nll_weight: float = 0.0) -> torch.Tensor:
-    """MSE of the mean profile, plus (optionally) a Gaussian NLL that fits the log-std around the detached mean."""
+def decoder_loss(out: DecoderOutput, target: torch.Tensor, nll_weight: float = 0.0) -> torch.Tensor:
+    """The decoder's loss against real profiles ``target`` [B, G]: the mean's squared error; with a zero model,
+    plus the binary cross-entropy of each gene being zero; with ``nll_weight`` > 0, plus that weight times a
+    Gaussian NLL that fits the log-std around the detached (detected) mean, over the detected values only when
+    there is a zero model (its spread is that of a detected gene's value)."""
     target = target.float()
-    loss = F.mse_loss(mean.float(), target)
-    if log_std is not None and nll_weight > 0:
-        resid2 = (target - mean.detach().float()) ** 2
-        ls = log_std.float()
-        nll = (0.5 * resid2 * torch.exp(-2 * ls) + ls).mean()
+    loss = F.mse_loss(out.mean.float(), target)
+    if out.zero_logit is not None:
+        loss = loss + F.binary_cross_entropy_with_logits(out.zero_logit.float(), (target <= 0).float())
+    if nll_weight > 0:
+        ls = out.log_std.float()
+        nll = 0.5 * (target - out.detected_mean().detach()) ** 2 * torch.exp(-2 * ls) + ls
+        if out.zero_logit is None:
+            nll = nll.mean()
+        else:
+            detected = (target > 0).float()
+            nll = (nll * detected).sum() / detected.sum().clamp_min(1.0)
         loss = loss + nll_weight * nll
     return loss
 
@@ -163,5 +230,5 @@ def t2c_loss(mapped: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> t
     return F.mse_loss(mapped, target)
 
 
-__all__ = ["BridgeOptions", "QueryNorm", "CellProjector", "TextToCellHead", "PseudoCellDecoder", "decoder_loss",
-           "t2c_loss"]
+__all__ = ["BridgeOptions", "QueryNorm", "CellProjector", "TextToCellHead", "PseudoCellDecoder", "DecoderOutput",
+           "MIN_DETECTION", "decoder_loss", "t2c_loss"]

@@ -8,8 +8,9 @@ tokens only (``lm`` loss).
 Text -> cell: the LLM reads ``description <cell> <cell_0..n-1> </cell>``; its last hidden states at the slots pass
 through :class:`~model.bridge.TextToCellHead` into the query space, trained against the paired real cell's query
 states (``t2c``, stop-gradient on the target). :class:`~model.bridge.PseudoCellDecoder` maps query states to a
-log1p-CP10k profile over the HVG panel; it is trained on the real states (``decode_real``) and on the LLM-mapped
-ones (``decode_llm``, which also fits the sampling noise), so that generation from text works at inference.
+log1p-CP10k profile over the HVG panel (a hurdle model: each gene's chance of being zero, and its value when
+detected); it is trained on the real states (``decode_real``) and on the LLM-mapped ones (``decode_llm``, which also
+fits the sampling noise), so that generation from text works at inference.
 
 Saved folder (``save_pretrained``, atomic; ``Stage2Model.from_pretrained`` needs no DeepSpeed)::
 
@@ -57,7 +58,9 @@ from scmm.model.sequences import PROMPT_FORMATS, SequenceBuilder
 
 log = logging.getLogger("scmm.stage2")
 FORMAT = "scmm-stage2"
-FORMAT_VERSION = 3  # 3: typed LoRA options; 2: LayerNorm before each GELU of the bridge MLPs
+# 4: the decoder's zero model (bridge.zero_inflated); 3: typed LoRA options; 2: LayerNorm before each GELU of the
+# bridge MLPs. Format 3 folders still load (as bridge.zero_inflated false: their decoder has no zero head).
+FORMAT_VERSION = 4
 STAGE1_TRAIN = ("none", "qformer", "all")
 LOSSES = ("lm", "t2c", "decode_real", "decode_llm")
 LM_MEANS = ("token", "answer")  # how the answer loss averages (Stage2Loss.lm_mean)
@@ -151,7 +154,7 @@ class Stage2Model(nn.Module):
                                        embed_std=float(emb.detach().float().std()))
         self.t2c_head = TextToCellHead(d_llm, d_q, b.t2c_hidden, b.dropout)
         self.decoder = PseudoCellDecoder(self.n_slots, d_q, len(self.hvg["indices"]), b.decoder_hidden, b.dropout,
-                                         b.min_log_std, b.max_log_std)
+                                         b.min_log_std, b.max_log_std, b.zero_inflated)
         self.builder = SequenceBuilder(tokenizer, cell_tokens, config.max_length, config.prompt_format)
         self._set_stage1_trainable()
 
@@ -303,10 +306,8 @@ class Stage2Model(nn.Module):
         if "t2c_index" in batch:  # each distinct description ran once; back to one row per cell
             mapped = mapped[batch["t2c_index"].to(device)]
         out["t2c"] = t2c_loss(mapped, query, b.t2c_loss)
-        mean, _ = self.decoder(query.detach().to(mapped.dtype))
-        out["decode_real"] = decoder_loss(mean, None, target)
-        mean, log_std = self.decoder(mapped)
-        out["decode_llm"] = decoder_loss(mean, log_std, target, b.nll_weight)
+        out["decode_real"] = decoder_loss(self.decoder(query.detach().to(mapped.dtype)), target)
+        out["decode_llm"] = decoder_loss(self.decoder(mapped), target, b.nll_weight)
         zero = torch.zeros((), device=device)
         out.setdefault("lm", zero)
         out["loss"] = sum(getattr(w, k) * out[k] for k in LOSSES)
@@ -457,7 +458,9 @@ class Stage2Model(nn.Module):
         if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
             raise ScmmError(f"{folder} is not an scmm stage-2 model folder")
         version = raw.pop("format_version", None)
-        if version != FORMAT_VERSION:
+        if version == 3 and isinstance(raw.get("bridge"), dict):
+            raw["bridge"].setdefault("zero_inflated", False)
+        elif version != FORMAT_VERSION:
             raise ScmmError(f"{folder} was written by another scmm version (stage-2 format {version}, this scmm "
                             f"reads {FORMAT_VERSION})")
         saved_tokens = raw.pop("cell_tokens")

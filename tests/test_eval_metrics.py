@@ -308,14 +308,35 @@ def test_pseudocell_report_real_cells_hit_and_class_mean_is_seeded(small_corpus)
     c, _, missing = class_mean_profiles(moments, {"CL:0000084": 3, "CL:0000236": 2, "CL:0000000": 1}, seed=2)
     assert np.array_equal(a, b) and la.tolist() == lb.tolist() == ["CL:0000084"] * 3 + ["CL:0000236"] * 2
     assert not np.array_equal(a, c[:5]) and missing == ["CL:0000000"] and a.min() >= 0
-    n, mean, std = moments["CL:0000084"]
+    m = moments["CL:0000084"]
     x_tr, _, y_tr = log1p_profiles(corpus, "train", genes)
     rows = x_tr[np.array(y_tr) == "CL:0000084"].astype(np.float64)
-    assert n == len(rows)
-    np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(std, rows.std(0, ddof=1), rtol=1e-5, atol=1e-5)
+    assert m.n == len(rows)
+    np.testing.assert_allclose(m.mean, rows.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(m.std, rows.std(0, ddof=1), rtol=1e-5, atol=1e-5)
+    g = int(np.argmax(((rows > 0).sum(0) >= 2) & ((rows > 0).sum(0) < len(rows))))  # a gene sometimes detected
+    detected = rows[rows[:, g] > 0, g]
+    assert m.detected[g] == pytest.approx(len(detected) / len(rows))
+    assert m.detected_mean[g] == pytest.approx(detected.mean(), rel=1e-6)
+    assert m.detected_std[g] == pytest.approx(detected.std(ddof=1), rel=1e-5)
+    # the class-mean profiles are as sparse as the type's train cells (5,000 draws of the type)
+    big, _, _ = class_mean_profiles(moments, {"CL:0000084": 5000}, seed=0)
+    np.testing.assert_allclose((big > 0).mean(0), m.detected, atol=0.03)
+    # pseudo-cells that are copies of the reference cells are exactly as sparse as them
+    assert r["zero_fraction_ratio"] == pytest.approx(1.0, abs=1e-9)
+    assert set(r["zero_fraction"]) == set(y)
     text = "\n".join(pseudocell_section(r))
     assert "class-mean reference" in text and "expression_pca" in text
+
+
+def test_zero_fractions_on_hand_computed_cells():
+    from scmm.eval.pseudocell import zero_fractions
+    gen = np.array([[0, 1, 2, 0], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=np.float32)  # zeros: 1/2, 3/4, 0
+    out = zero_fractions(gen, np.array(["a", "a", "b"]), np.array([0.5, 0.75, 0.25, 0.5, 0.0]),
+                         np.array(["a", "a", "b", "b", "c"]))
+    assert out["per_type"]["a"] == {"pseudo": 0.625, "real": 0.625, "ratio": 1.0}
+    assert out["per_type"]["b"] == {"pseudo": 0.0, "real": 0.375, "ratio": 0.0}
+    assert out["ratio"] == 0.5 and "c" not in out["per_type"]  # c: no pseudo-cells
 
 
 def test_pseudocell_report_excludes_types_with_few_reference_cells(small_corpus):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -232,8 +233,7 @@ def _pairs_loss(model, pairs) -> float:
     """decode_llm (MSE + 0.1 NLL) of the decoder on every training pair's mapped description."""
     from scmm.model.bridge import decoder_loss
     with torch.no_grad():
-        mean, log_std = model.decoder(model.mapped_states(pairs.text_pool)[pairs.text_index])
-        return float(decoder_loss(mean, log_std, pairs.x, 0.1))
+        return float(decoder_loss(model.decoder(model.mapped_states(pairs.text_pool)[pairs.text_index]), pairs.x, 0.1))
 
 
 def test_decoder_refit_trains_the_decoder_alone_on_each_description_once(small_corpus, tiny_stage1, tiny_lm,
@@ -318,6 +318,31 @@ def test_reloaded_model_equals_the_trained_one(small_corpus, tiny_stage1, tiny_l
         assert float(lb[k]) == pytest.approx(float(la[k]), rel=1e-5, abs=1e-6), k
     np.testing.assert_allclose(model.generate_pseudocells(["a B cell"], 2, seed=1),
                                back.generate_pseudocells(["a B cell"], 2, seed=1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_format_3_folder_loads_with_its_dense_decoder(trained_stage2, tmp_path):
+    """Folders written before the zero model (format 3, no ``zero_head``) load as ``zero_inflated: false``."""
+    from safetensors.torch import load_file, save_file
+
+    from scmm.errors import ScmmError
+    from scmm.model.stage2 import Stage2Model
+    old = tmp_path / "old"
+    shutil.copytree(trained_stage2, old)
+    cfg = json.loads((old / "config.json").read_text())
+    assert cfg["format_version"] == 4 and cfg["bridge"]["zero_inflated"] is True
+    cfg["format_version"] = 3
+    del cfg["bridge"]["zero_inflated"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    state = {k: v for k, v in load_file(str(old / "bridge.safetensors")).items() if "zero_head" not in k}
+    save_file(state, str(old / "bridge.safetensors"))
+    model = Stage2Model.from_pretrained(old)
+    assert model.config.bridge.zero_inflated is False and model.decoder.zero_head is None
+    x = model.generate_pseudocells(["a B cell"], 4, seed=0)
+    assert (x >= 0).all() and x.shape == (4, len(model.hvg["indices"]))
+    cfg["format_version"] = 2
+    (old / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ScmmError, match="stage-2 format 2"):
+        Stage2Model.from_pretrained(old)
 
 
 # --- DeepSpeed: 2 ranks, resume ----------------------------------------------------------------------------
