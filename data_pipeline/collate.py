@@ -16,13 +16,17 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.sparse as sp
 
-NORMALIZATIONS = ("counts", "log1p")
+#: what stored values are: raw counts, linear-normalised values (any per-cell scaling of counts; read exactly as
+#: counts: the per-cell renormalisation cancels the scale), or log1p values used as given (corpora written before
+#: scmm.data_pipeline.scale, and generated pseudo-cells)
+NORMALIZATIONS = ("counts", "normalized", "log1p")
 
 
 def log1p_normalize(matrix: sp.spmatrix, normalization: str, target_sum: float = 1e4,
                     dtype: type = np.float64) -> sp.csr_matrix:
-    """log1p(x / row total * target_sum) of a cell x gene matrix of counts (``normalization='counts'``), or the
-    stored values of an already log1p-normalised one (``'log1p'``): a new CSR of ``dtype``, explicit zeros dropped."""
+    """log1p(x / row total * target_sum) of a cell x gene matrix of counts or linear-normalised values
+    (``normalization='counts'`` or ``'normalized'``), or the stored values of an already log1p-normalised one
+    (``'log1p'``): a new CSR of ``dtype``, explicit zeros dropped."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, not {normalization!r}")
     m = sp.csr_matrix(matrix)
@@ -32,7 +36,7 @@ def log1p_normalize(matrix: sp.spmatrix, normalization: str, target_sum: float =
         keep = data != 0
         data, indices, rows = data[keep], indices[keep], rows[keep]
         indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=m.shape[0]))])
-    if normalization == "counts":
+    if normalization != "log1p":
         totals = np.bincount(rows, weights=data, minlength=m.shape[0])
         scale = np.where(totals > 0, target_sum / np.maximum(totals, 1e-300), 0.0)
         data *= scale[rows]

@@ -6,8 +6,10 @@ padded batch; the corpus loader, the h5ad reader and the pseudo-cell scorer all 
 
 A batch row is ``<cls>`` followed by the cell's expressed genes in column order (as gene vocabulary ids):
 
-1. normalisation (:func:`log1p_normalize`): raw counts become ``log1p(x / total * target_sum)``, the total being
-   the cell's sum over the given columns; values already log1p-normalised are used as they are;
+1. normalisation (:func:`log1p_normalize`): raw counts and linear-normalised values become
+   ``log1p(x / total * target_sum)``, the total being the cell's sum over the given columns (inputs in log scales are
+   made linear first: :mod:`scmm.data_pipeline.scale`); stored log1p values (older corpora, pseudo-cells) are used
+   as they are;
 2. value encoding: with ``n_bins`` > 0, scGPT binning of each cell's values into ``1 .. n_bins - 1`` by the cell's
    own quantiles (:func:`binning`); with 0, the continuous log1p values;
 3. length: a cell with more expressed genes than the limit allows keeps a uniform sample of them (without
@@ -92,8 +94,9 @@ def encode_cells(matrix: sp.spmatrix, gene_ids: np.ndarray, vocab: GeneVocab, en
     """Rows of ``matrix`` (cells x genes; column j is vocabulary id ``gene_ids[j]``) -> a padded batch
     ``{gene_ids, values, padding_mask}`` of ``[n, L]`` tensors (see the module docstring).
 
-    ``normalization``: ``'counts'`` or ``'log1p'`` (what the stored values are); ``training`` picks the length
-    limit; ``rng``: one generator for the batch, or one per row (:func:`~scmm.data_pipeline.collate.encode_rows`).
+    ``normalization``: ``'counts'``, ``'normalized'`` or ``'log1p'`` (what the stored values are); ``training`` picks
+    the length limit; ``rng``: one generator for the batch, or one per row
+    (:func:`~scmm.data_pipeline.collate.encode_rows`).
     """
     arrays = encode_rows(matrix, gene_ids, normalization=normalization, target_sum=encoding.target_sum,
                          n_bins=encoding.n_bins, limit=encoding.length_limit(training), cls_id=vocab.cls_id,

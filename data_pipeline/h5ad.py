@@ -18,7 +18,6 @@ import scipy.sparse as sp
 from scmm.errors import ScmmError
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-MAX_LOG1P = 30.0  # log1p-normalised expression stays far below this (log1p of 10^13)
 
 
 def check_values(values: np.ndarray, where: str) -> None:
@@ -30,10 +29,10 @@ def check_values(values: np.ndarray, where: str) -> None:
         raise ScmmError(f"{where}: the expression matrix holds NaN or infinite values")
     if (values < 0).any():
         raise ScmmError(f"{where}: the expression matrix holds negative values; give raw counts or "
-                        f"log1p-normalised values")
+                        f"normalised or log-normalised values")
     if values.dtype.kind == "f" and values.dtype.itemsize > 4 and values.max() > FLOAT32_MAX:
         raise ScmmError(f"{where}: the expression matrix holds values too large for float32 (up to "
-                        f"{values.max():.3g}); give raw counts or log1p-normalised values")
+                        f"{values.max():.3g}); give raw counts or normalised values")
 
 
 def as_csr(block) -> sp.csr_matrix:
@@ -41,19 +40,6 @@ def as_csr(block) -> sp.csr_matrix:
     if getattr(block, "dtype", None) == np.float16:
         block = block.astype(np.float32)
     return sp.csr_matrix(block)
-
-
-def check_normalization(integral: bool, max_value: float, where: str) -> str:
-    """'counts' when every stored value is an integer, else 'log1p' (the corpus build's rule), which must then
-    look log1p-normalised: non-integer values far beyond any log1p value (e.g. ambient-corrected counts) are an
-    error rather than a silent misreading."""
-    if integral:
-        return "counts"
-    if max_value > MAX_LOG1P:
-        raise ScmmError(f"{where}: values are not all integers, so they are read as log1p-normalised, but they "
-                        f"reach {max_value:.4g} (log1p-normalised values stay below {MAX_LOG1P:g}); round "
-                        f"corrected counts to integers, or give log1p(CP10k) values")
-    return "log1p"
 
 
 @dataclass
@@ -67,21 +53,30 @@ class H5adSource:
     n_obs: int
     n_vars: int
 
+    def _open_matrix(self, f: h5py.File):
+        node = f[self.element]
+        if isinstance(node, h5py.Group):
+            encoding = node.attrs.get("encoding-type", "")
+            if encoding not in ("csr_matrix", "csc_matrix"):
+                raise ScmmError(f"{self.path}: element {self.element} has unsupported encoding '{encoding}'")
+            return anndata.io.sparse_dataset(node)
+        return node
+
     def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         """Yield (start_row, CSR block) over the expression element."""
         with h5py.File(self.path, "r") as f:
-            node = f[self.element]
-            if isinstance(node, h5py.Group):
-                encoding = node.attrs.get("encoding-type", "")
-                if encoding not in ("csr_matrix", "csc_matrix"):
-                    raise ScmmError(f"{self.path}: element {self.element} has unsupported encoding '{encoding}'")
-                matrix = anndata.io.sparse_dataset(node)
-            else:
-                matrix = node
+            matrix = self._open_matrix(f)
             for start in range(0, self.n_obs, chunk_size):
                 block = as_csr(matrix[start:min(start + chunk_size, self.n_obs)])
                 check_values(block.data, f"{self.path} (rows from {start})")
                 yield start, block.astype(np.float32)
+
+    def read_rows(self, ranges: list[tuple[int, int]]) -> Iterator[sp.csr_matrix]:
+        """The CSR blocks of the given (start, stop) row ranges, as stored (values not checked)."""
+        with h5py.File(self.path, "r") as f:
+            matrix = self._open_matrix(f)
+            for start, stop in ranges:
+                yield as_csr(matrix[start:stop])
 
 
 def _shape_of(node: h5py.Group | h5py.Dataset) -> tuple[int, int]:

@@ -15,11 +15,13 @@ vocabulary (:func:`scmm.data_pipeline.vocab.check_coverage`); below ``min_covera
 ``min_coverage``: a model trained on a union of datasets may know far more genes than one input has), and
 an input with no panel gene at all is an error.
 
-The values are read as the corpus build reads them: ``counts`` when every stored value of the matrix is an
-integer and ``log1p`` otherwise (one pass over the stored values before the work starts; NaN/negative values
-are an error). Batches come from :func:`scmm.data_pipeline.encoding.encode_cells` with the model's encoding at
-inference (each cell's draws seeded by the encoding's seed and the cell's row, so results do not depend on
-chunking); inside a chunk, cells are grouped by length so that little is padded.
+The values' scale (raw counts, linear-normalised, log1p or log2(x+1) of those) is decided as the corpus build
+decides it, from a bounded sample of cells (:func:`scmm.data_pipeline.scale.detect_scale`; ``input_scale`` overrides
+it), and every chunk is converted to linear values (:func:`scmm.data_pipeline.scale.to_linear`: logs undone, and
+values the sample did not see checked against the decision; NaN/negative values are an error) before the
+encoding renormalises each cell. Batches come from :func:`scmm.data_pipeline.encoding.encode_cells` with the
+model's encoding at inference (each cell's draws seeded by the encoding's seed and the cell's row, so results do
+not depend on chunking); inside a chunk, cells are grouped by length so that little is padded.
 """
 from __future__ import annotations
 
@@ -29,19 +31,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from scmm.data_pipeline.encoding import CellEncoding, cell_rng, encode_cells
-from scmm.data_pipeline.h5ad import as_csr, check_normalization, check_values, open_h5ad
+from scmm.data_pipeline.h5ad import as_csr, check_values, open_h5ad
+from scmm.data_pipeline.scale import ScaleDecision, detect_scale, to_linear
 from scmm.data_pipeline.vocab import GeneVocab, check_coverage, map_genes
 from scmm.errors import ScmmError
 
+__all__ = ["DEFAULT_MIN_COVERAGE", "GenePlan", "ScaleDecision", "detect_scale", "iter_batches", "open_input",
+           "plan_genes"]
+
 log = logging.getLogger("scmm.reader")
 DEFAULT_MIN_COVERAGE = 0.5
-_SCAN_BLOCK = 1 << 24  # stored values per read when scanning the matrix
 
 
 # --- sources ----------------------------------------------------------------------------------------
@@ -79,23 +83,9 @@ class _MemorySource:
             check_values(block.data, f"{self.path} (rows from {start})")
             yield start, block.astype(np.float32)
 
-    def scan_values(self) -> Iterator[np.ndarray]:
-        m = self.matrix
-        yield np.asarray(m.data if sp.issparse(m) else m).ravel()
-
-
-def _file_scan(source) -> Iterator[np.ndarray]:
-    """The stored values of an h5ad element, in blocks (the CSR/CSC `data` array, or dense row chunks)."""
-    with h5py.File(source.path, "r") as f:
-        node = f[source.element]
-        if isinstance(node, h5py.Group):
-            data = node["data"]
-            for start in range(0, data.shape[0], _SCAN_BLOCK):
-                yield data[start:start + _SCAN_BLOCK]
-            return
-    rows = max(1, _SCAN_BLOCK // max(source.n_vars, 1))
-    for _, block in source.iter_chunks(rows):
-        yield block.data
+    def read_rows(self, ranges: list[tuple[int, int]]) -> Iterator[sp.csr_matrix]:
+        for start, stop in ranges:
+            yield as_csr(self.matrix[start:stop])
 
 
 def open_input(data: Any, layer: str | None = None):
@@ -107,21 +97,6 @@ def open_input(data: Any, layer: str | None = None):
     if hasattr(data, "obs") and hasattr(data, "var") and hasattr(data, "X"):
         return _MemorySource(data, layer)
     raise ScmmError(f"input must be an .h5ad path or an AnnData, not {type(data).__name__}")
-
-
-def detect_normalization(source) -> str:
-    """'counts' or 'log1p', by the corpus build's rule (:func:`scmm.data_pipeline.h5ad.check_normalization`), from
-    one pass over the stored values, which are checked on the way (:func:`~scmm.data_pipeline.h5ad.check_values`)."""
-    integral, max_value = True, 0.0
-    scan = source.scan_values() if isinstance(source, _MemorySource) else _file_scan(source)
-    for values in scan:
-        if values.size == 0:
-            continue
-        check_values(values, str(source.path))
-        max_value = max(max_value, float(values.max()))
-        if integral and not np.all(values == np.round(values)):
-            integral = False
-    return check_normalization(integral, max_value, str(source.path))
 
 
 # --- genes ------------------------------------------------------------------------------------------
@@ -151,6 +126,9 @@ def plan_genes(var: pd.DataFrame, vocab: GeneVocab, panel_vocab_ids: np.ndarray 
     report = mapping.report()
     log.info("%s: %d/%d genes map to the model's vocabulary (%.1f%%, var column '%s')", where,
              mapping.n_mapped, mapping.n_genes, 100 * mapping.coverage, mapping.column)
+    if mapping.id_table is not None:
+        log.info("%s: %d genes given as Ensembl IDs mapped through %s %s (%s)", where, mapping.via_table,
+                 mapping.id_table["package"], mapping.id_table["version"], mapping.id_table["file"])
     check_coverage(mapping, min_coverage)
     panel = panel_vocab_ids
     if panel is not None:
@@ -173,17 +151,19 @@ def plan_genes(var: pd.DataFrame, vocab: GeneVocab, panel_vocab_ids: np.ndarray 
 
 
 # --- batches ----------------------------------------------------------------------------------------
-def iter_batches(source, plan: GenePlan, normalization: str, encoding: CellEncoding, vocab: GeneVocab,
+def iter_batches(source, plan: GenePlan, scale: ScaleDecision, encoding: CellEncoding, vocab: GeneVocab,
                  chunk_size: int, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
-    """(global row indices, batch) over the whole input; within a chunk cells are grouped by length."""
+    """(global row indices, batch) over the whole input; each chunk is converted to linear values by ``scale``
+    (:func:`~scmm.data_pipeline.scale.to_linear`); within a chunk cells are grouped by length."""
     if chunk_size < 1 or batch_size < 1:
         raise ScmmError("--chunk-size and --batch-size must be positive")
     for start, block in source.iter_chunks(chunk_size):
+        block = to_linear(block, scale, f"{source.path} (rows from {start})")
         sub = block[:, plan.columns].tocsr()
         sub.eliminate_zeros()
         order = np.argsort(np.diff(sub.indptr), kind="stable")
         for b in range(0, len(order), batch_size):
             rows = order[b:b + batch_size]
-            batch = encode_cells(sub[rows], plan.vocab_ids, vocab, encoding, normalization=normalization,
+            batch = encode_cells(sub[rows], plan.vocab_ids, vocab, encoding, normalization=scale.stored,
                                  training=False, rng=[cell_rng(encoding.seed, start + r) for r in rows])
             yield start + rows, batch

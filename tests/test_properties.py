@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from conftest import GENES
 from scmm.config import load_yaml
 from scmm.data_pipeline.encoding import CellEncoding
-from scmm.data_pipeline.h5ad import MAX_LOG1P
-from scmm.data_pipeline.reader import detect_normalization, iter_batches, open_input, plan_genes
+from scmm.data_pipeline.reader import detect_scale, iter_batches, open_input, plan_genes
+from scmm.data_pipeline.scale import SCALES
 from scmm.data_pipeline.vocab import GeneVocab
 from scmm.errors import ScmmError
 from scmm.pretrain.train import Stage1Config
@@ -72,8 +72,11 @@ def _build(n_cells, n_genes, dtype, scale, density, integral, special, seed, fmt
     return ad.AnnData(X=matrix, obs=pd.DataFrame(index=[f"c{i}" for i in range(n_cells)]), var=var)
 
 
-@given(spec=matrices(), from_file=st.booleans())
-def test_the_reader_gives_finite_inputs_or_one_clear_error(spec, from_file: bool):
+MAX_MODEL_VALUE = float(np.log1p(1e4))  # log1p(x / cell total * 1e4) of any linear values (continuous encoding)
+
+
+@given(spec=matrices(), from_file=st.booleans(), input_scale=st.sampled_from(["auto", *SCALES]))
+def test_the_reader_gives_finite_inputs_or_one_clear_error(spec, from_file: bool, input_scale: str):
     vocab = VOCAB
     adata = _build(*spec)
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,8 +87,8 @@ def test_the_reader_gives_finite_inputs_or_one_clear_error(spec, from_file: bool
         try:
             source = open_input(data)
             plan = plan_genes(source.var, vocab, min_coverage=0.0)
-            normalization = detect_normalization(source)
-            batches = list(iter_batches(source, plan, normalization, CellEncoding(n_bins=0), vocab, chunk_size=5,
+            scale = detect_scale(source, input_scale)
+            batches = list(iter_batches(source, plan, scale, CellEncoding(n_bins=0), vocab, chunk_size=5,
                                         batch_size=4))
         except ScmmError as exc:
             assert str(exc) and "\n" not in str(exc)
@@ -94,7 +97,7 @@ def test_the_reader_gives_finite_inputs_or_one_clear_error(spec, from_file: bool
     assert sorted(rows.tolist()) == list(range(adata.n_obs))
     for _, batch in batches:
         values = batch["values"][~batch["padding_mask"]].numpy()
-        assert np.isfinite(values).all() and (values >= 0).all() and (values <= MAX_LOG1P).all()
+        assert np.isfinite(values).all() and (values >= 0).all() and (values <= MAX_MODEL_VALUE + 1e-5).all()
     x = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
     assert np.isfinite(x.astype(np.float64)).all() and (x >= 0).all()  # else it had to be an error
 
