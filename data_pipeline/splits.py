@@ -8,10 +8,11 @@ enough cells appears in every split.
 Held-out types (``holdout``, a per-cell mask of the cells whose type is held out; ``scmm data build
 --holdout-types``) never reach train or val: every such cell goes to test. With donor (or dataset) groups the
 group rule still holds, so every group that holds a held-out cell goes *wholly* to test, and the other groups are
-dealt as usual towards the requested fractions of all cells (test then takes fewer of them). When fewer than two
-groups are free of held-out cells there is no donor-respecting split with a train and a val part: that is an
-error naming the held-out types. With per-cell splits the held-out cells go to test and the other cells are
-split, stratified, by the fractions.
+dealt as usual towards the requested fractions of the cells of seen types (the seen-type cells of the forced
+groups count towards test's share, so test takes fewer of the other groups but still holds seen-type cells).
+When fewer than two groups are free of held-out cells there is no donor-respecting split with a train and a val
+part: that is an error naming the held-out types. With per-cell splits the held-out cells go to test and the
+other cells are split, stratified, by the fractions.
 """
 from __future__ import annotations
 
@@ -41,24 +42,27 @@ def _usable(col: pd.Series | None) -> bool:
 
 def assign_groups(groups: np.ndarray, fractions: tuple[float, float, float], seed: int,
                   to_test: np.ndarray | None = None) -> np.ndarray:
-    """Split index per cell with every group wholly inside one split; a group holding a ``to_test`` cell goes to
-    test, and the others are dealt towards the fractions of all cells."""
+    """Split index per cell with every group wholly inside one split. A group holding a ``to_test`` cell goes to
+    test; the fractions then apply to the other cells (those of held-out types are not counted), so that test
+    still gets its share of seen-type cells."""
     names, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
     order = np.random.default_rng(seed).permutation(len(names))
-    target = np.asarray(fractions, dtype=float) * len(groups)
+    held = np.zeros(len(groups), dtype=bool) if to_test is None else np.asarray(to_test, dtype=bool)
+    counted = np.bincount(inverse[~held], minlength=len(names))  # cells per group that count towards the targets
+    target = np.asarray(fractions, dtype=float) * counted.sum()
     have = np.zeros(3)
     group_split = np.zeros(len(names), dtype=np.int8)
     forced = np.zeros(len(names), dtype=bool)
-    if to_test is not None and np.any(to_test):
-        forced[np.unique(inverse[np.asarray(to_test, dtype=bool)])] = True
+    if held.any():
+        forced[np.unique(inverse[held])] = True
         group_split[forced] = 2
-        have[2] = sizes[forced].sum()
+        have[2] = counted[forced].sum()
     for g in order:
         if forced[g]:
             continue
         s = int(np.argmax(target - have))
         group_split[g] = s
-        have[s] += sizes[g]
+        have[s] += counted[g]
     return group_split[inverse]
 
 
