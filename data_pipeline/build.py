@@ -62,6 +62,7 @@ class BuildConfig:
     shard_size: int = 10_000
     chunk_size: int = 10_000
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    holdout_types: tuple[str, ...] = ()  # CL IDs kept out of train and val (all their cells go to test)
     seed: int = 0
     overwrite: bool = False
     progress: bool = True
@@ -305,13 +306,32 @@ def _plan_corpus(cfg: BuildConfig, vocab: GeneVocab, ontology: Ontology) -> _Pla
     all_obs = pd.concat(frames)
     if all_obs.index.duplicated().any():  # the same obs names in two files: qualify them by file
         all_obs.index = [f"{src}:{cell}" for src, cell in zip(all_obs["source_file"], all_obs.index)]
-    splits = plan_splits(all_obs, all_obs["cell_type_ontology_term_id"].where(
-        all_obs["cell_type_ontology_term_id"] != "", all_obs["cell_type"]).to_numpy(),
-        cfg.split_fractions, cfg.seed, "donor_id", "dataset_id")
+    held = _holdout_mask(all_obs["cell_type_ontology_term_id"].to_numpy(), np.concatenate(keeps), cfg, ontology)
+    try:
+        splits = plan_splits(all_obs, all_obs["cell_type_ontology_term_id"].where(
+            all_obs["cell_type_ontology_term_id"] != "", all_obs["cell_type"]).to_numpy(),
+            cfg.split_fractions, cfg.seed, "donor_id", "dataset_id", holdout=held)
+    except ValueError as exc:
+        raise ScmmError(f"--holdout-types {','.join(cfg.holdout_types)}: {exc}") from None
     panel_ids = np.unique(np.concatenate([m.gene_ids[m.gene_ids >= 0] for m in mappings]))
     extras = tuple(c for c in _TEXT_EXTRAS if c in all_obs.columns)
     columns = ("cell_id", "text", *OBS_COLUMNS, *extras, "source_file")
     return _Plan(sources, mappings, scales, all_obs, np.concatenate(keeps), splits, panel_ids, columns)
+
+
+def _holdout_mask(cell_type_ids: np.ndarray, keep: np.ndarray, cfg: BuildConfig, ontology: Ontology) -> np.ndarray:
+    """Per cell: its type is one of ``cfg.holdout_types``. Each must be a known CL ID that some kept cell has."""
+    held = np.zeros(len(cell_type_ids), dtype=bool)
+    for term in cfg.holdout_types:
+        if not (isinstance(term, str) and term.startswith("CL:") and ontology.is_valid(term)):
+            raise ScmmError(f"--holdout-types: '{term}' is not a known Cell Ontology ID (CL:NNNNNNN)")
+        mask = (cell_type_ids == term) & keep
+        if not mask.any():
+            raise ScmmError(f"--holdout-types: no cell of type {term} ({ontology.label(term)}) in the input")
+        held |= mask
+    if held.any() and held[keep].all():
+        raise ScmmError("--holdout-types: every cell would be held out, leaving nothing to train on")
+    return held
 
 
 def _init_store(tmp: Path, panel_ids: np.ndarray, vocab: GeneVocab) -> zarr.Group:
@@ -433,6 +453,7 @@ def _manifest(cfg: BuildConfig, entries: list[dict], type_counts: dict[str, dict
         "normalization": normalization,
         "splits": splits, "split_group_by": group_by, "split_seed": cfg.seed,
         "split_fractions": list(cfg.split_fractions),
+        "holdout_types": sorted(set(cfg.holdout_types)),  # never in train or val: every cell of them is in test
         "cell_types": cell_types,
         "gene_coverage": {"genes_mapped": mapped, "genes_in_files": in_files,
                           "coverage": round(mapped / max(in_files, 1), 6), "files": file_reports},

@@ -31,7 +31,7 @@ import scipy.sparse as sp
 
 from scmm.data_pipeline.ontology import get_ontology
 
-__all__ = ["pbmc_demo_adata", "BULK_LABEL_TO_CL", "DATASET_ID"]
+__all__ = ["pbmc_demo_adata", "BULK_LABEL_TO_CL", "DATASET_ID", "DEMO_HOLDOUT_TYPES"]
 
 #: ``bulk_labels`` category -> Cell Ontology term.
 BULK_LABEL_TO_CL: dict[str, str] = {
@@ -48,6 +48,10 @@ BULK_LABEL_TO_CL: dict[str, str] = {
 }
 
 DATASET_ID = "pbmc68k_reduced"
+
+#: Types ``scmm data demo`` keeps out of train and val by default (all their cells go to test), so that the demo
+#: always measures how scmm treats a type it never saw: the 13 CD34+ hematopoietic precursor cells.
+DEMO_HOLDOUT_TYPES: tuple[str, ...] = ("CL:0008001",)
 
 _CONSTANT_OBS = {
     "tissue_ontology_term_id": "UBERON:0000178",

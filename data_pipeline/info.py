@@ -20,7 +20,9 @@ def corpus_info(corpus: Corpus, n_examples: int = 3) -> dict:
         "path": str(corpus.path), "schema_version": m["schema_version"], "n_cells": m["n_cells"],
         "n_genes": m["n_genes"], "nnz": m["nnz"], "normalization": m["normalization"],
         "cell_types": {k: {"label": v["label"], "count": v["count"]} for k, v in m["cell_types"].items()},
-        "splits": m["splits"], "split_group_by": m["split_group_by"], "gene_coverage": m["gene_coverage"],
+        "splits": m["splits"], "split_group_by": m["split_group_by"],
+        "holdout_types": {k: m["cell_types"].get(k, {}).get("label", k) for k in m.get("holdout_types") or []},
+        "gene_coverage": m["gene_coverage"],
         "vocab": m["vocab"], "n_shards": len(m["shards"]), "n_texts": n_texts, "dropped_cells": m["dropped_cells"],
         "examples": examples,
     }
@@ -32,6 +34,8 @@ def format_info(info: dict) -> str:
              f"  cells {info['n_cells']}, genes {info['n_genes']}, non-zeros {info['nnz']}, "
              f"values: {info['normalization']}, shards {info['n_shards']}",
              f"  splits (by {info['split_group_by']}): " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()),
+             *(["  held-out types (all their cells in test, none in train or val): " + ", ".join(
+                 f"{k} {v}" for k, v in info["holdout_types"].items())] if info.get("holdout_types") else []),
              f"  gene coverage: {cov['genes_mapped']}/{cov['genes_in_files']} ({cov['coverage']:.1%})",
              f"  texts: {info['n_texts']} of {info['n_cells']} cells", "  cell types:"]
     width = max((len(k) for k in info["cell_types"]), default=0)

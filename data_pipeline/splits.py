@@ -4,6 +4,15 @@ The grouping key is the donor when the data has donors, else the dataset, else t
 Groups are shuffled with the seed and dealt, largest shortfall first, so that cell counts come
 close to the requested fractions. Per-cell splits are stratified by label so that every type with
 enough cells appears in every split.
+
+Held-out types (``holdout``, a per-cell mask of the cells whose type is held out; ``scmm data build
+--holdout-types``) never reach train or val: every such cell goes to test. With donor (or dataset) groups the
+group rule still holds, so every group that holds a held-out cell goes *wholly* to test, and the other groups are
+dealt as usual towards the requested fractions of the cells of seen types (the seen-type cells of the forced
+groups count towards test's share, so test takes fewer of the other groups but still holds seen-type cells).
+When fewer than two groups are free of held-out cells there is no donor-respecting split with a train and a val
+part: that is an error naming the held-out types. With per-cell splits the held-out cells go to test and the
+other cells are split, stratified, by the fractions.
 """
 from __future__ import annotations
 
@@ -31,17 +40,29 @@ def _usable(col: pd.Series | None) -> bool:
     return bool((~values.isin(["", "nan", "none", "na", "unknown"])).any())
 
 
-def assign_groups(groups: np.ndarray, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
-    """Split index per cell with every group wholly inside one split."""
+def assign_groups(groups: np.ndarray, fractions: tuple[float, float, float], seed: int,
+                  to_test: np.ndarray | None = None) -> np.ndarray:
+    """Split index per cell with every group wholly inside one split. A group holding a ``to_test`` cell goes to
+    test; the fractions then apply to the other cells (those of held-out types are not counted), so that test
+    still gets its share of seen-type cells."""
     names, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
     order = np.random.default_rng(seed).permutation(len(names))
-    target = np.asarray(fractions, dtype=float) * len(groups)
+    held = np.zeros(len(groups), dtype=bool) if to_test is None else np.asarray(to_test, dtype=bool)
+    counted = np.bincount(inverse[~held], minlength=len(names))  # cells per group that count towards the targets
+    target = np.asarray(fractions, dtype=float) * counted.sum()
     have = np.zeros(3)
     group_split = np.zeros(len(names), dtype=np.int8)
+    forced = np.zeros(len(names), dtype=bool)
+    if held.any():
+        forced[np.unique(inverse[held])] = True
+        group_split[forced] = 2
+        have[2] = counted[forced].sum()
     for g in order:
+        if forced[g]:
+            continue
         s = int(np.argmax(target - have))
         group_split[g] = s
-        have[s] += sizes[g]
+        have[s] += counted[g]
     return group_split[inverse]
 
 
@@ -59,14 +80,25 @@ def assign_cells(labels: np.ndarray, fractions: tuple[float, float, float], seed
 
 
 def plan_splits(obs: pd.DataFrame, labels: np.ndarray, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                seed: int = 0, donor_column: str = "donor_id", dataset_column: str = "dataset_id") -> SplitPlan:
-    """Choose the grouping (donor, else dataset, else cell) and assign every cell a split."""
+                seed: int = 0, donor_column: str = "donor_id", dataset_column: str = "dataset_id",
+                holdout: np.ndarray | None = None) -> SplitPlan:
+    """Choose the grouping (donor, else dataset, else cell) and assign every cell a split; cells in the
+    ``holdout`` mask go to test (module docstring). ``ValueError`` when no group-respecting split is possible."""
     if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
         raise ValueError(f"split fractions must be non-negative and sum to 1, got {fractions}")
+    held = np.zeros(len(obs), dtype=bool) if holdout is None else np.asarray(holdout, dtype=bool)
+    if held.shape != (len(obs),):
+        raise ValueError(f"holdout mask has {held.shape} entries for {len(obs)} cells")
     for column in (donor_column, dataset_column):
         col = obs[column] if column in obs.columns else None
         if _usable(col):
             groups = col.astype(str).to_numpy()
             if len(np.unique(groups)) >= 3:
-                return SplitPlan(assign_groups(groups, fractions, seed), column)
-    return SplitPlan(assign_cells(np.asarray(labels).astype(str), fractions, seed), "cell")
+                free = np.setdiff1d(np.unique(groups), np.unique(groups[held]))
+                if len(free) < 2:
+                    raise ValueError(f"only {len(free)} {column} group(s) hold no cell of a held-out type: a split "
+                                     f"that keeps each {column} in one split needs at least 2 for train and val")
+                return SplitPlan(assign_groups(groups, fractions, seed, to_test=held), column)
+    split = np.full(len(obs), 2, dtype=np.int8)
+    split[~held] = assign_cells(np.asarray(labels).astype(str)[~held], fractions, seed)
+    return SplitPlan(split, "cell")

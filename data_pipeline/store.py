@@ -112,6 +112,12 @@ class Corpus:
         """Sorted CL IDs of the corpus: the label index used by the loader and the losses."""
         return sorted(self.manifest["cell_types"])
 
+    @cached_property
+    def holdout_types(self) -> list[str]:
+        """CL IDs held out of train and val when the corpus was built (their cells are all in test); [] for a
+        corpus built without ``--holdout-types`` or before the option existed."""
+        return sorted(self.manifest.get("holdout_types") or [])
+
     def shards(self, split: str | None = None) -> list[dict]:
         """Manifest entries of the shards, in build order, optionally of one split."""
         entries = self.manifest["shards"]

@@ -195,10 +195,16 @@ def label_texts(cell_type_id: str, ontology: Ontology, label: str | None = None)
 
 def corpus_labels(corpus: Corpus) -> list[dict]:
     """The cell types of a corpus as candidate labels: key (CL ID, or ``unmatched:<label>`` for a kept free-text
-    label), CL ID, label, cell count and every phrasing of the type alone (:func:`label_texts`)."""
+    label), CL ID, label, cell count and every phrasing of the type alone (:func:`label_texts`).
+
+    Held-out types (:attr:`Corpus.holdout_types`) are left out: the candidates are the types a model trained on
+    the corpus has seen (this list also feeds a package's ``labels.json`` and stage 1's text centre)."""
     ontology = get_ontology()
     out = []
+    held = set(corpus.holdout_types)
     for key in corpus.cell_types:
+        if key in held:
+            continue
         rec = corpus.manifest["cell_types"][key]
         if key.startswith("unmatched:"):
             text = key[len("unmatched:"):]

@@ -11,9 +11,18 @@ Tasks (``TASKS``):
   predicted as the text itself (it then never matches a corpus label). Each candidate's prototype is the mean
   embedding of its phrasings (:func:`scmm.eval.annotate.label_prototypes`); a cell gets the most similar
   prototype. Scores: :func:`scmm.eval.metrics.annotation_metrics` (the per-class table goes to the report only).
-  *Unknown option*: the similarity threshold below which a cell is called ``unknown`` is chosen on the
-  **val** split (:func:`scmm.eval.metrics.choose_unknown_threshold`, criterion ``decision``) and applied to test:
-  ``annotation.with_unknown`` (``threshold`` is a cosine similarity in [-1, 1]; -1 means "keep every cell").
+  Scores are over the test cells of *seen* types (not among the corpus's held-out types; the held-out ones are
+  never candidates) unless named otherwise (:func:`_annotate` lists which cells each figure is over).
+  *Confidence, unknown, back-off* (:mod:`scmm.eval.calibration`): on the **val** split the harness fits the
+  temperature of ``softmax(similarity / T)`` (``annotation.temperature``), sets the abstention threshold on the
+  calibrated top-1 confidence so that ``unknown_rate`` (default 0.05) of val cells abstain
+  (``annotation.threshold``; ``unknown_threshold`` sets it directly) and chooses the back-off margin
+  (``annotation.margin``); all three, with the val confidence quantiles, go to ``annotation.calibration``, which
+  ``scmm annotate`` applies on a packaged model. On test: ``ece`` (15 bins), ``abstain_rate``,
+  ``lineage_accuracy`` / ``lineage_accuracy_backoff`` (the answer is the truth or one of its ancestors, without
+  / with back-off), ``accuracy_backoff``, ``backoff_rate``; ``with_unknown``: the final answers (abstention and
+  back-off); ``unseen``: for the held-out types' test cells, ``n_cells``, ``unknown_or_ancestor_rate`` and the
+  ``auroc`` of confidence between seen-type (positive) and held-out-type cells.
   Plots: ``confusion_matrix.png`` and ``umap.png`` (test cell embeddings coloured by true and by predicted
   type; at most ``scmm.eval.plots.UMAP_MAX_CELLS`` cells, a seeded subsample beyond).
   **Baselines** run with annotate, fitted on train and scored on test (:mod:`scmm.eval.baselines`): ``majority``,
@@ -54,9 +63,28 @@ from scmm.atomic import write_folder
 from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.store import Corpus, label_keys
 from scmm.errors import ScmmError
-from scmm.eval.annotate import Candidates, Embedded, embed_split, label_prototypes, predict_by_text, read_labels_option
+from scmm.eval.annotate import Candidates, Embedded, embed_split, label_prototypes, read_labels_option
 from scmm.eval.baselines import knn_smoothing, run_corpus_baselines, smoothing_k
-from scmm.eval.metrics import annotation_metrics, apply_unknown, choose_unknown_threshold, confusion_matrix_png
+from scmm.eval.calibration import (
+    DEFAULT_UNKNOWN_RATE,
+    UNKNOWN,
+    Calibration,
+    abstention_threshold,
+    calibrated_answers,
+    check_unknown_options,
+    choose_margin,
+    confidence_quantiles,
+    fit_temperature,
+    softmax,
+)
+from scmm.eval.metrics import (
+    annotation_metrics,
+    binary_auroc,
+    confusion_matrix_png,
+    expected_calibration_error,
+    lineage_accuracy,
+)
+from scmm.eval.ontology_score import is_same_or_ancestor, mean_pair_score
 from scmm.eval.plots import umap_png
 from scmm.eval.report import write_report
 from scmm.eval.retrieval import retrieval_metrics
@@ -133,25 +161,86 @@ def _text_features(model, texts: Sequence[str]) -> np.ndarray:
 
 
 # --- tasks ------------------------------------------------------------------------------------------
-def _with_unknown(model, corpus: Corpus, protos: np.ndarray, keys: np.ndarray, test: tuple, pred: np.ndarray,
-                  sim: np.ndarray, classes: list[str], ontology, progress: bool) -> dict:
-    """The 'unknown' option: a similarity threshold chosen on val, applied to test."""
-    _, y_true = test
+def _logit_scale(model) -> float:
+    return float(model.heads.get_logit_scale().detach().float().cpu())
+
+
+def _calibrate(model, corpus: Corpus, protos: np.ndarray, cands: Candidates, ontology, progress: bool,
+               unknown_rate: float, unknown_threshold: float | None, notes: list[str]) -> Calibration:
+    """Temperature, threshold and back-off margin chosen on the val cells whose type is a candidate
+    (:mod:`scmm.eval.calibration`); without such cells, the model's contrastive temperature and no
+    abstention (unless ``unknown_threshold``) or back-off."""
+    fallback = Calibration(temperature=1.0 / _logit_scale(model),
+                           threshold=unknown_threshold if unknown_threshold is not None else 0.0)
+    if corpus.manifest["splits"].get("val", 0) <= 0:
+        notes.append("the corpus has no val split: confidence at the model's contrastive temperature, no "
+                     "abstention threshold and no back-off were chosen")
+        return fallback
     val_emb, val_true = _embed(model, corpus, "val", progress)
-    vbest, vsim = predict_by_text(val_emb.embeddings, protos)
-    threshold = choose_unknown_threshold(vsim, keys[vbest] == val_true)
-    pred_u = apply_unknown(pred, sim, threshold)
-    u = annotation_metrics(y_true, pred_u, ontology, labels=classes)
-    kept = pred_u != "unknown"
-    return {"threshold": float(max(threshold, -1.0)), "accuracy": u["accuracy"], "macro_f1": u["macro_f1"],
-            "ontology_score": u["ontology_score"], "unknown_rate": u["unknown_rate"],
-            "kept_accuracy": float(np.mean(pred_u[kept] == y_true[kept])) if kept.any() else 0.0,
-            "n_val_cells": int(len(val_true))}
+    index = {k: i for i, k in enumerate(cands.keys)}
+    label = np.array([index.get(t, -1) for t in val_true], dtype=np.int64)
+    ok = label >= 0
+    if not ok.any():
+        notes.append("no val cell has a candidate type: confidence at the model's contrastive temperature, no "
+                     "abstention threshold and no back-off were chosen")
+        return fallback
+    vsim = val_emb.embeddings[ok] @ protos.T
+    temperature = fit_temperature(vsim, label[ok])
+    vprob = softmax(vsim, temperature)
+    vconf = vprob.max(1)
+    if unknown_threshold is not None:
+        threshold, rate = float(unknown_threshold), None
+    else:
+        threshold, rate = abstention_threshold(vconf, unknown_rate), float(unknown_rate)
+    margin = choose_margin(vprob, cands.cl_ids, val_true[ok], ontology)
+    return Calibration(temperature=temperature, threshold=threshold, unknown_rate=rate, margin=margin,
+                       quantiles=confidence_quantiles(vconf), n_val_cells=int(ok.sum()))
+
+
+def _trust(y_true: np.ndarray, seen: np.ndarray, top_keys: np.ndarray, answers, backed, ontology,
+           classes: list[str], calibration: Calibration) -> dict:
+    """The calibration, abstention and back-off figures on the test split (:func:`_annotate` says over which
+    cells)."""
+    t, conf = y_true[seen], answers.confidence[seen]
+    out: dict[str, Any] = {
+        "temperature": calibration.temperature, "threshold": calibration.threshold,
+        "unknown_rate": calibration.unknown_rate, "margin": calibration.margin,
+        "ece": expected_calibration_error(conf, top_keys[seen] == t),
+        "abstain_rate": float(np.mean(answers.unknown[seen])),
+        "lineage_accuracy": lineage_accuracy(t, top_keys[seen], ontology),
+        "lineage_accuracy_backoff": lineage_accuracy(t, backed.keys[seen], ontology),
+        "accuracy_backoff": float(np.mean(backed.keys[seen] == t)),
+        "ontology_score_backoff": mean_pair_score(t, backed.keys[seen], ontology, "path"),
+        "backoff_rate": float(np.mean(backed.keys[seen] != top_keys[seen])),
+        "backoff_mean_level": float(np.mean(backed.level[seen])),
+        "calibration": calibration.to_dict()}
+    final = answers.keys[seen]
+    u = annotation_metrics(t, final, ontology, labels=classes)
+    kept = ~answers.unknown[seen]
+    out["with_unknown"] = {
+        "threshold": calibration.threshold, "accuracy": u["accuracy"], "macro_f1": u["macro_f1"],
+        "ontology_score": u["ontology_score"], "unknown_rate": u["unknown_rate"],
+        "lineage_accuracy": lineage_accuracy(t, final, ontology),
+        "kept_accuracy": float(np.mean(final[kept] == t[kept])) if kept.any() else 0.0,
+        "kept_lineage_accuracy": lineage_accuracy(t[kept], final[kept], ontology) if kept.any() else 0.0,
+        "n_val_cells": calibration.n_val_cells}
+    if (~seen).any():
+        ut, ua = y_true[~seen], answers.keys[~seen]
+        is_unknown = ua == UNKNOWN
+        ancestor = np.array([is_same_or_ancestor(str(a), str(b), ontology) for a, b in zip(ua, ut)], dtype=bool)
+        out["unseen"] = {"n_cells": int((~seen).sum()),
+                         "unknown_or_ancestor_rate": float(np.mean(is_unknown | ancestor)),
+                         "unknown_rate": float(np.mean(is_unknown)), "ancestor_rate": float(np.mean(ancestor)),
+                         "types": sorted(set(ut.tolist()))}
+        if seen.any():
+            out["unseen"]["auroc"] = binary_auroc(answers.confidence[seen], answers.confidence[~seen])
+    return out
 
 
 def _baselines(corpus: Corpus, y_true: np.ndarray, pred: np.ndarray, classes: list[str], ontology,
-               seed: int) -> tuple[dict, dict]:
-    """The baselines (train -> test) and scmm + kNN smoothing: (metrics section, details)."""
+               seed: int, seen: np.ndarray) -> tuple[dict, dict]:
+    """The baselines (train -> test) and scmm + kNN smoothing, scored on the ``seen`` test cells: (metrics
+    section, details)."""
     try:
         base = run_corpus_baselines(corpus, seed=seed)
     except ValueError as exc:
@@ -163,7 +252,7 @@ def _baselines(corpus: Corpus, y_true: np.ndarray, pred: np.ndarray, classes: li
     preds["scmm_knn_smoothing"] = knn_smoothing(pred, base["z_test"], k=k_smooth, fit_pca=False, seed=seed)
     baselines, details = {}, {}
     for name in BASELINE_NAMES:
-        m = annotation_metrics(y_true, preds[name], ontology, labels=classes)
+        m = annotation_metrics(y_true[seen], np.asarray(preds[name], dtype=object)[seen], ontology, labels=classes)
         baselines[name] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
         details[name] = {"ontology_score": m["ontology_score"], "ppr_score": m["ppr_score"]}
     return baselines, {"baselines": details, "n_hvg": int(len(base["genes"])), "smoothing_k": int(k_smooth),
@@ -171,31 +260,53 @@ def _baselines(corpus: Corpus, y_true: np.ndarray, pred: np.ndarray, classes: li
 
 
 def _annotate(model, corpus: Corpus, cands: Candidates, ontology, seed: int, tmp: Path, progress: bool,
-              test) -> tuple[dict, dict]:
+              test, unknown_rate: float = DEFAULT_UNKNOWN_RATE,
+              unknown_threshold: float | None = None) -> tuple[dict, dict]:
+    """Zero-shot annotation of the test split.
+
+    Which cells each figure is over: *seen-type* test cells (those whose type is not one of the corpus's
+    held-out types, :attr:`Corpus.holdout_types`) for ``accuracy``, ``macro_f1``, ``ontology_score``,
+    ``ppr_score``, ``n_cells`` (their count), ``ece``, ``abstain_rate``, ``lineage_accuracy`` (top-1 answer,
+    no abstention, no back-off), ``lineage_accuracy_backoff``, ``accuracy_backoff``, ``ontology_score_backoff``,
+    ``backoff_rate`` (answers after back-off, no abstention), ``with_unknown`` (final answers: abstention, then
+    back-off) and the baselines; *held-out-type* test cells for ``unseen`` (final answers; ``auroc``: of the
+    calibrated confidence, seen-type test cells as positives). ``n_test_cells`` counts both.
+    """
     emb, y_true = test
     protos = label_prototypes(model, cands)
     keys = np.asarray(cands.keys, dtype=object)
-    best, sim = predict_by_text(emb.embeddings, protos)
+    sim = emb.embeddings @ protos.T
+    best = sim.argmax(1)
     pred = keys[best]
+    seen = ~np.isin(y_true.astype(str), corpus.holdout_types)
     classes = list(dict.fromkeys(cands.keys))
-    ann = annotation_metrics(y_true, pred, ontology, labels=classes)
-    per_class = ann.pop("per_class")
+    details: dict[str, Any] = {"notes": []}
+    if not seen.any():
+        raise ScmmError("every test cell is of a held-out type: no seen-type cell to score the annotation on")
+    ann = annotation_metrics(y_true[seen], pred[seen], ontology, labels=classes)
+    details["per_class"] = ann.pop("per_class")
     metrics: dict[str, Any] = dict(ann)
-    details: dict[str, Any] = {"per_class": per_class, "notes": []}
-    if corpus.manifest["splits"].get("val", 0) > 0:
-        metrics["with_unknown"] = _with_unknown(model, corpus, protos, keys, test, pred, sim, classes, ontology,
-                                                progress)
-    else:
-        details["notes"].append("the corpus has no val split: no 'unknown' threshold was chosen")
-    baselines, base_details = _baselines(corpus, y_true, pred, classes, ontology, seed)
+    metrics["n_test_cells"] = int(len(y_true))
+    metrics["ece_uncalibrated"] = expected_calibration_error(
+        softmax(sim[seen], 1.0 / _logit_scale(model)).max(1), pred[seen] == y_true[seen])
+    calibration = _calibrate(model, corpus, protos, cands, ontology, progress, unknown_rate, unknown_threshold,
+                             details["notes"])
+    answers = calibrated_answers(sim, cands.keys, cands.names, cands.cl_ids, calibration, ontology)
+    no_abstain = Calibration(temperature=calibration.temperature, margin=calibration.margin)
+    backed = calibrated_answers(sim, cands.keys, cands.names, cands.cl_ids, no_abstain, ontology, prob=answers.prob)
+    metrics.update(_trust(y_true, seen, pred, answers, backed, ontology, classes, calibration))
+    baselines, base_details = _baselines(corpus, y_true, pred, classes, ontology, seed, seen)
     details.update(base_details)
 
-    # plots
-    row_names = [r["name"] for r in per_class]
+    # plots (every test cell; held-out types get rows of their own)
+    per_class = details["per_class"]
+    rows = [r["label"] for r in per_class] + [t for t in corpus.holdout_types if t in set(y_true.tolist())]
     names = {r["label"]: r["name"] for r in per_class}
     for k, n in zip(cands.keys, cands.names):
         names.setdefault(k, n)
-    confusion_matrix_png(y_true, pred, [r["label"] for r in per_class], row_names, tmp / "confusion_matrix.png",
+    for t in rows:
+        names.setdefault(t, ontology.label(t) if ontology.is_valid(t) else t)
+    confusion_matrix_png(y_true, pred, rows, [names[r] for r in rows], tmp / "confusion_matrix.png",
                          title="scmm, test split (rows: true type, normalised)")
     details["pngs"] = ["confusion_matrix.png"]
     panels = {"true type": [names.get(t, t) for t in y_true], "predicted type": [names.get(p, p) for p in pred]}
@@ -203,6 +314,7 @@ def _annotate(model, corpus: Corpus, cands: Candidates, ontology, seed: int, tmp
                 details["notes"]):
         details["pngs"].append("umap.png")
     details["candidates"] = [{"key": k, "name": n} for k, n in zip(cands.keys, cands.names)]
+    details["holdout_types"] = {t: names.get(t, t) for t in corpus.holdout_types}
     return {"annotation": metrics, "baselines": baselines}, details
 
 
@@ -222,7 +334,8 @@ def _generate(model: ScmmModel, corpus: Corpus, seed: int) -> dict:
 
 
 def _run_tasks(model: ScmmModel, corpus: Corpus, tasks: Sequence[str], cands: Candidates, ontology, seed: int,
-               tmp: Path, progress: bool) -> tuple[dict, dict]:
+               tmp: Path, progress: bool, unknown_rate: float = DEFAULT_UNKNOWN_RATE,
+               unknown_threshold: float | None = None) -> tuple[dict, dict]:
     """Every task's metrics section, and what the report shows besides."""
     aligner = model.aligner
     metrics: dict[str, Any] = {}
@@ -230,7 +343,8 @@ def _run_tasks(model: ScmmModel, corpus: Corpus, tasks: Sequence[str], cands: Ca
     with torch.no_grad():
         test = _embed(aligner, corpus, "test", progress)
         if "annotate" in tasks:
-            m, d = _annotate(aligner, corpus, cands, ontology, seed, tmp, progress, test)
+            m, d = _annotate(aligner, corpus, cands, ontology, seed, tmp, progress, test, unknown_rate,
+                             unknown_threshold)
             metrics.update(m)
             details["notes"] += d.pop("notes")
             details["annotation"] = d
@@ -291,13 +405,18 @@ def _open(model_dir: Path, corpus_dir: Path, out_dir: Path, tasks, labels) -> tu
 
 def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
              tasks: str | Sequence[str] | None = None, seed: int = 0, progress: bool = True,
-             labels: str | Sequence[str] | None = None) -> dict:
+             labels: str | Sequence[str] | None = None, unknown_rate: float | None = None,
+             unknown_threshold: float | None = None) -> dict:
     """Run the tasks and write ``metrics.json``, ``report.md`` and PNGs into ``out_dir``; returns the metrics.
 
     ``tasks``: default every task the model can do (:func:`default_tasks`).
     ``labels``: candidate labels for annotation (a list, a comma-separated string or a file; see
     :func:`scmm.eval.annotate.read_labels_option`); default the corpus's cell types.
+    ``unknown_rate`` (default 0.05): the share of val cells allowed to abstain, which sets the abstention
+    threshold; ``unknown_threshold`` sets it directly (a calibrated confidence in [0, 1]); not both.
     """
+    check_unknown_options(unknown_rate, unknown_threshold)
+    rate = DEFAULT_UNKNOWN_RATE if unknown_rate is None else float(unknown_rate)
     t0 = time.perf_counter()
     model_dir, corpus_dir, out_dir = Path(model_dir), Path(corpus_dir), Path(out_dir)
     model, corpus, tasks, cands, label_list = _open(model_dir, corpus_dir, out_dir, tasks, labels)
@@ -306,7 +425,8 @@ def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
     result: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
-        metrics, details = _run_tasks(model, corpus, tasks, cands, get_ontology(), seed, tmp, progress)
+        metrics, details = _run_tasks(model, corpus, tasks, cands, get_ontology(), seed, tmp, progress, rate,
+                                      unknown_threshold)
         context = {
             "model": str(model_dir), "corpus": str(corpus_dir), "out": str(out_dir), "tasks": list(tasks),
             "seed": seed, "splits": dict(corpus.manifest["splits"]), "split_seed": corpus.manifest.get("split_seed"),

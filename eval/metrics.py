@@ -9,6 +9,12 @@
   be wrong; criterion ``'accuracy'``: maximise the accuracy of the kept cells. Both only consider thresholds
   that keep at least ``min_coverage`` of the cells; ties go to the lowest threshold (fewest abstentions).
   Candidate thresholds are ``-inf`` (keep all) and the midpoints between consecutive distinct scores.
+* :func:`expected_calibration_error`: the standard top-label ECE with ``n_bins`` (15) equal-width confidence bins
+  over [0, 1] (a confidence of exactly 0 goes to the first bin, bin ``b`` holds ``(b/n, (b+1)/n]``):
+  ``sum_b |B_b| / n * |accuracy(B_b) - mean confidence(B_b)|``; empty bins count 0.
+* :func:`binary_auroc`: the area under the ROC curve of a score separating positives from negatives (the
+  Mann-Whitney statistic; ties count one half).
+* :func:`lineage_accuracy`: share of answers that are the truth or one of its ancestors in the Cell Ontology.
 * :func:`text_generation_metrics`: sacrebleu corpus BLEU-2 and BLEU-4 (default ``13a`` tokenisation,
   exponential smoothing) divided by 100, and rouge-score ROUGE-1/2/L F-measures (Porter stemming) averaged
   over pairs; all in [0, 1].
@@ -25,9 +31,10 @@ import sacrebleu
 from matplotlib.figure import Figure
 
 from scmm.data_pipeline.ontology import Ontology
-from scmm.eval.ontology_score import mean_pair_score
+from scmm.eval.ontology_score import is_same_or_ancestor, mean_pair_score
 
-__all__ = ["annotation_metrics", "per_class_table", "confusion_matrix_png", "choose_unknown_threshold",
+__all__ = ["expected_calibration_error", "binary_auroc", "lineage_accuracy", "annotation_metrics",
+           "per_class_table", "confusion_matrix_png", "choose_unknown_threshold",
            "apply_unknown", "text_generation_metrics", "UNKNOWN"]
 
 UNKNOWN = "unknown"
@@ -92,6 +99,48 @@ def annotation_metrics(y_true: Sequence, y_pred: Sequence, ontology: Ontology,
         "unknown_rate": float(np.mean(p == UNKNOWN)),
         "per_class": table,
     }
+
+
+def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = 15) -> float:
+    """Top-label expected calibration error with ``n_bins`` equal-width bins (module docstring)."""
+    c = np.asarray(confidence, dtype=np.float64)
+    y = np.asarray(correct, dtype=np.float64)
+    if c.shape != y.shape or c.ndim != 1 or len(c) == 0:
+        raise ValueError("confidence and correct must be 1-D, non-empty and of equal length")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be positive, got {n_bins}")
+    bins = np.clip(np.ceil(c * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in np.unique(bins):
+        sel = bins == b
+        ece += sel.sum() / len(c) * abs(y[sel].mean() - c[sel].mean())
+    return float(ece)
+
+
+def binary_auroc(positive_scores: Sequence[float], negative_scores: Sequence[float]) -> float:
+    """P(score of a random positive > score of a random negative) + 0.5 P(equal); NaN when a side is empty."""
+    pos = np.asarray(positive_scores, dtype=np.float64)
+    neg = np.asarray(negative_scores, dtype=np.float64)
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    neg_sorted = np.sort(neg)
+    below = np.searchsorted(neg_sorted, pos, side="left")
+    equal = np.searchsorted(neg_sorted, pos, side="right") - below
+    return float((below.sum() + 0.5 * equal.sum()) / (len(pos) * len(neg)))
+
+
+def lineage_accuracy(y_true: Sequence, y_pred: Sequence, ontology: Ontology) -> float:
+    """Share of predictions that are the true CL term or one of its ancestors (``unknown`` counts wrong)."""
+    t, p = _as_str_array(y_true), _as_str_array(y_pred)
+    if len(t) != len(p) or len(t) == 0:
+        raise ValueError("y_true and y_pred must be non-empty and of equal length")
+    memo: dict[tuple[str, str], bool] = {}
+    hits = 0
+    for a, b in zip(p.tolist(), t.tolist()):
+        if (a, b) not in memo:
+            memo[(a, b)] = is_same_or_ancestor(a, b, ontology)
+        hits += memo[(a, b)]
+    return float(hits / len(t))
 
 
 def confusion_matrix_png(y_true: Sequence, y_pred: Sequence, labels: Sequence[str], names: Sequence[str] | None,

@@ -56,7 +56,8 @@ import numpy as np
 
 from scmm.data_pipeline.ontology import Ontology
 
-__all__ = ["GENERIC_TERMS", "ontology_score", "ppr_similarity", "mean_pair_score", "is_cl_term"]
+__all__ = ["GENERIC_TERMS", "ontology_score", "ppr_similarity", "mean_pair_score", "is_cl_term", "up_distances",
+           "is_same_or_ancestor", "informative_common_ancestor"]
 
 GENERIC_TERMS: frozenset[str] = frozenset({
     "CL:0000000",  # cell (root)
@@ -104,6 +105,45 @@ def _up_distances(ontology: Ontology, term: str) -> dict[str, int]:
                 dist[parent] = dist[node] + 1
                 queue.append(parent)
     return dist
+
+
+def up_distances(term: str, ontology: Ontology) -> dict[str, int]:
+    """Shortest upward distance from ``term`` to itself (0) and each of its ancestors; ``{term: 0}`` for a label
+    that is not a CL term."""
+    return dict(_up_distances(ontology, term)) if is_cl_term(term, ontology) else {term: 0}
+
+
+def is_same_or_ancestor(pred: str, true: str, ontology: Ontology) -> bool:
+    """True when ``pred`` is ``true`` or one of its ancestors (a *lineage-correct* answer: right, or coarser but
+    right). ``"unknown"`` and labels that are not CL terms count only when equal to ``true``."""
+    if pred == true:
+        return True
+    return is_cl_term(pred, ontology) and is_cl_term(true, ontology) and pred in _up_distances(ontology, true)
+
+
+def informative_common_ancestor(terms: Iterable[str], ontology: Ontology,
+                                generic: Iterable[str] = GENERIC_TERMS) -> tuple[str, int] | None:
+    """The lowest informative common ancestor of CL ``terms`` (a term counts as its own ancestor) and how many
+    ontology steps it lies above the *first* term; None when the terms share no informative ancestor or one of
+    them is not a CL term.
+
+    *Informative* means not in ``generic`` (:data:`GENERIC_TERMS`: the root ``cell``, its former roots and the
+    upper-level property classes such as ``eukaryotic cell`` or ``motile cell``; the same rule as the ontology
+    score). *Lowest*: among the common ancestors, the one with the smallest sum of shortest upward distances from
+    the terms; ties go to the one nearest the first term, then to the one with more ancestors of its own (the more
+    specific term), then to the smaller ID. For one term, or terms that are all one term, that term at level 0;
+    when the first term is an ancestor of the others it is the answer, also at level 0.
+    """
+    terms = list(dict.fromkeys(terms))
+    if not terms or not all(is_cl_term(t, ontology) for t in terms):
+        return None
+    generic = frozenset(generic)
+    dists = [_up_distances(ontology, t) for t in terms]
+    common = set(dists[0]).intersection(*dists[1:]) - generic
+    if not common:
+        return None
+    best = min(common, key=lambda a: (sum(d[a] for d in dists), dists[0][a], -len(_up_distances(ontology, a)), a))
+    return best, int(dists[0][best])
 
 
 def ontology_score(pred: str, true: str, ontology: Ontology, decay: float = DEFAULT_DECAY,

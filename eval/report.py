@@ -223,18 +223,54 @@ def _ontology_scores(ann: Mapping[str, Any], det: Mapping[str, Any]) -> list[str
             _table(["method", "ontology score", "PPR score"], rows), ""]
 
 
-def _unknown_option(ann: Mapping[str, Any]) -> list[str]:
-    """The 'unknown' threshold chosen on val and its scores (or why it was not evaluated)."""
+def _unknown_option(ann: Mapping[str, Any], det: Mapping[str, Any] | None = None) -> list[str]:
+    """Calibrated confidence, the 'unknown' threshold and the ontology back-off chosen on val, their test figures,
+    and the held-out (unseen) types (or why they were not evaluated)."""
     wu = ann.get("with_unknown")
     if not wu:
-        return ["### 'Unknown' option", "", "Not evaluated (no val split to choose the threshold on).", ""]
-    return ["### 'Unknown' option", "",
-            "Cells whose best similarity is below a threshold chosen on the val split "
-            f"({wu.get('n_val_cells', '?')} cells; never on test) are called `unknown` (counted wrong "
-            "in accuracy; kept accuracy is over the assigned cells). A threshold of -1 keeps every cell.", "",
-            _table(["threshold", "accuracy", "macro-F1", "ontology score", "unknown rate", "kept accuracy"],
-                   [[wu.get("threshold"), wu.get("accuracy"), wu.get("macro_f1"), wu.get("ontology_score"),
-                     wu.get("unknown_rate"), wu.get("kept_accuracy")]]), ""]
+        return ["### Confidence, 'unknown' and back-off", "",
+                "Not evaluated (no val split to choose the threshold on).", ""]
+    rate = ann.get("unknown_rate")
+    lines = ["### Confidence, 'unknown' and back-off", "",
+             f"Chosen on the val split ({wu.get('n_val_cells', '?')} cells; never on test): the temperature of the "
+             f"confidence (softmax of similarity / T, fitted by NLL) T = {_f(ann.get('temperature'), 4)}; the "
+             f"threshold below which a cell is `unknown`, {_f(ann.get('threshold'))}"
+             + (f" (at most {rate:.1%} of val cells abstain)" if isinstance(rate, float) else " (set directly)")
+             + f"; the back-off margin {_f(ann.get('margin'))} (when the top two candidates' probabilities differ "
+             "by less, the answer is their lowest informative common Cell Ontology ancestor). Over the test cells "
+             "of seen types; lineage accuracy counts an answer that is the truth or one of its ancestors; "
+             "definitions in `eval/calibration.py`.", "",
+             _table(["figure", "value"], [
+                 ["expected calibration error (15 bins; at the contrastive temperature)",
+                  f"{_f(ann.get('ece'))} ({_f(ann.get('ece_uncalibrated'))})"],
+                 ["abstain rate (`unknown`)", ann.get("abstain_rate")],
+                 ["exact accuracy without / with back-off",
+                  f"{_f(ann.get('accuracy'))} / {_f(ann.get('accuracy_backoff'))}"],
+                 ["lineage accuracy without / with back-off",
+                  f"{_f(ann.get('lineage_accuracy'))} / {_f(ann.get('lineage_accuracy_backoff'))}"],
+                 ["ontology score without / with back-off",
+                  f"{_f(ann.get('ontology_score'))} / {_f(ann.get('ontology_score_backoff'))}"],
+                 ["cells backed off (mean level, ontology steps up)",
+                  f"{_f(ann.get('backoff_rate'))} ({_f(ann.get('backoff_mean_level'), 2)})"]], ["---", "---:"]), "",
+             "Final answers (abstention, then back-off; `unknown` counts wrong, kept figures are over the other "
+             "cells):", "",
+             _table(["accuracy", "lineage accuracy", "ontology score", "unknown rate", "kept accuracy",
+                     "kept lineage accuracy"],
+                    [[wu.get("accuracy"), wu.get("lineage_accuracy"), wu.get("ontology_score"),
+                      wu.get("unknown_rate"), wu.get("kept_accuracy"), wu.get("kept_lineage_accuracy")]],
+                    ["---:"] * 6), ""]
+    un = ann.get("unseen")
+    if un:
+        names = (det or {}).get("holdout_types") or {}
+        shown = ", ".join(f"{names.get(t, t)} (`{t}`)" for t in un.get("types", [])) or "–"
+        lines += ["#### Held-out (unseen) types", "",
+                  f"Types kept out of train and val when the corpus was built: {shown}; their "
+                  f"{un.get('n_cells')} test cells are never a candidate answer.", "",
+                  _table(["unknown or a correct ancestor", "unknown", "a correct ancestor",
+                          "AUROC of confidence, seen vs unseen"],
+                         [[un.get("unknown_or_ancestor_rate"), un.get("unknown_rate"), un.get("ancestor_rate"),
+                           un.get("auroc")]], ["---:"] * 4), ""]
+    return lines
 
 
 def _per_class(det: Mapping[str, Any]) -> list[str]:
@@ -254,8 +290,10 @@ def _annotation_section(metrics: Mapping[str, Any], c: Mapping[str, Any]) -> lis
     if not ann:
         return []
     det = c.get("annotation") or {}
-    return (_annotation_intro(metrics, c, det) + _ontology_scores(ann, det) + _unknown_option(ann) + _per_class(det)
-            + [f"Cells: {ann.get('n_cells')}, classes in the test split: {ann.get('n_classes')}.", ""])
+    return (_annotation_intro(metrics, c, det) + _ontology_scores(ann, det) + _unknown_option(ann, det)
+            + _per_class(det)
+            + [f"Cells of seen types: {ann.get('n_cells')} (of {ann.get('n_test_cells', ann.get('n_cells'))} test "
+               f"cells), classes among them: {ann.get('n_classes')}.", ""])
 
 
 def _retrieval_section(metrics: Mapping[str, Any]) -> list[str]:

@@ -3,7 +3,7 @@
     import anndata, scmm.api as scmm
     model = scmm.load_model("runs/demo/model")          # a package, a stage-2 or a stage-1 model folder
     out = scmm.embed(adata, model)                      # out.obsm['X_scmm']
-    out = scmm.annotate(adata, model, labels=None, unknown_threshold=None, smooth=False)
+    out = scmm.annotate(adata, model, labels=None, unknown_rate=None, unknown_threshold=None, smooth=False)
     out = scmm.describe(adata, model)                   # out.obs['scmm_description'] (stage-2 model)
     cells = scmm.generate(model, "A natural killer cell from the blood.", n=50)
     scmm.build_index(ref, model, "cell_type", "ref_index")
@@ -28,12 +28,17 @@ Outputs (DESIGN.md names):
   with no CL term; "unknown" when called unknown), ``obs['scmm_confidence']`` (float32 in [0, 1]).
   - ``annotate``: each candidate label's prototype is the mean text embedding of its label texts (as in
     evaluation, :mod:`scmm.eval.annotate`); a cell's similarity to a label is the cosine between its embedding
-    and the prototype. Confidence = softmax over the candidates of ``logit_scale * cosine`` (the model's learned
-    contrastive temperature), the probability of the chosen label. ``unknown_threshold`` is on the **cosine
-    similarity** of the chosen label (the quantity ``scmm eval`` tunes: ``annotation.with_unknown.threshold`` in
-    metrics.json); below it the cell is "unknown". Default: no threshold. ``smooth=True``: the probability
-    vectors (and similarities) are averaged over each cell's ``k`` nearest neighbours in the input's own
-    embedding space (itself included; FAISS) before the choice.
+    and the prototype. Confidence = the top-1 probability of ``softmax(cosine / T)`` over the candidates, with
+    the temperature ``T`` that ``scmm eval`` fitted on the val split (a calibrated probability; see
+    :mod:`scmm.eval.calibration`). A cell whose confidence is below the threshold is "unknown": by default the
+    threshold ``scmm eval`` chose so that 5 % of val cells abstain; ``unknown_rate`` picks another rate,
+    ``unknown_threshold`` sets it (a confidence in [0, 1]). When the top candidates are within the back-off
+    margin of each other, the answer is their lowest informative common ancestor in the Cell Ontology, and
+    ``obs['scmm_cell_type_level']`` says how many ontology steps above the top-1 label it lies (0: no back-off;
+    0 also for "unknown"). A model folder without that calibration (a bare stage-1/2 folder, or a package from
+    before it) uses ``T = 1 / logit_scale`` (the contrastive temperature), no default threshold, no back-off.
+    ``smooth=True``: the probability vectors are averaged over each cell's ``k`` nearest neighbours in the
+    input's own embedding space (itself included; FAISS) before the choice.
   - ``query_index``: confidence = the vote share of the winner among the ``k`` nearest reference cells;
     ``unknown_threshold`` is on that vote share.
 * ``obs['scmm_qc']`` (``embed``, ``annotate``, ``query_index``): "ok", or "no_expressed_gene" for a cell that
@@ -72,18 +77,20 @@ from scmm.data_pipeline.scale import check_scale_option
 from scmm.errors import ScmmError
 from scmm.eval import knn
 from scmm.eval.annotate import Candidates, label_prototypes, read_labels_option
+from scmm.eval.calibration import Calibration, calibrated_answers, check_unknown_options, softmax
 from scmm.index import ReferenceIndex, reference_labels, write_index
 from scmm.model.folders import ScmmModel, load_model
 
 log = logging.getLogger("scmm")
 
 __all__ = ["load_model", "embed", "annotate", "describe", "generate", "build_index", "query_index", "Options",
-           "ScmmModel", "EMBEDDING_KEY", "CELL_TYPE", "CELL_TYPE_ID", "CONFIDENCE", "DESCRIPTION", "QC"]
+           "ScmmModel", "EMBEDDING_KEY", "CELL_TYPE", "CELL_TYPE_ID", "CONFIDENCE", "LEVEL", "DESCRIPTION", "QC"]
 
 EMBEDDING_KEY = "X_scmm"
 CELL_TYPE = "scmm_cell_type"
 CELL_TYPE_ID = "scmm_cell_type_ontology_term_id"
 CONFIDENCE = "scmm_confidence"
+LEVEL = "scmm_cell_type_level"
 DESCRIPTION = "scmm_description"
 QC = "scmm_qc"
 QC_EMPTY = "no_expressed_gene"
@@ -197,8 +204,11 @@ def _qc(obs: pd.DataFrame | None, empty: np.ndarray) -> pd.DataFrame:
     elif CELL_TYPE in obs:
         cell_type, cell_id = (obs[c].astype(str).to_numpy(dtype=object) for c in (CELL_TYPE, CELL_TYPE_ID))
         conf = obs[CONFIDENCE].to_numpy(copy=True)
+        level = obs[LEVEL].to_numpy(copy=True) if LEVEL in obs else None
         cell_type[empty], cell_id[empty], conf[empty] = UNKNOWN, UNKNOWN, 0.0
-        obs = _label_frame(cell_type, cell_id, conf)
+        if level is not None:
+            level[empty] = 0
+        obs = _label_frame(cell_type, cell_id, conf, level)
     obs[QC] = pd.Categorical(np.where(empty, QC_EMPTY, "ok"), categories=["ok", QC_EMPTY])
     return obs
 
@@ -220,32 +230,45 @@ def _neighbours(emb: np.ndarray, k: int) -> np.ndarray:
     return ids
 
 
+def model_calibration(model: ScmmModel, user_labels: bool, unknown_rate: float | None = None,
+                      unknown_threshold: float | None = None) -> Calibration:
+    """What annotation applies (:mod:`scmm.eval.calibration`): the temperature, abstention threshold and back-off
+    margin that ``scmm eval`` chose on val and the package stores in its ``metrics.json``; else (a bare model
+    folder, or a package from before calibration) the model's contrastive temperature, no abstention and no
+    back-off. With the user's own candidate ``labels`` only the temperature is kept: the threshold and the margin
+    were chosen for the training candidates (an explicit ``unknown_threshold`` still applies; ``unknown_rate``
+    cannot, as the stored val confidences belong to the training candidates)."""
+    check_unknown_options(unknown_rate, unknown_threshold)
+    stored = Calibration.from_metrics(model.metrics)
+    if stored is None:
+        scale = float(model.aligner.heads.get_logit_scale().detach().float().cpu())
+        stored = Calibration(temperature=1.0 / scale)
+    elif user_labels:
+        stored = Calibration(temperature=stored.temperature)
+    if user_labels and unknown_rate is not None:
+        raise ScmmError("--unknown-rate applies to the model's own candidate labels (the val confidences it stores "
+                        "belong to them); with --labels pass --unknown-threshold")
+    return stored.with_options(unknown_rate, unknown_threshold)
+
+
 def annotate_embeddings(emb: np.ndarray, model: ScmmModel, candidates: Candidates,
-                        unknown_threshold: float | None = None, smooth: bool = False,
+                        calibration: Calibration | None = None, smooth: bool = False,
                         k: int = SMOOTH_K) -> pd.DataFrame:
-    """The three annotation columns for embeddings ``emb`` (see the module docstring)."""
+    """The annotation columns for embeddings ``emb`` (see the module docstring); ``calibration`` default
+    :func:`model_calibration` for the model's own candidates."""
+    calibration = calibration or model_calibration(model, user_labels=False)
     with torch.inference_mode():
         protos = label_prototypes(model.aligner, candidates)
-        scale = float(model.aligner.heads.get_logit_scale().detach().float().cpu())
     sim = emb @ protos.T  # cosine similarities [N, C]
-    logits = sim * scale
-    prob = np.exp(logits - logits.max(1, keepdims=True))
-    prob /= prob.sum(1, keepdims=True)
+    prob = softmax(sim, calibration.temperature)
     if smooth and len(emb) > 1:
         nb = _neighbours(emb, k)
         valid = nb >= 0
         w = valid / valid.sum(1, keepdims=True)
-        safe = np.maximum(nb, 0)
-        prob = np.einsum("nk,nkc->nc", w, prob[safe])
-        sim = np.einsum("nk,nkc->nc", w, sim[safe])
-    best = prob.argmax(1)
-    rows = np.arange(len(best))
-    cell_type = np.asarray(candidates.names, dtype=object)[best]
-    cell_id = np.asarray(candidates.cl_ids, dtype=object)[best]
-    if unknown_threshold is not None:
-        unknown = sim[rows, best] < unknown_threshold
-        cell_type[unknown], cell_id[unknown] = UNKNOWN, UNKNOWN
-    return _label_frame(cell_type, cell_id, prob[rows, best])
+        prob = np.einsum("nk,nkc->nc", w, prob[np.maximum(nb, 0)])
+    answers = calibrated_answers(sim, candidates.keys, candidates.names, candidates.cl_ids, calibration,
+                                 get_ontology(), prob=prob)
+    return _label_frame(answers.names, answers.cl_ids, answers.confidence, answers.level)
 
 
 def _check_threshold(value: float | None, low: float, high: float, what: str) -> None:
@@ -253,10 +276,14 @@ def _check_threshold(value: float | None, low: float, high: float, what: str) ->
         raise ScmmError(f"--unknown-threshold must be {what} in [{low:g}, {high:g}], got {value}")
 
 
-def _label_frame(cell_type: np.ndarray, cell_id: np.ndarray, conf: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({CELL_TYPE: pd.Categorical(cell_type.astype(str)),
-                         CELL_TYPE_ID: pd.Categorical(cell_id.astype(str)),
-                         CONFIDENCE: np.asarray(conf, dtype=np.float32)})
+def _label_frame(cell_type: np.ndarray, cell_id: np.ndarray, conf: np.ndarray,
+                 level: np.ndarray | None = None) -> pd.DataFrame:
+    frame = pd.DataFrame({CELL_TYPE: pd.Categorical(cell_type.astype(str)),
+                          CELL_TYPE_ID: pd.Categorical(cell_id.astype(str)),
+                          CONFIDENCE: np.asarray(conf, dtype=np.float32)})
+    if level is not None:
+        frame[LEVEL] = np.asarray(level, dtype=np.int16)
+    return frame
 
 
 def _query(index: ReferenceIndex, emb: np.ndarray, k: int, unknown_threshold: float | None) -> pd.DataFrame:
@@ -392,20 +419,23 @@ def embed(data: Any, model: Any, *, out: str | os.PathLike | None = None, overwr
 
 
 def annotate(data: Any, model: Any, *, labels: str | Sequence[str] | None = None,
-             unknown_threshold: float | None = None, smooth: bool = False, k: int = SMOOTH_K,
-             out: str | os.PathLike | None = None, overwrite: bool = False, **options):
+             unknown_threshold: float | None = None, unknown_rate: float | None = None, smooth: bool = False,
+             k: int = SMOOTH_K, out: str | os.PathLike | None = None, overwrite: bool = False, **options):
     """A copy of ``data`` with the annotation obs columns and ``obsm['X_scmm']``.
 
     ``labels``: candidate labels (CL IDs or free text; a list, a comma-separated string or a file with one per
-    line); default the training corpus's cell types stored with the model.
+    line); default the training corpus's cell types stored with the model. ``unknown_rate`` (the share of val
+    cells allowed to abstain) or ``unknown_threshold`` (a calibrated confidence in [0, 1]) replace the stored
+    abstention threshold (:func:`model_calibration`).
     """
     if smooth and k < 1:
         raise ScmmError("--k must be at least 1")
-    _check_threshold(unknown_threshold, -1.0, 1.0, "a cosine similarity")
+    check_unknown_options(unknown_rate, unknown_threshold)
     model, inp, out = _start(data, model, out, overwrite, options)
     candidates = _candidates(model, labels)  # bad labels fail before the work
+    calibration = model_calibration(model, labels is not None, unknown_rate, unknown_threshold)
     emb, empty = _embed(inp)
-    obs = annotate_embeddings(emb, model, candidates, unknown_threshold, smooth, k)
+    obs = annotate_embeddings(emb, model, candidates, calibration, smooth, k)
     return _result(data, _qc(obs, empty), {EMBEDDING_KEY: emb}, out)
 
 

@@ -61,8 +61,18 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=10_000, help="cells per shard (default 10000)")
     p.add_argument("--chunk-size", type=int, default=10_000, help="rows read from the h5ad at a time")
     p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--holdout-types", help="comma list of CL IDs kept out of train and val (all their cells go to "
+                   "test, to measure unseen types); 'none' for no held-out type")
     p.add_argument("--overwrite", action="store_true", help="replace an existing corpus")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _holdout_types(value: str | None, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """``--holdout-types``: a comma list of CL IDs; 'none' (or empty) for none; absent: ``default``."""
+    if value is None:
+        return default
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    return () if [x.lower() for x in items] in ([], ["none"]) else tuple(dict.fromkeys(items))
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
@@ -74,7 +84,8 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         input_scale=args.input_scale, vocab=args.vocab,
         min_gene_coverage=args.min_gene_coverage, label_map=_read_label_map(args.label_map),
         unmatched_labels=args.unmatched_labels, shard_size=args.shard_size, chunk_size=args.chunk_size,
-        seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+        seed=args.seed, holdout_types=_holdout_types(args.holdout_types), overwrite=args.overwrite,
+        progress=not args.quiet)
     manifest = build_corpus(cfg)
     _print_summary(args.out, manifest)
     return 0
@@ -84,7 +95,7 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
     import tempfile
 
     from scmm.data_pipeline.build import BuildConfig, build_corpus
-    from scmm.data_pipeline.demo_data import pbmc_demo_adata
+    from scmm.data_pipeline.demo_data import DEMO_HOLDOUT_TYPES, pbmc_demo_adata
     h5ad = Path(args.h5ad) if args.h5ad else None
     if h5ad is not None and h5ad.exists() and not args.overwrite:
         raise ScmmError(f"output {h5ad} already exists (pass --overwrite to replace it)")
@@ -93,7 +104,8 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
         path = Path(tmp) / "pbmc68k_reduced.h5ad"
         adata.write_h5ad(path)
         cfg = BuildConfig(inputs=[path], out=Path(args.out), shard_size=args.shard_size, chunk_size=args.chunk_size,
-                          seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+                          seed=args.seed, holdout_types=_holdout_types(args.holdout_types, DEMO_HOLDOUT_TYPES),
+                          overwrite=args.overwrite, progress=not args.quiet)
         manifest = build_corpus(cfg)
         if h5ad is not None:  # the same cells as the corpus, for `scmm annotate` / `describe` walk-throughs
             h5ad.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +169,8 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     _add_build_options(build)
     build.set_defaults(func=cmd_data_build)
 
-    demo = dsub.add_parser("demo", help="corpus from scanpy's bundled real PBMCs (pbmc68k_reduced)")
+    demo = dsub.add_parser("demo", help="corpus from scanpy's bundled real PBMCs (pbmc68k_reduced); holds out the "
+                           "hematopoietic precursor cells (CL:0008001) unless --holdout-types says otherwise")
     demo.add_argument("--h5ad", help="also write the demo AnnData (raw counts, CELLxGENE schema) to this file")
     _add_build_options(demo)
     demo.set_defaults(func=cmd_data_demo, shard_size=64)
@@ -200,7 +213,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from scmm.eval.harness import evaluate
     from scmm.eval.report import main_table, stage2_table
     metrics = evaluate(args.model, args.corpus, args.out, tasks=args.tasks, seed=args.seed,
-                       progress=not args.quiet, labels=args.labels)
+                       progress=not args.quiet, labels=args.labels, unknown_rate=args.unknown_rate,
+                       unknown_threshold=args.unknown_threshold)
     print(main_table(metrics))
     if stage2_table(metrics):
         print("\n" + stage2_table(metrics))
@@ -216,6 +230,10 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", help="comma list of annotate, retrieve, describe, generate (default: all the model can "
                                    "do: describe and generate need a stage-2 model)")
     p.add_argument("--labels", help="candidate labels: comma list or file (CL IDs or free text); default the corpus's")
+    p.add_argument("--unknown-rate", type=float, help="share of val cells allowed to abstain: sets the 'unknown' "
+                   "threshold on the calibrated confidence (default 0.05)")
+    p.add_argument("--unknown-threshold", type=float, help="calibrated confidence in [0, 1] below which a cell is "
+                   "'unknown' (instead of --unknown-rate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
@@ -256,7 +274,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_annotate(args: argparse.Namespace) -> int:
     from scmm.api import annotate
     out = annotate(args.input, args.model, labels=args.labels, unknown_threshold=args.unknown_threshold,
-                   smooth=args.smooth, k=args.k, out=args.out, **_inference_kw(args))
+                   unknown_rate=args.unknown_rate, smooth=args.smooth, k=args.k, out=args.out, **_inference_kw(args))
     print(f"wrote {out}")
     return 0
 
@@ -355,8 +373,10 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--labels", help="candidate labels: comma list or a file, one per line (CL IDs or free text); "
                    "default the model's training cell types")
-    p.add_argument("--unknown-threshold", type=float, help="cosine similarity below which a cell is 'unknown' "
-                   "(scmm eval's annotation.with_unknown.threshold); default none")
+    p.add_argument("--unknown-threshold", type=float, help="calibrated confidence in [0, 1] below which a cell is "
+                   "'unknown' (default: the threshold scmm eval chose on val, stored in a packaged model)")
+    p.add_argument("--unknown-rate", type=float, help="share of val cells allowed to abstain, in [0, 1): sets the "
+                   "threshold from the val confidences stored in a packaged model (scmm eval's default 0.05)")
     p.add_argument("--smooth", action="store_true", help="smooth predictions over the k-NN graph of the input's "
                    "embeddings")
     p.add_argument("--k", type=int, default=15, help="neighbours for --smooth (default 15)")

@@ -65,10 +65,21 @@ def _model_card(manifest: dict, corpus_manifest: dict, labels: list[dict], metri
             lines += [main_table(metrics), ""]
             if metrics.get("annotation") and metrics.get("retrieval"):
                 lines += ["Retrieval:", "", retrieval_table(metrics), ""]
+            cal = (metrics.get("annotation") or {}).get("calibration")
             wu = (metrics.get("annotation") or {}).get("with_unknown")
-            if wu:
+            if cal:
+                rate = cal.get("unknown_rate")
+                lines += [f"Confidence, 'unknown' and back-off, chosen on the val split and applied by `scmm "
+                          f"annotate`: temperature {cal['temperature']:.4g}; a cell whose calibrated confidence is "
+                          f"below {cal['threshold']:.3f} is `unknown`"
+                          + (f" ({rate:.1%} of val cells)" if rate is not None else "")
+                          + f"; candidates within {cal['margin']:.3f} of the top one back off to their common "
+                          "Cell Ontology ancestor (`obs['scmm_cell_type_level']`). Change the threshold with "
+                          "`--unknown-rate R` or `--unknown-threshold C`.", ""]
+            elif wu:
                 lines += [f"'unknown' threshold chosen on the val split: cosine similarity {wu['threshold']:.3f} "
-                          f"(pass it as `--unknown-threshold`).", ""]
+                          "(from an earlier scmm: this scmm's `--unknown-threshold` is a calibrated confidence).",
+                          ""]
         except Exception:  # a metrics file of another shape: show it as is
             lines += ["```json", json.dumps(metrics, indent=1)[:20000], "```", ""]
     else:
@@ -78,7 +89,7 @@ def _model_card(manifest: dict, corpus_manifest: dict, labels: list[dict], metri
         "```bash",
         "scmm embed    IN.h5ad --model THIS_FOLDER --out OUT.h5ad        # obsm['X_scmm']",
         "scmm annotate IN.h5ad --model THIS_FOLDER --out OUT.h5ad [--labels CL:0000236,CL:0000084] "
-        "[--unknown-threshold 0.2] [--smooth]",
+        "[--unknown-rate 0.05 | --unknown-threshold 0.3] [--smooth]",
         "scmm describe IN.h5ad --model THIS_FOLDER --out OUT.h5ad        # obs['scmm_description'] (stage 2)",
         "scmm index build REF.h5ad --model THIS_FOLDER --label-column cell_type --out REF_INDEX",
         "scmm index query REF_INDEX IN.h5ad --model THIS_FOLDER --out OUT.h5ad",

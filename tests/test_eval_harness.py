@@ -10,11 +10,12 @@ import pytest
 from conftest import run_cli, save_tiny_stage1
 
 DESIGN_KEYS = {
-    "annotation": {"accuracy", "macro_f1", "ontology_score", "n_cells", "n_classes"},
+    "annotation": {"accuracy", "macro_f1", "ontology_score", "n_cells", "n_classes", "ece", "abstain_rate",
+                   "lineage_accuracy", "lineage_accuracy_backoff", "temperature", "threshold", "margin"},
     "retrieval": {"cell_to_text_recall@1", "cell_to_text_recall@5", "text_to_cell_recall@1", "text_to_cell_recall@5"},
 }
 BASELINES = {"majority", "logistic_regression", "pca_knn", "scmm_knn_smoothing"}
-COUNTS = {"n_cells", "n_classes", "n_pairs", "n_val_cells"}
+COUNTS = {"n_cells", "n_classes", "n_pairs", "n_val_cells", "n_test_cells"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -39,8 +40,12 @@ def _check_ranges(section: str, values: dict) -> None:
             assert isinstance(value, int) and value >= 0, (section, key, value)
         elif key.endswith("mean_rank"):
             assert value >= 1.0, (section, key, value)
-        elif key == "threshold":  # a cosine similarity
-            assert -1.0 <= value <= 1.0, (section, key, value)
+        elif key in ("temperature", "backoff_mean_level"):
+            assert isinstance(value, float) and value >= 0.0, (section, key, value)
+        elif key in ("confidence_quantiles", "types"):  # val confidences at 0, 0.5 %, ..., 100 %; held-out CL IDs
+            assert isinstance(value, list), (section, key, value)
+        elif key == "unknown_rate" and value is None:  # a threshold set directly
+            pass
         else:
             assert isinstance(value, float) and 0.0 <= value <= 1.0, (section, key, value)
 
@@ -201,3 +206,30 @@ def test_pseudocell_stage1_space_encodes_like_the_loader(tiny_model: Path, small
     binned = CellTextAligner.from_pretrained(save_tiny_stage1(small_corpus, tmp_path / "binned", n_bins=51))
     r = pseudocell_report(corpus, x[:, panel], y, panel, k=3, n_components=4, aligner=binned)
     assert 0 <= r["spaces"]["stage1_embedding"]["knn_accuracy"] <= 1
+
+
+def test_eval_with_held_out_types_reports_unseen_figures(tmp_path: Path):
+    """A corpus with a held-out type: scored apart (never a candidate), with the unseen figures and the chosen
+    temperature, threshold and margin stored for `scmm annotate`."""
+    from conftest import make_adata
+    from scmm.data_pipeline.build import BuildConfig, build_corpus
+    from scmm.eval.calibration import Calibration
+    from scmm.eval.harness import evaluate
+    path = tmp_path / "in.h5ad"
+    make_adata(n_cells=240, donors=12).write_h5ad(path)
+    build_corpus(BuildConfig(inputs=[path], out=tmp_path / "c", holdout_types=("CL:0000623",), progress=False))
+    model = save_tiny_stage1(tmp_path / "c", tmp_path / "model")
+    metrics = evaluate(model, tmp_path / "c", tmp_path / "e", tasks="annotate", progress=False, unknown_rate=0.1)
+    ann = metrics["annotation"]
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    n_nk = manifest["cell_types"]["CL:0000623"]["splits"]["test"]
+    assert ann["unseen"]["n_cells"] == n_nk == 60 and ann["unseen"]["types"] == ["CL:0000623"]
+    assert ann["n_cells"] == manifest["splits"]["test"] - n_nk and ann["n_test_cells"] == manifest["splits"]["test"]
+    assert {"unknown_or_ancestor_rate", "auroc"} <= set(ann["unseen"])
+    assert ann["unknown_rate"] == 0.1 and ann["calibration"]["n_val_cells"] == manifest["splits"]["val"]
+    _check_ranges("annotation", ann)
+    report = (tmp_path / "e" / "report.md").read_text()
+    assert "Held-out (unseen) types" in report and "natural killer cell" in report
+    assert Calibration.from_metrics(metrics).threshold == ann["threshold"]
+    fixed = evaluate(model, tmp_path / "c", tmp_path / "f", tasks="annotate", progress=False, unknown_threshold=1.0)
+    assert fixed["annotation"]["abstain_rate"] == 1.0 and fixed["annotation"]["unseen"]["unknown_rate"] == 1.0

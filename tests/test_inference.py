@@ -183,7 +183,7 @@ def test_api_returns_new_anndata_and_leaves_input_alone(model, pbmc_h5ad: Path):
     from scmm.api import annotate
     adata = ad.read_h5ad(pbmc_h5ad)
     snapshot = adata.copy()
-    out = annotate(adata, model, labels=["CL:0000236", "T cell", "something never seen"], unknown_threshold=-1.0)
+    out = annotate(adata, model, labels=["CL:0000236", "T cell", "something never seen"], unknown_threshold=0.0)
     assert out is not adata and "X_scmm" not in adata.obsm and "scmm_cell_type" not in adata.obs
     assert (adata.X != snapshot.X).nnz == 0
     assert set(out.obs["scmm_cell_type"]) <= {"B cell", "T cell", "something never seen"}

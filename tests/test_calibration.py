@@ -1,0 +1,235 @@
+"""Calibrated confidence, abstention, ontology back-off (eval/calibration.py) and held-out-type splits."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scmm.data_pipeline.ontology import get_ontology
+from scmm.errors import ScmmError
+from scmm.eval.calibration import (
+    Calibration,
+    abstention_threshold,
+    backoff,
+    calibrated_answers,
+    check_unknown_options,
+    choose_margin,
+    confidence_quantiles,
+    fit_temperature,
+    nll,
+    softmax,
+    threshold_from_quantiles,
+)
+from scmm.eval.metrics import binary_auroc, expected_calibration_error, lineage_accuracy
+from scmm.eval.ontology_score import informative_common_ancestor, is_same_or_ancestor
+
+
+# --- a hand-built ontology ----------------------------------------------------------------------------
+class TinyOntology:
+    """cell (root, generic) <- eukaryotic cell (generic) <- {leukocyte, neuron}; leukocyte <- {T cell, B cell};
+    T cell <- {CD4 T, CD8 T}; 'double' has two parents, CD4 T and CD8 T."""
+
+    PARENTS = {"CL:0000000": [], "CL:0000255": ["CL:0000000"], "CL:9000001": ["CL:0000255"],
+               "CL:9000002": ["CL:9000001"], "CL:9000003": ["CL:9000001"], "CL:9000004": ["CL:9000002"],
+               "CL:9000005": ["CL:9000002"], "CL:9000006": ["CL:0000255"], "CL:9000007": ["CL:9000004", "CL:9000005"]}
+    LABELS = {"CL:0000000": "cell", "CL:0000255": "eukaryotic cell", "CL:9000001": "leukocyte",
+              "CL:9000002": "T cell", "CL:9000003": "B cell", "CL:9000004": "CD4 T", "CL:9000005": "CD8 T",
+              "CL:9000006": "neuron", "CL:9000007": "double"}
+
+    def is_valid(self, term: str) -> bool:
+        return term in self.PARENTS
+
+    def parents(self, term: str) -> list[str]:
+        return list(self.PARENTS[term])
+
+    def label(self, term: str) -> str:
+        return self.LABELS[term]
+
+
+TINY = TinyOntology()
+LEUK, T, B, CD4, CD8, NEURON, DOUBLE = (f"CL:900000{i}" for i in range(1, 8))
+
+
+def test_informative_common_ancestor_by_hand():
+    assert informative_common_ancestor([CD4, CD8], TINY) == (T, 1)
+    assert informative_common_ancestor([CD4, B], TINY) == (LEUK, 2)
+    assert informative_common_ancestor([B, CD4], TINY) == (LEUK, 1)  # the level counts from the first term
+    assert informative_common_ancestor([T, CD4], TINY) == (T, 0)  # an ancestor of the other: itself, level 0
+    assert informative_common_ancestor([CD4, CD4], TINY) == (CD4, 0)
+    assert informative_common_ancestor([CD4, NEURON], TINY) is None  # they share only generic terms
+    assert informative_common_ancestor([CD4, "free text"], TINY) is None
+    assert informative_common_ancestor([DOUBLE, CD8], TINY) == (CD8, 1)  # two parents: the nearer common one
+    assert is_same_or_ancestor(T, CD4, TINY) and is_same_or_ancestor(CD4, CD4, TINY)
+    assert not is_same_or_ancestor(CD8, CD4, TINY) and not is_same_or_ancestor("unknown", CD4, TINY)
+
+
+def test_backoff_answers_and_levels():
+    ids = [CD4, CD8, B, ""]
+    prob = np.array([[0.50, 0.45, 0.05, 0.00],   # CD4 vs CD8: T cell, 1 step up
+                     [0.90, 0.05, 0.05, 0.00],   # clear: no back-off
+                     [0.50, 0.02, 0.46, 0.02],   # CD4 vs B: leukocyte, 2 steps up
+                     [0.05, 0.02, 0.48, 0.45]])  # B vs a free-text label: no common term, keep B
+    answer, level = backoff(prob, ids, 0.1, TINY)
+    assert answer.tolist() == [T, "", LEUK, ""] and level.tolist() == [1, 0, 2, 0]
+    assert backoff(prob, ids, 0.0, TINY)[0].tolist() == ["", "", "", ""]  # margin 0 never backs off
+    calib = Calibration(temperature=1.0, threshold=0.49, margin=0.1)
+    out = calibrated_answers(np.zeros((4, 4)), [*ids[:3], "x"], ["CD4 T", "CD8 T", "B cell", "x"], ids, calib, TINY,
+                             prob=prob)
+    assert out.keys.tolist() == [T, CD4, LEUK, "unknown"]  # the last one is below the threshold
+    assert out.names.tolist() == ["T cell", "CD4 T", "leukocyte", "unknown"]
+    assert out.level.tolist() == [1, 0, 2, 0]
+    np.testing.assert_allclose(out.confidence, [0.5, 0.9, 0.5, 0.48])
+
+
+def test_backoff_on_the_real_cell_ontology():
+    onto = get_ontology()
+    cd4_memory, cd8 = "CL:0000897", "CL:0000625"
+    term, level = informative_common_ancestor([cd4_memory, cd8], onto)
+    assert onto.label(term) in ("mature alpha-beta T cell", "T cell", "alpha-beta T cell") and level >= 1
+    assert informative_common_ancestor(["CL:0000236", "CL:0000182"], onto) is None  # B cell vs hepatocyte
+
+
+def test_margin_rule_on_a_hand_made_val_set():
+    ids = [CD4, CD8, B]
+    sure = [0.85, 0.10, 0.05]
+    torn = [0.50, 0.40, 0.10]  # a CD8 T cell called CD4 T, second choice right
+    prob = np.array([sure] * 8 + [torn] * 2)
+    truth = [CD4] * 8 + [CD8] * 2
+    m = choose_margin(prob, ids, truth, TINY)
+    assert 0.1 - 1e-9 < m < 0.75  # the smallest margin that backs off the two torn cells only
+    answer, _ = backoff(prob, ids, m, TINY)
+    assert answer.tolist() == [""] * 8 + [T] * 2
+    assert choose_margin(prob, ids, truth, TINY, max_backoff=0.1) == 0.0  # 20 % backed off is above the cap
+    assert choose_margin(prob[:8], ids, truth[:8], TINY) == 0.0  # already right: no back-off
+
+
+# --- temperature and threshold --------------------------------------------------------------------------
+def test_fit_temperature_recovers_a_known_temperature():
+    rng = np.random.default_rng(0)
+    for true_t in (0.05, 0.3, 2.0):
+        logits = rng.normal(0.0, 0.5, size=(20_000, 6))
+        p = softmax(logits, true_t)
+        labels = (rng.random((len(p), 1)) > p.cumsum(1)).sum(1)  # one draw from each row's softmax
+        t = fit_temperature(logits, labels)
+        assert t == pytest.approx(true_t, rel=0.05)
+        assert nll(logits, labels, t) <= min(nll(logits, labels, t * 1.1), nll(logits, labels, t / 1.1))
+    with pytest.raises(ValueError):
+        fit_temperature(np.zeros((2, 3)), [0, 3])
+
+
+def test_threshold_rule_picks_the_quantile():
+    conf = [0.7, 0.1, 0.9, 0.3, 0.5, 0.2, 0.6, 0.8, 0.4, 1.0]  # 0.1 ... 1.0, shuffled
+    assert abstention_threshold(conf, 0.2) == 0.3  # k = 2: cells below 0.3 are 0.1 and 0.2
+    assert abstention_threshold(conf, 0.25) == 0.3  # floor(2.5) = 2
+    assert abstention_threshold(conf, 0.05) == 0.0 and abstention_threshold(conf, 0.0) == 0.0
+    for rate in (0.1, 0.3, 0.5, 0.9):
+        th = abstention_threshold(conf, rate)
+        assert np.mean(np.asarray(conf) < th) <= rate + 1e-12
+    assert np.mean(np.asarray([0.5] * 10) < abstention_threshold([0.5] * 10, 0.5)) == 0.0  # ties: fewer abstain
+    with pytest.raises(ValueError):
+        abstention_threshold(conf, 1.0)
+    q = confidence_quantiles(conf)
+    assert len(q) == 201 and q[0] == 0.1 and q[-1] == 1.0
+    assert threshold_from_quantiles(q, 0.5) == pytest.approx(float(np.quantile(conf, 0.5)))
+    assert threshold_from_quantiles(q, 0.0) == 0.0
+
+
+def test_calibration_round_trip_and_options():
+    c = Calibration(temperature=0.2, threshold=0.3, unknown_rate=0.05, margin=0.1,
+                    quantiles=confidence_quantiles(np.linspace(0, 1, 101)), n_val_cells=101)
+    back = Calibration.from_metrics(json.loads(json.dumps({"annotation": {"calibration": c.to_dict()}})))
+    assert back == c
+    assert Calibration.from_metrics({"annotation": {"with_unknown": {"threshold": 0.6}}}) is None  # older metrics
+    assert c.with_options(0.2, None).threshold == pytest.approx(0.2)
+    assert c.with_options(None, 0.7).threshold == 0.7 and c.with_options(None, None) == c
+    with pytest.raises(ScmmError, match="unknown-rate"):
+        Calibration(temperature=1.0).with_options(0.1, None)  # no stored val confidences
+    for rate, threshold in ((1.0, None), (-0.1, None), (None, 1.5), (None, math.nan), (0.1, 0.5)):
+        with pytest.raises(ScmmError):
+            check_unknown_options(rate, threshold)
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+def test_ece_auroc_lineage_by_hand():
+    conf = [0.9, 0.9, 0.6, 0.6, 0.2]
+    correct = [True, False, True, True, False]
+    # bins: {0.9, 0.9}: |0.5 - 0.9|; {0.6, 0.6}: |1 - 0.6|; {0.2}: |0 - 0.2|
+    assert expected_calibration_error(conf, correct) == pytest.approx(2 / 5 * 0.4 + 2 / 5 * 0.4 + 1 / 5 * 0.2)
+    assert expected_calibration_error([1.0, 0.0], [True, False]) == 0.0
+    assert binary_auroc([0.9, 0.8, 0.4], [0.5, 0.4]) == pytest.approx(4.5 / 6)
+    assert math.isnan(binary_auroc([0.5], []))
+    onto = get_ontology()
+    truth = ["CL:0000625"] * 4
+    pred = ["CL:0000084", "CL:0000625", "CL:0000624", "unknown"]  # T cell (ancestor), exact, CD4 (wrong), unknown
+    assert lineage_accuracy(truth, pred, onto) == 0.5
+
+
+# --- held-out types in the splits -----------------------------------------------------------------------
+def _obs(n: int, donors: int | None) -> pd.DataFrame:
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(n)])
+    if donors:
+        obs["donor_id"] = [f"d{i % donors}" for i in range(n)]
+    return obs
+
+
+def test_holdout_splits_keep_donors_whole():
+    from scmm.data_pipeline.splits import plan_splits
+    n = 600
+    obs = _obs(n, donors=12)
+    labels = np.array(["A", "B", "C"])[np.arange(n) % 3]
+    held = (labels == "C") & np.isin(obs["donor_id"], ["d2", "d5"])  # type C seen only in donors 2 and 5
+    plan = plan_splits(obs, labels, seed=1, holdout=held)
+    assert plan.group_by == "donor_id"
+    assert (plan.split[held] == 2).all()
+    for donor in obs["donor_id"].unique():
+        assert len(set(plan.split[(obs["donor_id"] == donor).to_numpy()])) == 1
+    assert (plan.split == 0).sum() > 0 and (plan.split == 1).sum() > 0
+    every = np.isin(obs["donor_id"], [f"d{i}" for i in range(11)])
+    with pytest.raises(ValueError, match="held-out"):
+        plan_splits(obs, labels, holdout=every)
+
+
+def test_holdout_splits_per_cell_and_unchanged_without_holdout():
+    from scmm.data_pipeline.splits import plan_splits
+    n = 300
+    obs = _obs(n, donors=None)
+    labels = np.array(["A", "B", "C"])[np.arange(n) % 3]
+    held = labels == "B"
+    plan = plan_splits(obs, labels, seed=3, holdout=held)
+    assert plan.group_by == "cell" and (plan.split[held] == 2).all()
+    assert set(plan.split[~held]) == {0, 1, 2}
+    none = plan_splits(obs, labels, seed=3)
+    assert (plan_splits(obs, labels, seed=3, holdout=np.zeros(n, bool)).split == none.split).all()
+
+
+def test_build_with_holdout_types(tmp_path: Path):
+    from conftest import make_adata, run_cli
+    from scmm.data_pipeline.build import BuildConfig, build_corpus
+    from scmm.data_pipeline.store import Corpus
+    from scmm.data_pipeline.text import corpus_labels
+    path = tmp_path / "in.h5ad"
+    make_adata(n_cells=160, donors=8).write_h5ad(path)
+    manifest = build_corpus(BuildConfig(inputs=[path], out=tmp_path / "c", holdout_types=("CL:0000623",),
+                                        progress=False))
+    assert manifest["holdout_types"] == ["CL:0000623"]
+    nk = manifest["cell_types"]["CL:0000623"]["splits"]
+    assert nk["train"] == nk["val"] == 0 and nk["test"] == 40
+    corpus = Corpus(tmp_path / "c")
+    assert corpus.holdout_types == ["CL:0000623"]
+    assert "CL:0000623" not in [r["key"] for r in corpus_labels(corpus)]  # never a candidate
+    donors = {}
+    for split in ("train", "val", "test"):
+        for shard in corpus.iter_shards(split, columns=("donor_id",)):
+            for d in shard.obs["donor_id"]:
+                donors.setdefault(str(d), set()).add(split)
+    assert all(len(s) == 1 for s in donors.values())
+    info = json.loads(run_cli("data", "info", str(tmp_path / "c"), "--json").stdout)
+    assert info["holdout_types"] == {"CL:0000623": "natural killer cell"}
+    for bad, message in (("CL:9999999", "not a known"), ("CL:0000182", "no cell of type")):
+        with pytest.raises(ScmmError, match=message):
+            build_corpus(BuildConfig(inputs=[path], out=tmp_path / "d", holdout_types=(bad,), progress=False))
+    assert not (tmp_path / "d").exists()
