@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import zarr
+from pandas.api.types import union_categoricals
 from tqdm.auto import tqdm
 
 from scmm.atomic import publish_dir, temp_dir_beside
@@ -83,18 +84,57 @@ def _clean(values: pd.Series) -> np.ndarray:
     return out
 
 
-def _pick_column(obs: pd.DataFrame, path: Path, given: str | None, default: str, option: str,
+# --- compact obs: every per-cell column a categorical (codes plus a few distinct strings) ------------------------
+def _recode(cat: pd.Categorical, values: np.ndarray) -> pd.Categorical:
+    """``cat`` with category i replaced by ``values[i]`` (equal results merged; categories sorted)."""
+    names, inverse = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+    return pd.Categorical.from_codes(inverse[cat.codes], categories=pd.Index(names.astype(object)))
+
+
+def _constant(value: str, n: int) -> pd.Categorical:
+    return pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=pd.Index([value], dtype=object))
+
+
+def _clean_column(series: pd.Series) -> pd.Categorical:
+    """A column as a categorical of cleaned strings (missing and placeholder values ''), computed on its distinct
+    values: the same strings as ``_clean`` of the column, without a string per cell."""
+    cat = series.array if isinstance(series.dtype, pd.CategoricalDtype) else pd.Categorical(series)
+    cats = _clean(pd.Series(np.asarray(cat.categories, dtype=object), dtype=object)) if len(cat.categories) \
+        else np.empty(0, dtype=object)
+    codes = np.asarray(cat.codes)
+    if (codes < 0).any():  # NaN: '' like _clean of 'nan'
+        cats, codes = np.append(cats, ""), np.where(codes < 0, len(cats), codes)
+    return _recode(pd.Categorical.from_codes(codes, categories=pd.RangeIndex(len(cats))), cats)
+
+
+def _present(cat: pd.Categorical) -> np.ndarray:
+    """Per category: some cell has it."""
+    used = np.zeros(len(cat.categories), dtype=bool)
+    used[np.unique(cat.codes)] = True
+    return used
+
+
+def _combine(a: pd.Categorical, b: pd.Categorical, fn) -> pd.Categorical:
+    """Per cell ``fn(a, b)``, evaluated once per distinct (a, b) pair."""
+    pair = np.asarray(a.codes, dtype=np.int64) * len(b.categories) + np.asarray(b.codes, dtype=np.int64)
+    pairs, inverse = np.unique(pair, return_inverse=True)
+    ca, cb = np.asarray(a.categories, dtype=object), np.asarray(b.categories, dtype=object)
+    values = np.array([fn(ca[p // len(cb)], cb[p % len(cb)]) for p in pairs], dtype=object)
+    return _recode(pd.Categorical.from_codes(inverse, categories=pd.RangeIndex(len(pairs))), values)
+
+
+def _pick_column(columns: list[str], path: Path, given: str | None, default: str, option: str,
                  required: bool) -> str | None:
     if given is not None:
-        if given not in obs.columns:
+        if given not in columns:
             raise ScmmError(f"{path}: obs column '{given}' (from {option}) not found; columns: "
-                            f"{', '.join(map(str, obs.columns))}")
+                            f"{', '.join(map(str, columns))}")
         return given
-    if default in obs.columns:
+    if default in columns:
         return default
     if required:
         raise ScmmError(f"{path}: obs column '{default}' not found; name the cell-type column with {option} "
-                        f"(columns: {', '.join(map(str, obs.columns))})")
+                        f"(columns: {', '.join(map(str, columns))})")
     return None
 
 
@@ -127,27 +167,29 @@ def _label_or_term(values: np.ndarray, ontology: Ontology, prefixes: tuple[str, 
     return ids, labels
 
 
-def _cell_types(source: H5adSource, cfg: BuildConfig, ontology: Ontology) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cell_types(source: H5adSource, cfg: BuildConfig,
+                ontology: Ontology) -> tuple[pd.Categorical, pd.Categorical, np.ndarray]:
     """Per cell: CL ID ('' when kept unmatched), label, keep mask."""
-    column = _pick_column(source.obs, source.path, cfg.cell_type_column, "cell_type_ontology_term_id",
+    column = _pick_column(source.obs_columns, source.path, cfg.cell_type_column, "cell_type_ontology_term_id",
                           "--cell-type-column", required=True)
-    raw = _clean(source.obs[column])
-    ids = np.full(len(raw), "", dtype=object)
-    labels = raw.copy()
-    keep = raw != ""
-    for value in np.unique(raw[keep]):
-        mask = raw == value
+    raw = _clean_column(source.obs_column(column))
+    cats = np.asarray(raw.categories, dtype=object)
+    ids = np.full(len(cats), "", dtype=object)
+    labels = cats.copy()
+    keep = (cats != "") & _present(raw)  # per category
+    for i in np.flatnonzero(keep):
+        value = cats[i]
         if value.startswith("CL:"):
             if not ontology.is_valid(value):
                 raise ScmmError(f"{source.path}: unknown cell-type ontology ID '{value}' in obs column '{column}'")
-            ids[mask], labels[mask] = value, ontology.label(value)
+            ids[i], labels[i] = value, ontology.label(value)
             continue
         term = cfg.label_map.get(value) or ontology.match_cell_type(value)
         if term is not None:
             if not ontology.is_valid(term):
                 raise ScmmError(f"--label-map maps '{value}' to unknown ontology ID '{term}'")
-            ids[mask] = term
-    unmatched = sorted(set(raw[keep & (ids == "")]))
+            ids[i] = term
+    unmatched = sorted(set(cats[keep & (ids == "")]))
     if unmatched:
         shown = ", ".join(f"'{u}'" for u in unmatched[:8]) + (" ..." if len(unmatched) > 8 else "")
         if cfg.unmatched_labels == "error":
@@ -158,34 +200,39 @@ def _cell_types(source: H5adSource, cfg: BuildConfig, ontology: Ontology) -> tup
                     cfg.unmatched_labels, shown)
         if cfg.unmatched_labels == "drop":
             keep &= ids != ""
-    return ids, labels, keep
+    return _recode(raw, ids), _recode(raw, labels), keep[raw.codes]
 
 
 def _standard_obs(source: H5adSource, cfg: BuildConfig, ontology: Ontology) -> tuple[pd.DataFrame, np.ndarray]:
-    """The corpus obs columns of one file (CELLxGENE names), plus the mask of cells to keep."""
-    obs = source.obs
+    """The corpus obs columns of one file (CELLxGENE names) as categoricals, plus the mask of cells to keep."""
+    columns = source.obs_columns
     ct_id, ct_label, keep = _cell_types(source, cfg, ontology)
-    out = pd.DataFrame(index=obs.index.astype(str))
-    out["cell_type_ontology_term_id"], out["cell_type"] = ct_id, ct_label
+    out: dict[str, pd.Categorical] = {"cell_type_ontology_term_id": ct_id, "cell_type": ct_label}
+    n = source.n_obs
     for kind, given, prefixes in (("tissue", cfg.tissue_column, ("UBERON:", "CL:")),
                                   ("disease", cfg.disease_column, ("MONDO:", "PATO:"))):
-        column = _pick_column(obs, source.path, given, f"{kind}_ontology_term_id", f"--{kind}-column", False)
+        column = _pick_column(columns, source.path, given, f"{kind}_ontology_term_id", f"--{kind}-column", False)
         if column is None:
-            out[f"{kind}_ontology_term_id"], out[kind] = "", ""
+            out[f"{kind}_ontology_term_id"], out[kind] = _constant("", n), _constant("", n)
             continue
-        ids, labels = _label_or_term(_clean(obs[column]), ontology, prefixes, kind, source.path)
-        if column == f"{kind}_ontology_term_id" and kind in obs.columns:  # keep the file's own labels
-            own = _clean(obs[kind])
-            labels = np.where(own != "", own, labels)
-        out[f"{kind}_ontology_term_id"], out[kind] = ids, labels
-    donor = _pick_column(obs, source.path, None, cfg.donor_column, "--donor-column", False)
-    out["donor_id"] = _clean(obs[donor]) if donor else ""
-    dataset = _pick_column(obs, source.path, None, cfg.dataset_column, "--dataset-column", False)
-    out["dataset_id"] = _clean(obs[dataset]) if dataset else source.path.stem
+        raw = _clean_column(source.obs_column(column))
+        used = _present(raw)
+        cats = np.asarray(raw.categories, dtype=object)
+        ids, labels = np.full(len(cats), "", dtype=object), cats.copy()
+        ids[used], labels[used] = _label_or_term(cats[used], ontology, prefixes, kind, source.path)
+        ids_cat, labels_cat = _recode(raw, ids), _recode(raw, labels)
+        if column == f"{kind}_ontology_term_id" and kind in columns:  # keep the file's own labels
+            own = _clean_column(source.obs_column(kind))
+            labels_cat = _combine(own, labels_cat, lambda o, lab: o if o != "" else lab)
+        out[f"{kind}_ontology_term_id"], out[kind] = ids_cat, labels_cat
+    donor = _pick_column(columns, source.path, None, cfg.donor_column, "--donor-column", False)
+    out["donor_id"] = _clean_column(source.obs_column(donor)) if donor else _constant("", n)
+    dataset = _pick_column(columns, source.path, None, cfg.dataset_column, "--dataset-column", False)
+    out["dataset_id"] = _clean_column(source.obs_column(dataset)) if dataset else _constant(source.path.stem, n)
     for extra in _TEXT_EXTRAS:
-        if extra in obs.columns:
-            out[extra] = _clean(obs[extra])
-    return out, keep
+        if extra in columns:
+            out[extra] = _clean_column(source.obs_column(extra))
+    return pd.DataFrame(out), keep
 
 
 def _describe_rows(frame: pd.DataFrame, ontology: Ontology) -> list[str]:
@@ -256,23 +303,30 @@ def write_array(group: zarr.Group, key: str, value: np.ndarray) -> None:
 
 @dataclass
 class _Plan:
-    """Pass-1 result: the opened inputs, their gene mappings, the corpus obs and where each cell goes."""
+    """Pass-1 result: the opened inputs, their gene mappings, the corpus obs and where each cell goes.
+
+    Held per cell until the end of the build (nothing else is): one categorical code per obs column of
+    ``obs`` (int8 for up to 127 distinct values, int16 up to 32,767: the 8 corpus columns, the text extras
+    present, ``source_file``), ``keep`` (1 byte) and the split (1 byte): about 20 bytes per cell for a
+    CELLxGENE-schema input (540 MB at 27 million cells). Cell IDs and texts are never gathered: the IDs are read
+    again from the input chunk by chunk, the texts made per chunk and written with their shard."""
 
     sources: list[H5adSource]
     mappings: list[GeneMapping]
     scales: list[ScaleDecision]  # per input: what its values are
-    obs: pd.DataFrame  # corpus obs columns of all files, in input order
+    obs: pd.DataFrame  # corpus obs columns of all files, in input order, as categoricals (no cell IDs)
     keep: np.ndarray  # per cell: False when dropped for its label
     splits: SplitPlan
     panel_ids: np.ndarray  # sorted vocabulary IDs of the corpus gene panel
     columns: tuple[str, ...]  # shard columns
+    qualify_ids: bool = False  # the same cell ID in two inputs: IDs are written as "<file name>:<ID>"
 
 
 def _read_metadata(path: Path, cfg: BuildConfig, vocab: GeneVocab,
                    ontology: Ontology) -> tuple[H5adSource, GeneMapping, pd.DataFrame, np.ndarray, ScaleDecision]:
     """Open one input, check its genes and obs and decide its values' scale; return (source, gene mapping, corpus
     obs, keep mask, scale)."""
-    source = open_h5ad(path, cfg.layer)
+    source = open_h5ad(path, cfg.layer, read_obs=False)
     mapping = map_genes(source.var, vocab, cfg.gene_column)
     dup = pd.Index(mapping.names).duplicated()
     if dup.any():
@@ -286,10 +340,56 @@ def _read_metadata(path: Path, cfg: BuildConfig, vocab: GeneVocab,
         log.info("%s: %d genes given as Ensembl IDs mapped through %s %s (%s)", path, mapping.via_table,
                  mapping.id_table["package"], mapping.id_table["version"], mapping.id_table["file"])
     frame, keep = _standard_obs(source, cfg, ontology)
-    frame["source_file"] = source.path.name
+    frame["source_file"] = _constant(source.path.name, source.n_obs)
     scale = detect_scale(source, cfg.input_scale)
     log.info("%s: %s", path, scale.describe())
     return source, mapping, frame, keep, scale
+
+
+_ID_CHUNK = 1 << 20
+
+
+def _id_hashes(source: H5adSource) -> np.ndarray:
+    """64-bit hashes of the cell IDs of one input, read in chunks (8 bytes per cell, only during pass 1)."""
+    return np.concatenate([pd.util.hash_array(source.obs_names(a, min(a + _ID_CHUNK, source.n_obs)))
+                           for a in range(0, source.n_obs, _ID_CHUNK)])
+
+
+def _ids_with_hash(source: H5adSource, hashes: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    rows = np.flatnonzero(np.isin(hashes, wanted))
+    return np.concatenate([source.obs_names(r, r + 1) for r in rows]) if rows.size else np.empty(0, dtype=object)
+
+
+def _check_cell_ids(sources: list[H5adSource]) -> bool:
+    """Stop on a cell ID twice in one input; return whether some ID is in two inputs (then IDs get qualified).
+    Compares hashes, and the IDs themselves only where hashes meet."""
+    hashes = [_id_hashes(s) for s in sources]
+    for source, h in zip(sources, hashes):
+        u, counts = np.unique(h, return_counts=True)
+        if (counts > 1).any():
+            ids = pd.Index(_ids_with_hash(source, h, u[counts > 1]))
+            if ids.duplicated().any():
+                raise ScmmError(f"{source.path}: duplicated cell IDs (obs names), e.g. '{ids[ids.duplicated()][0]}'")
+    if len(sources) < 2:
+        return False
+    per_file = [np.unique(h) for h in hashes]
+    u, counts = np.unique(np.concatenate(per_file), return_counts=True)
+    shared = u[counts > 1]
+    if not shared.size:
+        return False
+    ids = [set(_ids_with_hash(s, h, shared)) for s, h in zip(sources, hashes)]
+    return any(ids[i] & ids[j] for i in range(len(ids)) for j in range(i + 1, len(ids)))
+
+
+def _concat_obs(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The compact obs of all inputs: each column one categorical (categories the sorted union); a text extra that
+    an input lacks is '' for its cells."""
+    columns = list(dict.fromkeys(c for f in frames for c in f.columns))
+    out = {}
+    for column in columns:
+        parts = [f[column].array if column in f.columns else _constant("", len(f)) for f in frames]
+        out[column] = union_categoricals(parts, sort_categories=True) if len(parts) > 1 else parts[0]
+    return pd.DataFrame(out)
 
 
 def _plan_corpus(cfg: BuildConfig, vocab: GeneVocab, ontology: Ontology) -> _Plan:
@@ -299,33 +399,32 @@ def _plan_corpus(cfg: BuildConfig, vocab: GeneVocab, ontology: Ontology) -> _Pla
         source, mapping, frame, keep, scale = _read_metadata(path, cfg, vocab, ontology)
         sources.append(source), frames.append(frame), keeps.append(keep), mappings.append(mapping)
         scales.append(scale)
-    for frame, path in zip(frames, cfg.inputs):
-        if frame.index.duplicated().any():
-            raise ScmmError(f"{path}: duplicated cell IDs (obs names), "
-                            f"e.g. '{frame.index[frame.index.duplicated()][0]}'")
-    all_obs = pd.concat(frames)
-    if all_obs.index.duplicated().any():  # the same obs names in two files: qualify them by file
-        all_obs.index = [f"{src}:{cell}" for src, cell in zip(all_obs["source_file"], all_obs.index)]
-    held = _holdout_mask(all_obs["cell_type_ontology_term_id"].to_numpy(), np.concatenate(keeps), cfg, ontology)
-    try:
-        splits = plan_splits(all_obs, all_obs["cell_type_ontology_term_id"].where(
-            all_obs["cell_type_ontology_term_id"] != "", all_obs["cell_type"]).to_numpy(),
-            cfg.split_fractions, cfg.seed, "donor_id", "dataset_id", holdout=held)
+    qualify = _check_cell_ids(sources)  # the same obs names in two files: qualify them by file
+    all_obs = _concat_obs(frames)
+    del frames
+    keep = np.concatenate(keeps)
+    ct_id = all_obs["cell_type_ontology_term_id"].array
+    held = _holdout_mask(ct_id, keep, cfg, ontology)
+    labels = _combine(ct_id, all_obs["cell_type"].array, lambda i, lab: i if i != "" else lab)
+    try:  # label codes sort like the labels (categories sorted), so the split equals one drawn on the strings
+        splits = plan_splits(all_obs, np.asarray(labels.codes, dtype=np.int32), cfg.split_fractions, cfg.seed,
+                             "donor_id", "dataset_id", holdout=held)
     except ValueError as exc:
         raise ScmmError(f"--holdout-types {','.join(cfg.holdout_types)}: {exc}") from None
     panel_ids = np.unique(np.concatenate([m.gene_ids[m.gene_ids >= 0] for m in mappings]))
     extras = tuple(c for c in _TEXT_EXTRAS if c in all_obs.columns)
     columns = ("cell_id", "text", *OBS_COLUMNS, *extras, "source_file")
-    return _Plan(sources, mappings, scales, all_obs, np.concatenate(keeps), splits, panel_ids, columns)
+    return _Plan(sources, mappings, scales, all_obs, keep, splits, panel_ids, columns, qualify)
 
 
-def _holdout_mask(cell_type_ids: np.ndarray, keep: np.ndarray, cfg: BuildConfig, ontology: Ontology) -> np.ndarray:
+def _holdout_mask(cell_type_ids: pd.Categorical, keep: np.ndarray, cfg: BuildConfig,
+                  ontology: Ontology) -> np.ndarray:
     """Per cell: its type is one of ``cfg.holdout_types``. Each must be a known CL ID that some kept cell has."""
     held = np.zeros(len(cell_type_ids), dtype=bool)
     for term in cfg.holdout_types:
         if not (isinstance(term, str) and term.startswith("CL:") and ontology.is_valid(term)):
             raise ScmmError(f"--holdout-types: '{term}' is not a known Cell Ontology ID (CL:NNNNNNN)")
-        mask = (cell_type_ids == term) & keep
+        mask = np.asarray(cell_type_ids == term) & keep
         if not mask.any():
             raise ScmmError(f"--holdout-types: no cell of type {term} ({ontology.label(term)}) in the input")
         held |= mask
@@ -345,7 +444,7 @@ def _init_store(tmp: Path, panel_ids: np.ndarray, vocab: GeneVocab) -> zarr.Grou
     return root
 
 
-def _route_rows(plan: _Plan, rows: slice, remapped: sp.csr_matrix, writer: _ShardWriter,
+def _route_rows(plan: _Plan, rows: slice, cell_ids: np.ndarray, remapped: sp.csr_matrix, writer: _ShardWriter,
                 ontology: Ontology) -> int:
     """Describe the kept, non-empty cells of one chunk and hand them to their split; return the empty count."""
     nonempty = np.diff(remapped.indptr) > 0
@@ -356,6 +455,7 @@ def _route_rows(plan: _Plan, rows: slice, remapped: sp.csr_matrix, writer: _Shar
         sel = np.flatnonzero(keep & (plan.splits.split[rows] == s))
         if sel.size:
             part = chunk_obs.iloc[sel].copy()
+            part.index = pd.Index(cell_ids[sel], dtype=object)
             part["text"] = _describe_rows(part[[c for c in part.columns if c != "source_file"]], ontology)
             writer.add(split, remapped[sel], part)
     return n_empty
@@ -380,7 +480,10 @@ def _stream_file(cfg: BuildConfig, plan: _Plan, source: H5adSource, mapping: Gen
         remapped.sort_indices()
         mapped_counts += float(remapped.data.sum())
         rows = slice(offset + start, offset + start + block.shape[0])
-        n_empty += _route_rows(plan, rows, remapped, writer, ontology)
+        cell_ids = source.obs_names(start, start + block.shape[0])
+        if plan.qualify_ids:
+            cell_ids = np.array([f"{source.path.name}:{c}" for c in cell_ids], dtype=object)
+        n_empty += _route_rows(plan, rows, cell_ids, remapped, writer, ontology)
         bar.update(block.shape[0])
     mapping.count_share = mapped_counts / total_counts if total_counts > 0 else 0.0
     return integral, n_empty

@@ -1,7 +1,10 @@
-"""Bounded-memory access to an h5ad file: obs/var in memory, the expression matrix in row chunks.
+"""Bounded-memory access to an h5ad file: var in memory, obs in memory or one column at a time, the expression
+matrix in row chunks.
 
 Reads the file with h5py and anndata's on-disk element readers (the machinery behind anndata's
-backed mode), so a matrix larger than RAM is never loaded whole.
+backed mode), so a matrix larger than RAM is never loaded whole. ``open_h5ad(..., read_obs=False)`` (the corpus
+build) leaves obs on disk: :meth:`H5adSource.obs_column` reads one column (categoricals stay codes plus
+categories) and :meth:`H5adSource.obs_names` a row range of the cell IDs, so no per-cell Python string is held.
 """
 from __future__ import annotations
 
@@ -44,14 +47,42 @@ def as_csr(block) -> sp.csr_matrix:
 
 @dataclass
 class H5adSource:
-    """One input file: its obs and var tables and the chosen expression element."""
+    """One input file: its obs and var tables and the chosen expression element (obs None: read on demand)."""
 
     path: Path
-    obs: pd.DataFrame
+    obs: pd.DataFrame | None
     var: pd.DataFrame
     element: str  # "X", "raw/X" or "layers/<name>"
     n_obs: int
     n_vars: int
+    obs_keys: tuple[str, ...] = ()  # obs column names (of the file; also when obs is not loaded)
+    index_key: str = "_index"  # the obs element holding the cell IDs
+
+    @property
+    def obs_columns(self) -> list[str]:
+        return list(map(str, self.obs.columns)) if self.obs is not None else list(self.obs_keys)
+
+    def obs_column(self, name: str) -> pd.Series:
+        """One obs column (a categorical stays categorical)."""
+        if self.obs is not None:
+            return self.obs[name]
+        with h5py.File(self.path, "r") as f:
+            try:
+                values = anndata.io.read_elem(f["obs"][name])
+            except Exception as exc:
+                raise ScmmError(f"{self.path}: cannot read obs column '{name}' ({type(exc).__name__}: {exc})") \
+                    from None
+        return pd.Series(values, copy=False)
+
+    def obs_names(self, start: int, stop: int) -> np.ndarray:
+        """The cell IDs (obs names) of rows [start, stop), as str objects."""
+        if self.obs is not None:
+            return self.obs.index[start:stop].astype(str).to_numpy(dtype=object)
+        with h5py.File(self.path, "r") as f:
+            node = f["obs"][self.index_key]
+            if node.dtype.kind in "OS":
+                return np.asarray(node.asstr()[start:stop], dtype=object)
+            return node[start:stop].astype(str).astype(object)
 
     def _open_matrix(self, f: h5py.File):
         node = f[self.element]
@@ -85,10 +116,27 @@ def _shape_of(node: h5py.Group | h5py.Dataset) -> tuple[int, int]:
     return tuple(int(x) for x in node.attrs["shape"])  # type: ignore[return-value]
 
 
-def open_h5ad(path: str | Path, element: str | None = None) -> H5adSource:
+def _lazy_obs(f: h5py.File) -> tuple[tuple[str, ...], str, int] | None:
+    """(column names, index key, rows) of an obs group that can be read column by column; None when it cannot
+    (an old layout: the caller then reads obs whole)."""
+    group = f["obs"]
+    attrs = group.attrs
+    if not isinstance(group, h5py.Group) or attrs.get("encoding-type") != "dataframe" or "_index" not in attrs:
+        return None
+    index_key = str(attrs["_index"])
+    if index_key not in group or not isinstance(group[index_key], h5py.Dataset):
+        return None
+    columns = tuple(str(c) for c in np.atleast_1d(attrs.get("column-order", [])))
+    if any(c not in group for c in columns):
+        return None
+    return columns, index_key, int(group[index_key].shape[0])
+
+
+def open_h5ad(path: str | Path, element: str | None = None, read_obs: bool = True) -> H5adSource:
     """Open an h5ad for streaming; `element` picks the matrix ("X", "raw", or a layer name).
 
-    Without `element`, raw counts are preferred: `layers['counts']`, then `.raw.X`, then `.X`.
+    Without `element`, raw counts are preferred: `layers['counts']`, then `.raw.X`, then `.X`. With ``read_obs``
+    False obs stays on disk (read by column with :meth:`H5adSource.obs_column`) when its layout allows.
     """
     path = Path(path)
     if not path.is_file():
@@ -108,14 +156,20 @@ def open_h5ad(path: str | Path, element: str | None = None) -> H5adSource:
             element = f"layers/{element}"
         if element not in f:
             raise ScmmError(f"{path} has no expression element '{element}'")
+        lazy = None if read_obs else _lazy_obs(f)
         try:
-            obs = anndata.io.read_elem(f["obs"])
+            obs = anndata.io.read_elem(f["obs"]) if lazy is None else None
             var = anndata.io.read_elem(f["raw/var"] if element == "raw/X" else f["var"])
         except Exception as exc:
             raise ScmmError(f"{path}: cannot read obs/var ({type(exc).__name__}: {exc})") from None
         n_obs, n_vars = _shape_of(f[element])
     if n_obs == 0 or n_vars == 0:
         raise ScmmError(f"{path}: the expression matrix is empty ({n_obs} cells x {n_vars} genes)")
-    if len(obs) != n_obs or len(var) != n_vars:
-        raise ScmmError(f"{path}: {element} is {n_obs}x{n_vars} but obs/var have {len(obs)}/{len(var)} rows")
-    return H5adSource(path=path, obs=obs, var=var, element=element, n_obs=n_obs, n_vars=n_vars)
+    n_obs_rows = len(obs) if obs is not None else lazy[2]
+    if n_obs_rows != n_obs or len(var) != n_vars:
+        raise ScmmError(f"{path}: {element} is {n_obs}x{n_vars} but obs/var have {n_obs_rows}/{len(var)} rows")
+    if lazy is not None:
+        return H5adSource(path=path, obs=None, var=var, element=element, n_obs=n_obs, n_vars=n_vars,
+                          obs_keys=lazy[0], index_key=lazy[1])
+    return H5adSource(path=path, obs=obs, var=var, element=element, n_obs=n_obs, n_vars=n_vars,
+                      obs_keys=tuple(map(str, obs.columns)))

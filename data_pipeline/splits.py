@@ -33,11 +33,27 @@ class SplitPlan:
         return {name: int((self.split == i).sum()) for i, name in enumerate(SPLITS)}
 
 
-def _usable(col: pd.Series | None) -> bool:
-    if col is None:
-        return False
-    values = col.astype(str).str.strip().str.lower()
+def _usable(names: np.ndarray) -> bool:
+    """Some present value is a real name (not empty or a placeholder)."""
+    values = pd.Series(names, dtype=object).astype(str).str.strip().str.lower()
     return bool((~values.isin(["", "nan", "none", "na", "unknown"])).any())
+
+
+def _group_codes(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(per cell: rank of its value among the sorted distinct values, the distinct values present), computed on
+    the categories of a categorical column so that no per-cell string is made. Ranks sort like the names, so a
+    split drawn over them equals one drawn over the names."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = np.asarray(col.cat.categories.astype(str), dtype=object)
+        codes = col.cat.codes.to_numpy()
+        if (codes < 0).any():  # missing values read as 'nan', like astype(str) of the values
+            cats, codes = np.append(cats, "nan"), np.where(codes < 0, len(cats), codes)
+        names, rank = np.unique(cats.astype(str), return_inverse=True)
+        codes = rank[codes]
+    else:
+        names, codes = np.unique(col.astype(str).to_numpy(), return_inverse=True)
+    present = np.unique(codes)
+    return codes.astype(np.int64, copy=False), names[present]
 
 
 def assign_groups(groups: np.ndarray, fractions: tuple[float, float, float], seed: int,
@@ -83,22 +99,27 @@ def plan_splits(obs: pd.DataFrame, labels: np.ndarray, fractions: tuple[float, f
                 seed: int = 0, donor_column: str = "donor_id", dataset_column: str = "dataset_id",
                 holdout: np.ndarray | None = None) -> SplitPlan:
     """Choose the grouping (donor, else dataset, else cell) and assign every cell a split; cells in the
-    ``holdout`` mask go to test (module docstring). ``ValueError`` when no group-respecting split is possible."""
+    ``holdout`` mask go to test (module docstring). ``labels`` are strings, or integer codes that sort like the
+    names they stand for (the build's compact obs). ``ValueError`` when no group-respecting split is possible."""
     if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
         raise ValueError(f"split fractions must be non-negative and sum to 1, got {fractions}")
     held = np.zeros(len(obs), dtype=bool) if holdout is None else np.asarray(holdout, dtype=bool)
     if held.shape != (len(obs),):
         raise ValueError(f"holdout mask has {held.shape} entries for {len(obs)} cells")
     for column in (donor_column, dataset_column):
-        col = obs[column] if column in obs.columns else None
-        if _usable(col):
-            groups = col.astype(str).to_numpy()
-            if len(np.unique(groups)) >= 3:
+        if column not in obs.columns:
+            continue
+        groups, present = _group_codes(obs[column])
+        if _usable(present):
+            if len(present) >= 3:
                 free = np.setdiff1d(np.unique(groups), np.unique(groups[held]))
                 if len(free) < 2:
                     raise ValueError(f"only {len(free)} {column} group(s) hold no cell of a held-out type: a split "
                                      f"that keeps each {column} in one split needs at least 2 for train and val")
                 return SplitPlan(assign_groups(groups, fractions, seed, to_test=held), column)
     split = np.full(len(obs), 2, dtype=np.int8)
-    split[~held] = assign_cells(np.asarray(labels).astype(str)[~held], fractions, seed)
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":  # integer labels (codes that sort like the names) are used as they are
+        labels = labels.astype(str)
+    split[~held] = assign_cells(labels[~held], fractions, seed)
     return SplitPlan(split, "cell")

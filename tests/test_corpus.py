@@ -102,6 +102,34 @@ def test_labels_by_name_log_input_and_two_files(tmp_path: Path):
     assert sorted(m["cell_types"]) == sorted(CELL_TYPES)
 
 
+def test_build_holds_obs_as_codes_and_reads_cell_ids_per_chunk(tmp_path: Path):
+    """Bounded memory: pass 1 keeps one categorical code per column per cell, no cell ID or text; an extra column
+    only one file has is '' for the other's cells; a cell ID twice in one file is an error; IDs shared by two files
+    are qualified by file name, read chunk by chunk."""
+    from scmm.data_pipeline.build import _plan_corpus
+    from scmm.data_pipeline.ontology import get_ontology
+
+    a, b = make_adata(n_cells=60, seed=1), make_adata(n_cells=50, seed=2)
+    a.obs["assay"] = "10x 3' v3"
+    a.write_h5ad(tmp_path / "a.h5ad"), b.write_h5ad(tmp_path / "b.h5ad")
+    cfg = BuildConfig(inputs=[tmp_path / "a.h5ad", tmp_path / "b.h5ad"], out=tmp_path / "c", shard_size=16,
+                      chunk_size=7, progress=False)
+    plan = _plan_corpus(cfg, GeneVocab.load(None), get_ontology())
+    assert all(str(t) == "category" for t in plan.obs.dtypes) and plan.qualify_ids
+    assert isinstance(plan.obs.index, __import__("pandas").RangeIndex)
+    assert plan.obs.memory_usage(index=False, deep=True).sum() < 110 * len(plan.obs.columns) + 20_000
+    build_corpus(cfg)
+    corpus = Corpus(tmp_path / "c")
+    obs = {k: np.concatenate([s.obs[k] for s in corpus.iter_shards()]) for k in ("cell_id", "assay", "source_file")}
+    assert sorted(obs["cell_id"]) == sorted([f"a.h5ad:{c}" for c in a.obs_names] + [f"b.h5ad:{c}" for c in b.obs_names])
+    assert set(obs["assay"][obs["source_file"] == "a.h5ad"]) == {"10x 3' v3"}
+    assert set(obs["assay"][obs["source_file"] == "b.h5ad"]) == {""}
+    a.obs_names = ["x"] + list(a.obs_names[1:-1]) + ["x"]
+    a.write_h5ad(tmp_path / "dup.h5ad")
+    with pytest.raises(ScmmError, match="duplicated cell IDs.*'x'"):
+        build_corpus(BuildConfig(inputs=[tmp_path / "dup.h5ad"], out=tmp_path / "d", progress=False))
+
+
 def test_unmatched_labels_reported_or_dropped(tmp_path: Path):
     a = make_adata(n_cells=40)
     a.obs["lab"] = ["T cell"] * 20 + ["weird blob"] * 20
