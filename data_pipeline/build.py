@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import shutil
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,12 +69,15 @@ class BuildConfig:
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     holdout_types: tuple[str, ...] = ()  # CL IDs kept out of train and val (all their cells go to test)
     seed: int = 0
+    jobs: int = 1  # worker processes encoding chunks (the corpus is the same for every value)
     overwrite: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.unmatched_labels not in ("error", "drop", "keep"):
             raise ScmmError(f"--unmatched-labels must be error, drop or keep, not '{self.unmatched_labels}'")
+        if self.jobs < 1:
+            raise ScmmError("--jobs must be at least 1")
         if self.shard_size < 1 or self.chunk_size < 1:
             raise ScmmError("--shard-size and --chunk-size must be positive")
         if not 0.0 <= self.min_gene_coverage <= 1.0:
@@ -444,65 +451,157 @@ def _init_store(tmp: Path, panel_ids: np.ndarray, vocab: GeneVocab) -> zarr.Grou
     return root
 
 
-def _route_rows(plan: _Plan, rows: slice, cell_ids: np.ndarray, remapped: sp.csr_matrix, writer: _ShardWriter,
-                ontology: Ontology) -> int:
-    """Describe the kept, non-empty cells of one chunk and hand them to their split; return the empty count."""
-    nonempty = np.diff(remapped.indptr) > 0
-    keep = plan.keep[rows] & nonempty
-    n_empty = int((plan.keep[rows] & ~nonempty).sum())
-    chunk_obs = plan.obs.iloc[rows]
-    for s, split in enumerate(SPLITS):
-        sel = np.flatnonzero(keep & (plan.splits.split[rows] == s))
-        if sel.size:
-            part = chunk_obs.iloc[sel].copy()
-            part.index = pd.Index(cell_ids[sel], dtype=object)
-            part["text"] = _describe_rows(part[[c for c in part.columns if c != "source_file"]], ontology)
-            writer.add(split, remapped[sel], part)
-    return n_empty
+@dataclass
+class _FileJob:
+    """What a worker needs of one input to encode its chunks (no obs, no var)."""
+
+    source: H5adSource
+    scale: ScaleDecision
+    cols: np.ndarray  # columns of the file that map onto the panel
+    panel_cols: np.ndarray  # their panel index
+    n_panel: int
 
 
-def _stream_file(cfg: BuildConfig, plan: _Plan, source: H5adSource, mapping: GeneMapping, scale: ScaleDecision,
-                 offset: int, writer: _ShardWriter, ontology: Ontology, bar: tqdm) -> tuple[bool, int]:
-    """Stream one file's expression, as linear values, onto the gene panel and into the shards; return (every stored
-    value an integer, n empty)."""
-    to_panel = np.full(source.n_vars, -1, dtype=np.int64)
-    mapped = mapping.gene_ids >= 0
-    to_panel[mapped] = np.searchsorted(plan.panel_ids, mapping.gene_ids[mapped])
-    cols = np.flatnonzero(mapped)
-    total_counts, mapped_counts, integral, n_empty = 0.0, 0.0, True, 0
-    for start, block in source.iter_chunks(cfg.chunk_size):  # values checked as read (h5ad.check_values)
-        integral &= bool(np.all(block.data == np.round(block.data)))
-        block = to_linear(block, scale, f"{source.path} (rows from {start})")
-        total_counts += float(block.data.sum())
-        sub = block[:, cols].tocoo()
-        remapped = sp.csr_matrix((sub.data, (sub.row, to_panel[cols][sub.col])),
-                                 shape=(block.shape[0], len(plan.panel_ids)), dtype=np.float32)
+@dataclass
+class _Chunk:
+    """One encoded chunk of cells: per split the kept, non-empty cells (expression, obs with texts), and sums."""
+
+    n_rows: int
+    parts: list[tuple[str, sp.csr_matrix, pd.DataFrame]]
+    n_empty: int
+    integral: bool
+    total_counts: float
+    mapped_counts: float
+
+
+class _Encoder:
+    """Encodes one chunk of one input: read rows, check and convert the values, remap onto the gene panel,
+    describe the kept cells. Runs in the build process (``--jobs 1``) or in each worker process."""
+
+    def __init__(self, files: list[_FileJob], qualify_ids: bool, ontology: Ontology):
+        self.files, self.qualify_ids, self.ontology = files, qualify_ids, ontology
+
+    def __call__(self, task: tuple) -> _Chunk:
+        f, start, stop, obs, keep, split = task
+        job = self.files[f]
+        source = job.source
+        block = source.read_chunk(start, stop)  # values checked as read (h5ad.check_values)
+        integral = bool(np.all(block.data == np.round(block.data)))
+        block = to_linear(block, job.scale, f"{source.path} (rows from {start})")
+        total = float(block.data.sum())
+        sub = block[:, job.cols].tocoo()
+        remapped = sp.csr_matrix((sub.data, (sub.row, job.panel_cols[sub.col])),
+                                 shape=(block.shape[0], job.n_panel), dtype=np.float32)
         remapped.sort_indices()
-        mapped_counts += float(remapped.data.sum())
-        rows = slice(offset + start, offset + start + block.shape[0])
-        cell_ids = source.obs_names(start, start + block.shape[0])
-        if plan.qualify_ids:
+        mapped = float(remapped.data.sum())
+        cell_ids = source.obs_names(start, stop)
+        if self.qualify_ids:
             cell_ids = np.array([f"{source.path.name}:{c}" for c in cell_ids], dtype=object)
-        n_empty += _route_rows(plan, rows, cell_ids, remapped, writer, ontology)
-        bar.update(block.shape[0])
-    mapping.count_share = mapped_counts / total_counts if total_counts > 0 else 0.0
-    return integral, n_empty
+        nonempty = np.diff(remapped.indptr) > 0
+        n_empty = int((keep & ~nonempty).sum())
+        keep = keep & nonempty
+        parts = []
+        for s, name in enumerate(SPLITS):
+            sel = np.flatnonzero(keep & (split == s))
+            if sel.size:
+                part = obs.iloc[sel].copy()
+                part.index = pd.Index(cell_ids[sel], dtype=object)
+                part["text"] = _describe_rows(part[[c for c in part.columns if c != "source_file"]], self.ontology)
+                parts.append((name, remapped[sel], part))
+        return _Chunk(block.shape[0], parts, n_empty, integral, total, mapped)
+
+
+_WORKER: _Encoder | None = None
+
+
+def _init_worker(files: list[_FileJob], qualify_ids: bool) -> None:
+    global _WORKER
+    logging.basicConfig(level=logging.WARNING)
+    _WORKER = _Encoder(files, qualify_ids, get_ontology())
+
+
+def _encode_in_worker(task: tuple) -> _Chunk:
+    assert _WORKER is not None
+    return _WORKER(task)
+
+
+def _file_jobs(plan: _Plan) -> list[_FileJob]:
+    jobs = []
+    for source, mapping, scale in zip(plan.sources, plan.mappings, plan.scales):
+        mapped = mapping.gene_ids >= 0
+        cols = np.flatnonzero(mapped)
+        panel_cols = np.searchsorted(plan.panel_ids, mapping.gene_ids[mapped]).astype(np.int64)
+        light = H5adSource(path=source.path, obs=None, var=source.var.iloc[:0], element=source.element,
+                           n_obs=source.n_obs, n_vars=source.n_vars, obs_keys=source.obs_keys,
+                           index_key=source.index_key)
+        if source.obs is not None:  # an old-layout file read whole: the worker gets its cell IDs only
+            light.obs = source.obs.iloc[:, :0]
+        jobs.append(_FileJob(light, scale, cols, panel_cols, len(plan.panel_ids)))
+    return jobs
+
+
+def _tasks(cfg: BuildConfig, plan: _Plan) -> Iterator[tuple]:
+    """(file, start, stop, obs rows, keep, split) of every chunk, in corpus order."""
+    offset = 0
+    for f, source in enumerate(plan.sources):
+        for start in range(0, source.n_obs, cfg.chunk_size):
+            stop = min(start + cfg.chunk_size, source.n_obs)
+            rows = slice(offset + start, offset + stop)
+            yield f, start, stop, plan.obs.iloc[rows], plan.keep[rows], plan.splits.split[rows]
+        offset += source.n_obs
+
+
+def _encoded_chunks(cfg: BuildConfig, plan: _Plan, ontology: Ontology) -> Iterator[tuple[int, _Chunk]]:
+    """(file index, chunk) in corpus order: encoded here, or by ``cfg.jobs`` worker processes with at most
+    2 x jobs chunks in flight (results are taken in submission order, so the corpus does not depend on jobs)."""
+    files = _file_jobs(plan)
+    if cfg.jobs <= 1:
+        encoder = _Encoder(files, plan.qualify_ids, ontology)
+        for task in _tasks(cfg, plan):
+            yield task[0], encoder(task)
+        return
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
+                                      else "spawn")
+    with ProcessPoolExecutor(cfg.jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(files, plan.qualify_ids)) as pool:
+        pending: deque = deque()
+        try:
+            for task in _tasks(cfg, plan):
+                pending.append((task[0], pool.submit(_encode_in_worker, task)))
+                if len(pending) >= 2 * cfg.jobs:
+                    f, future = pending.popleft()
+                    yield f, future.result()
+            while pending:
+                f, future = pending.popleft()
+                yield f, future.result()
+        except BaseException:
+            for _, future in pending:
+                future.cancel()
+            raise
 
 
 def _write_cells(cfg: BuildConfig, plan: _Plan, writer: _ShardWriter, ontology: Ontology,
                  bar: tqdm) -> tuple[str, int, list[dict]]:
     """Pass 2: stream every input into the shards; return (normalization, cells dropped empty, file reports)."""
-    normalization, n_dropped_empty, file_reports = "counts", 0, []
-    offset = 0
-    for source, mapping, scale in zip(plan.sources, plan.mappings, plan.scales):
-        integral, n_empty = _stream_file(cfg, plan, source, mapping, scale, offset, writer, ontology, bar)
-        n_dropped_empty += n_empty
+    n = len(plan.sources)
+    integral, n_empty = [True] * n, [0] * n
+    total, mapped = [0.0] * n, [0.0] * n
+    for f, chunk in _encoded_chunks(cfg, plan, ontology):
+        for split, matrix, obs in chunk.parts:
+            writer.add(split, matrix, obs)
+        integral[f] &= chunk.integral
+        n_empty[f] += chunk.n_empty
+        total[f] += chunk.total_counts
+        mapped[f] += chunk.mapped_counts
+        bar.update(chunk.n_rows)
+    normalization, file_reports = "counts", []
+    for f, (source, mapping, scale) in enumerate(zip(plan.sources, plan.mappings, plan.scales)):
+        mapping.count_share = mapped[f] / total[f] if total[f] > 0 else 0.0
         if scale.stored != "counts":
             normalization = "normalized"
-        file_reports.append({"file": str(source.path), "element": source.element, "integer_counts": integral,
+        file_reports.append({"file": str(source.path), "element": source.element, "integer_counts": integral[f],
                              "input_scale": scale.to_dict(), **mapping.report()})
-        offset += source.n_obs
-    return normalization, n_dropped_empty, file_reports
+    return normalization, sum(n_empty), file_reports
 
 
 def build_corpus(cfg: BuildConfig) -> dict:

@@ -61,6 +61,8 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=10_000, help="cells per shard (default 10000)")
     p.add_argument("--chunk-size", type=int, default=10_000, help="rows read from the h5ad at a time")
     p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes reading and encoding chunks of cells "
+                   "(the corpus is the same for every value; default 1)")
     p.add_argument("--holdout-types", help="comma list of CL IDs kept out of train and val (all their cells go to "
                    "test, to measure unseen types); 'none' for no held-out type")
     p.add_argument("--overwrite", action="store_true", help="replace an existing corpus")
@@ -85,7 +87,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         min_gene_coverage=args.min_gene_coverage, label_map=_read_label_map(args.label_map),
         unmatched_labels=args.unmatched_labels, shard_size=args.shard_size, chunk_size=args.chunk_size,
         seed=args.seed, holdout_types=_holdout_types(args.holdout_types), overwrite=args.overwrite,
-        progress=not args.quiet)
+        jobs=args.jobs, progress=not args.quiet)
     manifest = build_corpus(cfg)
     _print_summary(args.out, manifest)
     return 0
@@ -105,7 +107,7 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
         adata.write_h5ad(path)
         cfg = BuildConfig(inputs=[path], out=Path(args.out), shard_size=args.shard_size, chunk_size=args.chunk_size,
                           seed=args.seed, holdout_types=_holdout_types(args.holdout_types, DEMO_HOLDOUT_TYPES),
-                          overwrite=args.overwrite, progress=not args.quiet)
+                          overwrite=args.overwrite, jobs=args.jobs, progress=not args.quiet)
         manifest = build_corpus(cfg)
         if h5ad is not None:  # the same cells as the corpus, for `scmm annotate` / `describe` walk-throughs
             h5ad.parent.mkdir(parents=True, exist_ok=True)

@@ -130,6 +130,22 @@ def test_build_holds_obs_as_codes_and_reads_cell_ids_per_chunk(tmp_path: Path):
         build_corpus(BuildConfig(inputs=[tmp_path / "dup.h5ad"], out=tmp_path / "d", progress=False))
 
 
+def test_jobs_1_and_2_build_the_same_corpus(tmp_path: Path):
+    """--jobs N: worker processes encode chunks, one writer takes them in order: every array (checksums) and the
+    manifest apart from its time stamp are the same for 1 and 2 jobs; two files, chunks smaller than shards."""
+    make_adata(n_cells=90, seed=3).write_h5ad(tmp_path / "a.h5ad")
+    make_adata(n_cells=70, seed=4).write_h5ad(tmp_path / "b.h5ad")
+    manifests = []
+    for jobs in (1, 2):
+        m = build_corpus(BuildConfig(inputs=[tmp_path / "a.h5ad", tmp_path / "b.h5ad"], out=tmp_path / f"j{jobs}",
+                                     shard_size=24, chunk_size=11, jobs=jobs, progress=False))
+        m.pop("created")
+        manifests.append(m)
+    assert manifests[0] == manifests[1] and len(manifests[0]["shards"]) > 4
+    r = run_cli("data", "build", str(tmp_path / "a.h5ad"), "--out", str(tmp_path / "c"), "--jobs", "0", "--quiet")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --jobs")
+
+
 def test_unmatched_labels_reported_or_dropped(tmp_path: Path):
     a = make_adata(n_cells=40)
     a.obs["lab"] = ["T cell"] * 20 + ["weird blob"] * 20
