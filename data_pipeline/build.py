@@ -92,9 +92,15 @@ def _clean(values: pd.Series) -> np.ndarray:
 
 
 # --- compact obs: every per-cell column a categorical (codes plus a few distinct strings) ------------------------
+def _small_int(n: int) -> type:
+    """The smallest signed integer type that holds 0..n."""
+    return next(t for t in (np.int8, np.int16, np.int32, np.int64) if n <= np.iinfo(t).max)
+
+
 def _recode(cat: pd.Categorical, values: np.ndarray) -> pd.Categorical:
     """``cat`` with category i replaced by ``values[i]`` (equal results merged; categories sorted)."""
     names, inverse = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+    inverse = inverse.astype(_small_int(len(names)))  # per-cell codes in the small type: no int64 per cell
     return pd.Categorical.from_codes(inverse[cat.codes], categories=pd.Index(names.astype(object)))
 
 
@@ -110,7 +116,9 @@ def _clean_column(series: pd.Series) -> pd.Categorical:
         else np.empty(0, dtype=object)
     codes = np.asarray(cat.codes)
     if (codes < 0).any():  # NaN: '' like _clean of 'nan'
-        cats, codes = np.append(cats, ""), np.where(codes < 0, len(cats), codes)
+        codes = codes.astype(_small_int(len(cats)))
+        codes[codes < 0] = len(cats)
+        cats = np.append(cats, "")
     return _recode(pd.Categorical.from_codes(codes, categories=pd.RangeIndex(len(cats))), cats)
 
 
@@ -122,9 +130,21 @@ def _present(cat: pd.Categorical) -> np.ndarray:
 
 
 def _combine(a: pd.Categorical, b: pd.Categorical, fn) -> pd.Categorical:
-    """Per cell ``fn(a, b)``, evaluated once per distinct (a, b) pair."""
-    pair = np.asarray(a.codes, dtype=np.int64) * len(b.categories) + np.asarray(b.codes, dtype=np.int64)
-    pairs, inverse = np.unique(pair, return_inverse=True)
+    """Per cell ``fn(a, b)``, evaluated once per distinct (a, b) pair (found with a table over the pairs, so the
+    per-cell arrays are small integers)."""
+    nb = len(b.categories)
+    dtype = _small_int(len(a.categories) * nb)
+    pair = a.codes.astype(dtype) * dtype(nb) + b.codes.astype(dtype)
+    if len(a.categories) * nb <= 1 << 24:
+        present = np.zeros(len(a.categories) * nb, dtype=bool)
+        present[pair] = True
+        pairs = np.flatnonzero(present)
+        table = np.zeros(len(present), dtype=_small_int(len(pairs)))
+        table[pairs] = np.arange(len(pairs))
+        inverse = table[pair]
+    else:
+        pairs, inverse = np.unique(pair, return_inverse=True)
+    del pair
     ca, cb = np.asarray(a.categories, dtype=object), np.asarray(b.categories, dtype=object)
     values = np.array([fn(ca[p // len(cb)], cb[p % len(cb)]) for p in pairs], dtype=object)
     return _recode(pd.Categorical.from_codes(inverse, categories=pd.RangeIndex(len(pairs))), values)
@@ -329,11 +349,17 @@ class _Plan:
     qualify_ids: bool = False  # the same cell ID in two inputs: IDs are written as "<file name>:<ID>"
 
 
-def _read_metadata(path: Path, cfg: BuildConfig, vocab: GeneVocab,
+def _open_inputs(cfg: BuildConfig) -> Iterator[H5adSource]:
+    """The inputs: each h5ad file (obs left on disk)."""
+    for path in cfg.inputs:
+        yield open_h5ad(path, cfg.layer, read_obs=False)
+
+
+def _read_metadata(source: H5adSource, cfg: BuildConfig, vocab: GeneVocab,
                    ontology: Ontology) -> tuple[H5adSource, GeneMapping, pd.DataFrame, np.ndarray, ScaleDecision]:
-    """Open one input, check its genes and obs and decide its values' scale; return (source, gene mapping, corpus
-    obs, keep mask, scale)."""
-    source = open_h5ad(path, cfg.layer, read_obs=False)
+    """Check the genes and obs of one opened input and decide its values' scale; return (source, gene mapping,
+    corpus obs, keep mask, scale)."""
+    path = source.path
     mapping = map_genes(source.var, vocab, cfg.gene_column)
     dup = pd.Index(mapping.names).duplicated()
     if dup.any():
@@ -353,39 +379,54 @@ def _read_metadata(path: Path, cfg: BuildConfig, vocab: GeneVocab,
     return source, mapping, frame, keep, scale
 
 
-_ID_CHUNK = 1 << 20
+_ID_CHUNK = 1 << 16  # cell IDs read (as Python strings) at a time
 
 
 def _id_hashes(source: H5adSource) -> np.ndarray:
-    """64-bit hashes of the cell IDs of one input, read in chunks (8 bytes per cell, only during pass 1)."""
-    return np.concatenate([pd.util.hash_array(source.obs_names(a, min(a + _ID_CHUNK, source.n_obs)))
-                           for a in range(0, source.n_obs, _ID_CHUNK)])
+    """64-bit hashes of the cell IDs of one input, in row order, read in chunks (8 bytes per cell)."""
+    out = np.empty(source.n_obs, dtype=np.uint64)
+    for a in range(0, source.n_obs, _ID_CHUNK):
+        b = min(a + _ID_CHUNK, source.n_obs)
+        out[a:b] = pd.util.hash_array(source.obs_names(a, b))
+    return out
 
 
-def _ids_with_hash(source: H5adSource, hashes: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    rows = np.flatnonzero(np.isin(hashes, wanted))
-    return np.concatenate([source.obs_names(r, r + 1) for r in rows]) if rows.size else np.empty(0, dtype=object)
+def _ids_with_hash(source: H5adSource, wanted: np.ndarray) -> list[str]:
+    """The cell IDs of one input whose hash is in ``wanted`` (read again, chunk by chunk)."""
+    found = []
+    for a in range(0, source.n_obs, _ID_CHUNK):
+        names = source.obs_names(a, min(a + _ID_CHUNK, source.n_obs))
+        found.extend(names[np.isin(pd.util.hash_array(names), wanted)])
+    return found
 
 
-def _check_cell_ids(sources: list[H5adSource]) -> bool:
-    """Stop on a cell ID twice in one input; return whether some ID is in two inputs (then IDs get qualified).
-    Compares hashes, and the IDs themselves only where hashes meet."""
-    hashes = [_id_hashes(s) for s in sources]
-    for source, h in zip(sources, hashes):
-        u, counts = np.unique(h, return_counts=True)
-        if (counts > 1).any():
-            ids = pd.Index(_ids_with_hash(source, h, u[counts > 1]))
-            if ids.duplicated().any():
-                raise ScmmError(f"{source.path}: duplicated cell IDs (obs names), e.g. '{ids[ids.duplicated()][0]}'")
-    if len(sources) < 2:
-        return False
-    per_file = [np.unique(h) for h in hashes]
-    u, counts = np.unique(np.concatenate(per_file), return_counts=True)
-    shared = u[counts > 1]
-    if not shared.size:
-        return False
-    ids = [set(_ids_with_hash(s, h, shared)) for s, h in zip(sources, hashes)]
-    return any(ids[i] & ids[j] for i in range(len(ids)) for j in range(i + 1, len(ids)))
+def _sorted_ids(source: H5adSource) -> np.ndarray:
+    """Sorted hashes of one input's cell IDs; a cell ID twice in the input is an error (IDs compared where the
+    hashes meet)."""
+    h = _id_hashes(source)
+    h.sort()
+    same = h[1:] == h[:-1]
+    if same.any():
+        ids = pd.Index(_ids_with_hash(source, np.unique(h[1:][same])))
+        if ids.duplicated().any():
+            raise ScmmError(f"{source.path}: duplicated cell IDs (obs names), e.g. '{ids[ids.duplicated()][0]}'")
+    return h
+
+
+def _shared_ids(sources: list[H5adSource], hashes: list[np.ndarray]) -> bool:
+    """Some cell ID is in two inputs (hashes from :func:`_sorted_ids`; IDs compared where the hashes meet)."""
+    for i in range(len(sources)):
+        for j in range(i + 1, len(sources)):
+            a, b = hashes[i], hashes[j]
+            shared = []
+            for k in range(0, len(b), _ID_CHUNK):
+                part = b[k:k + _ID_CHUNK]
+                idx = np.minimum(np.searchsorted(a, part), len(a) - 1)
+                shared.append(part[a[idx] == part])
+            shared = np.unique(np.concatenate(shared))
+            if shared.size and set(_ids_with_hash(sources[i], shared)) & set(_ids_with_hash(sources[j], shared)):
+                return True
+    return False
 
 
 def _concat_obs(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -402,11 +443,16 @@ def _concat_obs(frames: list[pd.DataFrame]) -> pd.DataFrame:
 def _plan_corpus(cfg: BuildConfig, vocab: GeneVocab, ontology: Ontology) -> _Plan:
     """Pass 1: read obs and var of every input, then plan the gene panel and the splits (no expression read)."""
     sources, frames, keeps, mappings, scales = [], [], [], [], []
-    for path in cfg.inputs:
-        source, mapping, frame, keep, scale = _read_metadata(path, cfg, vocab, ontology)
+    hashes = []  # per input: its sorted cell-ID hashes (8 bytes per cell, during pass 1 only)
+    for opened in _open_inputs(cfg):
+        source, mapping, frame, keep, scale = _read_metadata(opened, cfg, vocab, ontology)
         sources.append(source), frames.append(frame), keeps.append(keep), mappings.append(mapping)
         scales.append(scale)
-    qualify = _check_cell_ids(sources)  # the same obs names in two files: qualify them by file
+        ids = _sorted_ids(source)  # checks the input's own IDs; kept only to compare with the other inputs
+        hashes.append(ids if len(cfg.inputs) > 1 else None)
+        del ids
+    qualify = len(sources) > 1 and _shared_ids(sources, hashes)  # the same obs names in two files: qualify them
+    del hashes
     all_obs = _concat_obs(frames)
     del frames
     keep = np.concatenate(keeps)
@@ -531,12 +577,7 @@ def _file_jobs(plan: _Plan) -> list[_FileJob]:
         mapped = mapping.gene_ids >= 0
         cols = np.flatnonzero(mapped)
         panel_cols = np.searchsorted(plan.panel_ids, mapping.gene_ids[mapped]).astype(np.int64)
-        light = H5adSource(path=source.path, obs=None, var=source.var.iloc[:0], element=source.element,
-                           n_obs=source.n_obs, n_vars=source.n_vars, obs_keys=source.obs_keys,
-                           index_key=source.index_key)
-        if source.obs is not None:  # an old-layout file read whole: the worker gets its cell IDs only
-            light.obs = source.obs.iloc[:, :0]
-        jobs.append(_FileJob(light, scale, cols, panel_cols, len(plan.panel_ids)))
+        jobs.append(_FileJob(source.for_worker(), scale, cols, panel_cols, len(plan.panel_ids)))
     return jobs
 
 

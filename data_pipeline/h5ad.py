@@ -58,6 +58,12 @@ class H5adSource:
     obs_keys: tuple[str, ...] = ()  # obs column names (of the file; also when obs is not loaded)
     index_key: str = "_index"  # the obs element holding the cell IDs
 
+    def for_worker(self) -> H5adSource:
+        """A light copy to send to a worker process (no var; obs, when loaded, keeps only its cell IDs)."""
+        obs = None if self.obs is None else self.obs.iloc[:, :0]
+        return H5adSource(path=self.path, obs=obs, var=self.var.iloc[:0], element=self.element, n_obs=self.n_obs,
+                          n_vars=self.n_vars, obs_keys=self.obs_keys, index_key=self.index_key)
+
     @property
     def obs_columns(self) -> list[str]:
         return list(map(str, self.obs.columns)) if self.obs is not None else list(self.obs_keys)

@@ -49,11 +49,23 @@ def _group_codes(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         if (codes < 0).any():  # missing values read as 'nan', like astype(str) of the values
             cats, codes = np.append(cats, "nan"), np.where(codes < 0, len(cats), codes)
         names, rank = np.unique(cats.astype(str), return_inverse=True)
-        codes = rank[codes]
+        codes = rank.astype(np.int32)[codes]  # int32 per cell, not int64
     else:
         names, codes = np.unique(col.astype(str).to_numpy(), return_inverse=True)
-    present = np.unique(codes)
-    return codes.astype(np.int64, copy=False), names[present]
+    present = _unique(codes)[0]
+    return codes, names[present]
+
+
+def _unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True, return_counts=True)``; for small non-negative integers (codes)
+    by counting, which holds no sorted copy of the cells."""
+    if values.dtype.kind in "iu" and values.size and values.min() >= 0 and values.max() < 1 << 24:
+        counts = np.bincount(values)
+        names = np.flatnonzero(counts)
+        table = np.zeros(len(counts), dtype=np.int32)
+        table[names] = np.arange(len(names))
+        return names.astype(values.dtype), table[values], counts[names]
+    return np.unique(values, return_inverse=True, return_counts=True)
 
 
 def assign_groups(groups: np.ndarray, fractions: tuple[float, float, float], seed: int,
@@ -61,7 +73,7 @@ def assign_groups(groups: np.ndarray, fractions: tuple[float, float, float], see
     """Split index per cell with every group wholly inside one split. A group holding a ``to_test`` cell goes to
     test; the fractions then apply to the other cells (those of held-out types are not counted), so that test
     still gets its share of seen-type cells."""
-    names, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    names, inverse, sizes = _unique(groups)
     order = np.random.default_rng(seed).permutation(len(names))
     held = np.zeros(len(groups), dtype=bool) if to_test is None else np.asarray(to_test, dtype=bool)
     counted = np.bincount(inverse[~held], minlength=len(names))  # cells per group that count towards the targets
@@ -112,7 +124,7 @@ def plan_splits(obs: pd.DataFrame, labels: np.ndarray, fractions: tuple[float, f
         groups, present = _group_codes(obs[column])
         if _usable(present):
             if len(present) >= 3:
-                free = np.setdiff1d(np.unique(groups), np.unique(groups[held]))
+                free = np.setdiff1d(_unique(groups)[0], np.unique(groups[held]))
                 if len(free) < 2:
                     raise ValueError(f"only {len(free)} {column} group(s) hold no cell of a held-out type: a split "
                                      f"that keeps each {column} in one split needs at least 2 for train and val")
