@@ -43,6 +43,12 @@ setup(
         "matplotlib",
         "gguf>=0.10",  # transformers reads GGUF checkpoints with it (scmm finetune import-lm)
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "import-linter>=2.13", "hypothesis>=6"]},
+    extras_require={
+        # scmm data build --soma (TileDB-SOMA / CELLxGENE Census input); 2.3.0 measured on Python 3.11 (pulls
+        # somacore, shapely, attrs, more-itertools, pyarrow-hotfix; pyarrow is already here)
+        "soma": ["tiledbsoma>=2.3"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "import-linter>=2.13", "hypothesis>=6",
+                "tiledbsoma>=2.3"],
+    },
     entry_points={"console_scripts": ["scmm=scmm.cli:main"]},
 )

@@ -33,6 +33,7 @@ from scmm.atomic import publish_dir, temp_dir_beside
 from scmm.data_pipeline.h5ad import H5adSource, open_h5ad
 from scmm.data_pipeline.ontology import Ontology, get_ontology
 from scmm.data_pipeline.scale import ScaleDecision, check_scale_option, detect_scale, to_linear
+from scmm.data_pipeline.soma import open_soma
 from scmm.data_pipeline.splits import SPLITS, SplitPlan, plan_splits
 from scmm.data_pipeline.store import OBS_COLUMNS, SCHEMA_VERSION, label_keys, shard_checksums
 from scmm.data_pipeline.text import describe, metadata_from_obs
@@ -50,8 +51,12 @@ _TEXT_EXTRAS = ("sex", "sex_ontology_term_id", "development_stage", "development
 class BuildConfig:
     """Options of `scmm data build`; the defaults read a CELLxGENE-schema file."""
 
-    inputs: list[Path]
+    inputs: list[Path]  # h5ad files; empty with `soma`
     out: Path
+    soma: str | None = None  # a TileDB-SOMA experiment URI read instead of files (--soma)
+    obs_filter: str | None = None  # SOMA value filter on obs (--obs-filter)
+    var_filter: str | None = None  # SOMA value filter on var (--var-filter)
+    measurement: str = "RNA"  # the SOMA measurement
     cell_type_column: str | None = None  # default: cell_type_ontology_term_id
     tissue_column: str | None = None  # default: tissue_ontology_term_id when present
     disease_column: str | None = None  # default: disease_ontology_term_id when present
@@ -83,6 +88,10 @@ class BuildConfig:
         if not 0.0 <= self.min_gene_coverage <= 1.0:
             raise ScmmError("--min-gene-coverage must be between 0 and 1")
         self.input_scale = check_scale_option(self.input_scale)
+        if self.soma is None and (self.obs_filter or self.var_filter):
+            raise ScmmError("--obs-filter and --var-filter apply to --soma input only")
+        if self.soma is not None and self.inputs:
+            raise ScmmError("give h5ad files or --soma URI, not both")
 
 
 def _clean(values: pd.Series) -> np.ndarray:
@@ -350,7 +359,10 @@ class _Plan:
 
 
 def _open_inputs(cfg: BuildConfig) -> Iterator[H5adSource]:
-    """The inputs: each h5ad file (obs left on disk)."""
+    """The inputs: each h5ad file (obs left on disk), or the cells and genes the SOMA query selects."""
+    if cfg.soma is not None:
+        yield open_soma(cfg.soma, cfg.obs_filter, cfg.var_filter, cfg.layer, cfg.measurement)
+        return
     for path in cfg.inputs:
         yield open_h5ad(path, cfg.layer, read_obs=False)
 
@@ -650,8 +662,8 @@ def build_corpus(cfg: BuildConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise ScmmError(f"output {out} already exists (pass --overwrite to replace it)")
-    if not cfg.inputs:
-        raise ScmmError("no input h5ad files given")
+    if not cfg.inputs and cfg.soma is None:
+        raise ScmmError("no input given: name h5ad files or --soma URI")
     ontology = get_ontology()
     vocab = GeneVocab.load(cfg.vocab)
     plan = _plan_corpus(cfg, vocab, ontology)
@@ -704,4 +716,6 @@ def _manifest(cfg: BuildConfig, entries: list[dict], type_counts: dict[str, dict
         "gene_id_table": id_tables[0] if id_tables else None,
         "dropped_cells": {"no_mapped_expression": n_empty, "no_label": n_unlabelled},
         "shard_size": cfg.shard_size, "shards": entries,
+        **({"soma": {"uri": cfg.soma, "measurement": cfg.measurement, "obs_filter": cfg.obs_filter,
+                     "var_filter": cfg.var_filter}} if cfg.soma is not None else {}),
     }

@@ -80,7 +80,8 @@ def _holdout_types(value: str | None, default: tuple[str, ...] = ()) -> tuple[st
 def cmd_data_build(args: argparse.Namespace) -> int:
     from scmm.data_pipeline.build import BuildConfig, build_corpus
     cfg = BuildConfig(
-        inputs=[Path(p) for p in args.inputs], out=Path(args.out), cell_type_column=args.cell_type_column,
+        inputs=[Path(p) for p in args.inputs], out=Path(args.out), soma=args.soma, obs_filter=args.obs_filter,
+        var_filter=args.var_filter, measurement=args.measurement, cell_type_column=args.cell_type_column,
         tissue_column=args.tissue_column, disease_column=args.disease_column, donor_column=args.donor_column,
         dataset_column=args.dataset_column, gene_column=args.gene_column, layer=args.layer,
         input_scale=args.input_scale, vocab=args.vocab,
@@ -152,7 +153,13 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
 
     build = dsub.add_parser("build", help="h5ad file(s) -> sharded zarr cell–text corpus")
-    build.add_argument("inputs", nargs="+", help="input .h5ad files (CELLxGENE schema or any h5ad)")
+    build.add_argument("inputs", nargs="*", help="input .h5ad files (CELLxGENE schema or any h5ad)")
+    build.add_argument("--soma", metavar="URI", help="read a TileDB-SOMA experiment (e.g. the CELLxGENE Census) "
+                       "instead of h5ad files, streamed in chunks of cells")
+    build.add_argument("--obs-filter", metavar="EXPR", help="with --soma: SOMA value filter on obs, e.g. "
+                       "\"is_primary_data == True and tissue_general == 'blood'\"")
+    build.add_argument("--var-filter", metavar="EXPR", help="with --soma: SOMA value filter on var")
+    build.add_argument("--measurement", default="RNA", help="with --soma: the measurement (default RNA)")
     build.add_argument("--cell-type-column", help="obs column of cell types: CL IDs or labels "
                        "(default cell_type_ontology_term_id)")
     build.add_argument("--tissue-column", help="obs column of tissues: UBERON IDs or labels")
