@@ -9,7 +9,8 @@ columns as categoricals), ``obs_names`` (cell IDs of a row range: ``obs_id``, el
 cells in ``soma_joinid`` order, columns the selected genes in ``soma_joinid`` order, so a build from an experiment
 written by ``tiledbsoma.io.from_h5ad`` equals the build from the h5ad.
 
-Held per cell: the selected obs ``soma_joinid`` (8 bytes). Everything else is read per column or per chunk.
+Held per cell: the selected obs ``soma_joinid`` (8 bytes; also sent once to each ``--jobs`` worker). obs columns
+are read a million cells at a time into categoricals, X and cell IDs per chunk.
 Needs the ``tiledbsoma`` package (``pip install tiledbsoma``); the Census form is
 ``cellxgene_census.open_soma()`` (its experiment URI, e.g. ``census["census_data"]["homo_sapiens"].uri``).
 """
@@ -18,12 +19,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from pandas.api.types import union_categoricals
 
 from scmm.data_pipeline.h5ad import check_values
 from scmm.errors import ScmmError
 
 _ID_COLUMNS = ("soma_joinid", "obs_id")
-_LAYERS = ("raw", "counts", "data")  # X layers preferred when none is named (raw counts first)
+_LAYERS = ("raw", "counts", "data")
+OBS_CHUNK = 1 << 20  # cells per obs read  # X layers preferred when none is named (raw counts first)
 
 
 class SomaLocation(str):
@@ -80,20 +83,26 @@ class SomaSource:
     def obs_columns(self) -> list[str]:
         return list(self.obs_keys)
 
-    def _read_obs(self, column: str, joinids: np.ndarray) -> pd.Series:
+    def _read_obs_part(self, column: str, joinids: np.ndarray) -> pd.Categorical:
         table = self._experiment().obs.read(coords=(joinids,), column_names=["soma_joinid", column]).concat()
         frame = table.to_pandas()
-        order = np.searchsorted(joinids, frame["soma_joinid"].to_numpy())
-        values = frame[column]
         if len(frame) != len(joinids):
             raise ScmmError(f"{self.path}: obs holds {len(frame)} of {len(joinids)} selected cells")
-        if isinstance(values.dtype, pd.CategoricalDtype):
-            codes = np.empty(len(joinids), dtype=values.cat.codes.dtype)
-            codes[order] = values.cat.codes.to_numpy()
-            return pd.Series(pd.Categorical.from_codes(codes, dtype=values.dtype), copy=False)
-        out = np.empty(len(joinids), dtype=values.to_numpy().dtype)
-        out[order] = values.to_numpy()
-        return pd.Series(out, copy=False)
+        order = np.argsort(frame["soma_joinid"].to_numpy(), kind="stable")  # rows in joinid order
+        values = frame[column].iloc[order]
+        return values.array if isinstance(values.dtype, pd.CategoricalDtype) else pd.Categorical(values)
+
+    def _read_obs(self, column: str, joinids: np.ndarray) -> pd.Series:
+        """One obs column of ``joinids`` (sorted), read :data:`OBS_CHUNK` cells at a time and kept as a
+        categorical (codes), so that no per-cell Python object outlives a chunk."""
+        parts = [self._read_obs_part(column, joinids[a:a + OBS_CHUNK]) for a in range(0, len(joinids), OBS_CHUNK)]
+        if len(parts) == 1:
+            return pd.Series(parts[0], copy=False)
+        try:
+            return pd.Series(union_categoricals(parts), copy=False)
+        except TypeError:  # categories of different kinds in different chunks
+            return pd.Series(pd.Categorical(np.concatenate([np.asarray(p, dtype=object) for p in parts])),
+                             copy=False)
 
     def obs_column(self, name: str) -> pd.Series:
         """One obs column of the selected cells (in soma_joinid order)."""
@@ -104,7 +113,7 @@ class SomaSource:
     def obs_names(self, start: int, stop: int) -> np.ndarray:
         joinids = self.obs_joinids[start:stop]
         if "obs_id" in self._all_obs_columns():
-            return self._read_obs("obs_id", joinids).astype(str).to_numpy(dtype=object)
+            return np.asarray(self._read_obs_part("obs_id", joinids), dtype=object).astype(str).astype(object)
         return joinids.astype(str).astype(object)
 
     def _all_obs_columns(self) -> list[str]:
