@@ -6,6 +6,7 @@ that runs only the build). The goal (issue 18): peaks at 100k and 1M cells withi
 
     python benchmarks/bench_build_memory.py --cells 100000 1000000 --genes 2000 --work /tmp/bench_build
     python benchmarks/bench_build_memory.py ... --jobs 1 2      # also the cells/s of --jobs N (interleaved)
+    python benchmarks/bench_build_memory.py ... --timeline      # also the largest build's RSS peak per half
 """
 from __future__ import annotations
 
@@ -35,6 +36,30 @@ def synth(path: Path, cells: int, genes: int) -> None:
                     "--quiet"], check=True)
 
 
+def rss_timeline(h5ad: Path, out: Path, every: float = 0.5) -> dict:
+    """One build (--jobs 1) with its resident memory polled from /proc: the peak over the
+    first and the second half of the run. Bounded memory: the second half's peak is not above the first's (the
+    first half reaches the steady state of the three split buffers; a growth per cell would show after)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [scmm_exe(), "data", "build", str(h5ad), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
+    t0, samples = time.perf_counter(), []
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            samples.append((time.perf_counter() - t0, kib / 1024))
+        except (OSError, StopIteration):
+            pass
+        time.sleep(every)
+    total = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    first = [m for t, m in samples if t < total / 2]
+    second = [m for t, m in samples if t >= total / 2]
+    return {"seconds": round(total, 1), "peak_first_half_mib": round(max(first), 1),
+            "peak_second_half_mib": round(max(second), 1), "samples": len(samples)}
+
+
 def build(h5ad: Path, out: Path, jobs: int | None) -> dict:
     """One build in a fresh process: seconds, peak RSS (MiB), cells/s."""
     shutil.rmtree(out, ignore_errors=True)
@@ -60,6 +85,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_build_memory"))
     p.add_argument("--jobs", type=int, nargs="*", default=[], help="also time --jobs N builds (interleaved)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--timeline", action="store_true", help="also poll the largest build's RSS: peak per half")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -74,6 +100,9 @@ def main() -> None:
     peaks = [m["peak_rss_mib"] for m in memory.values()]
     figures: dict = {"genes": args.genes, "builds": memory,
                      "peak_ratio_max_over_min": round(max(peaks) / min(peaks), 3)}
+    if args.timeline:
+        figures["rss_timeline"] = {"n_cells": max(inputs), **rss_timeline(inputs[max(inputs)], args.work / "corpus")}
+        print(f"rss timeline: {figures['rss_timeline']}", flush=True)
     if args.jobs:
         largest = inputs[max(inputs)]
         runs: dict[str, list] = {str(j): [] for j in args.jobs}
