@@ -1,4 +1,5 @@
-"""Bounded-memory access to an h5ad file: obs/var in memory, the expression matrix in row chunks.
+"""Bounded-memory access to an h5ad file: var in memory, obs read when first asked for, the expression matrix in
+row chunks.
 
 Reads the file with h5py and anndata's on-disk element readers (the machinery behind anndata's
 backed mode), so a matrix larger than RAM is never loaded whole.
@@ -6,7 +7,7 @@ backed mode), so a matrix larger than RAM is never loaded whole.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata
@@ -44,14 +45,28 @@ def as_csr(block) -> sp.csr_matrix:
 
 @dataclass
 class H5adSource:
-    """One input file: its obs and var tables and the chosen expression element."""
+    """One input file: its var table, its obs table (read on first use: inference never needs it, and at atlas
+    size it is the largest thing held per cell) and the chosen expression element."""
 
     path: Path
-    obs: pd.DataFrame
     var: pd.DataFrame
     element: str  # "X", "raw/X" or "layers/<name>"
     n_obs: int
     n_vars: int
+    _obs: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        if self._obs is None:
+            with h5py.File(self.path, "r") as f:
+                try:
+                    obs = anndata.io.read_elem(f["obs"])
+                except Exception as exc:
+                    raise ScmmError(f"{self.path}: cannot read obs ({type(exc).__name__}: {exc})") from None
+            if len(obs) != self.n_obs:
+                raise ScmmError(f"{self.path}: {self.element} has {self.n_obs} rows but obs has {len(obs)}")
+            self._obs = obs
+        return self._obs
 
     def _open_matrix(self, f: h5py.File):
         node = f[self.element]
@@ -62,12 +77,14 @@ class H5adSource:
             return anndata.io.sparse_dataset(node)
         return node
 
-    def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
-        """Yield (start_row, CSR block) over the expression element."""
+    def iter_chunks(self, chunk_size: int, begin: int = 0, end: int | None = None
+                    ) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """Yield (start_row, CSR block) over the expression element's rows ``begin:end`` (default all)."""
+        end = self.n_obs if end is None else min(end, self.n_obs)
         with h5py.File(self.path, "r") as f:
             matrix = self._open_matrix(f)
-            for start in range(0, self.n_obs, chunk_size):
-                block = as_csr(matrix[start:min(start + chunk_size, self.n_obs)])
+            for start in range(begin, end, chunk_size):
+                block = as_csr(matrix[start:min(start + chunk_size, end)])
                 check_values(block.data, f"{self.path} (rows from {start})")
                 yield start, block.astype(np.float32)
 
@@ -83,6 +100,13 @@ def _shape_of(node: h5py.Group | h5py.Dataset) -> tuple[int, int]:
     if isinstance(node, h5py.Dataset):
         return tuple(node.shape)  # type: ignore[return-value]
     return tuple(int(x) for x in node.attrs["shape"])  # type: ignore[return-value]
+
+
+def _n_rows(obs: h5py.Group | h5py.Dataset) -> int:
+    """The number of rows of an on-disk obs table without reading it (its index's length)."""
+    if isinstance(obs, h5py.Group) and "_index" in obs.attrs:
+        return int(obs[obs.attrs["_index"]].shape[0])
+    return len(anndata.io.read_elem(obs))  # an older or unusual encoding: read it
 
 
 def open_h5ad(path: str | Path, element: str | None = None) -> H5adSource:
@@ -109,13 +133,13 @@ def open_h5ad(path: str | Path, element: str | None = None) -> H5adSource:
         if element not in f:
             raise ScmmError(f"{path} has no expression element '{element}'")
         try:
-            obs = anndata.io.read_elem(f["obs"])
+            n_rows = _n_rows(f["obs"])
             var = anndata.io.read_elem(f["raw/var"] if element == "raw/X" else f["var"])
         except Exception as exc:
             raise ScmmError(f"{path}: cannot read obs/var ({type(exc).__name__}: {exc})") from None
         n_obs, n_vars = _shape_of(f[element])
     if n_obs == 0 or n_vars == 0:
         raise ScmmError(f"{path}: the expression matrix is empty ({n_obs} cells x {n_vars} genes)")
-    if len(obs) != n_obs or len(var) != n_vars:
-        raise ScmmError(f"{path}: {element} is {n_obs}x{n_vars} but obs/var have {len(obs)}/{len(var)} rows")
-    return H5adSource(path=path, obs=obs, var=var, element=element, n_obs=n_obs, n_vars=n_vars)
+    if n_rows != n_obs or len(var) != n_vars:
+        raise ScmmError(f"{path}: {element} is {n_obs}x{n_vars} but obs/var have {n_rows}/{len(var)} rows")
+    return H5adSource(path=path, var=var, element=element, n_obs=n_obs, n_vars=n_vars)

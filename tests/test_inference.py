@@ -179,6 +179,28 @@ def test_chunked_equals_one_chunk(model, pbmc_h5ad: Path, synth_h5ad: Path):
     assert (a * b).sum(1).min() > 0.999
 
 
+def test_file_output_is_written_chunk_by_chunk_and_equals_the_in_memory_result(model, pbmc_h5ad: Path,
+                                                                                tmp_path: Path, monkeypatch):
+    """--out streams: obsm['X_scmm'] filled per chunk, new obs columns added to the copy's obs without reading
+    the input's obs table; the file equals the in-memory result (and re-annotating an output replaces columns)."""
+    from scmm.api import annotate, embed
+    from scmm.data_pipeline import h5ad as h5ad_mod
+    memory = annotate(str(pbmc_h5ad), model, chunk_size=100, precision="fp32")
+    monkeypatch.setattr(h5ad_mod.H5adSource, "obs", property(lambda self: pytest.fail("obs was read")))
+    out = annotate(str(pbmc_h5ad), model, chunk_size=100, out=tmp_path / "a.h5ad", precision="fp32")
+    again = annotate(str(out), model, chunk_size=33, out=tmp_path / "b.h5ad", precision="fp32")
+    monkeypatch.undo()
+    for path in (out, again):
+        written = ad.read_h5ad(path)
+        assert list(written.obs.columns) == list(memory.obs.columns)
+        pd.testing.assert_frame_equal(written.obs, memory.obs)
+        np.testing.assert_allclose(written.obsm["X_scmm"], memory.obsm["X_scmm"], atol=1e-6)
+        assert (written.X != memory.X).nnz == 0
+    only = ad.read_h5ad(embed(str(pbmc_h5ad), model, chunk_size=64, out=tmp_path / "e.h5ad", precision="fp32"))
+    np.testing.assert_allclose(only.obsm["X_scmm"], memory.obsm["X_scmm"], atol=1e-6)
+    assert list(only.obs["scmm_qc"]) == list(memory.obs["scmm_qc"])
+
+
 def test_api_returns_new_anndata_and_leaves_input_alone(model, pbmc_h5ad: Path):
     from scmm.api import annotate
     adata = ad.read_h5ad(pbmc_h5ad)
