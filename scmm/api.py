@@ -612,6 +612,8 @@ def _cells_on_ranks(data: Any, inp: _Input, out: Path, dim: int,
     if own:
         tdist.init_process_group("gloo")
     rank, world = tdist.get_rank(), tdist.get_world_size()
+    if inp.opts.device == "cuda":  # one GPU per process on a node
+        inp.opts.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     begin, end = _rank_rows(inp.n_obs, world, rank)
     part = _part_path(out, rank)
     error: BaseException | None = None

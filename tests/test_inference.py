@@ -201,6 +201,29 @@ def test_file_output_is_written_chunk_by_chunk_and_equals_the_in_memory_result(m
     assert list(only.obs["scmm_qc"]) == list(memory.obs["scmm_qc"])
 
 
+@pytest.mark.slow
+def test_two_torchrun_ranks_equal_one_process(package: Path, pbmc_h5ad: Path, tmp_path: Path):
+    """`torchrun --nproc_per_node 2 scmm annotate`: the ranks split the cells, rank 0 merges their parts into one
+    output equal to the one-process output; no part file is left behind."""
+    import os
+    import subprocess
+    import sys
+    args = ["annotate", str(pbmc_h5ad), "--model", str(package), "--precision", "fp32", "--chunk-size", "150",
+            "--quiet"]
+    assert _cli(*args, "--out", str(tmp_path / "one.h5ad")) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "scmm.cli", *args, "--out", str(tmp_path / "two.h5ad")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    one, two = ad.read_h5ad(tmp_path / "one.h5ad"), ad.read_h5ad(tmp_path / "two.h5ad")
+    pd.testing.assert_frame_equal(two.obs.drop(columns="scmm_confidence"), one.obs.drop(columns="scmm_confidence"))
+    np.testing.assert_allclose(two.obs["scmm_confidence"], one.obs["scmm_confidence"], atol=1e-6)
+    np.testing.assert_allclose(two.obsm["X_scmm"], one.obsm["X_scmm"], atol=1e-6)
+    assert (two.X != one.X).nnz == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.h5ad", "two.h5ad"]
+
+
 def test_api_returns_new_anndata_and_leaves_input_alone(model, pbmc_h5ad: Path):
     from scmm.api import annotate
     adata = ad.read_h5ad(pbmc_h5ad)
