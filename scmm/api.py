@@ -693,6 +693,21 @@ def _start(data: Any, model: Any, out: str | os.PathLike | None, overwrite: bool
     return model, _Input(data, model, opts), out
 
 
+def _obs_column(source: Any, column: str) -> tuple[list[str], np.ndarray | None]:
+    """(obs column names, the values of ``column`` or None): from an h5ad only that column is read."""
+    path = Path(str(source.path))
+    if path.is_file():
+        with h5py.File(path, "r") as f:
+            group = f["obs"]
+            if group.attrs.get("encoding-type") == "dataframe":
+                columns = [str(c) for c in group.attrs.get("column-order", [])]
+                if column not in columns:
+                    return columns, None
+                return columns, np.asarray(ad.io.read_elem(group[column]), dtype=object)
+    obs = source.obs
+    return list(obs.columns), obs[column].to_numpy() if column in obs.columns else None
+
+
 # --- public functions -------------------------------------------------------------------------------
 def embed(data: Any, model: Any, *, out: str | os.PathLike | None = None, overwrite: bool = False, **options):
     """A copy of ``data`` with ``obsm['X_scmm']`` (the aligned cell embedding)."""
@@ -768,11 +783,11 @@ def build_index(data: Any, model: Any, label_column: str, out: str | os.PathLike
     if out.exists() and not overwrite:
         raise ScmmError(f"output {out} already exists (pass --overwrite to replace it)")
     model, inp, _ = _start(data, model, None, overwrite, options)
-    obs = inp.source.obs
-    if label_column not in obs.columns:
+    columns, values = _obs_column(inp.source, label_column)
+    if values is None:
         raise ScmmError(f"label column '{label_column}' is not in obs (columns: "
-                        f"{', '.join(map(str, obs.columns)) or 'none'})")
-    codes, classes = reference_labels(obs[label_column].to_numpy(), label_column)
+                        f"{', '.join(map(str, columns)) or 'none'})")
+    codes, classes = reference_labels(values, label_column)
     if not (codes >= 0).any():
         raise ScmmError(f"no reference cell has a label in column '{label_column}'")
     emb, empty = _embed(inp)
