@@ -386,20 +386,27 @@ def _query(index: ReferenceIndex, emb: np.ndarray, k: int, unknown_threshold: fl
 
 
 # --- describe ---------------------------------------------------------------------------------------
-def _describe(inp: _Input, constrained: bool, num_beams: int) -> list[str]:
+def _describe_chunks(inp: _Input, constrained: bool, num_beams: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, descriptions) per chunk of the input: only one chunk's texts are held."""
     dev = inp.opts.torch_device
     stage2 = inp.model.stage2.to(dev)
-    out: list[str] = [""] * inp.n_obs
+    size = inp.opts.chunk_size
+    chunk = None
     with inp.progress("describe") as bar, torch.inference_mode():
         for rows, batch in inp.batches():
+            start = int(rows[0]) // size * size  # a batch never spans two chunks
+            if chunk is None or chunk[0] != start:
+                if chunk is not None:
+                    yield chunk
+                chunk = (start, np.full(min(size, inp.n_obs - start), "", dtype=object))
             texts = stage2.describe_cells({k: v.to(dev) for k, v in batch.items()}, task="describe",
                                           constrained=constrained, num_beams=num_beams)
             if len(texts) != len(rows):
                 raise ScmmError(f"the stage-2 model returned {len(texts)} descriptions for {len(rows)} cells")
-            for r, t in zip(rows, texts):
-                out[int(r)] = str(t)
+            chunk[1][rows - start] = [str(t) for t in texts]
             bar.update(len(rows))
-    return out
+        if chunk is not None:
+            yield chunk
 
 
 # --- results ----------------------------------------------------------------------------------------
@@ -474,6 +481,7 @@ class _Sink:
         self.tmp: Path | None = None
         self.file: h5py.File | None = None
         self.emb: Any = None
+        self.held: dict[str, np.ndarray] = {}  # text columns held until the end
         if out is not None and isinstance(data, (str, Path)):
             self.tmp = temp_file_beside(out, suffix=".h5ad")
             shutil.copyfile(data, self.tmp)
@@ -495,11 +503,30 @@ class _Sink:
     def put(self, start: int, emb: np.ndarray) -> None:
         self.emb[start:start + len(emb)] = emb
 
+    def text_column(self, name: str) -> Any:
+        """A new string obs column to fill by rows: in the output file itself when its obs table allows (anndata's
+        string-array encoding), else an array held until :meth:`finish`."""
+        group = self.file["obs"] if self.file is not None else None
+        if group is not None and group.attrs.get("encoding-type") == "dataframe" and \
+                name != group.attrs.get("_index"):
+            if name in group:
+                del group[name]
+            column = group.create_dataset(name, shape=(self.n,), dtype=h5py.string_dtype())
+            column.attrs["encoding-type"], column.attrs["encoding-version"] = "string-array", "0.2.0"
+            order = [str(c) for c in group.attrs.get("column-order", [])]
+            group.attrs["column-order"] = order + ([name] if name not in order else [])
+            return column
+        column = np.full(self.n, "", dtype=object)
+        self.held[name] = column
+        return column
+
     def embeddings(self) -> np.ndarray:
         return np.asarray(self.emb[...])
 
     def finish(self, obs: pd.DataFrame | None):
         """The result: the output file's path, or an AnnData."""
+        if self.held:
+            obs = pd.DataFrame(self.held) if obs is None else obs.assign(**self.held)
         if self.file is not None:
             if obs is not None and len(obs.columns):
                 _add_obs_columns(self.file, obs)
@@ -740,9 +767,11 @@ def describe(data: Any, model: Any, *, constrained: bool = False, num_beams: int
     model = load_model(model)
     model.stage2  # noqa: B018 - fail early when there is no stage 2
     model, inp, out = _start(data, model, out, overwrite, options)
-    texts = _describe(inp, constrained, num_beams)
     with _Sink(data, out, inp.n_obs, None) as sink:
-        return sink.finish(pd.DataFrame({DESCRIPTION: texts}))
+        column = sink.text_column(DESCRIPTION)
+        for start, texts in _describe_chunks(inp, constrained, num_beams):
+            column[start:start + len(texts)] = texts
+        return sink.finish(None)
 
 
 def generate(model: Any, text: str | Sequence[str], *, n: int, seed: int = 0, noise: float = 1.0,

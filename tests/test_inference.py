@@ -305,6 +305,9 @@ def test_describe_calls_the_stage2_model(stage1: Path, corpus: Path, pbmc_h5ad: 
     expressed = [sum(1 for g in np.asarray(x.var["feature_name"])[row.indices] if vocab.get(str(g)) in panel)
                  for row in sp.csr_matrix(x.X)]
     assert list(res.obs["scmm_description"]) == [f"a cell expressing {n} genes" for n in expressed]
+    from scmm.api import describe  # in memory: the same texts
+    assert list(describe(str(pbmc_h5ad), pkg, chunk_size=50).obs["scmm_description"]) == \
+        list(res.obs["scmm_description"])
 
 
 # --- index ------------------------------------------------------------------------------------------
