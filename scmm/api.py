@@ -12,7 +12,8 @@
 ``data`` is an in-memory AnnData, a backed one, or an ``.h5ad`` path (read chunk by chunk). ``model`` is an opened
 model (:func:`load_model`) or a folder. Every function takes keyword-only options: ``out`` (write the result to
 this ``.h5ad`` instead of returning it: a copy of the input file plus the new fields, written atomically, the
-expression matrix never loaded; returns the path) with ``overwrite``, and the :class:`Options` (``batch_size``,
+expression matrix never loaded; the embeddings and descriptions written chunk by chunk, so memory is bounded by
+``chunk_size``, not by the input; returns the path) with ``overwrite``, and the :class:`Options` (``batch_size``,
 ``chunk_size``, ``device``, ``precision``, ``layer``, ``gene_column``, ``min_gene_coverage``, ``input_scale``,
 ``progress``).
 
@@ -47,6 +48,10 @@ Outputs (DESIGN.md names):
 * ``obs['scmm_description']``: the stage-2 model's text for each cell.
 * ``generate``: ``X`` float32 ``[n, G]`` of log1p-CP10k expression over the model's HVG panel (``var`` index: gene
   symbols, ``var['vocab_id']``), ``obs['prompt']``, ``uns['scmm_generate']`` (seed, noise, normalisation).
+
+Several processes: under torchrun (``WORLD_SIZE`` > 1) with an ``.h5ad`` path and ``out``, ``embed``, ``annotate``
+and ``query_index`` split the cells into one contiguous block per rank; rank 0 merges the ranks' parts into the
+one output, equal to a single process's (:func:`_cells_on_ranks`).
 
 Precision: the cell path (cell tower, Q-Former, heads) runs in bf16 weights with ``bf16``, in fp32 with ``fp32``, and
 with ``auto`` (the default) in bf16 wherever the hardware multiplies bf16 natively: a CUDA GPU that supports it, a
@@ -170,9 +175,9 @@ class _Input:
         return iter_batches(self.source, self.plan, self.scale, self.model.encoding, self.model.vocab,
                             self.opts.chunk_size, self.opts.batch_size, begin, end)
 
-    def progress(self, desc: str):
-        return tqdm(total=self.n_obs, unit="cells", desc=desc, disable=None if self.opts.progress else True,
-                    smoothing=0.1)
+    def progress(self, desc: str, total: int | None = None):
+        return tqdm(total=self.n_obs if total is None else total, unit="cells", desc=desc,
+                    disable=None if self.opts.progress else True, smoothing=0.1)
 
 
 def _embed_chunks(inp: _Input, begin: int = 0, end: int | None = None
@@ -194,7 +199,7 @@ def _embed_chunks(inp: _Input, begin: int = 0, end: int | None = None
         n_empty += int(c[2].sum())
         return c
 
-    with inp.progress("embed") as bar, torch.inference_mode():
+    with inp.progress("embed", end - begin) as bar, torch.inference_mode():
         for rows, batch in inp.batches(begin, end):
             start = begin + (int(rows[0]) - begin) // size * size  # a batch never spans two chunks
             if chunk is None or chunk[0] != start:
@@ -257,6 +262,7 @@ class _Columns:
         self.numeric: dict[str, np.ndarray] = {}
         self.codes: dict[str, np.ndarray] = {}
         self.categories: dict[str, dict[str, int]] = {}
+        self.order: list[str] = []
 
     def put(self, start: int, frame: pd.DataFrame) -> None:
         stop = start + len(frame)
@@ -276,7 +282,7 @@ class _Columns:
 
     def frame(self) -> pd.DataFrame:
         out = pd.DataFrame(index=pd.RangeIndex(self.n))
-        for col in getattr(self, "order", []):
+        for col in self.order:
             if col in self.codes:
                 names = np.array(list(self.categories[col]), dtype=object)
                 order = np.argsort(names, kind="stable")
