@@ -222,6 +222,18 @@ def test_two_torchrun_ranks_equal_one_process(package: Path, pbmc_h5ad: Path, tm
     np.testing.assert_allclose(two.obsm["X_scmm"], one.obsm["X_scmm"], atol=1e-6)
     assert (two.X != one.X).nnz == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.h5ad", "two.h5ad"]
+    # a rank that fails: every rank exits with an error, nothing is written, no part is left behind
+    faulty = tmp_path / "faulty.py"
+    faulty.write_text("import os, sys\nimport scmm.api as api\nfrom scmm.errors import ScmmError\n"
+                      "def boom(*a, **k):\n    raise ScmmError('injected failure')\n"
+                      "if os.environ['RANK'] == '1':\n    api._fill = boom\n"
+                      "from scmm.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(faulty), *args, "--out", str(tmp_path / "three.h5ad")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode != 0 and "error: injected failure" in r.stderr
+    assert "error: another rank failed" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faulty.py", "one.h5ad", "two.h5ad"]
 
 
 def test_api_returns_new_anndata_and_leaves_input_alone(model, pbmc_h5ad: Path):
