@@ -1,15 +1,17 @@
-"""Bounded-memory access to an h5ad file: var in memory, obs in memory or one column at a time, the expression
-matrix in row chunks.
+"""Bounded-memory access to an h5ad file: var in memory, obs read whole only when asked for (else one column at a
+time), the expression matrix in row chunks.
 
 Reads the file with h5py and anndata's on-disk element readers (the machinery behind anndata's
 backed mode), so a matrix larger than RAM is never loaded whole. ``open_h5ad(..., read_obs=False)`` (the corpus
-build) leaves obs on disk: :meth:`H5adSource.obs_column` reads one column (categoricals stay codes plus
-categories) and :meth:`H5adSource.obs_names` a row range of the cell IDs, so no per-cell Python string is held.
+build, inference) leaves obs on disk: :meth:`H5adSource.obs_column` reads one column (categoricals stay codes plus
+categories) and :meth:`H5adSource.obs_names` a row range of the cell IDs, so no per-cell Python string is held;
+the whole table (:attr:`H5adSource.obs`) is read on first use only (inference never needs it: at atlas size it
+is the largest thing held per cell).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata
@@ -47,31 +49,46 @@ def as_csr(block) -> sp.csr_matrix:
 
 @dataclass
 class H5adSource:
-    """One input file: its obs and var tables and the chosen expression element (obs None: read on demand)."""
+    """One input file: its var table, its obs table (read whole on first use, or given at open) and the chosen
+    expression element."""
 
     path: Path
-    obs: pd.DataFrame | None
     var: pd.DataFrame
     element: str  # "X", "raw/X" or "layers/<name>"
     n_obs: int
     n_vars: int
     obs_keys: tuple[str, ...] = ()  # obs column names (of the file; also when obs is not loaded)
     index_key: str = "_index"  # the obs element holding the cell IDs
+    _obs: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        """The whole obs table, read on first use."""
+        if self._obs is None:
+            with h5py.File(self.path, "r") as f:
+                try:
+                    obs = anndata.io.read_elem(f["obs"])
+                except Exception as exc:
+                    raise ScmmError(f"{self.path}: cannot read obs ({type(exc).__name__}: {exc})") from None
+            if len(obs) != self.n_obs:
+                raise ScmmError(f"{self.path}: {self.element} has {self.n_obs} rows but obs has {len(obs)}")
+            self._obs = obs
+        return self._obs
 
     def for_worker(self) -> H5adSource:
         """A light copy to send to a worker process (no var; obs, when loaded, keeps only its cell IDs)."""
-        obs = None if self.obs is None else self.obs.iloc[:, :0]
-        return H5adSource(path=self.path, obs=obs, var=self.var.iloc[:0], element=self.element, n_obs=self.n_obs,
-                          n_vars=self.n_vars, obs_keys=self.obs_keys, index_key=self.index_key)
+        obs = None if self._obs is None else self._obs.iloc[:, :0]
+        return H5adSource(path=self.path, var=self.var.iloc[:0], element=self.element, n_obs=self.n_obs,
+                          n_vars=self.n_vars, obs_keys=self.obs_keys, index_key=self.index_key, _obs=obs)
 
     @property
     def obs_columns(self) -> list[str]:
-        return list(map(str, self.obs.columns)) if self.obs is not None else list(self.obs_keys)
+        return list(map(str, self._obs.columns)) if self._obs is not None else list(self.obs_keys)
 
     def obs_column(self, name: str) -> pd.Series:
         """One obs column (a categorical stays categorical)."""
-        if self.obs is not None:
-            return self.obs[name]
+        if self._obs is not None:
+            return self._obs[name]
         with h5py.File(self.path, "r") as f:
             try:
                 values = anndata.io.read_elem(f["obs"][name])
@@ -82,8 +99,8 @@ class H5adSource:
 
     def obs_names(self, start: int, stop: int) -> np.ndarray:
         """The cell IDs (obs names) of rows [start, stop), as str objects."""
-        if self.obs is not None:
-            return self.obs.index[start:stop].astype(str).to_numpy(dtype=object)
+        if self._obs is not None:
+            return self._obs.index[start:stop].astype(str).to_numpy(dtype=object)
         with h5py.File(self.path, "r") as f:
             node = f["obs"][self.index_key]
             if node.dtype.kind in "OS":
@@ -117,12 +134,14 @@ class H5adSource:
         check_values(block.data, f"{self.path} (rows from {start})")
         return block.astype(np.float32)
 
-    def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
-        """Yield (start_row, CSR block) over the expression element."""
+    def iter_chunks(self, chunk_size: int, begin: int = 0, end: int | None = None
+                    ) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """Yield (start_row, CSR block) over the expression element's rows ``begin:end`` (default all)."""
+        end = self.n_obs if end is None else min(end, self.n_obs)
         with h5py.File(self.path, "r") as f:
             matrix = self._open_matrix(f)
-            for start in range(0, self.n_obs, chunk_size):
-                block = as_csr(matrix[start:min(start + chunk_size, self.n_obs)])
+            for start in range(begin, end, chunk_size):
+                block = as_csr(matrix[start:min(start + chunk_size, end)])
                 check_values(block.data, f"{self.path} (rows from {start})")
                 yield start, block.astype(np.float32)
 
@@ -193,7 +212,7 @@ def open_h5ad(path: str | Path, element: str | None = None, read_obs: bool = Tru
     if n_obs_rows != n_obs or len(var) != n_vars:
         raise ScmmError(f"{path}: {element} is {n_obs}x{n_vars} but obs/var have {n_obs_rows}/{len(var)} rows")
     if lazy is not None:
-        return H5adSource(path=path, obs=None, var=var, element=element, n_obs=n_obs, n_vars=n_vars,
-                          obs_keys=lazy[0], index_key=lazy[1])
-    return H5adSource(path=path, obs=obs, var=var, element=element, n_obs=n_obs, n_vars=n_vars,
-                      obs_keys=tuple(map(str, obs.columns)))
+        return H5adSource(path=path, var=var, element=element, n_obs=n_obs, n_vars=n_vars, obs_keys=lazy[0],
+                          index_key=lazy[1])
+    return H5adSource(path=path, var=var, element=element, n_obs=n_obs, n_vars=n_vars,
+                      obs_keys=tuple(map(str, obs.columns)), _obs=obs)

@@ -77,9 +77,11 @@ class _MemorySource:
         if self.n_obs == 0 or self.n_vars == 0:
             raise ScmmError(f"the expression matrix is empty ({self.n_obs} cells x {self.n_vars} genes)")
 
-    def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
-        for start in range(0, self.n_obs, chunk_size):
-            block = as_csr(self.matrix[start:start + chunk_size])
+    def iter_chunks(self, chunk_size: int, begin: int = 0, end: int | None = None
+                    ) -> Iterator[tuple[int, sp.csr_matrix]]:
+        end = self.n_obs if end is None else min(end, self.n_obs)
+        for start in range(begin, end, chunk_size):
+            block = as_csr(self.matrix[start:min(start + chunk_size, end)])
             check_values(block.data, f"{self.path} (rows from {start})")
             yield start, block.astype(np.float32)
 
@@ -91,9 +93,9 @@ class _MemorySource:
 def open_input(data: Any, layer: str | None = None):
     """A chunked source over an h5ad path, a backed AnnData or an in-memory AnnData."""
     if isinstance(data, (str, Path)):
-        return open_h5ad(data, layer)
+        return open_h5ad(data, layer, read_obs=False)
     if getattr(data, "isbacked", False):
-        return open_h5ad(data.filename, layer)
+        return open_h5ad(data.filename, layer, read_obs=False)
     if hasattr(data, "obs") and hasattr(data, "var") and hasattr(data, "X"):
         return _MemorySource(data, layer)
     raise ScmmError(f"input must be an .h5ad path or an AnnData, not {type(data).__name__}")
@@ -152,12 +154,14 @@ def plan_genes(var: pd.DataFrame, vocab: GeneVocab, panel_vocab_ids: np.ndarray 
 
 # --- batches ----------------------------------------------------------------------------------------
 def iter_batches(source, plan: GenePlan, scale: ScaleDecision, encoding: CellEncoding, vocab: GeneVocab,
-                 chunk_size: int, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
-    """(global row indices, batch) over the whole input; each chunk is converted to linear values by ``scale``
-    (:func:`~scmm.data_pipeline.scale.to_linear`); within a chunk cells are grouped by length."""
+                 chunk_size: int, batch_size: int, begin: int = 0, end: int | None = None
+                 ) -> Iterator[tuple[np.ndarray, dict]]:
+    """(global row indices, batch) over the input's rows ``begin:end`` (default all); each chunk is converted to
+    linear values by ``scale`` (:func:`~scmm.data_pipeline.scale.to_linear`); within a chunk cells are grouped by
+    length. A batch never spans two chunks (chunks start at ``begin + i * chunk_size``)."""
     if chunk_size < 1 or batch_size < 1:
         raise ScmmError("--chunk-size and --batch-size must be positive")
-    for start, block in source.iter_chunks(chunk_size):
+    for start, block in source.iter_chunks(chunk_size, begin, end):
         block = to_linear(block, scale, f"{source.path} (rows from {start})")
         sub = block[:, plan.columns].tocsr()
         sub.eliminate_zeros()

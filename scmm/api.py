@@ -12,7 +12,8 @@
 ``data`` is an in-memory AnnData, a backed one, or an ``.h5ad`` path (read chunk by chunk). ``model`` is an opened
 model (:func:`load_model`) or a folder. Every function takes keyword-only options: ``out`` (write the result to
 this ``.h5ad`` instead of returning it: a copy of the input file plus the new fields, written atomically, the
-expression matrix never loaded; returns the path) with ``overwrite``, and the :class:`Options` (``batch_size``,
+expression matrix never loaded; the embeddings and descriptions written chunk by chunk, so memory is bounded by
+``chunk_size``, not by the input; returns the path) with ``overwrite``, and the :class:`Options` (``batch_size``,
 ``chunk_size``, ``device``, ``precision``, ``layer``, ``gene_column``, ``min_gene_coverage``, ``input_scale``,
 ``progress``).
 
@@ -48,6 +49,10 @@ Outputs (DESIGN.md names):
 * ``generate``: ``X`` float32 ``[n, G]`` of log1p-CP10k expression over the model's HVG panel (``var`` index: gene
   symbols, ``var['vocab_id']``), ``obs['prompt']``, ``uns['scmm_generate']`` (seed, noise, normalisation).
 
+Several processes: under torchrun (``WORLD_SIZE`` > 1) with an ``.h5ad`` path and ``out``, ``embed``, ``annotate``
+and ``query_index`` split the cells into one contiguous block per rank; rank 0 merges the ranks' parts into the
+one output, equal to a single process's (:func:`_cells_on_ranks`).
+
 Precision: the cell path (cell tower, Q-Former, heads) runs in bf16 weights with ``bf16``, in fp32 with ``fp32``, and
 with ``auto`` (the default) in bf16 wherever the hardware multiplies bf16 natively: a CUDA GPU that supports it, a
 CPU with AVX512-BF16 or AMX (cosine similarity to the fp32 embeddings above 0.999; BENCHMARKS.md, "Cell tower").
@@ -58,7 +63,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -68,6 +73,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as tdist
 from tqdm.auto import tqdm
 
 from scmm.atomic import temp_file_beside
@@ -165,36 +171,75 @@ class _Input:
     def n_obs(self) -> int:
         return self.source.n_obs
 
-    def batches(self):
+    def batches(self, begin: int = 0, end: int | None = None):
         return iter_batches(self.source, self.plan, self.scale, self.model.encoding, self.model.vocab,
-                            self.opts.chunk_size, self.opts.batch_size)
+                            self.opts.chunk_size, self.opts.batch_size, begin, end)
 
-    def progress(self, desc: str):
-        return tqdm(total=self.n_obs, unit="cells", desc=desc, disable=None if self.opts.progress else True,
-                    smoothing=0.1)
+    def progress(self, desc: str, total: int | None = None):
+        return tqdm(total=self.n_obs if total is None else total, unit="cells", desc=desc,
+                    disable=None if self.opts.progress else True, smoothing=0.1)
 
 
-def _embed(inp: _Input) -> tuple[np.ndarray, np.ndarray]:
-    """The cells' embeddings, and which cells express none of the model's genes (their input is ``<cls>`` alone)."""
+def _embed_chunks(inp: _Input, begin: int = 0, end: int | None = None
+                  ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first row, embeddings, which cells express none of the model's genes) per chunk of the input's rows
+    ``begin:end``: only one chunk is held (a cell with no expressed gene has ``<cls>`` alone as its input)."""
+    end = inp.n_obs if end is None else end
     dev = inp.opts.torch_device
     aligner = inp.model.aligner.to(dev).eval()
     dtype = inp.opts.dtype(dev)
     cell_path = aligner.cell_features if dtype == torch.float32 else aligner.cell_embedder(dtype)
-    out = np.zeros((inp.n_obs, aligner.heads.cell_proj.out_features), dtype=np.float32)
-    empty = np.zeros(inp.n_obs, dtype=bool)
-    t0 = time.perf_counter()
-    with inp.progress("embed") as bar, torch.inference_mode():
-        for rows, batch in inp.batches():
-            out[rows] = cell_path(**{k: v.to(dev) for k, v in batch.items()}).float().cpu().numpy()
-            empty[rows] = (~batch["padding_mask"]).sum(1).numpy() <= 1
+    dim = aligner.heads.cell_proj.out_features
+    size = inp.opts.chunk_size
+    n_empty, t0 = 0, time.perf_counter()
+    chunk = None  # (start, embeddings, empty) of the chunk being filled
+
+    def done(c):
+        nonlocal n_empty
+        n_empty += int(c[2].sum())
+        return c
+
+    with inp.progress("embed", end - begin) as bar, torch.inference_mode():
+        for rows, batch in inp.batches(begin, end):
+            start = begin + (int(rows[0]) - begin) // size * size  # a batch never spans two chunks
+            if chunk is None or chunk[0] != start:
+                if chunk is not None:
+                    yield done(chunk)
+                n = min(size, end - start)
+                chunk = (start, np.zeros((n, dim), dtype=np.float32), np.zeros(n, dtype=bool))
+            local = rows - start
+            chunk[1][local] = cell_path(**{k: v.to(dev) for k, v in batch.items()}).float().cpu().numpy()
+            chunk[2][local] = (~batch["padding_mask"]).sum(1).numpy() <= 1
             bar.update(len(rows))
-    dt = time.perf_counter() - t0
-    log.info("embedded %d cells in %.1f s (%.1f cells/s, %s weights)", inp.n_obs, dt, inp.n_obs / max(dt, 1e-9),
+        if chunk is not None:
+            yield done(chunk)
+    n, dt = end - begin, time.perf_counter() - t0
+    log.info("embedded %d cells in %.1f s (%.1f cells/s, %s weights)", n, dt, n / max(dt, 1e-9),
              str(dtype).removeprefix("torch."))
-    if empty.any():
+    if n_empty:
         log.warning("%d of %d cells express none of the model's genes: flagged in obs['%s'] as '%s'",
-                    int(empty.sum()), inp.n_obs, QC, QC_EMPTY)
+                    n_empty, n, QC, QC_EMPTY)
+
+
+def _embed(inp: _Input) -> tuple[np.ndarray, np.ndarray]:
+    """All the cells' embeddings, and which cells express none of the model's genes (held in memory)."""
+    dim = inp.model.aligner.heads.cell_proj.out_features
+    out = np.zeros((inp.n_obs, dim), dtype=np.float32)
+    empty = np.zeros(inp.n_obs, dtype=bool)
+    for start, emb, emp in _embed_chunks(inp):
+        out[start:start + len(emb)], empty[start:start + len(emb)] = emb, emp
     return out, empty
+
+
+def _qc_labels(obs: pd.DataFrame, empty: np.ndarray) -> pd.DataFrame:
+    """Label columns with the cells that express no model gene called unknown (confidence 0)."""
+    cell_type, cell_id = (obs[c].astype(str).to_numpy(dtype=object) for c in (CELL_TYPE, CELL_TYPE_ID))
+    conf = obs[CONFIDENCE].to_numpy(copy=True)
+    level = obs[LEVEL].to_numpy(copy=True) if LEVEL in obs else None
+    cell_type[empty], cell_id[empty], conf[empty] = UNKNOWN, UNKNOWN, 0.0
+    if level is not None:
+        level[empty] = 0
+    return _label_frame(cell_type, cell_id, conf, level)
 
 
 def _qc(obs: pd.DataFrame | None, empty: np.ndarray) -> pd.DataFrame:
@@ -202,15 +247,51 @@ def _qc(obs: pd.DataFrame | None, empty: np.ndarray) -> pd.DataFrame:
     if obs is None:
         obs = pd.DataFrame(index=pd.RangeIndex(len(empty)))
     elif CELL_TYPE in obs:
-        cell_type, cell_id = (obs[c].astype(str).to_numpy(dtype=object) for c in (CELL_TYPE, CELL_TYPE_ID))
-        conf = obs[CONFIDENCE].to_numpy(copy=True)
-        level = obs[LEVEL].to_numpy(copy=True) if LEVEL in obs else None
-        cell_type[empty], cell_id[empty], conf[empty] = UNKNOWN, UNKNOWN, 0.0
-        if level is not None:
-            level[empty] = 0
-        obs = _label_frame(cell_type, cell_id, conf, level)
+        obs = _qc_labels(obs, empty)
     obs[QC] = pd.Categorical(np.where(empty, QC_EMPTY, "ok"), categories=["ok", QC_EMPTY])
     return obs
+
+
+class _Columns:
+    """New obs columns gathered chunk by chunk in compact form: a categorical column as int32 codes into the
+    categories seen so far (4 bytes per cell), a numeric one in its own dtype (4 bytes for the confidence, 2 for
+    the level). :meth:`frame` gives what one call over all cells gives (categories: the sorted values present)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.numeric: dict[str, np.ndarray] = {}
+        self.codes: dict[str, np.ndarray] = {}
+        self.categories: dict[str, dict[str, int]] = {}
+        self.order: list[str] = []
+
+    def put(self, start: int, frame: pd.DataFrame) -> None:
+        stop = start + len(frame)
+        for col in frame.columns:
+            values = frame[col]
+            if isinstance(values.dtype, pd.CategoricalDtype):
+                seen = self.categories.setdefault(col, {})
+                local = np.array([seen.setdefault(str(c), len(seen)) for c in values.cat.categories] + [-1],
+                                 dtype=np.int32)
+                self.codes.setdefault(col, np.full(self.n, -1, dtype=np.int32))[start:stop] = \
+                    local[values.cat.codes.to_numpy()]
+            else:
+                if col not in self.numeric:
+                    self.numeric[col] = np.zeros(self.n, dtype=values.dtype)
+                self.numeric[col][start:stop] = values.to_numpy()
+        self.order = list(frame.columns)
+
+    def frame(self) -> pd.DataFrame:
+        out = pd.DataFrame(index=pd.RangeIndex(self.n))
+        for col in self.order:
+            if col in self.codes:
+                names = np.array(list(self.categories[col]), dtype=object)
+                order = np.argsort(names, kind="stable")
+                remap = np.empty(len(names) + 1, dtype=np.int32)
+                remap[order], remap[-1] = np.arange(len(names), dtype=np.int32), -1
+                out[col] = pd.Categorical.from_codes(remap[self.codes[col]], categories=list(names[order]))
+            else:
+                out[col] = self.numeric[col]
+        return out
 
 
 # --- annotation -------------------------------------------------------------------------------------
@@ -256,19 +337,30 @@ def annotate_embeddings(emb: np.ndarray, model: ScmmModel, candidates: Candidate
                         k: int = SMOOTH_K) -> pd.DataFrame:
     """The annotation columns for embeddings ``emb`` (see the module docstring); ``calibration`` default
     :func:`model_calibration` for the model's own candidates."""
+    return _annotator(model, candidates, calibration, smooth, k)(emb)
+
+
+def _annotator(model: ScmmModel, candidates: Candidates, calibration: Calibration | None = None,
+               smooth: bool = False, k: int = SMOOTH_K) -> Callable[[np.ndarray], pd.DataFrame]:
+    """Embeddings -> annotation columns, the label prototypes computed once. Without ``smooth`` each cell's
+    answer depends on its embedding alone, so chunks can be annotated one at a time."""
     calibration = calibration or model_calibration(model, user_labels=False)
     with torch.inference_mode():
         protos = label_prototypes(model.aligner, candidates)
-    sim = emb @ protos.T  # cosine similarities [N, C]
-    prob = softmax(sim, calibration.temperature)
-    if smooth and len(emb) > 1:
-        nb = _neighbours(emb, k)
-        valid = nb >= 0
-        w = valid / valid.sum(1, keepdims=True)
-        prob = np.einsum("nk,nkc->nc", w, prob[np.maximum(nb, 0)])
-    answers = calibrated_answers(sim, candidates.keys, candidates.names, candidates.cl_ids, calibration,
-                                 get_ontology(), prob=prob)
-    return _label_frame(answers.names, answers.cl_ids, answers.confidence, answers.level)
+    ontology = get_ontology()
+
+    def run(emb: np.ndarray) -> pd.DataFrame:
+        sim = emb @ protos.T  # cosine similarities [N, C]
+        prob = softmax(sim, calibration.temperature)
+        if smooth and len(emb) > 1:
+            nb = _neighbours(emb, k)
+            valid = nb >= 0
+            w = valid / valid.sum(1, keepdims=True)
+            prob = np.einsum("nk,nkc->nc", w, prob[np.maximum(nb, 0)])
+        answers = calibrated_answers(sim, candidates.keys, candidates.names, candidates.cl_ids, calibration,
+                                     ontology, prob=prob)
+        return _label_frame(answers.names, answers.cl_ids, answers.confidence, answers.level)
+    return run
 
 
 def _check_threshold(value: float | None, low: float, high: float, what: str) -> None:
@@ -300,20 +392,27 @@ def _query(index: ReferenceIndex, emb: np.ndarray, k: int, unknown_threshold: fl
 
 
 # --- describe ---------------------------------------------------------------------------------------
-def _describe(inp: _Input, constrained: bool, num_beams: int) -> list[str]:
+def _describe_chunks(inp: _Input, constrained: bool, num_beams: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, descriptions) per chunk of the input: only one chunk's texts are held."""
     dev = inp.opts.torch_device
     stage2 = inp.model.stage2.to(dev)
-    out: list[str] = [""] * inp.n_obs
+    size = inp.opts.chunk_size
+    chunk = None
     with inp.progress("describe") as bar, torch.inference_mode():
         for rows, batch in inp.batches():
+            start = int(rows[0]) // size * size  # a batch never spans two chunks
+            if chunk is None or chunk[0] != start:
+                if chunk is not None:
+                    yield chunk
+                chunk = (start, np.full(min(size, inp.n_obs - start), "", dtype=object))
             texts = stage2.describe_cells({k: v.to(dev) for k, v in batch.items()}, task="describe",
                                           constrained=constrained, num_beams=num_beams)
             if len(texts) != len(rows):
                 raise ScmmError(f"the stage-2 model returned {len(texts)} descriptions for {len(rows)} cells")
-            for r, t in zip(rows, texts):
-                out[int(r)] = str(t)
+            chunk[1][rows - start] = [str(t) for t in texts]
             bar.update(len(rows))
-    return out
+        if chunk is not None:
+            yield chunk
 
 
 # --- results ----------------------------------------------------------------------------------------
@@ -343,30 +442,115 @@ def _publish_file(tmp: Path, out: Path) -> Path:
     return out
 
 
-def _write_copy(src: Path, out: Path, obs: pd.DataFrame | None, obsm: dict[str, np.ndarray]) -> Path:
-    """``out`` = a byte copy of the file ``src`` with obs columns added and obsm arrays written (obs is read and
-    written back; the expression matrices are never loaded), renamed into place when complete."""
-    tmp = temp_file_beside(out, suffix=".h5ad")
-    try:
-        shutil.copyfile(src, tmp)
-        with h5py.File(tmp, "r+") as f:
-            if obs is not None:
-                current = ad.io.read_elem(f["obs"])
-                for col in obs.columns:
-                    current[col] = obs[col].values
-                del f["obs"]
-                ad.io.write_elem(f, "obs", current)
-            if obsm:
-                if "obsm" not in f:
-                    ad.io.write_elem(f, "obsm", {})
-                for key, value in obsm.items():
-                    if key in f["obsm"]:
-                        del f["obsm"][key]
-                    ad.io.write_elem(f["obsm"], key, np.ascontiguousarray(value))
-        return _publish_file(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _add_obs_columns(f: h5py.File, obs: pd.DataFrame) -> None:
+    """Add (or replace) the columns of ``obs`` in the file's obs table, column by column: the table already there
+    is not read (an obs in an older encoding, or a new column named like its index, is read and written back)."""
+    group = f["obs"]
+    index_name = group.attrs.get("_index") if isinstance(group, h5py.Group) else None
+    if group.attrs.get("encoding-type") != "dataframe" or index_name is None or index_name in obs.columns:
+        current = ad.io.read_elem(group)
+        for col in obs.columns:
+            current[col] = obs[col].values
+        del f["obs"]
+        ad.io.write_elem(f, "obs", current)
+        return
+    order = [str(c) for c in group.attrs.get("column-order", [])]
+    for col in obs.columns:
+        if col in group:
+            del group[col]
+        ad.io.write_elem(group, col, obs[col].values)
+        if col not in order:
+            order.append(col)
+    group.attrs["column-order"] = order
+
+
+def _create_obsm(f: h5py.File, key: str, shape: tuple[int, int]) -> h5py.Dataset:
+    """An empty float32 ``obsm[key]`` of ``shape`` in anndata's on-disk encoding (a plain 2-D array), to fill by
+    rows."""
+    if "obsm" not in f:
+        ad.io.write_elem(f, "obsm", {})
+    if key in f["obsm"]:
+        del f["obsm"][key]
+    ds = f["obsm"].create_dataset(key, shape=shape, dtype=np.float32)
+    ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
+    return ds
+
+
+class _Sink:
+    """Where a run's embeddings and new obs columns go. With ``out`` and an ``.h5ad`` input: a byte copy of the
+    input (the expression matrices are never loaded) beside ``out``, whose ``obsm['X_scmm']`` is filled chunk by
+    chunk and whose obs gets the new columns at the end, renamed into place when complete (bounded memory);
+    else arrays in memory, and an AnnData copy of the input at the end."""
+
+    def __init__(self, data: Any, out: Path | None, n: int, dim: int | None):
+        self.data, self.out, self.n = data, out, n
+        self.tmp: Path | None = None
+        self.file: h5py.File | None = None
+        self.emb: Any = None
+        self.held: dict[str, np.ndarray] = {}  # text columns held until the end
+        if out is not None and isinstance(data, (str, Path)):
+            self.tmp = temp_file_beside(out, suffix=".h5ad")
+            shutil.copyfile(data, self.tmp)
+            self.file = h5py.File(self.tmp, "r+")
+            if dim is not None:
+                self.emb = _create_obsm(self.file, EMBEDDING_KEY, (n, dim))
+        elif dim is not None:
+            self.emb = np.zeros((n, dim), dtype=np.float32)
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tmp is not None and self.tmp.exists():
+            self.tmp.unlink()
+
+    def put(self, start: int, emb: np.ndarray) -> None:
+        self.emb[start:start + len(emb)] = emb
+
+    def text_column(self, name: str) -> Any:
+        """A new string obs column to fill by rows: in the output file itself when its obs table allows (anndata's
+        string-array encoding), else an array held until :meth:`finish`."""
+        group = self.file["obs"] if self.file is not None else None
+        if group is not None and group.attrs.get("encoding-type") == "dataframe" and \
+                name != group.attrs.get("_index"):
+            if name in group:
+                del group[name]
+            column = group.create_dataset(name, shape=(self.n,), dtype=h5py.string_dtype())
+            column.attrs["encoding-type"], column.attrs["encoding-version"] = "string-array", "0.2.0"
+            order = [str(c) for c in group.attrs.get("column-order", [])]
+            group.attrs["column-order"] = order + ([name] if name not in order else [])
+            return column
+        column = np.full(self.n, "", dtype=object)
+        self.held[name] = column
+        return column
+
+    def embeddings(self) -> np.ndarray:
+        return np.asarray(self.emb[...])
+
+    def finish(self, obs: pd.DataFrame | None):
+        """The result: the output file's path, or an AnnData."""
+        if self.held:
+            obs = pd.DataFrame(self.held) if obs is None else obs.assign(**self.held)
+        if self.file is not None:
+            if obs is not None and len(obs.columns):
+                _add_obs_columns(self.file, obs)
+            self.file.close()
+            self.file = None
+            return _publish_file(self.tmp, self.out)
+        data = self.data
+        if isinstance(data, (str, Path)):
+            adata = ad.read_h5ad(data)
+        elif getattr(data, "isbacked", False):
+            adata = data.to_memory()
+        else:
+            adata = data.copy()
+        for col in (obs.columns if obs is not None else []):
+            adata.obs[col] = obs[col].values
+        if self.emb is not None:
+            adata.obsm[EMBEDDING_KEY] = self.emb
+        return _write_adata(adata, self.out) if self.out is not None else adata
 
 
 def _write_adata(adata: ad.AnnData, out: Path) -> Path:
@@ -379,21 +563,153 @@ def _write_adata(adata: ad.AnnData, out: Path) -> Path:
             tmp.unlink()
 
 
-def _result(data: Any, obs: pd.DataFrame | None, obsm: dict[str, np.ndarray], out: Path | None):
-    """A copy of the input with the new fields: an AnnData, or, with ``out``, that file (returns its path)."""
-    if out is not None and isinstance(data, (str, Path)):
-        return _write_copy(Path(data), out, obs, obsm)
-    if isinstance(data, (str, Path)):
-        adata = ad.read_h5ad(data)
-    elif getattr(data, "isbacked", False):
-        adata = data.to_memory()
-    else:
-        adata = data.copy()
-    for col in (obs.columns if obs is not None else []):
-        adata.obs[col] = obs[col].values
-    for key, value in obsm.items():
-        adata.obsm[key] = value
-    return _write_adata(adata, out) if out is not None else adata
+def _with_qc(obs: pd.DataFrame | None, empty: np.ndarray) -> pd.DataFrame:
+    obs = pd.DataFrame(index=pd.RangeIndex(len(empty))) if obs is None else obs
+    obs[QC] = pd.Categorical(np.where(empty, QC_EMPTY, "ok"), categories=["ok", QC_EMPTY])
+    return obs
+
+
+def _cells(data: Any, inp: _Input, out: Path | None, labeller: Callable[[np.ndarray], pd.DataFrame] | None = None,
+           whole: bool = False):
+    """Embed every cell and (with ``labeller``: embeddings -> label columns) label it, chunk by chunk into a
+    :class:`_Sink`: held per cell are 1 byte (the QC flag) and the compact label columns (:class:`_Columns`);
+    ``whole``: the labeller needs all the embeddings at once (neighbour smoothing), read back at the end.
+    Under torchrun (WORLD_SIZE > 1, an ``.h5ad`` path in, ``out`` given) the ranks split the cells
+    (:func:`_cells_on_ranks`)."""
+    dim = inp.model.aligner.heads.cell_proj.out_features
+    if _world_size() > 1 and out is not None and isinstance(data, (str, Path)):
+        return _cells_on_ranks(data, inp, out, dim, labeller, whole)
+    with _Sink(data, out, inp.n_obs, dim) as sink:
+        cols, empty = _fill(inp, sink, 0, inp.n_obs, None if whole else labeller)
+        return sink.finish(_labels_at_end(sink, cols, empty, labeller, whole))
+
+
+def _fill(inp: _Input, sink: Any, begin: int, end: int, labeller: Callable[[np.ndarray], pd.DataFrame] | None
+          ) -> tuple[_Columns, np.ndarray]:
+    """Rows ``begin:end`` embedded into ``sink`` (rows counted from ``begin``), labelled chunk by chunk."""
+    cols, empty = _Columns(end - begin), np.zeros(end - begin, dtype=bool)
+    for start, emb, emp in _embed_chunks(inp, begin, end):
+        sink.put(start - begin, emb)
+        empty[start - begin:start - begin + len(emb)] = emp
+        if labeller is not None:
+            cols.put(start - begin, _qc_labels(labeller(emb), emp))
+    return cols, empty
+
+
+# --- several processes (torchrun) -----------------------------------------------------------------
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _part_path(out: Path, rank: int) -> Path:
+    run = os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("MASTER_PORT", "0"))
+    return out.parent / f".{out.name}.{run}.rank{rank}.part"
+
+
+def _rank_rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """The contiguous block of rows rank ``rank`` of ``world`` embeds (sizes differ by at most one)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+class _PartSink:
+    """One rank's share of the embeddings, written chunk by chunk to an HDF5 part file beside the output."""
+
+    def __init__(self, path: Path, n: int, dim: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.file = h5py.File(path, "w")
+        self.emb = self.file.create_dataset(EMBEDDING_KEY, shape=(n, dim), dtype=np.float32)
+
+    def put(self, start: int, emb: np.ndarray) -> None:
+        self.emb[start:start + len(emb)] = emb
+
+    def finish(self, obs: pd.DataFrame | None, empty: np.ndarray) -> None:
+        self.file.create_dataset("empty", data=empty)
+        if obs is not None:
+            ad.io.write_elem(self.file, "obs", obs)
+        self.file.close()
+
+
+def _cells_on_ranks(data: Any, inp: _Input, out: Path, dim: int,
+                    labeller: Callable[[np.ndarray], pd.DataFrame] | None, whole: bool) -> Path:
+    """torchrun: each rank embeds (and, unless ``whole``, labels) a contiguous block of rows into its part file;
+    after a barrier rank 0 merges the parts, in row order and chunk by chunk, into the one output (atomic, as
+    with one process: the same values, labels and categories), removes the parts; a last barrier, then every
+    rank leaves the process group. The ranks only synchronise (gloo; no tensor is exchanged), so the GPU or CPU
+    that computes does not matter. Every rank prepared the same inputs, calibration and candidates, and the
+    cells' draws are seeded by their rows, so the result equals a one-process run's."""
+    own = not tdist.is_initialized()
+    if own:
+        tdist.init_process_group("gloo")
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    if inp.opts.device == "cuda":  # one GPU per process on a node
+        inp.opts.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    begin, end = _rank_rows(inp.n_obs, world, rank)
+    part = _part_path(out, rank)
+    error: BaseException | None = None
+    result: Path = out
+    try:
+        try:
+            sink = _PartSink(part, end - begin, dim)
+            try:
+                cols, empty = _fill(inp, sink, begin, end, None if whole else labeller)
+                sink.finish(cols.frame() if labeller is not None and not whole else None, empty)
+            finally:
+                sink.file.close()
+        except Exception as exc:  # every rank learns below that one failed, instead of waiting at a barrier
+            error = exc
+        if _all_ok(error) and rank == 0:
+            try:
+                result = _merge_parts(data, inp, out, dim, labeller, whole, world)
+            except Exception as exc:
+                error = exc
+        if not _all_ok(error) and error is None:
+            error = ScmmError("another rank failed (see its error); no output was written")
+    finally:
+        part.unlink(missing_ok=True)
+        if own:
+            tdist.barrier()
+            tdist.destroy_process_group()
+    if error is not None:
+        raise error
+    return result
+
+
+def _all_ok(error: BaseException | None) -> bool:
+    """True when no rank has an error (a collective: every rank calls it)."""
+    flag = torch.tensor([0.0 if error is None else 1.0])
+    tdist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def _merge_parts(data: Any, inp: _Input, out: Path, dim: int, labeller: Callable[[np.ndarray], pd.DataFrame] | None,
+                 whole: bool, world: int) -> Path:
+    n, step = inp.n_obs, inp.opts.chunk_size
+    cols, empty = _Columns(n), np.zeros(n, dtype=bool)
+    try:
+        with _Sink(data, out, n, dim) as sink:
+            for rank in range(world):
+                begin, end = _rank_rows(n, world, rank)
+                with h5py.File(_part_path(out, rank), "r") as f:
+                    for a in range(0, end - begin, step):
+                        sink.put(begin + a, f[EMBEDDING_KEY][a:a + step])
+                    empty[begin:end] = f["empty"][...]
+                    if labeller is not None and not whole:
+                        cols.put(begin, ad.io.read_elem(f["obs"]).reset_index(drop=True))
+            return sink.finish(_labels_at_end(sink, cols, empty, labeller, whole))
+    finally:
+        for rank in range(1, world):
+            _part_path(out, rank).unlink(missing_ok=True)
+
+
+def _labels_at_end(sink: Any, cols: _Columns, empty: np.ndarray,
+                   labeller: Callable[[np.ndarray], pd.DataFrame] | None, whole: bool) -> pd.DataFrame:
+    if labeller is not None and whole:
+        return _with_qc(_qc_labels(labeller(sink.embeddings()), empty), empty)
+    return _with_qc(cols.frame() if labeller is not None else None, empty)
 
 
 def _start(data: Any, model: Any, out: str | os.PathLike | None, overwrite: bool, options: dict,
@@ -410,12 +726,26 @@ def _start(data: Any, model: Any, out: str | os.PathLike | None, overwrite: bool
     return model, _Input(data, model, opts), out
 
 
+def _obs_column(source: Any, column: str) -> tuple[list[str], np.ndarray | None]:
+    """(obs column names, the values of ``column`` or None): from an h5ad only that column is read."""
+    path = Path(str(source.path))
+    if path.is_file():
+        with h5py.File(path, "r") as f:
+            group = f["obs"]
+            if group.attrs.get("encoding-type") == "dataframe":
+                columns = [str(c) for c in group.attrs.get("column-order", [])]
+                if column not in columns:
+                    return columns, None
+                return columns, np.asarray(ad.io.read_elem(group[column]), dtype=object)
+    obs = source.obs
+    return list(obs.columns), obs[column].to_numpy() if column in obs.columns else None
+
+
 # --- public functions -------------------------------------------------------------------------------
 def embed(data: Any, model: Any, *, out: str | os.PathLike | None = None, overwrite: bool = False, **options):
     """A copy of ``data`` with ``obsm['X_scmm']`` (the aligned cell embedding)."""
     model, inp, out = _start(data, model, out, overwrite, options)
-    emb, empty = _embed(inp)
-    return _result(data, _qc(None, empty), {EMBEDDING_KEY: emb}, out)
+    return _cells(data, inp, out)
 
 
 def annotate(data: Any, model: Any, *, labels: str | Sequence[str] | None = None,
@@ -434,9 +764,7 @@ def annotate(data: Any, model: Any, *, labels: str | Sequence[str] | None = None
     model, inp, out = _start(data, model, out, overwrite, options)
     candidates = _candidates(model, labels)  # bad labels fail before the work
     calibration = model_calibration(model, labels is not None, unknown_rate, unknown_threshold)
-    emb, empty = _embed(inp)
-    obs = annotate_embeddings(emb, model, candidates, calibration, smooth, k)
-    return _result(data, _qc(obs, empty), {EMBEDDING_KEY: emb}, out)
+    return _cells(data, inp, out, _annotator(model, candidates, calibration, smooth, k), whole=smooth)
 
 
 def describe(data: Any, model: Any, *, constrained: bool = False, num_beams: int = 1,
@@ -445,8 +773,11 @@ def describe(data: Any, model: Any, *, constrained: bool = False, num_beams: int
     model = load_model(model)
     model.stage2  # noqa: B018 - fail early when there is no stage 2
     model, inp, out = _start(data, model, out, overwrite, options)
-    texts = _describe(inp, constrained, num_beams)
-    return _result(data, pd.DataFrame({DESCRIPTION: texts}), {}, out)
+    with _Sink(data, out, inp.n_obs, None) as sink:
+        column = sink.text_column(DESCRIPTION)
+        for start, texts in _describe_chunks(inp, constrained, num_beams):
+            column[start:start + len(texts)] = texts
+        return sink.finish(None)
 
 
 def generate(model: Any, text: str | Sequence[str], *, n: int, seed: int = 0, noise: float = 1.0,
@@ -487,11 +818,11 @@ def build_index(data: Any, model: Any, label_column: str, out: str | os.PathLike
     if out.exists() and not overwrite:
         raise ScmmError(f"output {out} already exists (pass --overwrite to replace it)")
     model, inp, _ = _start(data, model, None, overwrite, options)
-    obs = inp.source.obs
-    if label_column not in obs.columns:
+    columns, values = _obs_column(inp.source, label_column)
+    if values is None:
         raise ScmmError(f"label column '{label_column}' is not in obs (columns: "
-                        f"{', '.join(map(str, obs.columns)) or 'none'})")
-    codes, classes = reference_labels(obs[label_column].to_numpy(), label_column)
+                        f"{', '.join(map(str, columns)) or 'none'})")
+    codes, classes = reference_labels(values, label_column)
     if not (codes >= 0).any():
         raise ScmmError(f"no reference cell has a label in column '{label_column}'")
     emb, empty = _embed(inp)
@@ -510,5 +841,4 @@ def query_index(index: Any, data: Any, model: Any, *, k: int = INDEX_K, unknown_
     model = load_model(model)
     ref.check_model(model.fingerprint)
     model, inp, out = _start(data, model, out, overwrite, options)
-    emb, empty = _embed(inp)
-    return _result(data, _qc(_query(ref, emb, k, unknown_threshold), empty), {EMBEDDING_KEY: emb}, out)
+    return _cells(data, inp, out, lambda emb: _query(ref, emb, k, unknown_threshold))

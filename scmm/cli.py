@@ -274,9 +274,15 @@ def _inference_kw(args: argparse.Namespace) -> dict:
             "overwrite": args.overwrite}
 
 
+def _said_once(message: str) -> None:
+    """Print on rank 0 only when several torchrun ranks run the command."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message)
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from scmm.api import embed
-    print(f"wrote {embed(args.input, args.model, out=args.out, **_inference_kw(args))}")
+    _said_once(f"wrote {embed(args.input, args.model, out=args.out, **_inference_kw(args))}")
     return 0
 
 
@@ -284,7 +290,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     from scmm.api import annotate
     out = annotate(args.input, args.model, labels=args.labels, unknown_threshold=args.unknown_threshold,
                    unknown_rate=args.unknown_rate, smooth=args.smooth, k=args.k, out=args.out, **_inference_kw(args))
-    print(f"wrote {out}")
+    _said_once(f"wrote {out}")
     return 0
 
 
@@ -307,7 +313,7 @@ def cmd_index_query(args: argparse.Namespace) -> int:
     from scmm.api import query_index
     out = query_index(args.index, args.input, args.model, k=args.k, unknown_threshold=args.unknown_threshold,
                       out=args.out, **_inference_kw(args))
-    print(f"wrote {out}")
+    _said_once(f"wrote {out}")
     return 0
 
 

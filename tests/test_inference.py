@@ -179,6 +179,63 @@ def test_chunked_equals_one_chunk(model, pbmc_h5ad: Path, synth_h5ad: Path):
     assert (a * b).sum(1).min() > 0.999
 
 
+def test_file_output_is_written_chunk_by_chunk_and_equals_the_in_memory_result(model, pbmc_h5ad: Path,
+                                                                                tmp_path: Path, monkeypatch):
+    """--out streams: obsm['X_scmm'] filled per chunk, new obs columns added to the copy's obs without reading
+    the input's obs table; the file equals the in-memory result (and re-annotating an output replaces columns)."""
+    from scmm.api import annotate, embed
+    from scmm.data_pipeline import h5ad as h5ad_mod
+    memory = annotate(str(pbmc_h5ad), model, chunk_size=100, precision="fp32")
+    monkeypatch.setattr(h5ad_mod.H5adSource, "obs", property(lambda self: pytest.fail("obs was read")))
+    out = annotate(str(pbmc_h5ad), model, chunk_size=100, out=tmp_path / "a.h5ad", precision="fp32")
+    again = annotate(str(out), model, chunk_size=33, out=tmp_path / "b.h5ad", precision="fp32")
+    monkeypatch.undo()
+    for path in (out, again):
+        written = ad.read_h5ad(path)
+        assert list(written.obs.columns) == list(memory.obs.columns)
+        pd.testing.assert_frame_equal(written.obs, memory.obs)
+        np.testing.assert_allclose(written.obsm["X_scmm"], memory.obsm["X_scmm"], atol=1e-6)
+        assert (written.X != memory.X).nnz == 0
+    only = ad.read_h5ad(embed(str(pbmc_h5ad), model, chunk_size=64, out=tmp_path / "e.h5ad", precision="fp32"))
+    np.testing.assert_allclose(only.obsm["X_scmm"], memory.obsm["X_scmm"], atol=1e-6)
+    assert list(only.obs["scmm_qc"]) == list(memory.obs["scmm_qc"])
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_equal_one_process(package: Path, pbmc_h5ad: Path, tmp_path: Path):
+    """`torchrun --nproc_per_node 2 scmm annotate`: the ranks split the cells, rank 0 merges their parts into one
+    output equal to the one-process output; no part file is left behind."""
+    import os
+    import subprocess
+    import sys
+    args = ["annotate", str(pbmc_h5ad), "--model", str(package), "--precision", "fp32", "--chunk-size", "150",
+            "--quiet"]
+    assert _cli(*args, "--out", str(tmp_path / "one.h5ad")) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "scmm.cli", *args, "--out", str(tmp_path / "two.h5ad")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    one, two = ad.read_h5ad(tmp_path / "one.h5ad"), ad.read_h5ad(tmp_path / "two.h5ad")
+    pd.testing.assert_frame_equal(two.obs.drop(columns="scmm_confidence"), one.obs.drop(columns="scmm_confidence"))
+    np.testing.assert_allclose(two.obs["scmm_confidence"], one.obs["scmm_confidence"], atol=1e-6)
+    np.testing.assert_allclose(two.obsm["X_scmm"], one.obsm["X_scmm"], atol=1e-6)
+    assert (two.X != one.X).nnz == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.h5ad", "two.h5ad"]
+    # a rank that fails: every rank exits with an error, nothing is written, no part is left behind
+    faulty = tmp_path / "faulty.py"
+    faulty.write_text("import os, sys\nimport scmm.api as api\nfrom scmm.errors import ScmmError\n"
+                      "def boom(*a, **k):\n    raise ScmmError('injected failure')\n"
+                      "if os.environ['RANK'] == '1':\n    api._fill = boom\n"
+                      "from scmm.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(faulty), *args, "--out", str(tmp_path / "three.h5ad")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode != 0 and "error: injected failure" in r.stderr
+    assert "error: another rank failed" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faulty.py", "one.h5ad", "two.h5ad"]
+
+
 def test_api_returns_new_anndata_and_leaves_input_alone(model, pbmc_h5ad: Path):
     from scmm.api import annotate
     adata = ad.read_h5ad(pbmc_h5ad)
@@ -260,6 +317,9 @@ def test_describe_calls_the_stage2_model(stage1: Path, corpus: Path, pbmc_h5ad: 
     expressed = [sum(1 for g in np.asarray(x.var["feature_name"])[row.indices] if vocab.get(str(g)) in panel)
                  for row in sp.csr_matrix(x.X)]
     assert list(res.obs["scmm_description"]) == [f"a cell expressing {n} genes" for n in expressed]
+    from scmm.api import describe  # in memory: the same texts
+    assert list(describe(str(pbmc_h5ad), pkg, chunk_size=50).obs["scmm_description"]) == \
+        list(res.obs["scmm_description"])
 
 
 # --- index ------------------------------------------------------------------------------------------

@@ -158,3 +158,37 @@ def test_one_process_without_zero_exports_the_same_weights_as_zero2(tmp_path: Pa
     r = launch_ranks("pretrain/train.py", _config(tmp_path, small_corpus, "bf16zero0", steps=2, precision="bf16"), 1,
                      zero=0, check=False)
     assert r.returncode != 0 and "needs a ZeRO stage of 1 or more" in r.stderr
+
+
+@pytest.mark.slow
+def test_two_node_ranks_on_localhost_equal_one_node_with_two_ranks(tmp_path: Path, small_corpus: Path):
+    """A multi-node launch: `torchrun --nnodes 2 --node_rank 0|1 --nproc_per_node 1 --master_addr 127.0.0.1`
+    (two processes started together, as on two machines) trains step for step as one node with two ranks."""
+    import os
+    import socket
+    import sys
+
+    from conftest import ROOT
+    one = _config(tmp_path, small_corpus, "one_node", steps=4)
+    _launch(one, 2)
+    two = _config(tmp_path, small_corpus, "two_nodes", steps=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), "TOKENIZERS_PARALLELISM": "false"}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               str(ROOT / "pretrain" / "train.py"), "--config", str(two), "--deepspeed_config",
+                               str(ROOT / "configs" / "deepspeed" / "zero2.json")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for node in (0, 1)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-5000:]
+    a, b = read_metrics(tmp_path / "one_node"), read_metrics(tmp_path / "two_nodes")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "contrastive", "matching", "reconstruction", "lr"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-6), (ra["step"], key)
+    assert (tmp_path / "two_nodes" / "model").is_dir()
