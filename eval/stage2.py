@@ -79,6 +79,14 @@ def describe_split(model, corpus: Corpus, split: str = "test", constrained: bool
     return out
 
 
+def seen_types_only(result: dict[str, list], holdout_types: Sequence[str]) -> dict[str, list]:
+    """The rows of a :func:`describe_split` result whose true type is not a held-out one (the corpus's
+    ``--holdout-types``: the LLM never read them, so neither their answers nor their descriptions can be right)."""
+    keep = [t not in set(holdout_types) for t in result["true_cl"]]
+    return {k: [v for v, ok in zip(values, keep) if ok] if len(values) == len(keep) else values
+            for k, values in result.items()}
+
+
 def _answers_in_phrasings(model, batch: dict, prompts: Sequence[str], offset: int, constrained: bool,
                           num_beams: int) -> list[str]:
     """Cell-type answers where the cell at position ``offset + i`` of the split is asked ``prompts[(offset + i) %
@@ -149,14 +157,18 @@ def pseudocells_from_texts(model, texts_by_type: dict[str, list[str]], n_per_typ
 
 def generation_report(model, corpus: Corpus, split: str = "test", ontology=None, num_beams: int = 1,
                       progress: bool = False, n_examples: int = 8) -> tuple[dict[str, Any], list[dict]]:
-    """The ``generation`` section of ``metrics.json`` (free and constrained type answers) and a few examples."""
-    free = describe_split(model, corpus, split, constrained=False, num_beams=num_beams, describe=True,
-                          progress=progress)
+    """The ``generation`` section of ``metrics.json`` (free and constrained type answers) and a few examples, over
+    the ``split`` cells of seen types (:func:`seen_types_only`)."""
+    held = corpus.holdout_types
+    free = seen_types_only(describe_split(model, corpus, split, constrained=False, num_beams=num_beams,
+                                          describe=True, progress=progress), held)
     out = generation_metrics(free, ontology)
-    constrained = generation_metrics(describe_split(model, corpus, split, constrained=True, num_beams=num_beams,
-                                                    describe=False, progress=progress), ontology)
-    unseen = generation_metrics(describe_split(model, corpus, split, num_beams=num_beams, describe=False,
-                                               progress=progress, type_prompts=UNSEEN_PROMPTS["cell_type"]), ontology)
+    constrained = generation_metrics(seen_types_only(describe_split(
+        model, corpus, split, constrained=True, num_beams=num_beams, describe=False, progress=progress), held),
+        ontology)
+    unseen = generation_metrics(seen_types_only(describe_split(
+        model, corpus, split, num_beams=num_beams, describe=False, progress=progress,
+        type_prompts=UNSEEN_PROMPTS["cell_type"]), held), ontology)
     out.update(type_accuracy_unseen_phrasing=unseen["type_accuracy"],
                ontology_score_unseen_phrasing=unseen["ontology_score"],
                valid_answer_rate_unseen_phrasing=unseen["valid_answer_rate"])

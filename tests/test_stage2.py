@@ -478,3 +478,12 @@ def test_type_answers_in_other_phrasings_ask_each_cell_its_phrasing(trained_stag
     batch = next(iter(_loader(model, corpus, "val", 64)))  # the whole split (40 cells)
     each = [model.describe_cells(batch, task="cell_type", prompt=p) for p in prompts]
     assert mixed["type_answers"] == [each[i % 2][i] for i in range(len(mixed["type_answers"]))]
+
+
+def test_generation_figures_leave_out_the_held_out_types():
+    from scmm.eval.stage2 import seen_types_only
+    result = {"cell_id": ["a", "b", "c"], "true_cl": ["CL:1", "CL:9", "CL:2"], "descriptions": [],
+              "type_answers": ["x", "y", "z"]}
+    kept = seen_types_only(result, ["CL:9"])
+    assert kept == {"cell_id": ["a", "c"], "true_cl": ["CL:1", "CL:2"], "descriptions": [], "type_answers": ["x", "z"]}
+    assert seen_types_only(result, []) == result
