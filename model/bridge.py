@@ -155,10 +155,6 @@ class PseudoCellDecoder(nn.Module):
         nn.init.zeros_(self.log_std_head.weight)
         nn.init.zeros_(self.log_std_head.bias)
 
-    @property
-    def zero_inflated(self) -> bool:
-        return self.zero_head is not None
-
     @torch.no_grad()
     def init_from_profiles(self, profiles: torch.Tensor) -> None:
         """Start at the per-gene statistics of ``profiles`` (e.g. the training cells): the mean, the spread (of the
