@@ -33,14 +33,40 @@ scores into answers:
   Margin 0 never backs off. Candidate margins are 0 and just above each val cell's top-1/top-2 gap (at most
   :data:`MARGIN_GRID` of them, quantiles of those gaps).
 
+* **Novelty check** (:func:`nearest_similarity`, :func:`novelty_threshold`): a softmax over the known candidates
+  cannot say "none of these", so a cell of a type the model never saw often gets a confident known answer. Beside
+  the confidence, each cell's *novelty similarity* is the cosine similarity of its embedding to its nearest
+  **reference** cell: the training split's cells (all of them up to :data:`NOVELTY_MAX_REFERENCE` = 50,000; a
+  seeded subsample of that many beyond), searched exactly by FAISS inner product
+  (:func:`scmm.eval.knn.build_index`). Low similarity = novel. The val cells are held out from training just as
+  test cells are, so, conformal-style again, the novelty threshold is the ``(k+1)``-th smallest val similarity
+  for the novelty share of the rate, and a cell whose similarity is *below* it is ``unknown``.
+* **How the rate is split** (:func:`split_rate`): with a novelty reference, each criterion gets half of the stated
+  rate ``r`` (:data:`NOVELTY_SHARE` = 0.5; ``scmm eval --novelty-share S`` gives the novelty check ``S r`` and
+  the confidence ``(1 - S) r``; the share is stored and ``--unknown-rate`` at annotation splits the same way):
+  the confidence threshold at ``r/2`` and the novelty threshold at ``r/2`` of the val cells. A cell abstains when
+  *either* is below its threshold, so at most ``floor(r n / 2) + floor(r n / 2) <= r n`` val cells abstain
+  (fewer when the two sets overlap; ``floor(a) + floor(b) <= floor(a + b)`` for any share), and the conformal
+  bound ``r`` still holds for a new in-distribution cell (a union bound: no assumption on how the two scores
+  relate). Half each is the choice that needs no data the val split cannot give: val holds no unseen type, so
+  it cannot say which criterion catches them better. Equivalently, with ``q_c`` and ``q_n`` the cell's ranks
+  among the val confidences and similarities (:func:`abstention_score`), a cell abstains (half each) when
+  ``min(q_c, q_n) < r/2``: that rank is the *abstention score* whose seen/unseen AUROC ``scmm eval`` reports as
+  ``annotation.unseen.auroc`` (``auroc_confidence`` and ``auroc_novelty`` beside it). ``r = 0`` turns both
+  checks off (never abstain). ``--unknown-threshold C`` sets the confidence threshold directly and turns the
+  novelty check off (a threshold the user states is the whole rule). Without a reference (a bare model folder,
+  a package from an earlier scmm, ``--labels``) only the confidence counts, at the whole rate.
+
 Order at inference (:func:`calibrated_answers`): probabilities; a cell whose top-1 confidence is below the
-threshold is ``unknown``; the other cells get the top-1 label or its back-off. The confidence stays the top-1
-probability (abstention and the seen/unseen AUROC read it).
+threshold, or whose novelty similarity is below the novelty threshold, is ``unknown``; the other cells get the
+top-1 label or its back-off. ``scmm_confidence`` stays the calibrated top-1 probability.
 
 Where the values live: ``scmm eval`` writes them into ``metrics.json`` under ``annotation`` (``temperature``,
-``threshold``, ``unknown_rate``, ``margin``) and ``annotation.calibration`` (the same plus the val confidence
-quantiles; :meth:`Calibration.to_dict`). ``scmm package --metrics`` copies that file into the model folder, and
-``scmm annotate`` on the packaged model reads it (:meth:`Calibration.from_metrics`). A model folder without those
+``threshold``, ``unknown_rate``, ``margin``, ``novelty_threshold``) and ``annotation.calibration`` (the same plus
+the val confidence and novelty quantiles and the reference's size and sha256; :meth:`Calibration.to_dict`), and
+the reference embeddings (float16 ``[n, d]``) into ``novelty_reference.npy`` beside ``metrics.json``.
+``scmm package --metrics`` copies both into the model folder, and ``scmm annotate`` on the packaged model reads
+them (:meth:`Calibration.from_metrics`, ``ScmmModel.novelty_reference``). A model folder without those
 keys (packaged before, or a bare stage-1/2 folder) keeps the earlier behaviour: ``T = 1 / logit_scale`` (the
 model's contrastive temperature), no default abstention and no back-off.
 """
@@ -56,9 +82,13 @@ from scipy.optimize import minimize_scalar
 
 from scmm.data_pipeline.ontology import Ontology
 from scmm.errors import ScmmError
+from scmm.eval import knn
 from scmm.eval.ontology_score import informative_common_ancestor, is_same_or_ancestor
+from scmm.model.folders import NOVELTY_FILE
 
-__all__ = ["softmax", "nll", "fit_temperature", "abstention_threshold", "confidence_quantiles",
+__all__ = ["nearest_similarity", "novelty_threshold", "split_rate", "abstention_score", "NOVELTY_FILE",
+           "NOVELTY_MAX_REFERENCE", "NOVELTY_SHARE", "novelty_index", "softmax", "nll", "fit_temperature",
+           "abstention_threshold", "confidence_quantiles",
            "threshold_from_quantiles", "backoff", "choose_margin", "Calibration", "calibrated_answers", "Answers",
            "check_unknown_options", "DEFAULT_UNKNOWN_RATE", "DEFAULT_LINEAGE_TARGET", "UNKNOWN"]
 
@@ -69,6 +99,8 @@ MAX_BACKOFF_RATE = 0.5
 MARGIN_GRID = 200
 QUANTILE_STEP = 0.005
 T_BOUNDS = (1e-4, 1e3)
+NOVELTY_MAX_REFERENCE = 50_000
+NOVELTY_SHARE = 0.5
 
 
 # --- temperature ------------------------------------------------------------------------------------
@@ -149,6 +181,73 @@ def check_unknown_options(unknown_rate: float | None, unknown_threshold: float |
         raise ScmmError(f"--unknown-threshold must be a confidence in [0, 1], got {unknown_threshold}")
 
 
+# --- novelty ----------------------------------------------------------------------------------------
+def nearest_similarity(embeddings: np.ndarray, reference: np.ndarray, index=None) -> np.ndarray:
+    """Per cell, the cosine similarity of its (L2-normalised) embedding to its nearest ``reference`` row (exact
+    FAISS inner-product search; ``index``: one already built over ``reference``), as float64."""
+    q = knn.l2_normalise(embeddings)
+    if len(q) == 0:
+        return np.zeros(0)
+    if index is None:
+        index = novelty_index(reference)
+    scores, _ = knn.knn_search(index, q, 1)
+    return scores[:, 0].astype(np.float64)
+
+
+def novelty_index(reference: np.ndarray):
+    """The exact inner-product index over the (float16 or float32) reference rows, normalised."""
+    ref = np.asarray(reference)
+    if ref.ndim != 2 or len(ref) == 0:
+        raise ValueError(f"the novelty reference must be a non-empty [n, d] array, got shape {ref.shape}")
+    return knn.build_index(knn.l2_normalise(ref.astype(np.float32)), "ip")
+
+
+def novelty_threshold(similarity: Sequence[float], rate: float) -> float | None:
+    """The novelty similarity below which a cell is ``unknown``, so that at most ``rate`` of these (val) cells
+    fall below it: the ``(k+1)``-th smallest, ``k = floor(rate * n)``; None (no check) when ``k = 0``."""
+    s = np.sort(np.asarray(similarity, dtype=np.float64))
+    if s.ndim != 1 or len(s) == 0:
+        raise ValueError("no similarities to choose a novelty threshold on")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"the unknown rate must be in [0, 1), got {rate}")
+    k = int(math.floor(rate * len(s) + 1e-9))
+    return None if k == 0 else float(s[k])
+
+
+def split_rate(rate: float, share: float | None) -> tuple[float, float]:
+    """(confidence rate, novelty rate) for a stated unknown ``rate`` (module docstring): ``share`` of it to the
+    novelty check (default :data:`NOVELTY_SHARE`, half), the rest to the confidence; all to the confidence when
+    ``share`` is None (no novelty reference)."""
+    if share is None:
+        return float(rate), 0.0
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"the novelty share must be in [0, 1], got {share}")
+    return float(rate) * (1.0 - share), float(rate) * share
+
+
+def _rank(values: np.ndarray, quantiles: Sequence[float]) -> np.ndarray:
+    """Each value's position among the val values whose quantiles (at rates 0..1) are given, in [0, 1]."""
+    q = np.asarray(quantiles, dtype=np.float64)
+    rates = np.linspace(0.0, 1.0, len(q))
+    lo = np.searchsorted(q, values, side="left")  # ties among the quantiles: the lowest rate
+    hi = np.clip(lo, 1, len(q) - 1)
+    q0, q1 = q[hi - 1], q[hi]
+    frac = np.where(q1 > q0, (values - q0) / np.where(q1 > q0, q1 - q0, 1.0), 0.0)
+    out = rates[hi - 1] + np.clip(frac, 0.0, 1.0) * (rates[hi] - rates[hi - 1])
+    return np.where(values <= q[0], 0.0, np.where(values >= q[-1], 1.0, out))
+
+
+def abstention_score(confidence: np.ndarray, similarity: np.ndarray | None, calibration: Calibration) -> np.ndarray:
+    """The score behind abstention (higher: more in-distribution): the smaller of the cell's ranks among the val
+    confidences and among the val novelty similarities (the confidence rank alone without a novelty check).
+    With the stored quantiles, ``score < r/2`` is the abstention rule at rate ``r`` (module docstring)."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    score = _rank(conf, calibration.quantiles) if calibration.quantiles else conf
+    if similarity is not None and calibration.novelty_quantiles:
+        score = np.minimum(score, _rank(np.asarray(similarity, dtype=np.float64), calibration.novelty_quantiles))
+    return score
+
+
 # --- back-off ---------------------------------------------------------------------------------------
 def backoff(prob: np.ndarray, cl_ids: Sequence[str], margin: float, ontology: Ontology,
             cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -218,10 +317,27 @@ class Calibration:
     margin: float = 0.0  # back-off margin on calibrated probabilities (0: never)
     quantiles: list[float] = field(default_factory=list)  # val confidences at rates 0, 0.005, ..., 1
     n_val_cells: int = 0
+    novelty_threshold: float | None = None  # novelty similarity below which a cell is unknown (None: no check)
+    novelty_quantiles: list[float] = field(default_factory=list)  # val novelty similarities at rates 0..1
+    novelty_reference: dict | None = None  # {file, n_cells, n_train_cells, sha256, dtype} of the reference
+    novelty_share: float = NOVELTY_SHARE  # the share of the unknown rate given to the novelty check
 
     def to_dict(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "threshold": self.threshold, "unknown_rate": self.unknown_rate,
-                "margin": self.margin, "confidence_quantiles": list(self.quantiles), "n_val_cells": self.n_val_cells}
+                "margin": self.margin, "confidence_quantiles": list(self.quantiles), "n_val_cells": self.n_val_cells,
+                "novelty_threshold": self.novelty_threshold, "novelty_quantiles": list(self.novelty_quantiles),
+                "novelty_reference": self.novelty_reference, "novelty_share": self.novelty_share}
+
+    @property
+    def has_novelty(self) -> bool:
+        """True when a novelty reference was chosen with this calibration (whether or not the check is on)."""
+        return bool(self.novelty_quantiles) and self.novelty_reference is not None
+
+    def without_novelty(self) -> Calibration:
+        """A copy with no novelty check (no reference to search); the confidence threshold is kept as is."""
+        out = Calibration(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        out.novelty_threshold, out.novelty_quantiles, out.novelty_reference = None, [], None
+        return out
 
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, Any] | None) -> Calibration | None:
@@ -232,19 +348,30 @@ class Calibration:
         return cls(temperature=float(c["temperature"]), threshold=float(c.get("threshold", 0.0)),
                    unknown_rate=c.get("unknown_rate"), margin=float(c.get("margin", 0.0)),
                    quantiles=[float(q) for q in c.get("confidence_quantiles", [])],
-                   n_val_cells=int(c.get("n_val_cells", 0)))
+                   n_val_cells=int(c.get("n_val_cells", 0)),
+                   novelty_threshold=(None if c.get("novelty_threshold") is None
+                                      else float(c["novelty_threshold"])),
+                   novelty_quantiles=[float(q) for q in c.get("novelty_quantiles") or []],
+                   novelty_reference=dict(c["novelty_reference"]) if isinstance(c.get("novelty_reference"),
+                                                                                 Mapping) else None,
+                   novelty_share=float(c.get("novelty_share", NOVELTY_SHARE)))
 
     def with_options(self, unknown_rate: float | None, unknown_threshold: float | None) -> Calibration:
-        """A copy whose threshold follows ``--unknown-rate`` (from the stored quantiles) or ``--unknown-threshold``."""
+        """A copy whose thresholds follow ``--unknown-rate`` (from the stored quantiles, split between confidence
+        and novelty by :func:`split_rate`) or ``--unknown-threshold`` (the confidence threshold; the novelty check
+        off)."""
         check_unknown_options(unknown_rate, unknown_threshold)
         out = Calibration(**{k: getattr(self, k) for k in self.__dataclass_fields__})
         if unknown_threshold is not None:
-            out.threshold, out.unknown_rate = float(unknown_threshold), None
+            out.threshold, out.unknown_rate, out.novelty_threshold = float(unknown_threshold), None, None
         elif unknown_rate is not None:
             if not self.quantiles:
                 raise ScmmError("--unknown-rate needs the val confidences that scmm eval stores with the model "
                                 "(package it with the metrics.json of this scmm's eval), or pass --unknown-threshold")
-            out.threshold, out.unknown_rate = threshold_from_quantiles(self.quantiles, unknown_rate), unknown_rate
+            conf_rate, nov_rate = split_rate(unknown_rate, self.novelty_share if self.has_novelty else None)
+            out.threshold, out.unknown_rate = threshold_from_quantiles(self.quantiles, conf_rate), unknown_rate
+            out.novelty_threshold = (threshold_from_quantiles(self.novelty_quantiles, nov_rate)
+                                     if self.has_novelty and nov_rate > 0 else None)
         return out
 
 
@@ -260,6 +387,7 @@ class Answers:
     level: np.ndarray
     top: np.ndarray
     prob: np.ndarray
+    novel: np.ndarray | None = None  # True where the novelty check called the cell unknown (None: no check)
 
     @property
     def unknown(self) -> np.ndarray:
@@ -267,9 +395,11 @@ class Answers:
 
 
 def calibrated_answers(sim: np.ndarray, keys: Sequence[str], names: Sequence[str], cl_ids: Sequence[str],
-                       calibration: Calibration, ontology: Ontology, prob: np.ndarray | None = None) -> Answers:
+                       calibration: Calibration, ontology: Ontology, prob: np.ndarray | None = None,
+                       novelty: np.ndarray | None = None) -> Answers:
     """The answers for similarities ``sim`` [N, C] to the candidates (``prob``: already computed probabilities,
-    e.g. smoothed over neighbours; default ``softmax(sim / T)``)."""
+    e.g. smoothed over neighbours; default ``softmax(sim / T)``; ``novelty``: each cell's similarity to its
+    nearest reference cell, checked against ``calibration.novelty_threshold`` when both are given)."""
     p = softmax(sim, calibration.temperature) if prob is None else np.asarray(prob, dtype=np.float64)
     top = p.argmax(1) if len(p) else np.zeros(0, dtype=np.int64)
     conf = p[np.arange(len(p)), top] if len(p) else np.zeros(0)
@@ -282,5 +412,9 @@ def calibrated_answers(sim: np.ndarray, keys: Sequence[str], names: Sequence[str
         sel = answer == term
         out_keys[sel], out_ids[sel], out_names[sel] = term, term, ontology.label(term)
     unknown = conf < calibration.threshold
+    novel = None
+    if novelty is not None and calibration.novelty_threshold is not None:
+        novel = np.asarray(novelty, dtype=np.float64) < calibration.novelty_threshold
+        unknown = unknown | novel
     out_keys[unknown], out_names[unknown], out_ids[unknown], level[unknown] = UNKNOWN, UNKNOWN, UNKNOWN, 0
-    return Answers(out_keys, out_names, out_ids, conf.astype(np.float64), level, top, p)
+    return Answers(out_keys, out_names, out_ids, conf.astype(np.float64), level, top, p, novel)

@@ -14,15 +14,22 @@ Tasks (``TASKS``):
   Scores are over the test cells of *seen* types (not among the corpus's held-out types; the held-out ones are
   never candidates) unless named otherwise (:func:`_annotate` lists which cells each figure is over).
   *Confidence, unknown, back-off* (:mod:`scmm.eval.calibration`): on the **val** split the harness fits the
-  temperature of ``softmax(similarity / T)`` (``annotation.temperature``), sets the abstention threshold on the
-  calibrated top-1 confidence so that ``unknown_rate`` (default 0.05) of val cells abstain
-  (``annotation.threshold``; ``unknown_threshold`` sets it directly) and chooses the back-off margin
-  (``annotation.margin``); all three, with the val confidence quantiles, go to ``annotation.calibration``, which
-  ``scmm annotate`` applies on a packaged model. On test: ``ece`` (15 bins), ``abstain_rate``,
-  ``lineage_accuracy`` / ``lineage_accuracy_backoff`` (the answer is the truth or one of its ancestors, without
-  / with back-off), ``accuracy_backoff``, ``backoff_rate``; ``with_unknown``: the final answers (abstention and
-  back-off); ``unseen``: for the held-out types' test cells, ``n_cells``, ``unknown_or_ancestor_rate`` and the
-  ``auroc`` of confidence between seen-type (positive) and held-out-type cells.
+  temperature of ``softmax(similarity / T)`` (``annotation.temperature``), sets the abstention thresholds so
+  that at most ``unknown_rate`` (default 0.05) of val cells abstain, half of it on the calibrated top-1
+  confidence (``annotation.threshold``; ``unknown_threshold`` sets it directly and turns the novelty check off)
+  and half on the novelty similarity, the cosine similarity to the nearest training cell
+  (``annotation.novelty_threshold``; the reference is the train split, at most
+  ``scmm.eval.calibration.NOVELTY_MAX_REFERENCE`` cells, a seeded subsample beyond, written as float16 to
+  ``novelty_reference.npy`` beside ``metrics.json``), and chooses the back-off margin (``annotation.margin``);
+  all of them, with the val confidence and novelty quantiles, go to ``annotation.calibration``, which ``scmm
+  annotate`` applies on a packaged model. On test: ``ece`` (15 bins), ``abstain_rate`` (and
+  ``abstain_rate_novelty``, the share the novelty check alone abstains on), ``lineage_accuracy`` /
+  ``lineage_accuracy_backoff`` (the answer is the truth or one of its ancestors, without / with back-off),
+  ``accuracy_backoff``, ``backoff_rate``; ``with_unknown``: the final answers (abstention and back-off);
+  ``unseen``: for the held-out types' test cells, ``n_cells``, ``unknown_or_ancestor_rate``, ``unknown_rate``,
+  ``novel_rate``, and between seen-type (positive) and held-out-type cells the ``auroc`` of the abstention score
+  (:func:`scmm.eval.calibration.abstention_score`), ``auroc_confidence`` (of the calibrated confidence) and
+  ``auroc_novelty`` (of the novelty similarity).
   Plots: ``confusion_matrix.png`` and ``umap.png`` (test cell embeddings coloured by true and by predicted
   type; at most ``scmm.eval.plots.UMAP_MAX_CELLS`` cells, a seeded subsample beyond).
   **Baselines** run with annotate, fitted on train and scored on test (:mod:`scmm.eval.baselines`): ``majority``,
@@ -47,6 +54,8 @@ did not produce again are removed). Bad input (missing model or corpus, unknown 
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
@@ -63,19 +72,27 @@ from scmm.atomic import write_folder
 from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.store import Corpus, label_keys
 from scmm.errors import ScmmError
-from scmm.eval.annotate import Candidates, Embedded, embed_split, label_prototypes, read_labels_option
+from scmm.eval.annotate import Candidates, Embedded, embed_sample, embed_split, label_prototypes, read_labels_option
 from scmm.eval.baselines import knn_smoothing, run_corpus_baselines, smoothing_k
 from scmm.eval.calibration import (
     DEFAULT_UNKNOWN_RATE,
+    NOVELTY_FILE,
+    NOVELTY_MAX_REFERENCE,
+    NOVELTY_SHARE,
     UNKNOWN,
     Calibration,
+    abstention_score,
     abstention_threshold,
     calibrated_answers,
     check_unknown_options,
     choose_margin,
     confidence_quantiles,
     fit_temperature,
+    nearest_similarity,
+    novelty_index,
+    novelty_threshold,
     softmax,
+    split_rate,
 )
 from scmm.eval.metrics import (
     annotation_metrics,
@@ -103,7 +120,7 @@ EXAMPLES = 8  # generated descriptions shown in report.md
 TEXT_BATCH = 64  # texts per text-tower call: bounds the activation memory (~100 MB at 128 tokens)
 BASELINE_NAMES = ("majority", "logistic_regression", "pca_knn", "scmm_knn_smoothing")
 # every file this harness may write (stale ones are removed when a later run into the same folder skips them)
-OUTPUT_FILES = ("metrics.json", "report.md", "confusion_matrix.png", "umap.png")
+OUTPUT_FILES = ("metrics.json", "report.md", "confusion_matrix.png", "umap.png", NOVELTY_FILE)
 
 
 # --- inputs -----------------------------------------------------------------------------------------
@@ -165,16 +182,28 @@ def _logit_scale(model) -> float:
     return float(model.heads.get_logit_scale().detach().float().cpu())
 
 
+def _novelty_reference(model, corpus: Corpus, seed: int, progress: bool) -> tuple[np.ndarray, int] | None:
+    """(float16 reference embeddings, number of train cells): the train split's cells, at most
+    ``NOVELTY_MAX_REFERENCE`` of them (a seeded subsample beyond); None without train cells."""
+    if corpus.manifest["splits"].get("train", 0) <= 0:
+        return None
+    emb, n_train = embed_sample(model, corpus, "train", NOVELTY_MAX_REFERENCE, seed=seed, progress=progress)
+    return emb.embeddings.astype(np.float16), n_train
+
+
 def _calibrate(model, corpus: Corpus, protos: np.ndarray, cands: Candidates, ontology, progress: bool,
-               unknown_rate: float, unknown_threshold: float | None, notes: list[str]) -> Calibration:
-    """Temperature, threshold and back-off margin chosen on the val cells whose type is a candidate
+               unknown_rate: float, unknown_threshold: float | None, notes: list[str],
+               reference: tuple[np.ndarray, int] | None = None,
+               novelty_share: float = NOVELTY_SHARE) -> Calibration:
+    """Temperature, thresholds and back-off margin chosen on the val cells whose type is a candidate
     (:mod:`scmm.eval.calibration`); without such cells, the model's contrastive temperature and no
-    abstention (unless ``unknown_threshold``) or back-off."""
+    abstention (unless ``unknown_threshold``), novelty check or back-off. ``reference``: the novelty reference
+    (:func:`_novelty_reference`), or None for no novelty check."""
     fallback = Calibration(temperature=1.0 / _logit_scale(model),
                            threshold=unknown_threshold if unknown_threshold is not None else 0.0)
     if corpus.manifest["splits"].get("val", 0) <= 0:
         notes.append("the corpus has no val split: confidence at the model's contrastive temperature, no "
-                     "abstention threshold and no back-off were chosen")
+                     "abstention threshold, novelty check or back-off were chosen")
         return fallback
     val_emb, val_true = _embed(model, corpus, "val", progress)
     index = {k: i for i, k in enumerate(cands.keys)}
@@ -182,27 +211,45 @@ def _calibrate(model, corpus: Corpus, protos: np.ndarray, cands: Candidates, ont
     ok = label >= 0
     if not ok.any():
         notes.append("no val cell has a candidate type: confidence at the model's contrastive temperature, no "
-                     "abstention threshold and no back-off were chosen")
+                     "abstention threshold, novelty check or back-off were chosen")
         return fallback
     vsim = val_emb.embeddings[ok] @ protos.T
     temperature = fit_temperature(vsim, label[ok])
     vprob = softmax(vsim, temperature)
     vconf = vprob.max(1)
+    conf_rate, nov_rate = split_rate(unknown_rate, novelty_share if reference is not None else None)
     if unknown_threshold is not None:
         threshold, rate = float(unknown_threshold), None
     else:
-        threshold, rate = abstention_threshold(vconf, unknown_rate), float(unknown_rate)
+        threshold, rate = abstention_threshold(vconf, conf_rate), float(unknown_rate)
     margin = choose_margin(vprob, cands.cl_ids, val_true[ok], ontology)
-    return Calibration(temperature=temperature, threshold=threshold, unknown_rate=rate, margin=margin,
-                       quantiles=confidence_quantiles(vconf), n_val_cells=int(ok.sum()))
+    cal = Calibration(temperature=temperature, threshold=threshold, unknown_rate=rate, margin=margin,
+                      quantiles=confidence_quantiles(vconf), n_val_cells=int(ok.sum()))
+    if reference is not None:
+        ref, n_train = reference
+        vnov = nearest_similarity(val_emb.embeddings[ok], ref)
+        cal.novelty_quantiles, cal.novelty_share = confidence_quantiles(vnov), float(novelty_share)
+        cal.novelty_threshold = None if unknown_threshold is not None else novelty_threshold(vnov, nov_rate)
+        cal.novelty_reference = {"file": NOVELTY_FILE, "n_cells": int(len(ref)), "n_train_cells": int(n_train),
+                                 "dtype": str(ref.dtype), "dim": int(ref.shape[1]),
+                                 "sha256": _array_sha256(ref)}
+    return cal
+
+
+def _array_sha256(ref: np.ndarray) -> str:
+    """sha256 of the reference as ``np.save`` writes it (what the package checks)."""
+    buf = io.BytesIO()
+    np.save(buf, ref, allow_pickle=False)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 def _trust(y_true: np.ndarray, seen: np.ndarray, top_keys: np.ndarray, answers, backed, ontology,
-           classes: list[str], calibration: Calibration) -> dict:
+           classes: list[str], calibration: Calibration, novelty: np.ndarray | None = None) -> dict:
     """The calibration, abstention and back-off figures on the test split (:func:`_annotate` says over which
     cells)."""
     t, conf = y_true[seen], answers.confidence[seen]
     out: dict[str, Any] = {
+        "novelty_threshold": calibration.novelty_threshold,
         "temperature": calibration.temperature, "threshold": calibration.threshold,
         "unknown_rate": calibration.unknown_rate, "margin": calibration.margin,
         "ece": expected_calibration_error(conf, top_keys[seen] == t),
@@ -214,6 +261,8 @@ def _trust(y_true: np.ndarray, seen: np.ndarray, top_keys: np.ndarray, answers, 
         "backoff_rate": float(np.mean(backed.keys[seen] != top_keys[seen])),
         "backoff_mean_level": float(np.mean(backed.level[seen])),
         "calibration": calibration.to_dict()}
+    if answers.novel is not None:
+        out["abstain_rate_novelty"] = float(np.mean(answers.novel[seen]))
     final = answers.keys[seen]
     u = annotation_metrics(t, final, ontology, labels=classes)
     kept = ~answers.unknown[seen]
@@ -232,8 +281,13 @@ def _trust(y_true: np.ndarray, seen: np.ndarray, top_keys: np.ndarray, answers, 
                          "unknown_or_ancestor_rate": float(np.mean(is_unknown | ancestor)),
                          "unknown_rate": float(np.mean(is_unknown)), "ancestor_rate": float(np.mean(ancestor)),
                          "types": sorted(set(ut.tolist()))}
-        if seen.any():
-            out["unseen"]["auroc"] = binary_auroc(answers.confidence[seen], answers.confidence[~seen])
+        if answers.novel is not None:
+            out["unseen"]["novel_rate"] = float(np.mean(answers.novel[~seen]))
+        score = abstention_score(answers.confidence, novelty, calibration)
+        out["unseen"]["auroc"] = binary_auroc(score[seen], score[~seen])
+        out["unseen"]["auroc_confidence"] = binary_auroc(answers.confidence[seen], answers.confidence[~seen])
+        if novelty is not None:
+            out["unseen"]["auroc_novelty"] = binary_auroc(novelty[seen], novelty[~seen])
     return out
 
 
@@ -261,7 +315,7 @@ def _baselines(corpus: Corpus, y_true: np.ndarray, pred: np.ndarray, classes: li
 
 def _annotate(model, corpus: Corpus, cands: Candidates, ontology, seed: int, tmp: Path, progress: bool,
               test, unknown_rate: float = DEFAULT_UNKNOWN_RATE,
-              unknown_threshold: float | None = None) -> tuple[dict, dict]:
+              unknown_threshold: float | None = None, novelty_share: float = NOVELTY_SHARE) -> tuple[dict, dict]:
     """Zero-shot annotation of the test split.
 
     Which cells each figure is over: *seen-type* test cells (those whose type is not one of the corpus's
@@ -270,7 +324,8 @@ def _annotate(model, corpus: Corpus, cands: Candidates, ontology, seed: int, tmp
     no abstention, no back-off), ``lineage_accuracy_backoff``, ``accuracy_backoff``, ``ontology_score_backoff``,
     ``backoff_rate`` (answers after back-off, no abstention), ``with_unknown`` (final answers: abstention, then
     back-off) and the baselines; *held-out-type* test cells for ``unseen`` (final answers; ``auroc``: of the
-    calibrated confidence, seen-type test cells as positives). ``n_test_cells`` counts both.
+    abstention score, ``auroc_confidence`` / ``auroc_novelty``: of the calibrated confidence / novelty
+    similarity, seen-type test cells as positives). ``n_test_cells`` counts both.
     """
     emb, y_true = test
     protos = label_prototypes(model, cands)
@@ -289,12 +344,18 @@ def _annotate(model, corpus: Corpus, cands: Candidates, ontology, seed: int, tmp
     metrics["n_test_cells"] = int(len(y_true))
     metrics["ece_uncalibrated"] = expected_calibration_error(
         softmax(sim[seen], 1.0 / _logit_scale(model)).max(1), pred[seen] == y_true[seen])
+    reference = _novelty_reference(model, corpus, seed, progress)
     calibration = _calibrate(model, corpus, protos, cands, ontology, progress, unknown_rate, unknown_threshold,
-                             details["notes"])
-    answers = calibrated_answers(sim, cands.keys, cands.names, cands.cl_ids, calibration, ontology)
+                             details["notes"], reference, novelty_share)
+    novelty = None
+    if calibration.has_novelty:
+        novelty = nearest_similarity(emb.embeddings, reference[0], novelty_index(reference[0]))
+        np.save(tmp / NOVELTY_FILE, reference[0], allow_pickle=False)
+    answers = calibrated_answers(sim, cands.keys, cands.names, cands.cl_ids, calibration, ontology,
+                                 novelty=novelty)
     no_abstain = Calibration(temperature=calibration.temperature, margin=calibration.margin)
     backed = calibrated_answers(sim, cands.keys, cands.names, cands.cl_ids, no_abstain, ontology, prob=answers.prob)
-    metrics.update(_trust(y_true, seen, pred, answers, backed, ontology, classes, calibration))
+    metrics.update(_trust(y_true, seen, pred, answers, backed, ontology, classes, calibration, novelty))
     baselines, base_details = _baselines(corpus, y_true, pred, classes, ontology, seed, seen)
     details.update(base_details)
 
@@ -335,7 +396,7 @@ def _generate(model: ScmmModel, corpus: Corpus, seed: int) -> dict:
 
 def _run_tasks(model: ScmmModel, corpus: Corpus, tasks: Sequence[str], cands: Candidates, ontology, seed: int,
                tmp: Path, progress: bool, unknown_rate: float = DEFAULT_UNKNOWN_RATE,
-               unknown_threshold: float | None = None) -> tuple[dict, dict]:
+               unknown_threshold: float | None = None, novelty_share: float = NOVELTY_SHARE) -> tuple[dict, dict]:
     """Every task's metrics section, and what the report shows besides."""
     aligner = model.aligner
     metrics: dict[str, Any] = {}
@@ -344,7 +405,7 @@ def _run_tasks(model: ScmmModel, corpus: Corpus, tasks: Sequence[str], cands: Ca
         test = _embed(aligner, corpus, "test", progress)
         if "annotate" in tasks:
             m, d = _annotate(aligner, corpus, cands, ontology, seed, tmp, progress, test, unknown_rate,
-                             unknown_threshold)
+                             unknown_threshold, novelty_share)
             metrics.update(m)
             details["notes"] += d.pop("notes")
             details["annotation"] = d
@@ -406,7 +467,7 @@ def _open(model_dir: Path, corpus_dir: Path, out_dir: Path, tasks, labels) -> tu
 def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
              tasks: str | Sequence[str] | None = None, seed: int = 0, progress: bool = True,
              labels: str | Sequence[str] | None = None, unknown_rate: float | None = None,
-             unknown_threshold: float | None = None) -> dict:
+             unknown_threshold: float | None = None, novelty_share: float | None = None) -> dict:
     """Run the tasks and write ``metrics.json``, ``report.md`` and PNGs into ``out_dir``; returns the metrics.
 
     ``tasks``: default every task the model can do (:func:`default_tasks`).
@@ -414,8 +475,13 @@ def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
     :func:`scmm.eval.annotate.read_labels_option`); default the corpus's cell types.
     ``unknown_rate`` (default 0.05): the share of val cells allowed to abstain, which sets the abstention
     threshold; ``unknown_threshold`` sets it directly (a calibrated confidence in [0, 1]); not both.
+    ``novelty_share`` (default 0.5): the share of that rate given to the novelty check (the rest to the
+    confidence; :mod:`scmm.eval.calibration`).
     """
     check_unknown_options(unknown_rate, unknown_threshold)
+    share = NOVELTY_SHARE if novelty_share is None else float(novelty_share)
+    if not 0.0 <= share <= 1.0:  # NaN fails too
+        raise ScmmError(f"--novelty-share must be in [0, 1], got {novelty_share}")
     rate = DEFAULT_UNKNOWN_RATE if unknown_rate is None else float(unknown_rate)
     t0 = time.perf_counter()
     model_dir, corpus_dir, out_dir = Path(model_dir), Path(corpus_dir), Path(out_dir)
@@ -426,7 +492,7 @@ def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
 
     def write(tmp: Path) -> None:
         metrics, details = _run_tasks(model, corpus, tasks, cands, get_ontology(), seed, tmp, progress, rate,
-                                      unknown_threshold)
+                                      unknown_threshold, share)
         context = {
             "model": str(model_dir), "corpus": str(corpus_dir), "out": str(out_dir), "tasks": list(tasks),
             "seed": seed, "splits": dict(corpus.manifest["splits"]), "split_seed": corpus.manifest.get("split_seed"),

@@ -236,6 +236,9 @@ def _unknown_option(ann: Mapping[str, Any], det: Mapping[str, Any] | None = None
              f"confidence (softmax of similarity / T, fitted by NLL) T = {_f(ann.get('temperature'), 4)}; the "
              f"threshold below which a cell is `unknown`, {_f(ann.get('threshold'))}"
              + (f" (at most {rate:.1%} of val cells abstain)" if isinstance(rate, float) else " (set directly)")
+             + (f", or whose cosine similarity to its nearest training cell is below {_f(ann['novelty_threshold'])} "
+                "(the novelty check; the rate is split between the two)"
+                if ann.get("novelty_threshold") is not None else "")
              + f"; the back-off margin {_f(ann.get('margin'))} (when the top two candidates' probabilities differ "
              "by less, the answer is their lowest informative common Cell Ontology ancestor). Over the test cells "
              "of seen types; lineage accuracy counts an answer that is the truth or one of its ancestors; "
@@ -244,6 +247,8 @@ def _unknown_option(ann: Mapping[str, Any], det: Mapping[str, Any] | None = None
                  ["expected calibration error (15 bins; at the contrastive temperature)",
                   f"{_f(ann.get('ece'))} ({_f(ann.get('ece_uncalibrated'))})"],
                  ["abstain rate (`unknown`)", ann.get("abstain_rate")],
+                 *([["abstain rate by the novelty check", ann["abstain_rate_novelty"]]]
+                   if "abstain_rate_novelty" in ann else []),
                  ["exact accuracy without / with back-off",
                   f"{_f(ann.get('accuracy'))} / {_f(ann.get('accuracy_backoff'))}"],
                  ["lineage accuracy without / with back-off",
@@ -266,10 +271,11 @@ def _unknown_option(ann: Mapping[str, Any], det: Mapping[str, Any] | None = None
         lines += ["#### Held-out (unseen) types", "",
                   f"Types kept out of train and val when the corpus was built: {shown}; their "
                   f"{un.get('n_cells')} test cells are never a candidate answer.", "",
-                  _table(["unknown or a correct ancestor", "unknown", "a correct ancestor",
-                          "AUROC of confidence, seen vs unseen"],
-                         [[un.get("unknown_or_ancestor_rate"), un.get("unknown_rate"), un.get("ancestor_rate"),
-                           un.get("auroc")]], ["---:"] * 4), ""]
+                  _table(["unknown or a correct ancestor", "unknown", "unknown by novelty", "a correct ancestor",
+                          "AUROC seen vs unseen: abstention score", "confidence", "novelty similarity"],
+                         [[un.get("unknown_or_ancestor_rate"), un.get("unknown_rate"), un.get("novel_rate", "–"),
+                           un.get("ancestor_rate"), un.get("auroc"), un.get("auroc_confidence", "–"),
+                           un.get("auroc_novelty", "–")]], ["---:"] * 7), ""]
     return lines
 
 

@@ -31,10 +31,13 @@ Outputs (DESIGN.md names):
     evaluation, :mod:`scmm.eval.annotate`); a cell's similarity to a label is the cosine between its embedding
     and the prototype. Confidence = the top-1 probability of ``softmax(cosine / T)`` over the candidates, with
     the temperature ``T`` that ``scmm eval`` fitted on the val split (a calibrated probability; see
-    :mod:`scmm.eval.calibration`). A cell whose confidence is below the threshold is "unknown": by default the
-    threshold ``scmm eval`` chose so that 5 % of val cells abstain; ``unknown_rate`` picks another rate,
-    ``unknown_threshold`` sets it (a confidence in [0, 1]). When the top candidates are within the back-off
-    margin of each other, the answer is their lowest informative common ancestor in the Cell Ontology, and
+    :mod:`scmm.eval.calibration`). A cell is "unknown" when its confidence is below the threshold, or (the
+    novelty check, for a package holding ``novelty_reference.npy``) when the cosine similarity of its embedding
+    to its nearest training cell is below the novelty threshold: by default the thresholds ``scmm eval`` chose
+    so that 5 % of val cells abstain (half of the rate on each); ``unknown_rate`` picks another rate,
+    ``unknown_threshold`` sets the confidence threshold (a confidence in [0, 1]) and turns the novelty check off.
+    When the top candidates are within the back-off margin of each other, the answer is their lowest informative
+    common ancestor in the Cell Ontology, and
     ``obs['scmm_cell_type_level']`` says how many ontology steps above the top-1 label it lies (0: no back-off;
     0 also for "unknown"). A model folder without that calibration (a bare stage-1/2 folder, or a package from
     before it) uses ``T = 1 / logit_scale`` (the contrastive temperature), no default threshold, no back-off.
@@ -83,7 +86,14 @@ from scmm.data_pipeline.scale import check_scale_option
 from scmm.errors import ScmmError
 from scmm.eval import knn
 from scmm.eval.annotate import Candidates, label_prototypes, read_labels_option
-from scmm.eval.calibration import Calibration, calibrated_answers, check_unknown_options, softmax
+from scmm.eval.calibration import (
+    Calibration,
+    calibrated_answers,
+    check_unknown_options,
+    nearest_similarity,
+    novelty_index,
+    softmax,
+)
 from scmm.index import ReferenceIndex, reference_labels, write_index
 from scmm.model.folders import ScmmModel, load_model
 
@@ -318,7 +328,9 @@ def model_calibration(model: ScmmModel, user_labels: bool, unknown_rate: float |
     folder, or a package from before calibration) the model's contrastive temperature, no abstention and no
     back-off. With the user's own candidate ``labels`` only the temperature is kept: the threshold and the margin
     were chosen for the training candidates (an explicit ``unknown_threshold`` still applies; ``unknown_rate``
-    cannot, as the stored val confidences belong to the training candidates)."""
+    cannot, as the stored val confidences belong to the training candidates). The novelty check (a similarity
+    threshold to the package's ``novelty_reference.npy``) is part of the stored calibration: off with ``labels``,
+    with ``unknown_threshold`` and for a model without that file."""
     check_unknown_options(unknown_rate, unknown_threshold)
     stored = Calibration.from_metrics(model.metrics)
     if stored is None:
@@ -326,6 +338,10 @@ def model_calibration(model: ScmmModel, user_labels: bool, unknown_rate: float |
         stored = Calibration(temperature=1.0 / scale)
     elif user_labels:
         stored = Calibration(temperature=stored.temperature)
+    elif model.novelty_reference is None and stored.has_novelty:
+        log.warning("model %s: its metrics record a novelty check but it holds no novelty reference: only the "
+                    "confidence decides 'unknown'", model.folder)
+        stored = stored.without_novelty()
     if user_labels and unknown_rate is not None:
         raise ScmmError("--unknown-rate applies to the model's own candidate labels (the val confidences it stores "
                         "belong to them); with --labels pass --unknown-threshold")
@@ -348,8 +364,12 @@ def _annotator(model: ScmmModel, candidates: Candidates, calibration: Calibratio
     with torch.inference_mode():
         protos = label_prototypes(model.aligner, candidates)
     ontology = get_ontology()
+    index = None
+    if calibration.novelty_threshold is not None and model.novelty_reference is not None:
+        index = novelty_index(model.novelty_reference)  # built once, searched per chunk
 
     def run(emb: np.ndarray) -> pd.DataFrame:
+        novelty = nearest_similarity(emb, model.novelty_reference, index) if index is not None else None
         sim = emb @ protos.T  # cosine similarities [N, C]
         prob = softmax(sim, calibration.temperature)
         if smooth and len(emb) > 1:
@@ -358,7 +378,7 @@ def _annotator(model: ScmmModel, candidates: Candidates, calibration: Calibratio
             w = valid / valid.sum(1, keepdims=True)
             prob = np.einsum("nk,nkc->nc", w, prob[np.maximum(nb, 0)])
         answers = calibrated_answers(sim, candidates.keys, candidates.names, candidates.cl_ids, calibration,
-                                     ontology, prob=prob)
+                                     ontology, prob=prob, novelty=novelty)
         return _label_frame(answers.names, answers.cl_ids, answers.confidence, answers.level)
     return run
 

@@ -223,7 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from scmm.eval.report import main_table, stage2_table
     metrics = evaluate(args.model, args.corpus, args.out, tasks=args.tasks, seed=args.seed,
                        progress=not args.quiet, labels=args.labels, unknown_rate=args.unknown_rate,
-                       unknown_threshold=args.unknown_threshold)
+                       unknown_threshold=args.unknown_threshold, novelty_share=args.novelty_share)
     print(main_table(metrics))
     if stage2_table(metrics):
         print("\n" + stage2_table(metrics))
@@ -240,9 +240,12 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
                                    "do: describe and generate need a stage-2 model)")
     p.add_argument("--labels", help="candidate labels: comma list or file (CL IDs or free text); default the corpus's")
     p.add_argument("--unknown-rate", type=float, help="share of val cells allowed to abstain: sets the 'unknown' "
-                   "threshold on the calibrated confidence (default 0.05)")
+                   "thresholds, half on the calibrated confidence and half on the similarity to the nearest "
+                   "training cell (default 0.05; 0: never abstain)")
     p.add_argument("--unknown-threshold", type=float, help="calibrated confidence in [0, 1] below which a cell is "
-                   "'unknown' (instead of --unknown-rate)")
+                   "'unknown' (instead of --unknown-rate; no novelty check)")
+    p.add_argument("--novelty-share", type=float, help="share of --unknown-rate given to the novelty check (cosine "
+                   "similarity to the nearest training cell), the rest to the confidence (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
@@ -389,9 +392,11 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", help="candidate labels: comma list or a file, one per line (CL IDs or free text); "
                    "default the model's training cell types")
     p.add_argument("--unknown-threshold", type=float, help="calibrated confidence in [0, 1] below which a cell is "
-                   "'unknown' (default: the threshold scmm eval chose on val, stored in a packaged model)")
+                   "'unknown', the novelty check off (default: the thresholds scmm eval chose on val, stored in a "
+                   "packaged model)")
     p.add_argument("--unknown-rate", type=float, help="share of val cells allowed to abstain, in [0, 1): sets the "
-                   "threshold from the val confidences stored in a packaged model (scmm eval's default 0.05)")
+                   "thresholds (confidence and novelty, half each) from the val quantiles stored in a packaged "
+                   "model (scmm eval's default 0.05)")
     p.add_argument("--smooth", action="store_true", help="smooth predictions over the k-NN graph of the input's "
                    "embeddings")
     p.add_argument("--k", type=int, default=15, help="neighbours for --smooth (default 15)")

@@ -3,7 +3,10 @@
     scmm package --stage1 DIR --corpus DIR [--stage2 DIR] [--metrics FILE] --out DIR
 
 Written atomically (a temporary folder beside ``out``, renamed into place when complete); an existing package at
-``out`` is replaced, any other existing path is an error. Each part is stored once: the stage-2 folder goes in
+``out`` is replaced, any other existing path is an error. When the metrics file records a novelty reference
+(``annotation.calibration.novelty_reference``, written by ``scmm eval``), the ``novelty_reference.npy`` beside it
+goes into the package too (checked against the sha256 the metrics record; a missing or different file is an
+error), so that ``scmm annotate`` can apply the novelty check. Each part is stored once: the stage-2 folder goes in
 without its copy of the stage-1 model, which must then be the ``--stage1`` given.
 """
 from __future__ import annotations
@@ -23,7 +26,16 @@ from scmm.data_pipeline.text import corpus_labels
 from scmm.errors import ScmmError
 from scmm.eval.report import main_table, retrieval_table
 from scmm.model.aligner import CellTextAligner
-from scmm.model.folders import FORMAT, FORMAT_VERSION, MANIFEST, NOT_IN_FINGERPRINT, files_of, model_kind
+from scmm.model.folders import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    NOT_IN_FINGERPRINT,
+    NOVELTY_FILE,
+    files_of,
+    model_kind,
+    sha256_file,
+)
 
 log = logging.getLogger("scmm.package")
 
@@ -73,6 +85,9 @@ def _model_card(manifest: dict, corpus_manifest: dict, labels: list[dict], metri
                           f"annotate`: temperature {cal['temperature']:.4g}; a cell whose calibrated confidence is "
                           f"below {cal['threshold']:.3f} is `unknown`"
                           + (f" ({rate:.1%} of val cells)" if rate is not None else "")
+                          + (f"; a cell whose cosine similarity to its nearest training cell is below "
+                             f"{cal['novelty_threshold']:.3f} is `unknown` too (the novelty check, reference in "
+                             f"`{NOVELTY_FILE}`)" if cal.get("novelty_threshold") is not None else "")
                           + f"; candidates within {cal['margin']:.3f} of the top one back off to their common "
                           "Cell Ontology ancestor (`obs['scmm_cell_type_level']`). Change the threshold with "
                           "`--unknown-rate R` or `--unknown-threshold C`.", ""]
@@ -122,6 +137,22 @@ def _check_inputs(stage1: Path, corpus_dir: Path, out: Path, stage2: Path | None
         raise ScmmError(f"metrics file not found: {metrics}")
 
 
+def _novelty_file(metrics: Path | None, metrics_data: dict | None) -> Path | None:
+    """The novelty reference to package: the file beside the metrics when they record one (module docstring)."""
+    cal = ((metrics_data or {}).get("annotation") or {}).get("calibration") if metrics_data else None
+    ref = cal.get("novelty_reference") if isinstance(cal, dict) else None
+    if metrics is None or not isinstance(ref, dict):
+        return None
+    path = metrics.parent / NOVELTY_FILE
+    if not path.is_file():
+        raise ScmmError(f"the metrics file {metrics} records a novelty reference, but {path} is missing (package "
+                        f"the metrics.json together with the {NOVELTY_FILE} scmm eval wrote beside it)")
+    if ref.get("sha256") and sha256_file(path) != ref["sha256"]:
+        raise ScmmError(f"{path} is not the novelty reference the metrics file {metrics} was computed with "
+                        "(its sha256 differs)")
+    return path
+
+
 def package_model(stage1: Path, corpus: Path, out: Path, stage2: Path | None = None,
                   metrics: Path | None = None) -> Path:
     """Write the packaged model folder ``out`` (see :mod:`scmm.model.folders`); returns ``out``."""
@@ -135,6 +166,7 @@ def package_model(stage1: Path, corpus: Path, out: Path, stage2: Path | None = N
     metrics_data = read_json(metrics, "metrics file") if metrics is not None else None
     if metrics_data is not None and not isinstance(metrics_data, dict):
         raise ScmmError(f"metrics file {metrics} must hold a JSON object")
+    novelty = _novelty_file(metrics, metrics_data)
     labels, encoding, aligner_cfg = corpus_labels(corpus_obj), aligner.encoding, read_json(stage1 / "config.json",
                                                                                               "stage-1 config")
     del aligner
@@ -152,6 +184,8 @@ def package_model(stage1: Path, corpus: Path, out: Path, stage2: Path | None = N
         (tmp / "genes.json").write_text(json.dumps(corpus_panel(corpus_obj)))
         if metrics is not None:
             shutil.copyfile(metrics, tmp / "metrics.json")
+        if novelty is not None:
+            shutil.copyfile(novelty, tmp / NOVELTY_FILE)
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "scmm_version": scmm.__version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "components": components,
                     "corpus": {k: cm.get(k) for k in ("n_cells", "n_genes", "normalization", "splits", "vocab")}}

@@ -13,6 +13,7 @@ from scmm.data_pipeline.ontology import get_ontology
 from scmm.errors import ScmmError
 from scmm.eval.calibration import (
     Calibration,
+    abstention_score,
     abstention_threshold,
     backoff,
     calibrated_answers,
@@ -20,8 +21,11 @@ from scmm.eval.calibration import (
     choose_margin,
     confidence_quantiles,
     fit_temperature,
+    nearest_similarity,
     nll,
+    novelty_threshold,
     softmax,
+    split_rate,
     threshold_from_quantiles,
 )
 from scmm.eval.metrics import binary_auroc, expected_calibration_error, lineage_accuracy
@@ -151,6 +155,74 @@ def test_calibration_round_trip_and_options():
     for rate, threshold in ((1.0, None), (-0.1, None), (None, 1.5), (None, math.nan), (0.1, 0.5)):
         with pytest.raises(ScmmError):
             check_unknown_options(rate, threshold)
+
+
+# --- novelty ----------------------------------------------------------------------------------------
+def test_novelty_threshold_rule_on_a_hand_made_set():
+    sim = [0.95, 0.2, 0.9, 0.5, 0.8, 0.3, 0.85, 0.7, 0.4, 0.99]  # shuffled
+    assert novelty_threshold(sim, 0.1) == 0.3  # k = 1: only 0.2 lies below 0.3
+    assert novelty_threshold(sim, 0.2) == 0.4  # k = 2: 0.2 and 0.3 lie below 0.4
+    assert novelty_threshold(sim, 0.25) == 0.4  # floor(2.5) = 2
+    assert novelty_threshold(sim, 0.05) is None and novelty_threshold(sim, 0.0) is None  # k = 0: no check
+    for rate in (0.1, 0.2, 0.5, 0.9):
+        assert np.mean(np.asarray(sim) < novelty_threshold(sim, rate)) <= rate + 1e-12
+    assert novelty_threshold([-0.5, -0.2, 0.1, 0.3], 0.5) == 0.1  # cosines may be negative
+    with pytest.raises(ValueError):
+        novelty_threshold(sim, 1.0)
+    with pytest.raises(ValueError):
+        novelty_threshold([], 0.1)
+    assert split_rate(0.1, 0.5) == (0.05, 0.05) and split_rate(0.1, None) == (0.1, 0.0)
+    assert split_rate(0.1, 1.0) == (0.0, 0.1)
+    # the union of the two checks at half the rate each stays within the rate on the val cells themselves
+    rng = np.random.default_rng(0)
+    conf, nov = rng.random(97), rng.random(97)
+    for rate in (0.02, 0.05, 0.1, 0.3):
+        c, n = split_rate(rate, 0.5)
+        th_c, th_n = abstention_threshold(conf, c), novelty_threshold(nov, n)
+        out = (conf < th_c) | (nov < (th_n if th_n is not None else -np.inf))
+        assert out.sum() <= np.floor(rate * 97 + 1e-9)
+
+
+def test_far_cells_are_unknown_and_near_ones_are_not():
+    """Reference cells along four axes; cells near one of them keep their answer, cells far from all are unknown,
+    whatever their confidence."""
+    d = 8
+    reference = np.eye(d, dtype=np.float32)[:4].astype(np.float16)
+    rng = np.random.default_rng(1)
+    near = np.eye(d)[[0, 1, 2, 3, 0, 1]] + 0.05 * rng.normal(size=(6, d))
+    far = np.eye(d)[[4, 5, 6, 7]] + 0.05 * rng.normal(size=(4, d))
+    emb = np.concatenate([near, far]).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    similarity = nearest_similarity(emb, reference)
+    assert (similarity[:6] > 0.9).all() and (similarity[6:] < 0.3).all()
+    assert similarity == pytest.approx((emb @ reference.astype(np.float32).T).max(1), abs=1e-5)
+    sim = np.tile([[5.0, 0.0]], (10, 1))  # every cell confidently the first candidate
+    val_sim = np.linspace(0.6, 1.0, 41)
+    calib = Calibration(temperature=1.0, threshold=0.1, novelty_threshold=novelty_threshold(val_sim, 0.05),
+                        quantiles=confidence_quantiles(np.linspace(0.5, 1, 41)),
+                        novelty_quantiles=confidence_quantiles(val_sim),
+                        novelty_reference={"file": "novelty_reference.npy", "n_cells": 4})
+    ont = get_ontology()
+    a = calibrated_answers(sim, ["CL:0000236", "CL:0000084"], ["B cell", "T cell"], ["CL:0000236", "CL:0000084"],
+                           calib, ont, novelty=similarity)
+    assert list(a.unknown) == [False] * 6 + [True] * 4 and list(a.novel) == list(a.unknown)
+    assert (a.confidence > 0.99).all()  # the confidence stays the calibrated top-1 probability
+    plain = calibrated_answers(sim, ["CL:0000236", "CL:0000084"], ["B cell", "T cell"], ["CL:0000236", "CL:0000084"],
+                               calib, ont)  # no similarities given (a model without a reference): no check
+    assert not plain.unknown.any() and plain.novel is None
+    # the abstention score: the smaller val rank; far cells rank at the bottom
+    score = abstention_score(a.confidence, similarity, calib)
+    assert (score[6:] == 0.0).all() and (score[:6] > 0.0).all()
+    assert abstention_score(np.array([0.5, 1.0]), None, calib) == pytest.approx([0.0, 1.0])
+    # --unknown-rate on the stored quantiles splits the rate; --unknown-threshold and rate 0 turn the check off
+    assert calib.with_options(0.1, None).novelty_threshold == pytest.approx(np.quantile(val_sim, 0.05))
+    assert calib.with_options(0.1, None).threshold == pytest.approx(np.quantile(np.linspace(0.5, 1, 41), 0.05))
+    assert calib.with_options(None, 0.3).novelty_threshold is None
+    never = calib.with_options(0.0, None)
+    assert never.novelty_threshold is None and never.threshold == 0.0
+    assert not calibrated_answers(sim, ["a", "b"], ["a", "b"], ["", ""], never, ont, novelty=similarity).unknown.any()
+    back = Calibration.from_metrics(json.loads(json.dumps({"annotation": {"calibration": calib.to_dict()}})))
+    assert back == calib and back.has_novelty and not back.without_novelty().has_novelty
 
 
 # --- metrics ----------------------------------------------------------------------------------------
