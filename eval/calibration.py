@@ -141,16 +141,23 @@ def fit_temperature(logits: np.ndarray, labels: Sequence[int], bounds: tuple[flo
 
 
 # --- abstention -------------------------------------------------------------------------------------
+def _conformal_cut(values: Sequence[float], rate: float, what: str) -> float | None:
+    """The ``(k+1)``-th smallest of ``values`` with ``k = floor(rate * n)``, below which at most ``rate`` of
+    them fall (module docstring); None when ``k = 0`` (nothing may fall below)."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    if v.ndim != 1 or len(v) == 0:
+        raise ValueError(f"no {what} to choose a threshold on")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"the unknown rate must be in [0, 1), got {rate}")
+    k = int(math.floor(rate * len(v) + 1e-9))
+    return None if k == 0 else float(v[k])
+
+
 def abstention_threshold(confidence: Sequence[float], rate: float) -> float:
     """The confidence below which a cell is ``unknown``, so that at most ``rate`` of these (val) cells abstain:
     the ``(k+1)``-th smallest confidence, ``k = floor(rate * n)`` (module docstring); 0 for ``rate = 0``."""
-    c = np.sort(np.asarray(confidence, dtype=np.float64))
-    if c.ndim != 1 or len(c) == 0:
-        raise ValueError("no confidences to choose a threshold on")
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"the unknown rate must be in [0, 1), got {rate}")
-    k = int(math.floor(rate * len(c) + 1e-9))
-    return 0.0 if k == 0 else float(c[k])
+    cut = _conformal_cut(confidence, rate, "confidences")
+    return 0.0 if cut is None else cut
 
 
 def confidence_quantiles(confidence: Sequence[float], step: float = QUANTILE_STEP) -> list[float]:
@@ -205,13 +212,7 @@ def novelty_index(reference: np.ndarray):
 def novelty_threshold(similarity: Sequence[float], rate: float) -> float | None:
     """The novelty similarity below which a cell is ``unknown``, so that at most ``rate`` of these (val) cells
     fall below it: the ``(k+1)``-th smallest, ``k = floor(rate * n)``; None (no check) when ``k = 0``."""
-    s = np.sort(np.asarray(similarity, dtype=np.float64))
-    if s.ndim != 1 or len(s) == 0:
-        raise ValueError("no similarities to choose a novelty threshold on")
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"the unknown rate must be in [0, 1), got {rate}")
-    k = int(math.floor(rate * len(s) + 1e-9))
-    return None if k == 0 else float(s[k])
+    return _conformal_cut(similarity, rate, "similarities")
 
 
 def split_rate(rate: float, share: float | None) -> tuple[float, float]:
