@@ -252,16 +252,6 @@ def _qc_labels(obs: pd.DataFrame, empty: np.ndarray) -> pd.DataFrame:
     return _label_frame(cell_type, cell_id, conf, level)
 
 
-def _qc(obs: pd.DataFrame | None, empty: np.ndarray) -> pd.DataFrame:
-    """``obs`` (or a new frame) with the QC column; cells with no expressed gene are called unknown (confidence 0)."""
-    if obs is None:
-        obs = pd.DataFrame(index=pd.RangeIndex(len(empty)))
-    elif CELL_TYPE in obs:
-        obs = _qc_labels(obs, empty)
-    obs[QC] = pd.Categorical(np.where(empty, QC_EMPTY, "ok"), categories=["ok", QC_EMPTY])
-    return obs
-
-
 class _Columns:
     """New obs columns gathered chunk by chunk in compact form: a categorical column as int32 codes into the
     categories seen so far (4 bytes per cell), a numeric one in its own dtype (4 bytes for the confidence, 2 for
@@ -584,6 +574,7 @@ def _write_adata(adata: ad.AnnData, out: Path) -> Path:
 
 
 def _with_qc(obs: pd.DataFrame | None, empty: np.ndarray) -> pd.DataFrame:
+    """``obs`` (or a new frame) with the QC column (cells with no expressed gene are flagged)."""
     obs = pd.DataFrame(index=pd.RangeIndex(len(empty))) if obs is None else obs
     obs[QC] = pd.Categorical(np.where(empty, QC_EMPTY, "ok"), categories=["ok", QC_EMPTY])
     return obs
