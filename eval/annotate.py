@@ -17,14 +17,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from scmm.data_pipeline.encoding import encode_cells
 from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
 from scmm.data_pipeline.ontology import Ontology
 from scmm.data_pipeline.store import Corpus
 from scmm.data_pipeline.text import corpus_labels, label_texts
 from scmm.errors import ScmmError
 
-__all__ = ["Embedded", "Candidates", "read_labels_option", "embed_split", "embed_sample", "label_prototypes",
+__all__ = ["Embedded", "Candidates", "read_labels_option", "embed_split", "label_prototypes",
            "predict_by_text",
            "corpus_label_texts", "zero_shot_accuracy"]
 
@@ -53,34 +52,6 @@ def embed_split(model, corpus: Corpus, split: str, progress: bool = True, batch_
         labels += batch["cell_type_ontology_term_id"]
         texts += batch["text"]
     return Embedded(np.concatenate(parts).astype(np.float32), ids, labels, texts)
-
-
-@torch.no_grad()
-def embed_sample(model, corpus: Corpus, split: str, max_cells: int, seed: int = 0, progress: bool = True,
-                 batch_size: int = 64) -> tuple[Embedded, int]:
-    """(embeddings of at most ``max_cells`` cells of a split, the split's number of cells): every cell when the
-    split holds at most ``max_cells`` (:func:`embed_split`), else a seeded uniform subsample of ``max_cells``
-    cells (in shard order), read shard by shard and encoded as :func:`embed_split` encodes them."""
-    n = int(sum(e["n_cells"] for e in corpus.shards(split)))
-    if n <= max_cells:
-        return embed_split(model, corpus, split, progress, batch_size), n
-    keep = np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
-    model.eval()
-    parts, ids, labels, texts = [], [], [], []
-    start = 0
-    for shard in corpus.iter_shards(split, columns=("cell_id", "cell_type_ontology_term_id", "text")):
-        rows = keep[(keep >= start) & (keep < start + shard.n_cells)] - start
-        start += shard.n_cells
-        for b in range(0, len(rows), batch_size):
-            part = rows[b:b + batch_size]
-            batch = encode_cells(shard.matrix[part], corpus.gene_vocab_ids, model.vocab, model.encoding,
-                                 normalization=corpus.manifest["normalization"], training=False,
-                                 rng=np.random.default_rng(seed))
-            parts.append(model.cell_features(batch["gene_ids"], batch["values"], batch["padding_mask"]).float().numpy())
-        ids += [str(c) for c in shard.obs["cell_id"][rows]]
-        labels += [str(c) for c in shard.obs["cell_type_ontology_term_id"][rows]]
-        texts += [str(c) for c in shard.obs["text"][rows]]
-    return Embedded(np.concatenate(parts).astype(np.float32), ids, labels, texts), n
 
 
 # --- candidates -------------------------------------------------------------------------------------------

@@ -33,14 +33,13 @@ scores into answers:
   Margin 0 never backs off. Candidate margins are 0 and just above each val cell's top-1/top-2 gap (at most
   :data:`MARGIN_GRID` of them, quantiles of those gaps).
 
-* **Novelty check** (:func:`nearest_similarity`, :func:`novelty_threshold`): a softmax over the known candidates
-  cannot say "none of these", so a cell of a type the model never saw often gets a confident known answer. Beside
-  the confidence, each cell's *novelty similarity* is the cosine similarity of its embedding to its nearest
-  **reference** cell: the training split's cells (all of them up to :data:`NOVELTY_MAX_REFERENCE` = 50,000; a
-  seeded subsample of that many beyond), searched exactly by FAISS inner product
-  (:func:`scmm.eval.knn.build_index`). Low similarity = novel. The val cells are held out from training just as
-  test cells are, so, conformal-style again, the novelty threshold is the ``(k+1)``-th smallest val similarity
-  for the novelty share of the rate, and a cell whose similarity is *below* it is ``unknown``.
+* **Novelty check** (:func:`novelty_threshold`): a softmax over the known candidates cannot say "none of
+  these", so a cell of a type the model never saw often gets a confident known answer. Beside the confidence,
+  each cell's *novelty similarity* (:mod:`scmm.eval.novelty`: the mean cosine similarity of its expression
+  profile's PCA point to its nearest training cells') says how unlike every training cell it is. Low similarity
+  = novel. The val cells are held out from training just as test cells are, so, conformal-style again, the
+  novelty threshold is the ``(k+1)``-th smallest val similarity for the novelty share of the rate, and a cell
+  whose similarity is *below* it is ``unknown``.
 * **How the rate is split** (:func:`split_rate`): with a novelty reference, each criterion gets half of the stated
   rate ``r`` (:data:`NOVELTY_SHARE` = 0.5; ``scmm eval --novelty-share S`` gives the novelty check ``S r`` and
   the confidence ``(1 - S) r``; the share is stored and ``--unknown-rate`` at annotation splits the same way):
@@ -64,7 +63,8 @@ top-1 label or its back-off. ``scmm_confidence`` stays the calibrated top-1 prob
 Where the values live: ``scmm eval`` writes them into ``metrics.json`` under ``annotation`` (``temperature``,
 ``threshold``, ``unknown_rate``, ``margin``, ``novelty_threshold``) and ``annotation.calibration`` (the same plus
 the val confidence and novelty quantiles and the reference's size and sha256; :meth:`Calibration.to_dict`), and
-the reference embeddings (float16 ``[n, d]``) into ``novelty_reference.npy`` beside ``metrics.json``.
+the novelty reference (:class:`scmm.eval.novelty.ExpressionNovelty`) into ``novelty_reference.npz`` beside
+``metrics.json``.
 ``scmm package --metrics`` copies both into the model folder, and ``scmm annotate`` on the packaged model reads
 them (:meth:`Calibration.from_metrics`, ``ScmmModel.novelty_reference``). A model folder without those
 keys (packaged before, or a bare stage-1/2 folder) keeps the earlier behaviour: ``T = 1 / logit_scale`` (the
@@ -82,12 +82,9 @@ from scipy.optimize import minimize_scalar
 
 from scmm.data_pipeline.ontology import Ontology
 from scmm.errors import ScmmError
-from scmm.eval import knn
 from scmm.eval.ontology_score import informative_common_ancestor, is_same_or_ancestor
-from scmm.model.folders import NOVELTY_FILE
 
-__all__ = ["nearest_similarity", "novelty_threshold", "split_rate", "abstention_score", "NOVELTY_FILE",
-           "NOVELTY_MAX_REFERENCE", "NOVELTY_SHARE", "novelty_index", "softmax", "nll", "fit_temperature",
+__all__ = ["novelty_threshold", "split_rate", "abstention_score", "NOVELTY_SHARE", "softmax", "nll", "fit_temperature",
            "abstention_threshold", "confidence_quantiles",
            "threshold_from_quantiles", "backoff", "choose_margin", "Calibration", "calibrated_answers", "Answers",
            "check_unknown_options", "DEFAULT_UNKNOWN_RATE", "DEFAULT_LINEAGE_TARGET", "UNKNOWN"]
@@ -99,7 +96,6 @@ MAX_BACKOFF_RATE = 0.5
 MARGIN_GRID = 200
 QUANTILE_STEP = 0.005
 T_BOUNDS = (1e-4, 1e3)
-NOVELTY_MAX_REFERENCE = 50_000
 NOVELTY_SHARE = 0.5
 
 
@@ -189,26 +185,6 @@ def check_unknown_options(unknown_rate: float | None, unknown_threshold: float |
 
 
 # --- novelty ----------------------------------------------------------------------------------------
-def nearest_similarity(embeddings: np.ndarray, reference: np.ndarray, index=None) -> np.ndarray:
-    """Per cell, the cosine similarity of its (L2-normalised) embedding to its nearest ``reference`` row (exact
-    FAISS inner-product search; ``index``: one already built over ``reference``), as float64."""
-    q = knn.l2_normalise(embeddings)
-    if len(q) == 0:
-        return np.zeros(0)
-    if index is None:
-        index = novelty_index(reference)
-    scores, _ = knn.knn_search(index, q, 1)
-    return scores[:, 0].astype(np.float64)
-
-
-def novelty_index(reference: np.ndarray):
-    """The exact inner-product index over the (float16 or float32) reference rows, normalised."""
-    ref = np.asarray(reference)
-    if ref.ndim != 2 or len(ref) == 0:
-        raise ValueError(f"the novelty reference must be a non-empty [n, d] array, got shape {ref.shape}")
-    return knn.build_index(knn.l2_normalise(ref.astype(np.float32)), "ip")
-
-
 def novelty_threshold(similarity: Sequence[float], rate: float) -> float | None:
     """The novelty similarity below which a cell is ``unknown``, so that at most ``rate`` of these (val) cells
     fall below it: the ``(k+1)``-th smallest, ``k = floor(rate * n)``; None (no check) when ``k = 0``."""
@@ -346,15 +322,17 @@ class Calibration:
         c = ((metrics or {}).get("annotation") or {}).get("calibration")
         if not isinstance(c, Mapping) or "temperature" not in c:
             return None
+        ref = c.get("novelty_reference")
+        # a novelty check of an earlier scmm (embedding space, no "space" key) is not this one: confidence only
+        ref = ref if isinstance(ref, Mapping) and ref.get("space") == "expression" else None
         return cls(temperature=float(c["temperature"]), threshold=float(c.get("threshold", 0.0)),
                    unknown_rate=c.get("unknown_rate"), margin=float(c.get("margin", 0.0)),
                    quantiles=[float(q) for q in c.get("confidence_quantiles", [])],
                    n_val_cells=int(c.get("n_val_cells", 0)),
-                   novelty_threshold=(None if c.get("novelty_threshold") is None
+                   novelty_threshold=(None if ref is None or c.get("novelty_threshold") is None
                                       else float(c["novelty_threshold"])),
-                   novelty_quantiles=[float(q) for q in c.get("novelty_quantiles") or []],
-                   novelty_reference=dict(c["novelty_reference"]) if isinstance(c.get("novelty_reference"),
-                                                                                 Mapping) else None,
+                   novelty_quantiles=[float(q) for q in c.get("novelty_quantiles") or []] if ref else [],
+                   novelty_reference=dict(ref) if ref is not None else None,
                    novelty_share=float(c.get("novelty_share", NOVELTY_SHARE)))
 
     def with_options(self, unknown_rate: float | None, unknown_threshold: float | None) -> Calibration:

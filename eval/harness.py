@@ -17,10 +17,10 @@ Tasks (``TASKS``):
   temperature of ``softmax(similarity / T)`` (``annotation.temperature``), sets the abstention thresholds so
   that at most ``unknown_rate`` (default 0.05) of val cells abstain, half of it on the calibrated top-1
   confidence (``annotation.threshold``; ``unknown_threshold`` sets it directly and turns the novelty check off)
-  and half on the novelty similarity, the cosine similarity to the nearest training cell
-  (``annotation.novelty_threshold``; the reference is the train split, at most
-  ``scmm.eval.calibration.NOVELTY_MAX_REFERENCE`` cells, a seeded subsample beyond, written as float16 to
-  ``novelty_reference.npy`` beside ``metrics.json``), and chooses the back-off margin (``annotation.margin``);
+  and half on the novelty similarity, how like the training cells' the cell's expression profile is
+  (``annotation.novelty_threshold``; :mod:`scmm.eval.novelty`: fitted on the train split, at most
+  ``scmm.eval.novelty.NOVELTY_MAX_REFERENCE`` cells, a seeded subsample beyond, written to
+  ``novelty_reference.npz`` beside ``metrics.json``), and chooses the back-off margin (``annotation.margin``);
   all of them, with the val confidence and novelty quantiles, go to ``annotation.calibration``, which ``scmm
   annotate`` applies on a packaged model. On test: ``ece`` (15 bins), ``abstain_rate`` (and
   ``abstain_rate_novelty``, the share the novelty check alone abstains on), ``lineage_accuracy`` /
@@ -54,8 +54,6 @@ did not produce again are removed). Bad input (missing model or corpus, unknown 
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import math
@@ -72,12 +70,10 @@ from scmm.atomic import write_folder
 from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.store import Corpus, label_keys
 from scmm.errors import ScmmError
-from scmm.eval.annotate import Candidates, Embedded, embed_sample, embed_split, label_prototypes, read_labels_option
+from scmm.eval.annotate import Candidates, Embedded, embed_split, label_prototypes, read_labels_option
 from scmm.eval.baselines import knn_smoothing, run_corpus_baselines, smoothing_k
 from scmm.eval.calibration import (
     DEFAULT_UNKNOWN_RATE,
-    NOVELTY_FILE,
-    NOVELTY_MAX_REFERENCE,
     NOVELTY_SHARE,
     UNKNOWN,
     Calibration,
@@ -88,8 +84,6 @@ from scmm.eval.calibration import (
     choose_margin,
     confidence_quantiles,
     fit_temperature,
-    nearest_similarity,
-    novelty_index,
     novelty_threshold,
     softmax,
     split_rate,
@@ -101,6 +95,7 @@ from scmm.eval.metrics import (
     expected_calibration_error,
     lineage_accuracy,
 )
+from scmm.eval.novelty import NOVELTY_FILE, ExpressionNovelty, fit_novelty, split_similarity
 from scmm.eval.ontology_score import is_same_or_ancestor, mean_pair_score
 from scmm.eval.plots import umap_png
 from scmm.eval.report import write_report
@@ -182,23 +177,13 @@ def _logit_scale(model) -> float:
     return float(model.heads.get_logit_scale().detach().float().cpu())
 
 
-def _novelty_reference(model, corpus: Corpus, seed: int, progress: bool) -> tuple[np.ndarray, int] | None:
-    """(float16 reference embeddings, number of train cells): the train split's cells, at most
-    ``NOVELTY_MAX_REFERENCE`` of them (a seeded subsample beyond); None without train cells."""
-    if corpus.manifest["splits"].get("train", 0) <= 0:
-        return None
-    emb, n_train = embed_sample(model, corpus, "train", NOVELTY_MAX_REFERENCE, seed=seed, progress=progress)
-    return emb.embeddings.astype(np.float16), n_train
-
-
 def _calibrate(model, corpus: Corpus, protos: np.ndarray, cands: Candidates, ontology, progress: bool,
                unknown_rate: float, unknown_threshold: float | None, notes: list[str],
-               reference: tuple[np.ndarray, int] | None = None,
-               novelty_share: float = NOVELTY_SHARE) -> Calibration:
+               novelty: ExpressionNovelty | None = None, novelty_share: float = NOVELTY_SHARE) -> Calibration:
     """Temperature, thresholds and back-off margin chosen on the val cells whose type is a candidate
     (:mod:`scmm.eval.calibration`); without such cells, the model's contrastive temperature and no
-    abstention (unless ``unknown_threshold``), novelty check or back-off. ``reference``: the novelty reference
-    (:func:`_novelty_reference`), or None for no novelty check."""
+    abstention (unless ``unknown_threshold``), novelty check or back-off. ``novelty``: the novelty check's
+    reference (:func:`scmm.eval.novelty.fit_novelty`), or None for no novelty check."""
     fallback = Calibration(temperature=1.0 / _logit_scale(model),
                            threshold=unknown_threshold if unknown_threshold is not None else 0.0)
     if corpus.manifest["splits"].get("val", 0) <= 0:
@@ -217,7 +202,7 @@ def _calibrate(model, corpus: Corpus, protos: np.ndarray, cands: Candidates, ont
     temperature = fit_temperature(vsim, label[ok])
     vprob = softmax(vsim, temperature)
     vconf = vprob.max(1)
-    conf_rate, nov_rate = split_rate(unknown_rate, novelty_share if reference is not None else None)
+    conf_rate, nov_rate = split_rate(unknown_rate, novelty_share if novelty is not None else None)
     if unknown_threshold is not None:
         threshold, rate = float(unknown_threshold), None
     else:
@@ -225,22 +210,20 @@ def _calibrate(model, corpus: Corpus, protos: np.ndarray, cands: Candidates, ont
     margin = choose_margin(vprob, cands.cl_ids, val_true[ok], ontology)
     cal = Calibration(temperature=temperature, threshold=threshold, unknown_rate=rate, margin=margin,
                       quantiles=confidence_quantiles(vconf), n_val_cells=int(ok.sum()))
-    if reference is not None:
-        ref, n_train = reference
-        vnov = nearest_similarity(val_emb.embeddings[ok], ref)
+    if novelty is not None:
+        vnov = _aligned_similarity(novelty, corpus, "val", val_emb.cell_ids)[ok]
         cal.novelty_quantiles, cal.novelty_share = confidence_quantiles(vnov), float(novelty_share)
         cal.novelty_threshold = None if unknown_threshold is not None else novelty_threshold(vnov, nov_rate)
-        cal.novelty_reference = {"file": NOVELTY_FILE, "n_cells": int(len(ref)), "n_train_cells": int(n_train),
-                                 "dtype": str(ref.dtype), "dim": int(ref.shape[1]),
-                                 "sha256": _array_sha256(ref)}
+        cal.novelty_reference = novelty.describe()
     return cal
 
 
-def _array_sha256(ref: np.ndarray) -> str:
-    """sha256 of the reference as ``np.save`` writes it (what the package checks)."""
-    buf = io.BytesIO()
-    np.save(buf, ref, allow_pickle=False)
-    return hashlib.sha256(buf.getvalue()).hexdigest()
+def _aligned_similarity(novelty: ExpressionNovelty, corpus: Corpus, split: str, cell_ids: list[str]) -> np.ndarray:
+    """The novelty similarity of a split's cells, in the order of ``cell_ids`` (the embedded cells')."""
+    sim, ids = split_similarity(novelty, corpus, split)
+    if ids != list(cell_ids):
+        raise ScmmError(f"cannot align the novelty check's cells of split '{split}' with the embedded cells")
+    return sim
 
 
 def _trust(y_true: np.ndarray, seen: np.ndarray, top_keys: np.ndarray, answers, backed, ontology,
@@ -344,13 +327,13 @@ def _annotate(model, corpus: Corpus, cands: Candidates, ontology, seed: int, tmp
     metrics["n_test_cells"] = int(len(y_true))
     metrics["ece_uncalibrated"] = expected_calibration_error(
         softmax(sim[seen], 1.0 / _logit_scale(model)).max(1), pred[seen] == y_true[seen])
-    reference = _novelty_reference(model, corpus, seed, progress)
+    reference = fit_novelty(corpus, seed)
     calibration = _calibrate(model, corpus, protos, cands, ontology, progress, unknown_rate, unknown_threshold,
                              details["notes"], reference, novelty_share)
     novelty = None
     if calibration.has_novelty:
-        novelty = nearest_similarity(emb.embeddings, reference[0], novelty_index(reference[0]))
-        np.save(tmp / NOVELTY_FILE, reference[0], allow_pickle=False)
+        novelty = _aligned_similarity(reference, corpus, "test", emb.cell_ids)
+        reference.save(tmp / NOVELTY_FILE)
     answers = calibrated_answers(sim, cands.keys, cands.names, cands.cl_ids, calibration, ontology,
                                  novelty=novelty)
     no_abstain = Calibration(temperature=calibration.temperature, margin=calibration.margin)

@@ -236,8 +236,9 @@ def _unknown_option(ann: Mapping[str, Any], det: Mapping[str, Any] | None = None
              f"confidence (softmax of similarity / T, fitted by NLL) T = {_f(ann.get('temperature'), 4)}; the "
              f"threshold below which a cell is `unknown`, {_f(ann.get('threshold'))}"
              + (f" (at most {rate:.1%} of val cells abstain)" if isinstance(rate, float) else " (set directly)")
-             + (f", or whose cosine similarity to its nearest training cell is below {_f(ann['novelty_threshold'])} "
-                "(the novelty check; the rate is split between the two)"
+             + (f", or whose expression profile's similarity to the nearest training cells is below "
+                f"{_f(ann['novelty_threshold'])} (the novelty check, `eval/novelty.py`; the rate is split between "
+                "the two)"
                 if ann.get("novelty_threshold") is not None else "")
              + f"; the back-off margin {_f(ann.get('margin'))} (when the top two candidates' probabilities differ "
              "by less, the answer is their lowest informative common Cell Ontology ancestor). Over the test cells "

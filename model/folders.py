@@ -16,9 +16,10 @@ Three kinds of folder hold a model:
     genes.json        the training corpus's gene panel (vocabulary ids and symbols): inference keeps only
                       these genes, since genes never seen in training have untrained embeddings
     metrics.json      evaluation metrics (only when given)
-    novelty_reference.npy  the novelty check's reference: float16 [n, d] embeddings of at most 50,000 training
-                      cells (``scmm eval`` writes it beside its metrics.json; packaged with it when present;
-                      :mod:`scmm.eval.calibration`). A package without it has no novelty check.
+    novelty_reference.npz  the novelty check's genes, PCA and reference cells (at most 50,000 training cells'
+                      expression profiles as float16 PCA points; ``scmm eval`` writes it beside its metrics.json;
+                      packaged with it when present; :mod:`scmm.eval.novelty`). A package without it has no
+                      novelty check.
     README.md         model card: training data, evaluation table, usage
 
 For a bare stage-1 or stage-2 folder the labels and gene panel come from the training corpus named by the run
@@ -57,7 +58,7 @@ FORMAT = "scmm-model"
 FORMAT_VERSION = 2  # 2: stage2/ without a second copy of stage1/; the cell encoding in stage1/
 MANIFEST = "scmm_model.json"
 NOT_IN_FINGERPRINT = ("train_summary.json",)
-NOVELTY_FILE = "novelty_reference.npy"  # the name scmm.eval.calibration.NOVELTY_FILE writes (layer 3 owns it)
+NOVELTY_FILE = "novelty_reference.npz"  # what scmm.eval.novelty writes and reads (layer 3 owns its content)
 
 
 # --- hashing ----------------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ class ScmmModel:
     stage2_folder: Path | None = None
     packaged: bool = False
     metrics: dict | None = None
-    novelty_reference: np.ndarray | None = None  # [n, d] embeddings of training cells (the novelty check)
+    novelty_reference: dict[str, np.ndarray] | None = None  # the arrays of NOVELTY_FILE (scmm.eval.novelty)
     _stage2: Stage2Model | None = field(default=None, repr=False)
 
     @property
@@ -192,11 +193,10 @@ def _load_package(folder: Path, verify: bool) -> ScmmModel:
     reference = None
     if (folder / NOVELTY_FILE).exists():
         try:
-            reference = np.load(folder / NOVELTY_FILE, allow_pickle=False)
+            with np.load(folder / NOVELTY_FILE, allow_pickle=False) as npz:
+                reference = {k: npz[k] for k in npz.files}
         except (OSError, ValueError) as exc:
             raise ScmmError(f"model {folder}: cannot read {NOVELTY_FILE} ({exc})") from None
-        if reference.ndim != 2 or reference.dtype.kind != "f" or not np.isfinite(reference).all():
-            raise ScmmError(f"model {folder}: {NOVELTY_FILE} must hold a finite float [n, d] array")
     s1_files = {k[len("stage1/"):]: v for k, v in manifest["files"].items() if k.startswith("stage1/")}
     return ScmmModel(folder=folder, stage1_folder=folder / "stage1",
                      aligner=CellTextAligner.from_pretrained(folder / "stage1"), labels=labels,

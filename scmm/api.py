@@ -32,8 +32,10 @@ Outputs (DESIGN.md names):
     and the prototype. Confidence = the top-1 probability of ``softmax(cosine / T)`` over the candidates, with
     the temperature ``T`` that ``scmm eval`` fitted on the val split (a calibrated probability; see
     :mod:`scmm.eval.calibration`). A cell is "unknown" when its confidence is below the threshold, or (the
-    novelty check, for a package holding ``novelty_reference.npy``) when the cosine similarity of its embedding
-    to its nearest training cell is below the novelty threshold: by default the thresholds ``scmm eval`` chose
+    novelty check, for a package holding ``novelty_reference.npz``) when its expression profile is unlike the
+    training cells' (``obs['scmm_novelty']``, the mean cosine similarity to the nearest training cells in the
+    expression PCA space of :mod:`scmm.eval.novelty`; float32, present for such a package) is below the novelty
+    threshold: by default the thresholds ``scmm eval`` chose
     so that 5 % of val cells abstain (half of the rate on each); ``unknown_rate`` picks another rate,
     ``unknown_threshold`` sets the confidence threshold (a confidence in [0, 1]) and turns the novelty check off.
     When the top candidates are within the back-off margin of each other, the answer is their lowest informative
@@ -82,7 +84,7 @@ from tqdm.auto import tqdm
 from scmm.atomic import temp_file_beside
 from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.reader import DEFAULT_MIN_COVERAGE, detect_scale, iter_batches, open_input, plan_genes
-from scmm.data_pipeline.scale import check_scale_option
+from scmm.data_pipeline.scale import check_scale_option, to_linear
 from scmm.errors import ScmmError
 from scmm.eval import knn
 from scmm.eval.annotate import Candidates, label_prototypes, read_labels_option
@@ -90,10 +92,9 @@ from scmm.eval.calibration import (
     Calibration,
     calibrated_answers,
     check_unknown_options,
-    nearest_similarity,
-    novelty_index,
     softmax,
 )
+from scmm.eval.novelty import ExpressionNovelty
 from scmm.index import ReferenceIndex, reference_labels, write_index
 from scmm.model.folders import ScmmModel, load_model
 
@@ -107,6 +108,8 @@ CELL_TYPE = "scmm_cell_type"
 CELL_TYPE_ID = "scmm_cell_type_ontology_term_id"
 CONFIDENCE = "scmm_confidence"
 LEVEL = "scmm_cell_type_level"
+NOVELTY = "scmm_novelty"
+Labeller = Callable[[int, np.ndarray], pd.DataFrame]  # (first row, those rows' embeddings) -> label columns
 DESCRIPTION = "scmm_description"
 QC = "scmm_qc"
 QC_EMPTY = "no_expressed_gene"
@@ -246,10 +249,13 @@ def _qc_labels(obs: pd.DataFrame, empty: np.ndarray) -> pd.DataFrame:
     cell_type, cell_id = (obs[c].astype(str).to_numpy(dtype=object) for c in (CELL_TYPE, CELL_TYPE_ID))
     conf = obs[CONFIDENCE].to_numpy(copy=True)
     level = obs[LEVEL].to_numpy(copy=True) if LEVEL in obs else None
+    novelty = obs[NOVELTY].to_numpy(copy=True) if NOVELTY in obs else None
     cell_type[empty], cell_id[empty], conf[empty] = UNKNOWN, UNKNOWN, 0.0
     if level is not None:
         level[empty] = 0
-    return _label_frame(cell_type, cell_id, conf, level)
+    if novelty is not None:
+        novelty[empty] = 0.0
+    return _label_frame(cell_type, cell_id, conf, level, novelty)
 
 
 class _Columns:
@@ -342,24 +348,25 @@ def annotate_embeddings(emb: np.ndarray, model: ScmmModel, candidates: Candidate
                         calibration: Calibration | None = None, smooth: bool = False,
                         k: int = SMOOTH_K) -> pd.DataFrame:
     """The annotation columns for embeddings ``emb`` (see the module docstring); ``calibration`` default
-    :func:`model_calibration` for the model's own candidates."""
-    return _annotator(model, candidates, calibration, smooth, k)(emb)
+    :func:`model_calibration` for the model's own candidates. Without the cells' expression there is no novelty
+    check (:func:`annotate` has one)."""
+    return _annotator(model, candidates, calibration, smooth, k)(0, emb)
 
 
 def _annotator(model: ScmmModel, candidates: Candidates, calibration: Calibration | None = None,
-               smooth: bool = False, k: int = SMOOTH_K) -> Callable[[np.ndarray], pd.DataFrame]:
-    """Embeddings -> annotation columns, the label prototypes computed once. Without ``smooth`` each cell's
-    answer depends on its embedding alone, so chunks can be annotated one at a time."""
+               smooth: bool = False, k: int = SMOOTH_K, inp: _Input | None = None
+               ) -> Labeller:
+    """(first row, embeddings of the rows from it) -> annotation columns, the label prototypes computed once.
+    Without ``smooth`` each cell's answer depends on its embedding (and, with the novelty check, on its
+    expression, read back from ``inp``) alone, so chunks can be annotated one at a time."""
     calibration = calibration or model_calibration(model, user_labels=False)
     with torch.inference_mode():
         protos = label_prototypes(model.aligner, candidates)
     ontology = get_ontology()
-    index = None
-    if calibration.novelty_threshold is not None and model.novelty_reference is not None:
-        index = novelty_index(model.novelty_reference)  # built once, searched per chunk
+    novelty = _novelty(model, inp)
 
-    def run(emb: np.ndarray) -> pd.DataFrame:
-        novelty = nearest_similarity(emb, model.novelty_reference, index) if index is not None else None
+    def run(start: int, emb: np.ndarray) -> pd.DataFrame:
+        similarity = novelty(start, len(emb)) if novelty is not None else None
         sim = emb @ protos.T  # cosine similarities [N, C]
         prob = softmax(sim, calibration.temperature)
         if smooth and len(emb) > 1:
@@ -368,9 +375,29 @@ def _annotator(model: ScmmModel, candidates: Candidates, calibration: Calibratio
             w = valid / valid.sum(1, keepdims=True)
             prob = np.einsum("nk,nkc->nc", w, prob[np.maximum(nb, 0)])
         answers = calibrated_answers(sim, candidates.keys, candidates.names, candidates.cl_ids, calibration,
-                                     ontology, prob=prob, novelty=novelty)
-        return _label_frame(answers.names, answers.cl_ids, answers.confidence, answers.level)
+                                     ontology, prob=prob, novelty=similarity)
+        return _label_frame(answers.names, answers.cl_ids, answers.confidence, answers.level, similarity)
     return run
+
+
+def _novelty(model: ScmmModel, inp: _Input | None) -> Callable[[int, int], np.ndarray] | None:
+    """(first row, number of rows) -> those input cells' novelty similarities (:mod:`scmm.eval.novelty`), read
+    chunk by chunk from the input; None without a novelty reference in the model or an input to read."""
+    if model.novelty_reference is None or inp is None:
+        return None
+    try:
+        novelty = ExpressionNovelty.from_arrays(model.novelty_reference)
+    except ValueError as exc:
+        raise ScmmError(f"model {model.folder}: {exc}") from None
+    index = novelty.index()  # built once, searched per chunk
+
+    def similarity(start: int, n: int) -> np.ndarray:
+        parts = [np.zeros(0)]
+        for first, block in inp.source.iter_chunks(inp.opts.chunk_size, start, start + n):
+            block = to_linear(block, inp.scale, f"{inp.source.path} (rows from {first})")[:, inp.plan.columns]
+            parts.append(novelty.similarity(novelty.profiles(block, inp.plan.vocab_ids), index))
+        return np.concatenate(parts)
+    return similarity
 
 
 def _check_threshold(value: float | None, low: float, high: float, what: str) -> None:
@@ -379,12 +406,14 @@ def _check_threshold(value: float | None, low: float, high: float, what: str) ->
 
 
 def _label_frame(cell_type: np.ndarray, cell_id: np.ndarray, conf: np.ndarray,
-                 level: np.ndarray | None = None) -> pd.DataFrame:
+                 level: np.ndarray | None = None, novelty: np.ndarray | None = None) -> pd.DataFrame:
     frame = pd.DataFrame({CELL_TYPE: pd.Categorical(cell_type.astype(str)),
                           CELL_TYPE_ID: pd.Categorical(cell_id.astype(str)),
                           CONFIDENCE: np.asarray(conf, dtype=np.float32)})
     if level is not None:
         frame[LEVEL] = np.asarray(level, dtype=np.int16)
+    if novelty is not None:
+        frame[NOVELTY] = np.asarray(novelty, dtype=np.float32)
     return frame
 
 
@@ -580,7 +609,7 @@ def _with_qc(obs: pd.DataFrame | None, empty: np.ndarray) -> pd.DataFrame:
     return obs
 
 
-def _cells(data: Any, inp: _Input, out: Path | None, labeller: Callable[[np.ndarray], pd.DataFrame] | None = None,
+def _cells(data: Any, inp: _Input, out: Path | None, labeller: Labeller | None = None,
            whole: bool = False):
     """Embed every cell and (with ``labeller``: embeddings -> label columns) label it, chunk by chunk into a
     :class:`_Sink`: held per cell are 1 byte (the QC flag) and the compact label columns (:class:`_Columns`);
@@ -595,7 +624,7 @@ def _cells(data: Any, inp: _Input, out: Path | None, labeller: Callable[[np.ndar
         return sink.finish(_labels_at_end(sink, cols, empty, labeller, whole))
 
 
-def _fill(inp: _Input, sink: Any, begin: int, end: int, labeller: Callable[[np.ndarray], pd.DataFrame] | None
+def _fill(inp: _Input, sink: Any, begin: int, end: int, labeller: Labeller | None
           ) -> tuple[_Columns, np.ndarray]:
     """Rows ``begin:end`` embedded into ``sink`` (rows counted from ``begin``), labelled chunk by chunk."""
     cols, empty = _Columns(end - begin), np.zeros(end - begin, dtype=bool)
@@ -603,7 +632,7 @@ def _fill(inp: _Input, sink: Any, begin: int, end: int, labeller: Callable[[np.n
         sink.put(start - begin, emb)
         empty[start - begin:start - begin + len(emb)] = emp
         if labeller is not None:
-            cols.put(start - begin, _qc_labels(labeller(emb), emp))
+            cols.put(start - begin, _qc_labels(labeller(start, emb), emp))
     return cols, empty
 
 
@@ -645,7 +674,7 @@ class _PartSink:
 
 
 def _cells_on_ranks(data: Any, inp: _Input, out: Path, dim: int,
-                    labeller: Callable[[np.ndarray], pd.DataFrame] | None, whole: bool) -> Path:
+                    labeller: Labeller | None, whole: bool) -> Path:
     """torchrun: each rank embeds (and, unless ``whole``, labels) a contiguous block of rows into its part file;
     after a barrier rank 0 merges the parts, in row order and chunk by chunk, into the one output (atomic, as
     with one process: the same values, labels and categories), removes the parts; a last barrier, then every
@@ -696,7 +725,7 @@ def _all_ok(error: BaseException | None) -> bool:
     return flag.item() == 0
 
 
-def _merge_parts(data: Any, inp: _Input, out: Path, dim: int, labeller: Callable[[np.ndarray], pd.DataFrame] | None,
+def _merge_parts(data: Any, inp: _Input, out: Path, dim: int, labeller: Labeller | None,
                  whole: bool, world: int) -> Path:
     n, step = inp.n_obs, inp.opts.chunk_size
     cols, empty = _Columns(n), np.zeros(n, dtype=bool)
@@ -717,9 +746,9 @@ def _merge_parts(data: Any, inp: _Input, out: Path, dim: int, labeller: Callable
 
 
 def _labels_at_end(sink: Any, cols: _Columns, empty: np.ndarray,
-                   labeller: Callable[[np.ndarray], pd.DataFrame] | None, whole: bool) -> pd.DataFrame:
+                   labeller: Labeller | None, whole: bool) -> pd.DataFrame:
     if labeller is not None and whole:
-        return _with_qc(_qc_labels(labeller(sink.embeddings()), empty), empty)
+        return _with_qc(_qc_labels(labeller(0, sink.embeddings()), empty), empty)
     return _with_qc(cols.frame() if labeller is not None else None, empty)
 
 
@@ -775,7 +804,7 @@ def annotate(data: Any, model: Any, *, labels: str | Sequence[str] | None = None
     model, inp, out = _start(data, model, out, overwrite, options)
     candidates = _candidates(model, labels)  # bad labels fail before the work
     calibration = model_calibration(model, labels is not None, unknown_rate, unknown_threshold)
-    return _cells(data, inp, out, _annotator(model, candidates, calibration, smooth, k), whole=smooth)
+    return _cells(data, inp, out, _annotator(model, candidates, calibration, smooth, k, inp), whole=smooth)
 
 
 def describe(data: Any, model: Any, *, constrained: bool = False, num_beams: int = 1,
@@ -852,4 +881,4 @@ def query_index(index: Any, data: Any, model: Any, *, k: int = INDEX_K, unknown_
     model = load_model(model)
     ref.check_model(model.fingerprint)
     model, inp, out = _start(data, model, out, overwrite, options)
-    return _cells(data, inp, out, lambda emb: _query(ref, emb, k, unknown_threshold))
+    return _cells(data, inp, out, lambda _, emb: _query(ref, emb, k, unknown_threshold))

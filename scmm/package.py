@@ -4,7 +4,7 @@
 
 Written atomically (a temporary folder beside ``out``, renamed into place when complete); an existing package at
 ``out`` is replaced, any other existing path is an error. When the metrics file records a novelty reference
-(``annotation.calibration.novelty_reference``, written by ``scmm eval``), the ``novelty_reference.npy`` beside it
+(``annotation.calibration.novelty_reference``, written by ``scmm eval``), the ``novelty_reference.npz`` beside it
 goes into the package too (checked against the sha256 the metrics record; a missing or different file is an
 error), so that ``scmm annotate`` can apply the novelty check. Each part is stored once: the stage-2 folder goes in
 without its copy of the stage-1 model, which must then be the ``--stage1`` given.
@@ -85,9 +85,10 @@ def _model_card(manifest: dict, corpus_manifest: dict, labels: list[dict], metri
                           f"annotate`: temperature {cal['temperature']:.4g}; a cell whose calibrated confidence is "
                           f"below {cal['threshold']:.3f} is `unknown`"
                           + (f" ({rate:.1%} of val cells)" if rate is not None else "")
-                          + (f"; a cell whose cosine similarity to its nearest training cell is below "
-                             f"{cal['novelty_threshold']:.3f} is `unknown` too (the novelty check, reference in "
-                             f"`{NOVELTY_FILE}`)" if cal.get("novelty_threshold") is not None else "")
+                          + (f"; a cell whose expression profile is unlike the training cells' (similarity to the "
+                             f"nearest ones below {cal['novelty_threshold']:.3f}, `obs['scmm_novelty']`) is "
+                             f"`unknown` too (the novelty check, reference in `{NOVELTY_FILE}`)"
+                             if cal.get("novelty_threshold") is not None else "")
                           + f"; candidates within {cal['margin']:.3f} of the top one back off to their common "
                           "Cell Ontology ancestor (`obs['scmm_cell_type_level']`). Change the threshold with "
                           "`--unknown-rate R` or `--unknown-threshold C`.", ""]
@@ -141,8 +142,8 @@ def _novelty_file(metrics: Path | None, metrics_data: dict | None) -> Path | Non
     """The novelty reference to package: the file beside the metrics when they record one (module docstring)."""
     cal = ((metrics_data or {}).get("annotation") or {}).get("calibration") if metrics_data else None
     ref = cal.get("novelty_reference") if isinstance(cal, dict) else None
-    if metrics is None or not isinstance(ref, dict):
-        return None
+    if metrics is None or not isinstance(ref, dict) or ref.get("space") != "expression":
+        return None  # none, or an earlier scmm's (embedding space), which annotate no longer applies
     path = metrics.parent / NOVELTY_FILE
     if not path.is_file():
         raise ScmmError(f"the metrics file {metrics} records a novelty reference, but {path} is missing (package "

@@ -21,7 +21,6 @@ from scmm.eval.calibration import (
     choose_margin,
     confidence_quantiles,
     fit_temperature,
-    nearest_similarity,
     nll,
     novelty_threshold,
     softmax,
@@ -29,6 +28,7 @@ from scmm.eval.calibration import (
     threshold_from_quantiles,
 )
 from scmm.eval.metrics import binary_auroc, expected_calibration_error, lineage_accuracy
+from scmm.eval.novelty import ExpressionNovelty
 from scmm.eval.ontology_score import informative_common_ancestor, is_same_or_ancestor
 
 
@@ -193,7 +193,9 @@ def test_far_cells_are_unknown_and_near_ones_are_not():
     far = np.eye(d)[[4, 5, 6, 7]] + 0.05 * rng.normal(size=(4, d))
     emb = np.concatenate([near, far]).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    similarity = nearest_similarity(emb, reference)
+    check = ExpressionNovelty(vocab_ids=np.arange(d), mean=np.zeros(d, np.float32),
+                              components=np.eye(d, dtype=np.float32), reference=reference, k=1)
+    similarity = check.similarity(emb)  # the PCA is the identity: the profile's direction is its point
     assert (similarity[:6] > 0.9).all() and (similarity[6:] < 0.3).all()
     assert similarity == pytest.approx((emb @ reference.astype(np.float32).T).max(1), abs=1e-5)
     sim = np.tile([[5.0, 0.0]], (10, 1))  # every cell confidently the first candidate
@@ -201,7 +203,7 @@ def test_far_cells_are_unknown_and_near_ones_are_not():
     calib = Calibration(temperature=1.0, threshold=0.1, novelty_threshold=novelty_threshold(val_sim, 0.05),
                         quantiles=confidence_quantiles(np.linspace(0.5, 1, 41)),
                         novelty_quantiles=confidence_quantiles(val_sim),
-                        novelty_reference={"file": "novelty_reference.npy", "n_cells": 4})
+                        novelty_reference={"file": "novelty_reference.npz", "space": "expression", "n_cells": 4})
     ont = get_ontology()
     a = calibrated_answers(sim, ["CL:0000236", "CL:0000084"], ["B cell", "T cell"], ["CL:0000236", "CL:0000084"],
                            calib, ont, novelty=similarity)
@@ -223,6 +225,10 @@ def test_far_cells_are_unknown_and_near_ones_are_not():
     assert not calibrated_answers(sim, ["a", "b"], ["a", "b"], ["", ""], never, ont, novelty=similarity).unknown.any()
     back = Calibration.from_metrics(json.loads(json.dumps({"annotation": {"calibration": calib.to_dict()}})))
     assert back == calib and back.has_novelty and not back.without_novelty().has_novelty
+    earlier = calib.to_dict()  # an earlier scmm's novelty check (embedding space, no "space"): not applied
+    earlier["novelty_reference"] = {"file": "novelty_reference.npy", "n_cells": 4}
+    old = Calibration.from_metrics({"annotation": {"calibration": earlier}})
+    assert not old.has_novelty and old.novelty_threshold is None and old.threshold == calib.threshold
 
 
 # --- metrics ----------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from conftest import run_cli, save_tiny_stage1
 
@@ -46,13 +47,13 @@ def _check_ranges(section: str, values: dict) -> None:
             assert isinstance(value, list), (section, key, value)
         elif key == "unknown_rate" and value is None:  # a threshold set directly
             pass
-        elif key == "novelty_quantiles":  # val cells' cosine similarities to their nearest training cell
+        elif key == "novelty_quantiles":  # val cells' mean cosine similarities to their nearest training cells
             assert isinstance(value, list) and all(-1.0 - 1e-5 <= v <= 1.0 + 1e-5 for v in value), (section, key)
         elif key == "novelty_threshold":  # a cosine similarity, or None (no novelty check)
             assert value is None or (isinstance(value, float) and -1.0 <= value <= 1.0 + 1e-5), (section, key, value)
         elif section.endswith("novelty_reference"):
-            assert {"file": str, "n_cells": int, "n_train_cells": int, "dtype": str, "dim": int,
-                    "sha256": str}[key] is type(value), (section, key, value)
+            assert {"file": str, "space": str, "n_cells": int, "n_train_cells": int, "n_genes": int,
+                    "n_components": int, "k": int, "sha256": str}[key] is type(value), (section, key, value)
         else:
             assert isinstance(value, float) and 0.0 <= value <= 1.0, (section, key, value)
 
@@ -238,23 +239,32 @@ def test_eval_with_held_out_types_reports_unseen_figures(tmp_path: Path):
     report = (tmp_path / "e" / "report.md").read_text()
     assert "Held-out (unseen) types" in report and "natural killer cell" in report
     assert Calibration.from_metrics(metrics).threshold == ann["threshold"]
-    # the novelty check: half of the rate on the confidence, half on the similarity to the nearest train cell
+    # the novelty check: half of the rate on the confidence, half on the expression profile's similarity to the
+    # nearest training cells (scmm.eval.novelty)
     cal = Calibration.from_metrics(metrics)
     n_val, n_train = manifest["splits"]["val"], manifest["splits"]["train"]
     assert cal.has_novelty and ann["novelty_threshold"] == cal.novelty_threshold is not None
     assert cal.novelty_reference["n_cells"] == cal.novelty_reference["n_train_cells"] == n_train
-    reference = np.load(tmp_path / "e" / "novelty_reference.npy")
-    assert reference.dtype == np.float16 and reference.shape == (n_train, cal.novelty_reference["dim"])
+    assert cal.novelty_reference["space"] == "expression"
+    from scmm.data_pipeline.hvg import log1p_profiles
     from scmm.data_pipeline.store import Corpus
     from scmm.eval.annotate import Candidates, embed_split, label_prototypes
-    from scmm.eval.calibration import nearest_similarity, softmax
+    from scmm.eval.calibration import softmax
+    from scmm.eval.novelty import ExpressionNovelty
     from scmm.model.aligner import CellTextAligner
+    with np.load(tmp_path / "e" / "novelty_reference.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    reference = ExpressionNovelty.from_arrays(arrays)
+    assert reference.reference.shape == (n_train, cal.novelty_reference["n_components"])
+    assert reference.sha256() == cal.novelty_reference["sha256"]
     aligner = CellTextAligner.from_pretrained(model)
     corpus = Corpus(tmp_path / "c")
     val = embed_split(aligner, corpus, "val", progress=False)
     vconf = softmax(val.embeddings @ label_prototypes(aligner, Candidates.from_corpus(corpus)).T,
                     cal.temperature).max(1)
-    vsim = nearest_similarity(val.embeddings, reference)
+    pos = {int(v): i for i, v in enumerate(corpus.gene_vocab_ids)}
+    x, vids, _ = log1p_profiles(corpus, "val", np.array([pos[int(v)] for v in reference.vocab_ids]))
+    vsim = reference.similarity(x)[[vids.index(c) for c in val.cell_ids]]
     k = int(np.floor(0.1 / 2 * n_val + 1e-9))  # half of the rate each: the (k+1)-th smallest val value
     assert k >= 1 and cal.threshold == pytest.approx(np.sort(vconf)[k])
     assert cal.novelty_threshold == pytest.approx(np.sort(vsim)[k], abs=1e-6)
@@ -275,64 +285,47 @@ def test_eval_with_held_out_types_reports_unseen_figures(tmp_path: Path):
     assert main(["package", "--stage1", str(model), "--corpus", str(tmp_path / "c"), "--metrics",
                  str(tmp_path / "e" / "metrics.json"), "--out", str(tmp_path / "pkg")]) == 0
     pkg = load_model(tmp_path / "pkg")
-    assert np.array_equal(pkg.novelty_reference, reference)
+    assert all(np.array_equal(pkg.novelty_reference[k], arrays[k]) for k in arrays)
+    # annotating the corpus's own input file gives its val cells the novelty eval computed (h5ad counts -> profiles
+    # at inference = the corpus's profiles), and every cell below the threshold is unknown
+    whole = annotate(tmp_path / "in.h5ad", pkg)
+    rows = whole.obs_names.get_indexer(val.cell_ids)
+    assert (rows >= 0).all() and np.allclose(whole.obs["scmm_novelty"].to_numpy()[rows], vsim, atol=1e-5)
+    assert whole.obs["scmm_novelty"].dtype == np.float32
+    low = whole.obs["scmm_novelty"].to_numpy() < cal.novelty_threshold
+    assert low.any() and (whole.obs["scmm_cell_type"].astype(str)[low] == "unknown").all()
+    # hand-made cells whose every count sits in one gene are unlike any training cell: always unknown
     cells = adata_of(n_cells=40, donors=2)
-    out = annotate(cells, pkg)
-    from scmm.eval.calibration import nearest_similarity
-    sim = nearest_similarity(out.obsm["X_scmm"], reference)
-    low = sim < cal.novelty_threshold
-    assert (out.obs["scmm_cell_type"].astype(str)[low] == "unknown").all()
-    # hand-made embeddings: training cells themselves are never novel, random directions always are
+    spikes = cells.copy()
+    spikes.X = sp.csr_matrix((np.full(40, 50.0, np.float32), (np.arange(40), np.arange(40) % spikes.n_vars)),
+                             shape=spikes.shape)
+    odd = annotate(spikes, pkg)
+    assert (odd.obs["scmm_novelty"] < cal.novelty_threshold).all()
+    assert (odd.obs["scmm_cell_type"].astype(str) == "unknown").all()
+    # without the cells' expression (embeddings alone) there is no novelty check and no novelty column
     from scmm.api import annotate_embeddings
     from scmm.eval.annotate import Candidates as Cands
-    near = reference[:20].astype(np.float32)
-    near /= np.linalg.norm(near, axis=1, keepdims=True)
-    far = np.random.default_rng(0).normal(size=(20, reference.shape[1])).astype(np.float32)
-    far /= np.linalg.norm(far, axis=1, keepdims=True)
-    assert nearest_similarity(far, reference).max() < cal.novelty_threshold
-    frame = annotate_embeddings(np.concatenate([near, far]), pkg, Cands.from_labels(pkg.labels))
-    called = frame["scmm_cell_type"].astype(str).to_numpy() == "unknown"
-    assert called[20:].all()
-    assert np.array_equal(called[:20], frame["scmm_confidence"].to_numpy()[:20] < np.float32(cal.threshold))
+    frame = annotate_embeddings(odd.obsm["X_scmm"], pkg, Cands.from_labels(pkg.labels))
+    assert "scmm_novelty" not in frame
+    assert np.array_equal(frame["scmm_cell_type"].astype(str).to_numpy() == "unknown",
+                          frame["scmm_confidence"].to_numpy() < np.float32(cal.threshold))
     forced = annotate(cells, pkg, unknown_threshold=0.0)  # the stated threshold is the whole rule
     assert (forced.obs["scmm_cell_type"].astype(str) != "unknown").all()
     old = tmp_path / "old_metrics"
     old.mkdir()
     (old / "metrics.json").write_text((tmp_path / "e" / "metrics.json").read_text())
     from scmm.errors import ScmmError
-    with pytest.raises(ScmmError, match="novelty_reference.npy"):  # the reference must travel with the metrics
+    with pytest.raises(ScmmError, match="novelty_reference.npz"):  # the reference must travel with the metrics
         from scmm.package import package_model
         package_model(model, tmp_path / "c", tmp_path / "pkg2", metrics=old / "metrics.json")
     doc = json.loads((old / "metrics.json").read_text())
-    for key in ("novelty_threshold", "novelty_quantiles", "novelty_reference"):  # as an earlier scmm wrote it
-        doc["annotation"]["calibration"].pop(key)
+    doc["annotation"]["calibration"]["novelty_reference"].pop("space")  # an earlier scmm's (embedding space)
     (old / "metrics.json").write_text(json.dumps(doc))
     assert main(["package", "--stage1", str(model), "--corpus", str(tmp_path / "c"), "--metrics",
                  str(old / "metrics.json"), "--out", str(tmp_path / "pkg_old")]) == 0
     earlier = load_model(tmp_path / "pkg_old")
-    assert earlier.novelty_reference is None and not (tmp_path / "pkg_old" / "novelty_reference.npy").exists()
+    assert earlier.novelty_reference is None and not (tmp_path / "pkg_old" / "novelty_reference.npz").exists()
     plain = annotate(cells, earlier)
     conf = plain.obs["scmm_confidence"].to_numpy()
     called = plain.obs["scmm_cell_type"].astype(str).to_numpy() == "unknown"
     assert np.array_equal(called, conf < cal.threshold)  # only the confidence decides
-
-
-
-def test_novelty_reference_subsample_is_seeded_and_embeds_as_the_loader_does(tiny_model: Path, small_corpus: Path):
-    """Beyond the bound, the reference is a seeded subsample of the split, each cell embedded as embed_split does."""
-    from scmm.data_pipeline.store import Corpus
-    from scmm.eval.annotate import embed_sample, embed_split
-    from scmm.model.aligner import CellTextAligner
-    model, corpus = CellTextAligner.from_pretrained(tiny_model), Corpus(small_corpus)
-    full = embed_split(model, corpus, "train", progress=False)
-    n = len(full.cell_ids)
-    same, n_all = embed_sample(model, corpus, "train", n, progress=False)
-    assert n_all == n and same.cell_ids == full.cell_ids
-    part, n_all = embed_sample(model, corpus, "train", n // 2, seed=3, progress=False)
-    again, _ = embed_sample(model, corpus, "train", n // 2, seed=3, progress=False)
-    assert n_all == n and len(part.cell_ids) == n // 2 == len(set(part.cell_ids))
-    assert part.cell_ids == again.cell_ids and np.array_equal(part.embeddings, again.embeddings)
-    pos = {c: i for i, c in enumerate(full.cell_ids)}
-    rows = [pos[c] for c in part.cell_ids]
-    assert np.allclose(part.embeddings, full.embeddings[rows], atol=1e-4)
-    assert part.labels == [full.labels[i] for i in rows]
