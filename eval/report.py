@@ -90,6 +90,16 @@ def generation_section(g: Mapping[str, Any], examples: list[Mapping[str, Any]] |
                     [["free decoding", g.get("type_accuracy"), g.get("ontology_score"), g.get("valid_answer_rate")],
                      ["constrained to Cell Ontology names", g.get("type_accuracy_constrained"),
                       g.get("ontology_score_constrained"), g.get("valid_answer_rate_constrained")]]), ""]
+    sc = g.get("scored")
+    if sc:
+        lines += [f"Scored over the corpus's cell types (the LLM's probability of each type's name as the answer, "
+                  f"calibrated on {sc.get('n_val_cells')} val cells: T = {_f(sc.get('temperature'), 4)}; when the top "
+                  f"two differ by less than {_f(sc.get('margin'))} the answer is their lowest informative common "
+                  "Cell Ontology ancestor, as for the annotation):", "",
+                  _table(["accuracy", "lineage accuracy", "lineage accuracy with back-off", "accuracy with back-off",
+                          "backed off", "ECE"],
+                         [[sc.get("accuracy"), sc.get("lineage_accuracy"), sc.get("lineage_accuracy_backoff"),
+                           sc.get("accuracy_backoff"), sc.get("backoff_rate"), sc.get("ece")]], ["---:"] * 6), ""]
     if examples:
         lines += ["### Examples", ""]
         for e in examples:
@@ -109,6 +119,10 @@ def stage2_table(metrics: Mapping[str, Any]) -> str:
                  ["description BLEU-4 / ROUGE-L", f"{_f(g.get('bleu4'))} / {_f(g.get('rougeL'))}"]]
         if "repeated_phrase_rate" in g:
             rows.append(["descriptions that repeat a 4-word phrase", _f(g["repeated_phrase_rate"])])
+        if g.get("scored"):
+            rows.append(["cell-type answer scored over the corpus's types: accuracy; lineage accuracy without / "
+                         "with back-off", f"{_f(g['scored']['accuracy'])}; {_f(g['scored']['lineage_accuracy'])} / "
+                         f"{_f(g['scored']['lineage_accuracy_backoff'])}"])
         if "type_accuracy_unseen_phrasing" in g:
             rows.append(["cell-type answer accuracy, question in phrasings never trained on",
                          _f(g["type_accuracy_unseen_phrasing"])])

@@ -6,6 +6,12 @@
 * :func:`generation_metrics`: BLEU-4 / ROUGE-L of the descriptions (:func:`eval.metrics.text_generation_metrics`),
   ``type_accuracy`` (the CL ID read from the answer equals the cell's; an answer that names no CL term is wrong)
   and the mean ontology path score.
+* :func:`scored_answers` / :func:`scored_report`: the LLM as a classifier over the corpus's cell types: the
+  log-probability of each candidate's Cell Ontology label as the answer to the cell-type question (teacher-forced,
+  :meth:`scmm.model.stage2.Stage2Model.answer_logprobs`), calibrated and backed off exactly as the annotation by
+  text is (:mod:`scmm.eval.calibration`: temperature and back-off margin chosen on the val split). Reported as
+  ``generation.scored``: ``accuracy``, ``lineage_accuracy`` (the answer is the truth or one of its ancestors),
+  ``lineage_accuracy_backoff``, ``accuracy_backoff``, ``backoff_rate``, ``ece``, ``temperature``, ``margin``.
 * :func:`pseudocells_for_types`: ``n_per_type`` pseudo-cells per cell type, generated from that type's
   description texts (cycled in sorted order), as log1p-CP10k profiles over the model's HVG panel.
 * :func:`generation_report` / :func:`pseudocell_evaluation`: the ``generation`` and ``pseudocell`` sections of
@@ -30,7 +36,14 @@ from scmm.data_pipeline.instructions import UNSEEN_PROMPTS
 from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
 from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.store import Corpus, label_keys
-from scmm.eval.metrics import repeated_phrase_rate, text_generation_metrics
+from scmm.eval.annotate import Candidates
+from scmm.eval.calibration import backoff, choose_margin, fit_temperature, softmax
+from scmm.eval.metrics import (
+    expected_calibration_error,
+    lineage_accuracy,
+    repeated_phrase_rate,
+    text_generation_metrics,
+)
 from scmm.eval.ontology_score import mean_pair_score
 from scmm.eval.pseudocell import REFERENCE_SPLITS, pseudocell_report
 from scmm.model.stage2 import Stage2Model
@@ -122,6 +135,59 @@ def generation_metrics(result: dict[str, list], ontology=None) -> dict[str, floa
     return out
 
 
+def candidate_answers(candidates: Candidates, ontology) -> list[str]:
+    """The answer text of each candidate as stage 2 was trained on it: its Cell Ontology label, else its name."""
+    return [ontology.label(c) if c and ontology.is_valid(c) else n for c, n in zip(candidates.cl_ids, candidates.names)]
+
+
+@torch.no_grad()
+def scored_answers(model, corpus: Corpus, split: str, answers: Sequence[str], batch_size: int = 64,
+                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(log-probabilities [N, C] of each of ``answers`` to the cell-type question, label keys [N]) over the cells of
+    ``split`` in loader order."""
+    parts, truth = [np.zeros((0, len(answers)))], []
+    for batch in tqdm(_loader(model, corpus, split, batch_size), desc=f"score answers {split}", unit="batch",
+                      disable=None if progress else True):
+        parts.append(model.answer_logprobs(batch, answers))
+        truth += label_keys(batch["cell_type_ontology_term_id"], batch["cell_type"])
+    return np.concatenate(parts), np.asarray(truth, dtype=object)
+
+
+def scored_report(model, corpus: Corpus, split: str = "test", ontology=None, progress: bool = False
+                  ) -> dict[str, Any] | None:
+    """``generation.scored`` (module docstring) over the ``split`` cells of seen types; None without val cells of
+    a candidate type to calibrate on."""
+    ontology = ontology or get_ontology()
+    cands = Candidates.from_corpus(corpus)
+    held = set(corpus.holdout_types)
+    keep = [i for i, k in enumerate(cands.keys) if k not in held]
+    keys = np.asarray([cands.keys[i] for i in keep], dtype=object)
+    cl_ids = [cands.cl_ids[i] for i in keep]
+    every = candidate_answers(cands, ontology)
+    answers = [every[i] for i in keep]
+    if corpus.manifest["splits"].get("val", 0) <= 0 or not len(keys):
+        return None
+    index = {k: i for i, k in enumerate(keys)}
+    vlp, vtruth = scored_answers(model, corpus, "val", answers, progress=progress)
+    ok = np.array([t in index for t in vtruth], dtype=bool)
+    if not ok.any():
+        return None
+    temperature = fit_temperature(vlp[ok], [index[t] for t in vtruth[ok]])
+    margin = choose_margin(softmax(vlp[ok], temperature), cl_ids, vtruth[ok], ontology)
+    lp, truth = scored_answers(model, corpus, split, answers, progress=progress)
+    seen = np.array([t not in held for t in truth], dtype=bool)
+    lp, truth = lp[seen], truth[seen]
+    prob = softmax(lp, temperature)
+    top = keys[prob.argmax(1)] if len(prob) else np.zeros(0, dtype=object)
+    up, _ = backoff(prob, cl_ids, margin, ontology)
+    final = np.where(up != "", up, top)
+    return {"n_cells": int(len(truth)), "n_val_cells": int(ok.sum()), "temperature": temperature, "margin": margin,
+            "accuracy": float(np.mean(top == truth)), "lineage_accuracy": lineage_accuracy(truth, top, ontology),
+            "lineage_accuracy_backoff": lineage_accuracy(truth, final, ontology),
+            "accuracy_backoff": float(np.mean(final == truth)), "backoff_rate": float(np.mean(up != "")),
+            "ece": expected_calibration_error(prob.max(1), top == truth)}
+
+
 def type_texts(corpus: Corpus, splits: Sequence[str] = ("train",)) -> dict[str, list[str]]:
     """Label key -> sorted distinct description texts of that type's cells in ``splits``."""
     texts: dict[str, set] = {}
@@ -175,6 +241,9 @@ def generation_report(model, corpus: Corpus, split: str = "test", ontology=None,
     out.update(type_accuracy_constrained=constrained["type_accuracy"],
                ontology_score_constrained=constrained["ontology_score"],
                valid_answer_rate_constrained=constrained["valid_answer_rate"], split=split, num_beams=int(num_beams))
+    scored = scored_report(model, corpus, split, ontology, progress)
+    if scored is not None:
+        out["scored"] = scored
     examples = [{"cell_id": c, "true": t, "reference": r, "description": d, "type_answer": a}
                 for c, t, r, d, a in zip(free["cell_id"], free["true_cl"], free["references"], free["descriptions"],
                                          free["type_answers"])][:n_examples]

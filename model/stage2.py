@@ -363,6 +363,32 @@ class Stage2Model(nn.Module):
             gen = gen[:, ids.shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(gen, skip_special_tokens=True)]
 
+    @torch.no_grad()
+    def answer_logprobs(self, batch: dict, answers: Sequence[str], task: str = "cell_type",
+                        template: int = 0) -> np.ndarray:
+        """[B, len(answers)]: the log-probability the LLM gives each answer (its tokens and eos, read with teacher
+        forcing) to the task's question about each cell of a loader-style batch. Over a list of candidate names
+        this makes the LLM a classifier whose scores can be calibrated and backed off like the annotation's
+        (:mod:`scmm.eval.stage2`)."""
+        self.eval()
+        device = self.device
+        query, cell = self.encode(batch["gene_ids"], batch["values"], batch["padding_mask"])
+        n = query.shape[0]
+        prompt = prompt_for(task, template)
+        head = _unwrap(self.lm).get_output_embeddings()
+        out = torch.zeros(n, len(answers), dtype=torch.float64)
+        for j, answer in enumerate(answers):
+            enc = self.builder.collate([self.builder.cell_to_text(prompt, answer)] * n)
+            ids = enc["input_ids"].to(device)
+            embeds = self._embed_with_cells(ids, enc["slot_positions"].to(device), query, cell)
+            hidden = self._hidden(inputs_embeds=embeds, attention_mask=enc["attention_mask"].to(device))
+            target = enc["labels"][:, 1:].to(device)
+            keep = target != -100
+            logp = torch.log_softmax(head(hidden[:, :-1][keep]).float(), dim=-1)
+            token = logp.gather(1, target[keep][:, None])[:, 0].double().cpu()
+            out[:, j].index_add_(0, keep.nonzero()[:, 0].cpu(), token)
+        return out.numpy()
+
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return int(pad if pad is not None else self.tokenizer.eos_token_id)

@@ -191,6 +191,31 @@ def test_answer_mean_counts_each_answer_once(small_corpus, tiny_stage1, tiny_lm,
     assert loss([0, 1], "token") == pytest.approx((n[0] * alone[0] + n[1] * alone[1]) / sum(n), rel=1e-4)
 
 
+def test_answer_logprobs_are_the_training_loss_of_each_answer(trained_stage2, small_corpus, tiny_stage1):
+    """The score of a candidate answer is minus the summed answer loss (its tokens and eos) that training reads,
+    cell by cell; the probabilities over every answer the LLM could give sum to at most 1."""
+    from scmm.data_pipeline.instructions import prompt_for
+    from scmm.model.stage2 import Stage2Model
+    model = Stage2Model.from_pretrained(trained_stage2)
+    batch = _loader_batch(small_corpus, tiny_stage1, "val", batch_size=4)
+    answers = ["B cell", "natural killer cell", "CD14-positive monocyte"]
+    scores = model.answer_logprobs(batch, answers)
+    assert scores.shape == (4, 3) and (scores < 0).all()
+    model.config.loss.lm_mean = "token"
+    with torch.no_grad():
+        query, cell = model.encode(batch["gene_ids"], batch["values"], batch["padding_mask"])
+        for j, answer in enumerate(answers):
+            item = model.builder.cell_to_text(prompt_for("cell_type", 0), answer)
+            n_tokens = sum(1 for t in item["labels"] if t != -100)
+            for i in range(4):
+                enc = model.builder.collate([item])
+                embeds = model._embed_with_cells(enc["input_ids"], enc["slot_positions"], query[i:i + 1],
+                                                 cell[i:i + 1])
+                loss = float(model.answer_loss(embeds, enc["attention_mask"], enc["labels"]))
+                assert scores[i, j] == pytest.approx(-loss * n_tokens, rel=1e-4, abs=1e-4)
+    assert (np.exp(scores).sum(1) <= 1.0 + 1e-6).all()
+
+
 @pytest.mark.parametrize("mean", ["token", "answer"])
 def test_length_grouped_answer_loss_equals_one_padded_batch(small_corpus, tiny_stage1, tiny_lm, tmp_path, mean):
     """Training runs short and long answers as two groups cut to their own length: the same loss (and gradients)
@@ -432,6 +457,12 @@ def test_eval_package_and_describe_use_the_stage2_model(trained_stage2, tiny_sta
     assert {"bleu4", "rougeL", "type_accuracy", "ontology_score", "type_accuracy_constrained"} <= set(gen)
     assert all(0.0 <= gen[k] <= 1.0 for k in ("bleu4", "rougeL", "type_accuracy", "type_accuracy_constrained"))
     assert gen["valid_answer_rate_constrained"] == 1.0  # the prefix tree only lets Cell Ontology names through
+    # the LLM as a classifier over the corpus's types, calibrated and backed off on val like the annotation
+    scored = gen["scored"]
+    assert scored["n_cells"] == gen["n_cells"] and scored["temperature"] > 0 and scored["margin"] >= 0
+    assert all(0.0 <= scored[k] <= 1.0 for k in ("accuracy", "lineage_accuracy", "lineage_accuracy_backoff",
+                                                   "accuracy_backoff", "backoff_rate", "ece"))
+    assert scored["accuracy"] <= scored["lineage_accuracy"]
     assert {"knn_accuracy", "k", "space", "random_baseline", "class_mean_reference"} <= set(pc)
     assert pc["k"] == 5 and set(pc["spaces"]) == {"expression_pca", "stage1_embedding"}
     # what training never said: the type question in other words, pseudo-cells from ontology synonyms/definitions
@@ -439,6 +470,7 @@ def test_eval_package_and_describe_use_the_stage2_model(trained_stage2, tiny_sta
     assert pc["unseen_phrasing"]["n_types"] == 4 and set(pc["unseen_phrasing"]["spaces"]) == set(pc["spaces"])
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "## Descriptions and cell-type answers" in report and "## Pseudo-cells" in report
+    assert "Scored over the corpus's cell types" in report
     # the bare stage-2 folder evaluates to the same numbers as its package
     assert evaluate(trained_stage2, small_corpus, tmp_path / "eval2", progress=False) == metrics
 
