@@ -11,12 +11,16 @@ scores into answers:
   (Brent's method on ``log T`` in :data:`T_BOUNDS`) finds the global minimum. ``scmm_confidence`` is ``p`` of the
   top-1 label: a calibrated probability that the top-1 label is the cell's type.
 * **Abstention threshold** (:func:`abstention_threshold`): for a stated rate ``r`` (default
-  :data:`DEFAULT_UNKNOWN_RATE` = 0.05), the threshold is the ``(k+1)``-th smallest val confidence with
-  ``k = floor(r * n)``; a cell whose confidence is *below* it is ``unknown``. At most ``k <= r * n`` val cells
-  abstain (fewer with ties), and, split-conformal style, a new cell exchangeable with the val cells abstains with
-  probability at most ``k / (n + 1) <= r``. ``r = 0`` gives threshold 0 (never abstain). The val confidences are
-  also stored as quantiles (:func:`confidence_quantiles`, every 0.5 %) so that ``scmm annotate --unknown-rate``
-  can pick another rate later without the val cells (:func:`threshold_from_quantiles`, linear interpolation).
+  :data:`DEFAULT_UNKNOWN_RATE` = 0.05), the threshold is the ``j``-th smallest of the ``n`` val confidences with
+  ``j = floor(r * (n + 1))`` (split conformal); a cell whose confidence is *below* it is ``unknown``. A new cell
+  exchangeable with the val cells is below the ``j``-th smallest of them exactly when it ranks among the ``j``
+  lowest of all ``n + 1``, so it abstains with probability at most ``j / (n + 1) <= r`` (the guarantee the rate
+  states), and at most ``j - 1 < r * n`` val cells abstain (fewer with ties). ``j = 0`` (``r < 1 / (n + 1)``, or
+  ``r = 0``) gives threshold 0: never abstain. With few val cells the guarantee costs power: at ``n = 69`` and
+  ``r = 0.025`` the threshold is the smallest val value, and a new in-distribution cell abstains with
+  probability 1/70. The val confidences are also stored as quantiles (:func:`confidence_quantiles`, every
+  0.5 %) so that ``scmm annotate --unknown-rate`` can pick another rate later without the val cells
+  (:func:`threshold_from_quantiles`, linear interpolation: about ``r``, without the exact bound).
 * **Back-off margin** (:func:`choose_margin`): when the top-1 and top-2 candidates are too close to call
   (``p_top1 - p_top2 < margin``), the answer is their lowest informative common ancestor in the Cell Ontology
   (:func:`scmm.eval.ontology_score.informative_common_ancestor`: never a generic term such as ``cell``), and the
@@ -37,24 +41,23 @@ scores into answers:
   these", so a cell of a type the model never saw often gets a confident known answer. Beside the confidence,
   each cell's *novelty similarity* (:mod:`scmm.eval.novelty`: the mean cosine similarity of its expression
   profile's PCA point to its nearest training cells') says how unlike every training cell it is. Low similarity
-  = novel. The val cells are held out from training just as test cells are, so, conformal-style again, the
-  novelty threshold is the ``(k+1)``-th smallest val similarity for the novelty share of the rate, and a cell
-  whose similarity is *below* it is ``unknown``.
+  = novel. The val cells are held out from training just as test cells are, so, split-conformal again, the
+  novelty threshold is the ``j``-th smallest val similarity for the novelty share of the rate, and a cell whose
+  similarity is *below* it is ``unknown``.
 * **How the rate is split** (:func:`split_rate`): with a novelty reference, each criterion gets half of the stated
-  rate ``r`` (:data:`NOVELTY_SHARE` = 0.5; ``scmm eval --novelty-share S`` gives the novelty check ``S r`` and
-  the confidence ``(1 - S) r``; the share is stored and ``--unknown-rate`` at annotation splits the same way):
-  the confidence threshold at ``r/2`` and the novelty threshold at ``r/2`` of the val cells. A cell abstains when
-  *either* is below its threshold, so at most ``floor(r n / 2) + floor(r n / 2) <= r n`` val cells abstain
-  (fewer when the two sets overlap; ``floor(a) + floor(b) <= floor(a + b)`` for any share), and the conformal
-  bound ``r`` still holds for a new in-distribution cell (a union bound: no assumption on how the two scores
-  relate). Half each is the choice that needs no data the val split cannot give: val holds no unseen type, so
-  it cannot say which criterion catches them better. Equivalently, with ``q_c`` and ``q_n`` the cell's ranks
-  among the val confidences and similarities (:func:`abstention_score`), a cell abstains (half each) when
+  rate ``r`` (:data:`NOVELTY_SHARE` = 0.5; ``scmm eval --novelty-share S`` gives the novelty check ``S r`` and the
+  confidence ``(1 - S) r``; the share is stored and ``--unknown-rate`` at annotation splits the same way): the
+  confidence threshold at ``r/2`` and the novelty threshold at ``r/2`` of the val cells. A cell abstains when
+  *either* is below its threshold, so a new in-distribution cell abstains with probability at most ``r/2 + r/2 = r``
+  (a union bound: no assumption on how the two scores relate; any share adds up the same way), and fewer than ``r
+  n`` val cells abstain. Half each is the choice that needs no data the val split cannot give: val holds no unseen
+  type, so it cannot say which criterion catches them better. Equivalently, with ``q_c`` and ``q_n`` the cell's
+  ranks among the val confidences and similarities (:func:`abstention_score`), a cell abstains (half each) when
   ``min(q_c, q_n) < r/2``: that rank is the *abstention score* whose seen/unseen AUROC ``scmm eval`` reports as
-  ``annotation.unseen.auroc`` (``auroc_confidence`` and ``auroc_novelty`` beside it). ``r = 0`` turns both
-  checks off (never abstain). ``--unknown-threshold C`` sets the confidence threshold directly and turns the
-  novelty check off (a threshold the user states is the whole rule). Without a reference (a bare model folder,
-  a package from an earlier scmm, ``--labels``) only the confidence counts, at the whole rate.
+  ``annotation.unseen.auroc`` (``auroc_confidence`` and ``auroc_novelty`` beside it). ``r = 0`` turns both checks
+  off (never abstain). ``--unknown-threshold C`` sets the confidence threshold directly and turns the novelty check
+  off (a threshold the user states is the whole rule). Without a reference (a bare model folder, a package from an
+  earlier scmm, ``--labels``) only the confidence counts, at the whole rate.
 
 Order at inference (:func:`calibrated_answers`): probabilities; a cell whose top-1 confidence is below the
 threshold, or whose novelty similarity is below the novelty threshold, is ``unknown``; the other cells get the
@@ -138,20 +141,21 @@ def fit_temperature(logits: np.ndarray, labels: Sequence[int], bounds: tuple[flo
 
 # --- abstention -------------------------------------------------------------------------------------
 def _conformal_cut(values: Sequence[float], rate: float, what: str) -> float | None:
-    """The ``(k+1)``-th smallest of ``values`` with ``k = floor(rate * n)``, below which at most ``rate`` of
-    them fall (module docstring); None when ``k = 0`` (nothing may fall below)."""
+    """The ``j``-th smallest of the ``n`` ``values`` with ``j = floor(rate * (n + 1))``: a new value exchangeable
+    with them falls below it with probability at most ``rate`` (module docstring); None when ``j = 0``."""
     v = np.sort(np.asarray(values, dtype=np.float64))
     if v.ndim != 1 or len(v) == 0:
         raise ValueError(f"no {what} to choose a threshold on")
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"the unknown rate must be in [0, 1), got {rate}")
-    k = int(math.floor(rate * len(v) + 1e-9))
-    return None if k == 0 else float(v[k])
+    j = int(math.floor(rate * (len(v) + 1) + 1e-9))
+    return None if j == 0 else float(v[j - 1])
 
 
 def abstention_threshold(confidence: Sequence[float], rate: float) -> float:
-    """The confidence below which a cell is ``unknown``, so that at most ``rate`` of these (val) cells abstain:
-    the ``(k+1)``-th smallest confidence, ``k = floor(rate * n)`` (module docstring); 0 for ``rate = 0``."""
+    """The confidence below which a cell is ``unknown``, so that a new cell like these (val) cells abstains with
+    probability at most ``rate``:
+    the ``j``-th smallest confidence, ``j = floor(rate * (n + 1))`` (module docstring); 0 (never) for ``j = 0``."""
     cut = _conformal_cut(confidence, rate, "confidences")
     return 0.0 if cut is None else cut
 
@@ -186,8 +190,9 @@ def check_unknown_options(unknown_rate: float | None, unknown_threshold: float |
 
 # --- novelty ----------------------------------------------------------------------------------------
 def novelty_threshold(similarity: Sequence[float], rate: float) -> float | None:
-    """The novelty similarity below which a cell is ``unknown``, so that at most ``rate`` of these (val) cells
-    fall below it: the ``(k+1)``-th smallest, ``k = floor(rate * n)``; None (no check) when ``k = 0``."""
+    """The novelty similarity below which a cell is ``unknown``, so that a new cell like these (val) cells falls
+    below it with probability at most ``rate``: the ``j``-th smallest, ``j = floor(rate * (n + 1))``; None (no
+    check) when ``j = 0``."""
     return _conformal_cut(similarity, rate, "similarities")
 
 

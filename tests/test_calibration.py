@@ -127,9 +127,10 @@ def test_fit_temperature_recovers_a_known_temperature():
 
 def test_threshold_rule_picks_the_quantile():
     conf = [0.7, 0.1, 0.9, 0.3, 0.5, 0.2, 0.6, 0.8, 0.4, 1.0]  # 0.1 ... 1.0, shuffled
-    assert abstention_threshold(conf, 0.2) == 0.3  # k = 2: cells below 0.3 are 0.1 and 0.2
-    assert abstention_threshold(conf, 0.25) == 0.3  # floor(2.5) = 2
-    assert abstention_threshold(conf, 0.05) == 0.0 and abstention_threshold(conf, 0.0) == 0.0
+    assert abstention_threshold(conf, 0.2) == 0.2  # j = floor(0.2 * 11) = 2: the 2nd smallest; 0.1 lies below
+    assert abstention_threshold(conf, 0.3) == 0.3  # j = floor(3.3) = 3
+    assert abstention_threshold(conf, 0.1) == 0.1  # j = 1: no val cell below, a new one with probability 1/11
+    assert abstention_threshold(conf, 0.05) == 0.0 and abstention_threshold(conf, 0.0) == 0.0  # j = 0: never
     for rate in (0.1, 0.3, 0.5, 0.9):
         th = abstention_threshold(conf, rate)
         assert np.mean(np.asarray(conf) < th) <= rate + 1e-12
@@ -160,13 +161,13 @@ def test_calibration_round_trip_and_options():
 # --- novelty ----------------------------------------------------------------------------------------
 def test_novelty_threshold_rule_on_a_hand_made_set():
     sim = [0.95, 0.2, 0.9, 0.5, 0.8, 0.3, 0.85, 0.7, 0.4, 0.99]  # shuffled
-    assert novelty_threshold(sim, 0.1) == 0.3  # k = 1: only 0.2 lies below 0.3
-    assert novelty_threshold(sim, 0.2) == 0.4  # k = 2: 0.2 and 0.3 lie below 0.4
-    assert novelty_threshold(sim, 0.25) == 0.4  # floor(2.5) = 2
-    assert novelty_threshold(sim, 0.05) is None and novelty_threshold(sim, 0.0) is None  # k = 0: no check
+    assert novelty_threshold(sim, 0.1) == 0.2  # j = floor(0.1 * 11) = 1: the smallest
+    assert novelty_threshold(sim, 0.2) == 0.3  # j = 2: only 0.2 lies below 0.3
+    assert novelty_threshold(sim, 0.3) == 0.4  # j = 3
+    assert novelty_threshold(sim, 0.05) is None and novelty_threshold(sim, 0.0) is None  # j = 0: no check
     for rate in (0.1, 0.2, 0.5, 0.9):
         assert np.mean(np.asarray(sim) < novelty_threshold(sim, rate)) <= rate + 1e-12
-    assert novelty_threshold([-0.5, -0.2, 0.1, 0.3], 0.5) == 0.1  # cosines may be negative
+    assert novelty_threshold([-0.5, -0.2, 0.1, 0.3], 0.5) == -0.2  # cosines may be negative; j = floor(2.5)
     with pytest.raises(ValueError):
         novelty_threshold(sim, 1.0)
     with pytest.raises(ValueError):
@@ -181,6 +182,18 @@ def test_novelty_threshold_rule_on_a_hand_made_set():
         th_c, th_n = abstention_threshold(conf, c), novelty_threshold(nov, n)
         out = (conf < th_c) | (nov < (th_n if th_n is not None else -np.inf))
         assert out.sum() <= np.floor(rate * 97 + 1e-9)
+
+
+@pytest.mark.parametrize("n, rate", [(69, 0.025), (69, 0.05), (19, 0.1), (200, 0.05), (10, 0.3)])
+def test_a_new_cell_abstains_with_probability_at_most_the_rate(n: int, rate: float):
+    """The split-conformal guarantee, by simulation: n val values and one new value, all exchangeable (iid); the
+    new one falls below the threshold chosen on the others with probability floor(rate (n + 1)) / (n + 1)."""
+    rng = np.random.default_rng(n)
+    trials = 20_000
+    values = rng.random((trials, n + 1))
+    below = np.array([row[-1] < (abstention_threshold(row[:-1], rate) or 0.0) for row in values])
+    exact = math.floor(rate * (n + 1) + 1e-9) / (n + 1)
+    assert exact <= rate and below.mean() == pytest.approx(exact, abs=4 * math.sqrt(rate / trials) + 1e-3)
 
 
 def test_far_cells_are_unknown_and_near_ones_are_not():

@@ -265,9 +265,9 @@ def test_eval_with_held_out_types_reports_unseen_figures(tmp_path: Path):
     pos = {int(v): i for i, v in enumerate(corpus.gene_vocab_ids)}
     x, vids, _ = log1p_profiles(corpus, "val", np.array([pos[int(v)] for v in reference.vocab_ids]))
     vsim = reference.similarity(x)[[vids.index(c) for c in val.cell_ids]]
-    k = int(np.floor(0.1 / 2 * n_val + 1e-9))  # half of the rate each: the (k+1)-th smallest val value
-    assert k >= 1 and cal.threshold == pytest.approx(np.sort(vconf)[k])
-    assert cal.novelty_threshold == pytest.approx(np.sort(vsim)[k], abs=1e-6)
+    j = int(np.floor(0.1 / 2 * (n_val + 1) + 1e-9))  # half of the rate each: the j-th smallest val value
+    assert j >= 1 and cal.threshold == pytest.approx(np.sort(vconf)[j - 1])
+    assert cal.novelty_threshold == pytest.approx(np.sort(vsim)[j - 1], abs=1e-6)
     assert np.sum((vconf < cal.threshold) | (vsim < cal.novelty_threshold)) <= 0.1 * n_val  # the union
     assert {"auroc", "auroc_confidence", "auroc_novelty", "novel_rate"} <= set(ann["unseen"])
     assert 0.0 <= ann["abstain_rate_novelty"] <= ann["abstain_rate"]
