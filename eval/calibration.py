@@ -49,8 +49,8 @@ scores into answers:
   confidence ``(1 - S) r``; the share is stored and ``--unknown-rate`` at annotation splits the same way): the
   confidence threshold at ``r/2`` and the novelty threshold at ``r/2`` of the val cells. A cell abstains when
   *either* is below its threshold, so a new in-distribution cell abstains with probability at most ``r/2 + r/2 = r``
-  (a union bound: no assumption on how the two scores relate; any share adds up the same way), and fewer than ``r
-  n`` val cells abstain. Half each is the choice that needs no data the val split cannot give: val holds no unseen
+  (a union bound: no assumption on how the two scores relate; any share adds up the same way), and fewer than
+  ``r n`` val cells abstain. Half each is the choice that needs no data the val split cannot give: val holds no unseen
   type, so it cannot say which criterion catches them better. Equivalently, with ``q_c`` and ``q_n`` the cell's
   ranks among the val confidences and similarities (:func:`abstention_score`), a cell abstains (half each) when
   ``min(q_c, q_n) < r/2``: that rank is the *abstention score* whose seen/unseen AUROC ``scmm eval`` reports as
