@@ -22,7 +22,9 @@ Tasks (``TASKS``):
   ``scmm.eval.novelty.NOVELTY_MAX_REFERENCE`` cells, a seeded subsample beyond, written to
   ``novelty_reference.npz`` beside ``metrics.json``), and chooses the back-off margin (``annotation.margin``);
   all of them, with the val confidence and novelty quantiles, go to ``annotation.calibration``, which ``scmm
-  annotate`` applies on a packaged model. On test: ``ece`` (15 bins), ``abstain_rate`` (and
+  annotate`` applies on a packaged model. On test: ``ece`` (15 bins; ``ece_floor`` with ``ece_floor_p10`` /
+  ``ece_floor_p90``: what a perfectly calibrated model with the same confidences shows on as many cells,
+  :func:`scmm.eval.metrics.calibrated_ece`, and ``reliability.png``), ``abstain_rate`` (and
   ``abstain_rate_novelty``, the share the novelty check alone abstains on), ``lineage_accuracy`` /
   ``lineage_accuracy_backoff`` (the answer is the truth or one of its ancestors, without / with back-off),
   ``accuracy_backoff``, ``backoff_rate``; ``with_unknown``: the final answers (abstention and back-off);
@@ -91,9 +93,11 @@ from scmm.eval.calibration import (
 from scmm.eval.metrics import (
     annotation_metrics,
     binary_auroc,
+    calibrated_ece,
     confusion_matrix_png,
     expected_calibration_error,
     lineage_accuracy,
+    reliability_png,
 )
 from scmm.eval.novelty import NOVELTY_FILE, ExpressionNovelty, fit_novelty, split_similarity
 from scmm.eval.ontology_score import is_same_or_ancestor, mean_pair_score
@@ -115,7 +119,7 @@ EXAMPLES = 8  # generated descriptions shown in report.md
 TEXT_BATCH = 64  # texts per text-tower call: bounds the activation memory (~100 MB at 128 tokens)
 BASELINE_NAMES = ("majority", "logistic_regression", "pca_knn", "scmm_knn_smoothing")
 # every file this harness may write (stale ones are removed when a later run into the same folder skips them)
-OUTPUT_FILES = ("metrics.json", "report.md", "confusion_matrix.png", "umap.png", NOVELTY_FILE)
+OUTPUT_FILES = ("metrics.json", "report.md", "confusion_matrix.png", "reliability.png", "umap.png", NOVELTY_FILE)
 
 
 # --- inputs -----------------------------------------------------------------------------------------
@@ -236,6 +240,7 @@ def _trust(y_true: np.ndarray, seen: np.ndarray, top_keys: np.ndarray, answers, 
         "temperature": calibration.temperature, "threshold": calibration.threshold,
         "unknown_rate": calibration.unknown_rate, "margin": calibration.margin,
         "ece": expected_calibration_error(conf, top_keys[seen] == t),
+        **dict(zip(("ece_floor", "ece_floor_p10", "ece_floor_p90"), calibrated_ece(conf))),
         "abstain_rate": float(np.mean(answers.unknown[seen])),
         "lineage_accuracy": lineage_accuracy(t, top_keys[seen], ontology),
         "lineage_accuracy_backoff": lineage_accuracy(t, backed.keys[seen], ontology),
@@ -353,6 +358,10 @@ def _annotate(model, corpus: Corpus, cands: Candidates, ontology, seed: int, tmp
     confusion_matrix_png(y_true, pred, rows, [names[r] for r in rows], tmp / "confusion_matrix.png",
                          title="scmm, test split (rows: true type, normalised)")
     details["pngs"] = ["confusion_matrix.png"]
+    if seen.any():
+        reliability_png(answers.confidence[seen], pred[seen] == y_true[seen], tmp / "reliability.png",
+                        title="Calibrated confidence, seen-type test cells")
+        details["pngs"].append("reliability.png")
     panels = {"true type": [names.get(t, t) for t in y_true], "predicted type": [names.get(p, p) for p in pred]}
     if umap_png(emb.embeddings, panels, tmp / "umap.png", seed, "scmm cell embeddings (test split)",
                 details["notes"]):

@@ -249,7 +249,8 @@ def _unknown_option(ann: Mapping[str, Any], det: Mapping[str, Any] | None = None
              f"Chosen on the val split ({wu.get('n_val_cells', '?')} cells; never on test): the temperature of the "
              f"confidence (softmax of similarity / T, fitted by NLL) T = {_f(ann.get('temperature'), 4)}; the "
              f"threshold below which a cell is `unknown`, {_f(ann.get('threshold'))}"
-             + (f" (at most {rate:.1%} of val cells abstain)" if isinstance(rate, float) else " (set directly)")
+             + (f" (a new in-distribution cell abstains with probability at most {rate:.1%})"
+                if isinstance(rate, float) else " (set directly)")
              + (f", or whose expression profile's similarity to the nearest training cells is below "
                 f"{_f(ann['novelty_threshold'])} (the novelty check, `eval/novelty.py`; the rate is split between "
                 "the two)"
@@ -261,6 +262,9 @@ def _unknown_option(ann: Mapping[str, Any], det: Mapping[str, Any] | None = None
              _table(["figure", "value"], [
                  ["expected calibration error (15 bins; at the contrastive temperature)",
                   f"{_f(ann.get('ece'))} ({_f(ann.get('ece_uncalibrated'))})"],
+                 *([["expected calibration error of a perfectly calibrated model with these confidences, on as many "
+                     "cells (mean; 10th-90th percentile)", f"{_f(ann['ece_floor'])} ({_f(ann.get('ece_floor_p10'))}-"
+                     f"{_f(ann.get('ece_floor_p90'))})"]] if "ece_floor" in ann else []),
                  ["abstain rate (`unknown`)", ann.get("abstain_rate")],
                  *([["abstain rate by the novelty check", ann["abstain_rate_novelty"]]]
                    if "abstain_rate_novelty" in ann else []),
@@ -339,6 +343,7 @@ def _stage2_sections(metrics: Mapping[str, Any], c: Mapping[str, Any]) -> list[s
 
 
 PLOT_TITLES = {"confusion_matrix.png": "Confusion matrix (scmm, test split)",
+               "reliability.png": "Reliability of the calibrated confidence (seen-type test cells)",
                "umap.png": "UMAP of test cell embeddings, by true and by predicted type"}
 
 

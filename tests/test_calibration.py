@@ -27,7 +27,13 @@ from scmm.eval.calibration import (
     split_rate,
     threshold_from_quantiles,
 )
-from scmm.eval.metrics import binary_auroc, expected_calibration_error, lineage_accuracy
+from scmm.eval.metrics import (
+    binary_auroc,
+    calibrated_ece,
+    expected_calibration_error,
+    lineage_accuracy,
+    reliability_png,
+)
 from scmm.eval.novelty import ExpressionNovelty
 from scmm.eval.ontology_score import informative_common_ancestor, is_same_or_ancestor
 
@@ -245,6 +251,18 @@ def test_far_cells_are_unknown_and_near_ones_are_not():
 
 
 # --- metrics ----------------------------------------------------------------------------------------
+def test_ece_floor_of_a_perfectly_calibrated_model(tmp_path):
+    """Sure answers are always right: floor 0. At confidence 0.5 (one bin) the ECE is |mean - 0.5| of n fair
+    coins, whose expectation is 0.5 sqrt(2 / (pi n)) for large n; more cells, lower floor."""
+    assert calibrated_ece([1.0] * 50) == (0.0, 0.0, 0.0)
+    mean, p10, p90 = calibrated_ece([0.5] * 400, n_draws=4000)
+    assert mean == pytest.approx(0.5 * math.sqrt(2 / (math.pi * 400)), rel=0.05) and p10 < mean < p90
+    assert calibrated_ece([0.5] * 1600)[0] == pytest.approx(mean / 2, rel=0.1)
+    assert calibrated_ece([0.3, 0.9], seed=1) == calibrated_ece([0.3, 0.9], seed=1)  # seeded
+    path = reliability_png([0.9, 0.9, 0.6, 0.2], [True, False, True, False], tmp_path / "r.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_ece_auroc_lineage_by_hand():
     conf = [0.9, 0.9, 0.6, 0.6, 0.2]
     correct = [True, False, True, True, False]

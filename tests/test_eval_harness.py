@@ -239,6 +239,8 @@ def test_eval_with_held_out_types_reports_unseen_figures(tmp_path: Path):
     report = (tmp_path / "e" / "report.md").read_text()
     assert "Held-out (unseen) types" in report and "natural killer cell" in report
     assert Calibration.from_metrics(metrics).threshold == ann["threshold"]
+    assert 0.0 < ann["ece_floor_p10"] <= ann["ece_floor"] <= ann["ece_floor_p90"]
+    assert (tmp_path / "e" / "reliability.png").exists() and "reliability.png" in report
     # the novelty check: half of the rate on the confidence, half on the expression profile's similarity to the
     # nearest training cells (scmm.eval.novelty)
     cal = Calibration.from_metrics(metrics)
