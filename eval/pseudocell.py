@@ -35,9 +35,17 @@ overall mean + noise, a dense profile that the stage-1 embedding space misplaces
 exactly like the pseudo-cells in each space.
 Types without train cells get no class-mean profiles (``class_mean_missing_types``).
 
+**Real-cell reference** (:func:`real_cell_sample`): as many *real* train cells of each generated type as there
+are pseudo-cells of it (a seeded uniform sample per type, streamed shard by shard), scored exactly like the
+pseudo-cells in each space: ``real_cells_reference``. It says how well a cell that *is* of the type scores, so
+a pseudo-cell accuracy near it means the pseudo-cells are as recognisable as real cells, and one far above it
+means they are cleaner than real cells (dense means are: 0.94 in PCA space on the demo, where real cells score
+0.76).
+
 Output (DESIGN.md ``pseudocell``): ``knn_accuracy``, ``k``, ``space`` (``"expression_pca"``),
-``random_baseline``, ``class_mean_reference`` of the PCA space at the top level, plus ``spaces`` =
-``{name: {knn_accuracy, class_mean_reference, random_baseline, per_type, excluded_types, n_scored,
+``random_baseline``, ``class_mean_reference`` and ``real_cells_reference`` of the PCA space at the top level, plus
+``spaces`` = ``{name: {knn_accuracy, class_mean_reference, real_cells_reference, random_baseline, per_type,
+excluded_types, n_scored,
 n_types_scored, metric}}``, ``per_type[t] = {accuracy, class_mean_accuracy, n, n_reference}``, and how sparse
 the pseudo-cells are (:func:`zero_fractions`): ``zero_fraction_ratio`` (pseudo-cells' share of zero panel genes
 over the reference cells' of their type, averaged over types) and ``zero_fraction[t] = {pseudo, real, ratio}``.
@@ -59,8 +67,8 @@ from scmm.data_pipeline.store import Corpus
 from scmm.eval.annotate import embed_split
 from scmm.eval.knn import pseudocell_knn_accuracy
 
-__all__ = ["pseudocell_report", "embed_profiles", "class_mean_profiles", "type_moments", "TypeStats",
-           "zero_fractions", "PCA_MAX_TRAIN_CELLS", "MIN_PER_TYPE", "REFERENCE_SPLITS"]
+__all__ = ["pseudocell_report", "embed_profiles", "class_mean_profiles", "real_cell_sample", "type_moments",
+           "TypeStats", "zero_fractions", "PCA_MAX_TRAIN_CELLS", "MIN_PER_TYPE", "REFERENCE_SPLITS"]
 
 PCA_MAX_TRAIN_CELLS = 50_000
 MIN_PER_TYPE = 20
@@ -264,6 +272,32 @@ def zero_fractions(gen_x: np.ndarray, gen_labels: np.ndarray, ref_zero: np.ndarr
     return {"ratio": ratio, "per_type": per_type}
 
 
+def real_cell_sample(corpus: Corpus, genes: np.ndarray, counts: Mapping[str, int], seed: int = 0,
+                     split: str = "train") -> tuple[np.ndarray, list[str]]:
+    """(X [n, len(genes)] log1p CP10k, label keys): ``counts[t]`` real cells of each type ``t`` of ``split`` (all of
+    them when it has fewer), a seeded uniform sample per type (reservoir sampling, one shard in memory), in sorted
+    type order."""
+    rng = np.random.default_rng(seed)
+    keep: dict[str, list[np.ndarray]] = {t: [] for t in counts}
+    seen: dict[str, int] = dict.fromkeys(counts, 0)
+    for x, _, labels in iter_log1p_profiles(corpus, split, genes):
+        for row, t in zip(x, labels):
+            if t not in keep or counts[t] <= 0:
+                continue
+            seen[t] += 1
+            if len(keep[t]) < counts[t]:
+                keep[t].append(row.copy())
+            else:
+                j = int(rng.integers(seen[t]))
+                if j < counts[t]:
+                    keep[t][j] = row.copy()
+    types = [t for t in sorted(keep) if keep[t]]
+    if not types:
+        return np.zeros((0, len(genes)), dtype=np.float32), []
+    return (np.stack([r for t in types for r in keep[t]]).astype(np.float32),
+            [t for t in types for _ in keep[t]])
+
+
 def _score_pca_space(pca: PCA, gen_x, gen_labels, cm_x, cm_labels, ref_z, ref_labels, k: int,
                      ref_splits: Sequence[str]) -> dict[str, Any]:
     """The ``expression_pca`` space; ``ValueError`` when no generated type has ``k`` reference cells."""
@@ -305,6 +339,7 @@ def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Seque
     if cm_missing:
         notes.append(f"no train cells (no class-mean profiles) for: {', '.join(cm_missing)}")
 
+    real_x, real_labels = real_cell_sample(corpus, genes, counts, seed)
     pca = _fit_pca(corpus, genes, n_components, seed)
     ref_z, ref_e, ref_labels, ref_ids, ref_zero = _reference_cells(
         corpus, ref_splits, genes, pca, aligner if restrict_reference else None, seed)
@@ -315,21 +350,29 @@ def pseudocell_report(corpus: Corpus, pseudo_x: np.ndarray, pseudo_labels: Seque
             ref_e = _reference_embeddings_all_genes(aligner, corpus, ref_splits, ref_ids)
         spaces["stage1_embedding"] = _score_embedding_space(aligner, genes, corpus.gene_vocab_ids, gen_x, gen_labels,
                                                             cm_x, cm_labels, ref_e, ref_labels, k, seed)
-    scored = {}
-    for name, (x, labels) in (extra or {}).items():
+
+    def score(x: np.ndarray, labels: Sequence) -> dict[str, float]:
+        """k-NN accuracy per space of another set of profiles, against the same PCA and reference cells."""
         _, ex, el = _check_pseudocells(x, labels, genes)
-        scored[name] = {"expression_pca": pseudocell_knn_accuracy(pca.transform(ex).astype(np.float32), el, ref_z,
-                                                                  ref_labels, k=k, metric="l2")["knn_accuracy"]}
+        out = {"expression_pca": pseudocell_knn_accuracy(pca.transform(ex).astype(np.float32), el, ref_z,
+                                                         ref_labels, k=k, metric="l2")["knn_accuracy"]}
         if aligner is not None:
             emb = embed_profiles(aligner, ex, genes, corpus.gene_vocab_ids, seed)
-            scored[name]["stage1_embedding"] = pseudocell_knn_accuracy(emb, el, ref_e, ref_labels, k=k,
-                                                                       metric="ip")["knn_accuracy"]
+            out["stage1_embedding"] = pseudocell_knn_accuracy(emb, el, ref_e, ref_labels, k=k,
+                                                              metric="ip")["knn_accuracy"]
+        return out
+
+    scored = {name: score(x, labels) for name, (x, labels) in (extra or {}).items()}
+    real = score(real_x, real_labels) if real_labels else {}
+    for name, space in spaces.items():
+        space["real_cells_reference"] = real.get(name, float("nan"))
     pca_space = spaces["expression_pca"]
     sparsity = zero_fractions(gen_x, gen_labels, ref_zero, ref_labels)
     return {"zero_fraction_ratio": sparsity["ratio"], "zero_fraction": sparsity["per_type"], "extra": scored,
             "knn_accuracy": pca_space["knn_accuracy"], "k": int(k), "space": "expression_pca",
             "random_baseline": pca_space["random_baseline"],
-            "class_mean_reference": pca_space["class_mean_reference"], "spaces": spaces,
+            "class_mean_reference": pca_space["class_mean_reference"],
+            "real_cells_reference": pca_space["real_cells_reference"], "spaces": spaces,
             "n_per_type": counts, "n_reference": int(len(ref_labels)), "reference_splits": ref_splits,
             "n_genes": int(len(genes)), "n_components": int(pca.n_components_),
             "reference_genes": "panel" if restrict_reference else "all", "class_mean_missing_types": cm_missing,

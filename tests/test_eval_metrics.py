@@ -297,6 +297,19 @@ def test_pseudocell_report_real_cells_hit_and_class_mean_is_seeded(small_corpus)
     sp = r["spaces"]["expression_pca"]
     assert sp["n_scored"] == len(y) and sp["excluded_types"] == {} and sp["knn_accuracy"] == 1.0
     assert 0.9 <= r["class_mean_reference"] <= 1.0  # well separated types: the class means hit too
+    # real train cells of each type, as many as pseudo-cells: well separated types, so they hit as well
+    assert r["real_cells_reference"] == sp["real_cells_reference"] >= 0.9
+    from scmm.eval.pseudocell import real_cell_sample
+    counts = {"CL:0000084": 3, "CL:0000236": 500, "CL:0000000": 2}
+    rx, rl = real_cell_sample(corpus, genes, counts, seed=1)
+    x_train, _, y_train = log1p_profiles(corpus, "train", genes)
+    n_b = sum(t == "CL:0000236" for t in y_train)
+    assert rl == ["CL:0000084"] * 3 + ["CL:0000236"] * n_b  # all of a type with fewer; none of an absent one
+    rows = {tuple(v) for v in x_train}
+    assert all(tuple(v) in rows for v in rx)  # real train rows
+    again, _ = real_cell_sample(corpus, genes, counts, seed=1)
+    other, _ = real_cell_sample(corpus, genes, counts, seed=2)
+    assert np.array_equal(rx, again) and not np.array_equal(rx[:3], other[:3])
     assert set(sp["per_type"]) == set(y) and all(v["n_reference"] >= 5 for v in sp["per_type"].values())
     assert r["n_reference"] == len(y) and r["notes"] == []  # >= 20 pseudo-cells per type
     # the class-mean reference is deterministic for a seed, and changes with it
