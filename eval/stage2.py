@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
 from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.store import Corpus, label_keys
 from scmm.eval.annotate import Candidates
-from scmm.eval.calibration import backoff, choose_margin, fit_temperature, softmax
+from scmm.eval.calibration import Calibration, backoff, choose_margin, fit_temperature, softmax
 from scmm.eval.metrics import (
     expected_calibration_error,
     lineage_accuracy,
@@ -186,6 +186,15 @@ def scored_report(model, corpus: Corpus, split: str = "test", ontology=None, pro
             "lineage_accuracy_backoff": lineage_accuracy(truth, final, ontology),
             "accuracy_backoff": float(np.mean(final == truth)), "backoff_rate": float(np.mean(up != "")),
             "ece": expected_calibration_error(prob.max(1), top == truth)}
+
+
+def scored_calibration(metrics: Mapping[str, Any] | None) -> Calibration | None:
+    """The temperature and back-off margin of ``generation.scored`` in a ``metrics.json`` dict (what ``scmm
+    describe --cell-type`` applies), or None when it has none."""
+    sc = ((metrics or {}).get("generation") or {}).get("scored")
+    if not isinstance(sc, Mapping) or "temperature" not in sc:
+        return None
+    return Calibration(temperature=float(sc["temperature"]), margin=float(sc.get("margin", 0.0)))
 
 
 def type_texts(corpus: Corpus, splits: Sequence[str] = ("train",)) -> dict[str, list[str]]:

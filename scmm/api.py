@@ -50,7 +50,11 @@ Outputs (DESIGN.md names):
 * ``obs['scmm_qc']`` (``embed``, ``annotate``, ``query_index``): "ok", or "no_expressed_gene" for a cell that
   expresses none of the model's genes. Such a cell's embedding holds no information about it: it is called
   "unknown" with confidence 0, and ``build_index`` leaves it out of the reference.
-* ``obs['scmm_description']``: the stage-2 model's text for each cell.
+* ``obs['scmm_description']``: the stage-2 model's text for each cell. With ``cell_type`` (``scmm describe
+  --cell-type``), also the LLM's answer to the cell-type question, scored over the model's candidate labels (the
+  probability it gives each label as the answer), calibrated and backed off to a Cell Ontology ancestor with the
+  temperature and margin ``scmm eval`` chose on val (``generation.scored``): ``obs['scmm_llm_cell_type']``,
+  ``obs['scmm_llm_cell_type_ontology_term_id']``, ``obs['scmm_llm_confidence']``, ``obs['scmm_llm_cell_type_level']``.
 * ``generate``: ``X`` float32 ``[n, G]`` of log1p-CP10k expression over the model's HVG panel (``var`` index: gene
   symbols, ``var['vocab_id']``), ``obs['prompt']``, ``uns['scmm_generate']`` (seed, noise, normalisation).
 
@@ -95,6 +99,7 @@ from scmm.eval.calibration import (
     softmax,
 )
 from scmm.eval.novelty import ExpressionNovelty
+from scmm.eval.stage2 import candidate_answers, scored_calibration
 from scmm.index import ReferenceIndex, reference_labels, write_index
 from scmm.model.folders import ScmmModel, load_model
 
@@ -111,6 +116,8 @@ LEVEL = "scmm_cell_type_level"
 NOVELTY = "scmm_novelty"
 Labeller = Callable[[int, np.ndarray], pd.DataFrame]  # (first row, those rows' embeddings) -> label columns
 DESCRIPTION = "scmm_description"
+LLM_COLUMNS = {CELL_TYPE: "scmm_llm_cell_type", CELL_TYPE_ID: "scmm_llm_cell_type_ontology_term_id",
+               CONFIDENCE: "scmm_llm_confidence", LEVEL: "scmm_llm_cell_type_level"}
 QC = "scmm_qc"
 QC_EMPTY = "no_expressed_gene"
 UNKNOWN = "unknown"
@@ -431,27 +438,61 @@ def _query(index: ReferenceIndex, emb: np.ndarray, k: int, unknown_threshold: fl
 
 
 # --- describe ---------------------------------------------------------------------------------------
-def _describe_chunks(inp: _Input, constrained: bool, num_beams: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, descriptions) per chunk of the input: only one chunk's texts are held."""
+def _describe_chunks(inp: _Input, constrained: bool, num_beams: int,
+                     answerer: Callable[[dict], tuple] | None = None
+                     ) -> Iterator[tuple[int, np.ndarray, pd.DataFrame | None]]:
+    """(first row, descriptions, the LLM's cell-type columns or None) per chunk of the input: only one chunk's
+    texts are held. ``answerer``: batch -> (names, CL IDs, confidences, levels) of the LLM's scored answers."""
     dev = inp.opts.torch_device
     stage2 = inp.model.stage2.to(dev)
     size = inp.opts.chunk_size
-    chunk = None
+    chunk = None  # (start, descriptions, [names, CL IDs, confidences, levels] or None)
+
+    def done(c):
+        return c[0], c[1], None if c[2] is None else \
+            _label_frame(c[2][0], c[2][1], c[2][2], c[2][3]).rename(columns=LLM_COLUMNS)
+
     with inp.progress("describe") as bar, torch.inference_mode():
         for rows, batch in inp.batches():
             start = int(rows[0]) // size * size  # a batch never spans two chunks
             if chunk is None or chunk[0] != start:
                 if chunk is not None:
-                    yield chunk
-                chunk = (start, np.full(min(size, inp.n_obs - start), "", dtype=object))
-            texts = stage2.describe_cells({k: v.to(dev) for k, v in batch.items()}, task="describe",
-                                          constrained=constrained, num_beams=num_beams)
+                    yield done(chunk)
+                n = min(size, inp.n_obs - start)
+                chunk = (start, np.full(n, "", dtype=object),
+                         None if answerer is None else [np.full(n, "", dtype=object), np.full(n, "", dtype=object),
+                                                        np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.int16)])
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            texts = stage2.describe_cells(batch, task="describe", constrained=constrained, num_beams=num_beams)
             if len(texts) != len(rows):
                 raise ScmmError(f"the stage-2 model returned {len(texts)} descriptions for {len(rows)} cells")
             chunk[1][rows - start] = [str(t) for t in texts]
+            if answerer is not None:
+                for column, values in zip(chunk[2], answerer(batch)):
+                    column[rows - start] = values
             bar.update(len(rows))
         if chunk is not None:
-            yield chunk
+            yield done(chunk)
+
+
+def _llm_answerer(model: ScmmModel) -> Callable[[dict], tuple]:
+    """batch -> (names, CL IDs, confidences, back-off levels) of the stage-2 LLM's answer to the cell-type question,
+    scored over the model's candidate labels (:func:`scmm.eval.stage2.scored_answers`) and calibrated and backed
+    off with what ``scmm eval`` chose on val (``generation.scored``; without it: temperature 1, no back-off)."""
+    candidates = _candidates(model, None)
+    ontology = get_ontology()
+    answers = candidate_answers(candidates, ontology)
+    calibration = scored_calibration(model.metrics)
+    if calibration is None:
+        log.warning("model %s: its metrics hold no calibration of the LLM's answers (generation.scored): "
+                    "confidence at temperature 1, no back-off", model.folder)
+        calibration = Calibration(temperature=1.0)
+
+    def run(batch: dict) -> tuple:
+        logp = model.stage2.answer_logprobs(batch, answers)
+        a = calibrated_answers(logp, candidates.keys, candidates.names, candidates.cl_ids, calibration, ontology)
+        return a.names, a.cl_ids, a.confidence, a.level
+    return run
 
 
 # --- results ----------------------------------------------------------------------------------------
@@ -807,17 +848,24 @@ def annotate(data: Any, model: Any, *, labels: str | Sequence[str] | None = None
     return _cells(data, inp, out, _annotator(model, candidates, calibration, smooth, k, inp), whole=smooth)
 
 
-def describe(data: Any, model: Any, *, constrained: bool = False, num_beams: int = 1,
+def describe(data: Any, model: Any, *, constrained: bool = False, num_beams: int = 1, cell_type: bool = False,
              out: str | os.PathLike | None = None, overwrite: bool = False, **options):
-    """A copy of ``data`` with ``obs['scmm_description']`` from the model's stage 2."""
+    """A copy of ``data`` with ``obs['scmm_description']`` from the model's stage 2; with ``cell_type`` also the
+    LLM's calibrated cell-type answer over the model's candidate labels, backed off like the annotation's
+    (``obs['scmm_llm_cell_type']``, ``..._ontology_term_id``, ``scmm_llm_confidence``,
+    ``scmm_llm_cell_type_level``; :func:`_llm_answerer`)."""
     model = load_model(model)
     model.stage2  # noqa: B018 - fail early when there is no stage 2
     model, inp, out = _start(data, model, out, overwrite, options)
+    answerer = _llm_answerer(model) if cell_type else None
+    cols = _Columns(inp.n_obs)
     with _Sink(data, out, inp.n_obs, None) as sink:
         column = sink.text_column(DESCRIPTION)
-        for start, texts in _describe_chunks(inp, constrained, num_beams):
+        for start, texts, frame in _describe_chunks(inp, constrained, num_beams, answerer):
             column[start:start + len(texts)] = texts
-        return sink.finish(None)
+            if frame is not None:
+                cols.put(start, frame)
+        return sink.finish(cols.frame() if answerer is not None else None)
 
 
 def generate(model: Any, text: str | Sequence[str], *, n: int, seed: int = 0, noise: float = 1.0,

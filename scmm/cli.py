@@ -299,8 +299,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     from scmm.api import describe
-    out = describe(args.input, args.model, constrained=args.constrained, num_beams=args.num_beams, out=args.out,
-                   **_inference_kw(args))
+    out = describe(args.input, args.model, constrained=args.constrained, num_beams=args.num_beams,
+                   cell_type=args.cell_type, out=args.out, **_inference_kw(args))
     print(f"wrote {out}")
     return 0
 
@@ -408,6 +408,11 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--constrained", action="store_true", help="constrain cell-type words to known labels")
     p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--cell-type", action="store_true",
+                   help="also the LLM's cell-type answer over the model's labels, calibrated and backed off to a "
+                        "Cell Ontology ancestor as scmm eval chose on val -> obs['scmm_llm_cell_type'], "
+                        "['scmm_llm_cell_type_ontology_term_id'], ['scmm_llm_confidence'], "
+                        "['scmm_llm_cell_type_level']")
     _add_inference_options(p)
     p.set_defaults(func=cmd_describe)
 

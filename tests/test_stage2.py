@@ -482,6 +482,58 @@ def test_eval_package_and_describe_use_the_stage2_model(trained_stage2, tiny_sta
     assert api.describe(adata, package).obs["scmm_description"].tolist() == texts  # greedy: deterministic
 
 
+def test_describe_cell_type_is_the_eval_scored_answer_calibrated_as_eval_chose(trained_stage2, tiny_stage1,
+                                                                                small_corpus, tmp_path, monkeypatch):
+    """`scmm describe --cell-type` on the corpus's own val cells gives the answers that `scmm eval`'s scored answers
+    give them, calibrated and backed off with the temperature and margin stored in generation.scored. The tiny
+    LLM barely reads the cell, so its scores are replaced by a function of each cell's values: the rows must land
+    on their own cells."""
+    import json
+
+    import anndata as ad
+
+    from conftest import split_cell_ids
+    from scmm import api
+    from scmm.cli import main
+    from scmm.data_pipeline.ontology import get_ontology
+    from scmm.data_pipeline.store import Corpus
+    from scmm.eval.annotate import Candidates
+    from scmm.eval.calibration import calibrated_answers
+    from scmm.eval.harness import evaluate
+    from scmm.eval.stage2 import candidate_answers, scored_answers, scored_calibration
+    from scmm.model.stage2 import Stage2Model
+    from scmm.package import package_model
+    metrics = evaluate(trained_stage2, small_corpus, tmp_path / "eval", tasks="describe", progress=False)
+    assert scored_calibration(metrics).temperature == metrics["generation"]["scored"]["temperature"]
+    metrics["generation"]["scored"].update(temperature=0.5, margin=0.3)  # a calibration that backs some cells off
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    package = package_model(tiny_stage1, small_corpus, tmp_path / "package", stage2=trained_stage2,
+                            metrics=tmp_path / "eval" / "metrics.json")
+
+    def by_values(self, batch, answers, task="cell_type", template=0):
+        v = batch["values"].float().masked_fill(batch["padding_mask"], 0.0).sum(1).double().cpu().numpy()
+        return 3.0 * np.sin(np.outer(v, np.arange(1, len(answers) + 1)) / 7.0)
+    monkeypatch.setattr(Stage2Model, "answer_logprobs", by_values)
+
+    corpus, ontology = Corpus(small_corpus), get_ontology()
+    model = api.load_model(package)
+    cal = scored_calibration(model.metrics)
+    cands = Candidates.from_labels(model.labels)
+    logp, _ = scored_answers(model.stage2, corpus, "val", candidate_answers(cands, ontology))
+    expected = calibrated_answers(logp, cands.keys, cands.names, cands.cl_ids, cal, ontology)
+    assert len(set(expected.cl_ids)) > 2 and (expected.level > 0).any() and (expected.level == 0).any()
+    cells = ad.read_h5ad(small_corpus.parent / "in.h5ad")[split_cell_ids(small_corpus, "val")].copy()
+    cells.write_h5ad(tmp_path / "val.h5ad")
+    assert main(["describe", str(tmp_path / "val.h5ad"), "--model", str(package), "--out",
+                 str(tmp_path / "described.h5ad"), "--cell-type", "--chunk-size", "7"]) == 0
+    obs = ad.read_h5ad(tmp_path / "described.h5ad").obs
+    assert np.allclose(obs["scmm_llm_confidence"].to_numpy(), expected.confidence, atol=1e-5)
+    assert obs["scmm_llm_cell_type_ontology_term_id"].astype(str).tolist() == [str(x) for x in expected.cl_ids]
+    assert obs["scmm_llm_cell_type"].astype(str).tolist() == [str(x) for x in expected.names]
+    assert obs["scmm_llm_cell_type_level"].tolist() == expected.level.tolist()
+    plain = api.describe(cells, package)  # without --cell-type: the description alone
+    assert "scmm_llm_cell_type" not in plain.obs and "scmm_description" in plain.obs
+
 def test_unseen_phrasings_are_never_training_phrasings_and_come_from_the_ontology():
     from scmm.data_pipeline.instructions import PROMPTS, UNSEEN_PROMPTS
     from scmm.data_pipeline.ontology import get_ontology
