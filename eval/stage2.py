@@ -37,7 +37,7 @@ from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
 from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.store import Corpus, label_keys
 from scmm.eval.annotate import Candidates
-from scmm.eval.calibration import Calibration, backoff, choose_margin, fit_temperature, softmax
+from scmm.eval.calibration import Calibration, calibrated_answers, choose_margin, fit_temperature, softmax
 from scmm.eval.metrics import (
     expected_calibration_error,
     lineage_accuracy,
@@ -155,37 +155,31 @@ def scored_answers(model, corpus: Corpus, split: str, answers: Sequence[str], ba
 
 def scored_report(model, corpus: Corpus, split: str = "test", ontology=None, progress: bool = False
                   ) -> dict[str, Any] | None:
-    """``generation.scored`` (module docstring) over the ``split`` cells of seen types; None without val cells of
-    a candidate type to calibrate on."""
+    """``generation.scored`` (module docstring) over the ``split`` cells of seen types (the candidates are the
+    corpus's training types, :meth:`Candidates.from_corpus`); None without val cells of a candidate type."""
     ontology = ontology or get_ontology()
     cands = Candidates.from_corpus(corpus)
-    held = set(corpus.holdout_types)
-    keep = [i for i, k in enumerate(cands.keys) if k not in held]
-    keys = np.asarray([cands.keys[i] for i in keep], dtype=object)
-    cl_ids = [cands.cl_ids[i] for i in keep]
-    every = candidate_answers(cands, ontology)
-    answers = [every[i] for i in keep]
-    if corpus.manifest["splits"].get("val", 0) <= 0 or not len(keys):
+    answers = candidate_answers(cands, ontology)
+    if corpus.manifest["splits"].get("val", 0) <= 0:
         return None
-    index = {k: i for i, k in enumerate(keys)}
+    index = {k: i for i, k in enumerate(cands.keys)}
     vlp, vtruth = scored_answers(model, corpus, "val", answers, progress=progress)
     ok = np.array([t in index for t in vtruth], dtype=bool)
     if not ok.any():
         return None
     temperature = fit_temperature(vlp[ok], [index[t] for t in vtruth[ok]])
-    margin = choose_margin(softmax(vlp[ok], temperature), cl_ids, vtruth[ok], ontology)
+    calibration = Calibration(temperature=temperature, margin=choose_margin(
+        softmax(vlp[ok], temperature), cands.cl_ids, vtruth[ok], ontology))
     lp, truth = scored_answers(model, corpus, split, answers, progress=progress)
-    seen = np.array([t not in held for t in truth], dtype=bool)
-    lp, truth = lp[seen], truth[seen]
-    prob = softmax(lp, temperature)
-    top = keys[prob.argmax(1)] if len(prob) else np.zeros(0, dtype=object)
-    up, _ = backoff(prob, cl_ids, margin, ontology)
-    final = np.where(up != "", up, top)
-    return {"n_cells": int(len(truth)), "n_val_cells": int(ok.sum()), "temperature": temperature, "margin": margin,
-            "accuracy": float(np.mean(top == truth)), "lineage_accuracy": lineage_accuracy(truth, top, ontology),
-            "lineage_accuracy_backoff": lineage_accuracy(truth, final, ontology),
-            "accuracy_backoff": float(np.mean(final == truth)), "backoff_rate": float(np.mean(up != "")),
-            "ece": expected_calibration_error(prob.max(1), top == truth)}
+    seen = ~np.isin(truth.astype(str), list(corpus.holdout_types))
+    a = calibrated_answers(lp[seen], cands.keys, cands.names, cands.cl_ids, calibration, ontology)
+    truth, top = truth[seen], np.asarray(cands.keys, dtype=object)[a.top]
+    return {"n_cells": int(len(truth)), "n_val_cells": int(ok.sum()), "temperature": temperature,
+            "margin": calibration.margin, "accuracy": float(np.mean(top == truth)),
+            "lineage_accuracy": lineage_accuracy(truth, top, ontology),
+            "lineage_accuracy_backoff": lineage_accuracy(truth, a.keys, ontology),
+            "accuracy_backoff": float(np.mean(a.keys == truth)), "backoff_rate": float(np.mean(a.keys != top)),
+            "ece": expected_calibration_error(a.confidence, top == truth)}
 
 
 def scored_calibration(metrics: Mapping[str, Any] | None) -> Calibration | None:
