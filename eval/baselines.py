@@ -116,15 +116,17 @@ def knn_smoothing(pred_labels: Sequence, x_expr: np.ndarray, k: int | None = 15,
 
 def run_corpus_baselines(corpus: Corpus, n_genes: int = 2000, seed: int = 0, n_components: int = 50,
                          k: int = 15, split: str = "test",
-                         max_train_cells: int | None = BASELINE_MAX_TRAIN_CELLS) -> dict[str, Any]:
+                         max_train_cells: int | None = BASELINE_MAX_TRAIN_CELLS,
+                         genes: np.ndarray | None = None) -> dict[str, Any]:
     """Fit the baselines on the train split and predict ``split`` (streamed; see the module docstring).
 
     Returns {"y_true", "genes", "predictions", "z_test", "n_train_used"}: ``predictions`` maps ``majority``,
     ``logistic_regression`` and ``pca_knn`` to label arrays in shard order; ``z_test`` [n, n_components] holds the
     cells of ``split`` in the train-fitted PCA space, for :func:`knn_smoothing` (``fit_pca=False``) of scmm's
-    predictions. ``max_train_cells`` None fits on every train cell.
+    predictions. ``max_train_cells`` None fits on every train cell. ``genes``: the panel when the caller already
+    chose it (``hvg_panel(corpus, n_genes, "train")``, one pass over the train split).
     """
-    genes = hvg_panel(corpus, n_genes, "train")
+    genes = hvg_panel(corpus, n_genes, "train") if genes is None else np.asarray(genes, dtype=np.int64)
     x_train, _, y_train = log1p_profiles(corpus, "train", genes, max_cells=max_train_cells, seed=seed)
     y_train = np.asarray(y_train).astype(str)
     if len(y_train) < 2:

@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from scmm.atomic import write_folder
+from scmm.data_pipeline.hvg import hvg_panel
 from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.store import Corpus, label_keys
 from scmm.errors import ScmmError
@@ -99,7 +100,7 @@ from scmm.eval.metrics import (
     lineage_accuracy,
     reliability_png,
 )
-from scmm.eval.novelty import NOVELTY_FILE, ExpressionNovelty, fit_novelty, split_similarity
+from scmm.eval.novelty import NOVELTY_FILE, NOVELTY_GENES, ExpressionNovelty, fit_novelty, split_similarity
 from scmm.eval.ontology_score import is_same_or_ancestor, mean_pair_score
 from scmm.eval.plots import umap_png
 from scmm.eval.report import write_report
@@ -280,11 +281,11 @@ def _trust(y_true: np.ndarray, seen: np.ndarray, top_keys: np.ndarray, answers, 
 
 
 def _baselines(corpus: Corpus, y_true: np.ndarray, pred: np.ndarray, classes: list[str], ontology,
-               seed: int, seen: np.ndarray) -> tuple[dict, dict]:
-    """The baselines (train -> test) and scmm + kNN smoothing, scored on the ``seen`` test cells: (metrics
-    section, details)."""
+               seed: int, seen: np.ndarray, genes: np.ndarray) -> tuple[dict, dict]:
+    """The baselines (train -> test, on the HVG panel ``genes``) and scmm + kNN smoothing, scored on the ``seen``
+    test cells: (metrics section, details)."""
     try:
-        base = run_corpus_baselines(corpus, seed=seed)
+        base = run_corpus_baselines(corpus, seed=seed, genes=genes)
     except ValueError as exc:
         raise ScmmError(f"baselines: {exc}") from None
     if list(base["y_true"]) != list(y_true):
@@ -332,7 +333,8 @@ def _annotate(model, corpus: Corpus, cands: Candidates, ontology, seed: int, tmp
     metrics["n_test_cells"] = int(len(y_true))
     metrics["ece_uncalibrated"] = expected_calibration_error(
         softmax(sim[seen], 1.0 / _logit_scale(model)).max(1), pred[seen] == y_true[seen])
-    reference = fit_novelty(corpus, seed)
+    genes = hvg_panel(corpus, NOVELTY_GENES, "train")  # one pass over train: the novelty check's and baselines'
+    reference = fit_novelty(corpus, seed, genes=genes)
     calibration = _calibrate(model, corpus, protos, cands, ontology, progress, unknown_rate, unknown_threshold,
                              details["notes"], reference, novelty_share)
     novelty = None
@@ -344,7 +346,7 @@ def _annotate(model, corpus: Corpus, cands: Candidates, ontology, seed: int, tmp
     no_abstain = Calibration(temperature=calibration.temperature, margin=calibration.margin)
     backed = calibrated_answers(sim, cands.keys, cands.names, cands.cl_ids, no_abstain, ontology, prob=answers.prob)
     metrics.update(_trust(y_true, seen, pred, answers, backed, ontology, classes, calibration, novelty))
-    baselines, base_details = _baselines(corpus, y_true, pred, classes, ontology, seed, seen)
+    baselines, base_details = _baselines(corpus, y_true, pred, classes, ontology, seed, seen, genes)
     details.update(base_details)
 
     # plots (every test cell; held-out types get rows of their own)

@@ -147,12 +147,13 @@ def _points(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarr
 
 def fit_novelty(corpus: Corpus, seed: int = 0, n_genes: int = NOVELTY_GENES,
                 n_components: int = NOVELTY_COMPONENTS, k: int = NOVELTY_K,
-                max_cells: int = NOVELTY_MAX_REFERENCE) -> ExpressionNovelty | None:
-    """The novelty check fitted on the corpus's train split (module docstring); None without 2 train cells."""
+                max_cells: int = NOVELTY_MAX_REFERENCE, genes: np.ndarray | None = None) -> ExpressionNovelty | None:
+    """The novelty check fitted on the corpus's train split (module docstring); None without 2 train cells.
+    ``genes``: the panel when the caller already chose it (``hvg_panel(corpus, n_genes, "train")``)."""
     n_train = int(corpus.manifest["splits"].get("train", 0))
     if n_train < 2:
         return None
-    genes = hvg_panel(corpus, n_genes, "train")
+    genes = hvg_panel(corpus, n_genes, "train") if genes is None else np.asarray(genes, dtype=np.int64)
     x, _, _ = log1p_profiles(corpus, "train", genes, max_cells=max_cells, seed=seed)
     pca = PCA(n_components=min(n_components, len(x) - 1, len(genes)), svd_solver="randomized",
               random_state=seed).fit(x)
