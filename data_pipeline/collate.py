@@ -20,9 +20,11 @@ import scipy.sparse as sp
 #: counts: the per-cell renormalisation cancels the scale), or log1p values used as given (corpora written before
 #: scmm.data_pipeline.scale, and generated pseudo-cells)
 NORMALIZATIONS = ("counts", "normalized", "log1p")
+#: the total every cell is scaled to before log1p (counts per 10,000: scGPT's and scanpy's usual target)
+CP10K = 1e4
 
 
-def log1p_normalize(matrix: sp.spmatrix, normalization: str, target_sum: float = 1e4,
+def log1p_normalize(matrix: sp.spmatrix, normalization: str, target_sum: float = CP10K,
                     dtype: type = np.float64) -> sp.csr_matrix:
     """log1p(x / row total * target_sum) of a cell x gene matrix of counts or linear-normalised values
     (``normalization='counts'`` or ``'normalized'``), or the stored values of an already log1p-normalised one

@@ -34,7 +34,7 @@ import scipy.sparse as sp
 import torch
 
 from scmm.config import from_dict, read_json
-from scmm.data_pipeline.collate import NORMALIZATIONS, binning, encode_rows, log1p_normalize
+from scmm.data_pipeline.collate import CP10K, NORMALIZATIONS, binning, encode_rows, log1p_normalize
 from scmm.data_pipeline.vocab import GeneVocab
 from scmm.errors import ScmmError
 
@@ -48,7 +48,7 @@ ENCODING_FILE = "cell_encoding.json"
 class CellEncoding:
     """How a model reads a cell (see the module docstring); saved beside the model's weights."""
 
-    target_sum: float = 1e4  # counts -> log1p(x / cell total * target_sum)
+    target_sum: float = CP10K  # counts -> log1p(x / cell total * target_sum)
     n_bins: int = 51  # > 0: scGPT value binning into 1..n_bins-1; 0: continuous log1p values
     pad_value: float = -2.0
     mask_value: float = -1.0  # the value of a masked gene in masked-expression training

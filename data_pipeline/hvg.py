@@ -27,18 +27,17 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from scmm.data_pipeline.encoding import log1p_normalize
+from scmm.data_pipeline.collate import CP10K, log1p_normalize
 from scmm.data_pipeline.store import Corpus, label_keys
 
-__all__ = ["hvg_panel", "log1p_profiles", "iter_log1p_profiles", "seurat_dispersion_norm", "TARGET_SUM"]
+__all__ = ["hvg_panel", "log1p_profiles", "iter_log1p_profiles", "seurat_dispersion_norm"]
 
-TARGET_SUM = 1e4
 N_BINS = 20
 
 
 def _log1p(corpus: Corpus, matrix: sp.csr_matrix, dtype: type = np.float32) -> sp.csr_matrix:
     """log1p CP10k of a shard over the whole corpus panel (the loader's normalisation)."""
-    return log1p_normalize(matrix, corpus.manifest.get("normalization", "counts"), TARGET_SUM, dtype)
+    return log1p_normalize(matrix, corpus.manifest.get("normalization", "counts"), CP10K, dtype)
 
 
 def _shard_moments(m: sp.csr_matrix) -> tuple[int, np.ndarray, np.ndarray]:

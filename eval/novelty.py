@@ -37,6 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
+from scmm.data_pipeline.collate import CP10K, log1p_normalize
 from scmm.data_pipeline.hvg import hvg_panel, iter_log1p_profiles, log1p_profiles
 from scmm.data_pipeline.store import Corpus
 from scmm.eval import knn
@@ -77,11 +78,7 @@ class ExpressionNovelty:
     def profiles(self, block: sp.spmatrix, vocab_ids: np.ndarray) -> np.ndarray:
         """log1p CP10k profiles [n, G] of a block of linear-scale values whose columns are the genes
         ``vocab_ids`` (the model's panel genes the file has); the totals are over those columns."""
-        x = sp.csr_matrix(block, dtype=np.float64)
-        total = np.asarray(x.sum(axis=1)).ravel()
-        scale = np.divide(1e4, total, out=np.zeros_like(total), where=total > 0)
-        x = sp.diags(scale) @ x
-        x.data = np.log1p(x.data)
+        x = log1p_normalize(block, "counts", CP10K)
         pos = {int(v): i for i, v in enumerate(np.asarray(vocab_ids))}
         have = np.array([v in pos for v in self.vocab_ids.tolist()], dtype=bool)
         out = np.zeros((x.shape[0], len(self.vocab_ids)), dtype=np.float32)

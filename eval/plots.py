@@ -5,7 +5,6 @@ Used by `scmm eval` (true vs predicted type on the test split) and by `scmm plot
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,9 +15,15 @@ import pandas as pd
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
-__all__ = ["umap_png", "palette", "UMAP_MAX_CELLS"]
+__all__ = ["umap_png", "scatter_panels", "palette", "UMAP_MAX_CELLS"]
 
 UMAP_MAX_CELLS = 20_000  # more points add nothing to a picture; a seeded subsample is drawn instead
+UNKNOWN = "unknown"  # scmm's abstention label: always light grey, never a type's colour
+UNKNOWN_COLOUR = "#c8c8c8"
+PANEL_INCHES = 5.0  # each panel is square
+LEGEND_FONT = 9  # points
+LEGEND_ROWS = 24  # more labels than this: two legend columns
+LEGEND_MAX_CHARS = 48  # longer labels are cut with an ellipsis
 
 
 def palette(n: int) -> list[str]:
@@ -51,6 +56,61 @@ def _neighbours_and_umap(adata, n_neighbors: int, seed: int) -> None:
             torch.set_num_threads(threads)
 
 
+def _legend_width(labels: Sequence[str], ncol: int) -> float:
+    """Inches a legend of ``labels`` in ``ncol`` columns needs at LEGEND_FONT points (about 0.5 em a character
+    of DejaVu Sans), with room for the marker and the gap to the next panel."""
+    longest = max((len(label) for label in labels), default=1)
+    return ncol * (0.35 + 0.5 * LEGEND_FONT / 72 * longest) + 0.35
+
+
+def scatter_panels(xy: np.ndarray, columns: Mapping[str, Sequence[str]], categories: list[str], path: str | Path,
+                   title: str) -> Figure:
+    """Square scatter panels side by side (points ``xy`` [N, 2], one panel per entry of ``columns``), each with
+    its legend (labels and counts) to its right; a label has the same colour in every panel. Saved to ``path``
+    and returned."""
+    named = [c for c in categories if c != UNKNOWN]
+    colour = {**dict(zip(named, palette(len(named)))), UNKNOWN: UNKNOWN_COLOUR}
+    size = max(2.0, min(40.0, 8000.0 / len(xy)))
+    legends = []
+    for values in columns.values():
+        counts = pd.Series(values).value_counts()
+        present = [c for c in categories if c in counts.index]
+        ncol = 1 if len(present) <= LEGEND_ROWS else 2
+        texts = [f"{_short(c)} ({counts[c]})" for c in present]
+        legends.append((present, texts, counts, ncol, _legend_width(texts, ncol)))
+    widths = [w for *_, legend_width in legends for w in (PANEL_INCHES, legend_width)]
+    fig = Figure(figsize=(sum(widths), PANEL_INCHES + 0.8))  # no pyplot: no global state, no backend change
+    grid = fig.add_gridspec(1, len(widths), width_ratios=widths, left=0.02, right=0.99, top=0.86, bottom=0.03,
+                            wspace=0.02)
+    for i, (name, values) in enumerate(columns.items()):
+        present, texts, counts, ncol, _ = legends[i]
+        ax = fig.add_subplot(grid[0, 2 * i])
+        labels = np.asarray(values)
+        drawn = {}
+        for c in sorted(present, key=lambda c: -counts[c]):  # the most common first: rare ones drawn on top
+            at = labels == c
+            drawn[c] = ax.scatter(xy[at, 0], xy[at, 1], s=size, c=colour[c], linewidths=0, rasterized=True)
+        ax.set_box_aspect(1)  # a square panel, whatever the spread of the points
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("UMAP 1", fontsize=9)
+        ax.set_ylabel("UMAP 2", fontsize=9)
+        ax.set_title(name, fontsize=11)
+        slot = fig.add_subplot(grid[0, 2 * i + 1])
+        slot.axis("off")
+        slot.legend([drawn[c] for c in present], texts,
+                    loc="center left", frameon=False, fontsize=LEGEND_FONT, ncol=ncol,
+                    markerscale=max(1.0, 6.0 / np.sqrt(size)), handletextpad=0.3, borderaxespad=0.0)
+    fig.suptitle(title, fontsize=12)
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+def _short(label: str) -> str:
+    return label if len(label) <= LEGEND_MAX_CHARS else label[:LEGEND_MAX_CHARS - 1] + "…"
+
+
 def umap_png(x: np.ndarray, panels: Mapping[str, Sequence[str]], path: str | Path, seed: int = 0,
              title: str = "scmm cell embeddings", notes: list[str] | None = None) -> bool:
     """Draw a UMAP of `x` [N, D] with one panel per entry of `panels` (title -> a label per cell).
@@ -63,8 +123,6 @@ def umap_png(x: np.ndarray, panels: Mapping[str, Sequence[str]], path: str | Pat
     if n < 4:
         notes.append(f"UMAP skipped: {n} cells (at least 4 needed)")
         return False
-    import scanpy as sc  # noqa: PLC0415 - scanpy takes seconds to import; only plots need it
-
     idx = np.arange(n)
     if n > UMAP_MAX_CELLS:
         idx = np.sort(np.random.default_rng(seed).choice(n, UMAP_MAX_CELLS, replace=False))
@@ -77,18 +135,5 @@ def umap_png(x: np.ndarray, panels: Mapping[str, Sequence[str]], path: str | Pat
                                          for name, v in columns.items()}, index=[str(i) for i in idx]))
     adata.obsm["X_scmm"] = np.ascontiguousarray(x[idx], dtype=np.float32)
     _neighbours_and_umap(adata, min(15, len(idx) - 1), seed)
-    colours = palette(len(categories))
-    for name in columns:
-        adata.uns[f"{name}_colors"] = colours
-    fig = Figure(figsize=(6.5 * len(columns), 5.5))  # no pyplot: no global state, no backend change
-    axes = fig.subplots(1, len(columns), squeeze=False)
-    size = max(4.0, min(60.0, 12000.0 / len(idx)))
-    with warnings.catch_warnings():  # scanpy's own deprecation notices about matplotlib calls
-        warnings.simplefilter("ignore", PendingDeprecationWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for ax, name in zip(axes[0], columns):
-            sc.pl.umap(adata, color=name, ax=ax, show=False, size=size, legend_fontsize=7, title=name)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    scatter_panels(np.asarray(adata.obsm["X_umap"]), columns, categories, path, title)
     return True

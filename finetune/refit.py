@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from scmm.model.bridge import decoder_loss
+from scmm.model.optim import decay_groups
 from scmm.pretrain.engine import Trainer, TrainOptions
 
 __all__ = ["RefitOptions", "refit_decoder"]
@@ -84,7 +85,7 @@ def refit_decoder(model, texts: Sequence[str], text_index: torch.Tensor, profile
     for p in decoder.parameters():
         p.requires_grad_(True)
     trainer = Trainer(decoder, opts.train_options(), name="decoder refit", loss_keys=("decode_llm",),
-                      param_groups=[{"params": list(decoder.parameters()), "weight_decay": 0.0}],
+                      param_groups=decay_groups(decoder.named_parameters(), 0.0),
                       metrics_path=log_path, progress=progress)
     trainer.fit(batches(), forward, items=lambda rows: (len(rows), []))
     decoder.eval()

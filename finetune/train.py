@@ -110,11 +110,8 @@ def train(cfg: Stage2RunConfig, resume: bool = False, deepspeed_json: str | None
         out["tokens"] = int(sequences["c2t"]["attention_mask"].sum() + sequences["t2c"]["attention_mask"].sum())
         return out
 
-    last = trainer.fit(endless_batches(loader), forward, stop_at=stop_at)
-    if launch.rank == 0 and trainer.finished:
-        export(cfg, trainer, hvg, pairs, last)
-    trainer.close()
-    return last
+    return trainer.run(endless_batches(loader), forward, lambda last: export(cfg, trainer, hvg, pairs, last),
+                       stop_at=stop_at)
 
 
 def export(cfg: Stage2RunConfig, trainer: Trainer, hvg: dict, pairs: PairBuilder, last: dict) -> None:

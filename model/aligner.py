@@ -41,6 +41,7 @@ from scmm.errors import ScmmError
 from scmm.model.cell_tower import CellTower, CellTowerConfig
 from scmm.model.expr_decoder import ExprDecoder, ExprDecoderConfig
 from scmm.model.losses import contrastive_loss, itm_hard_negatives, itm_loss, mask_values, masked_expression_loss
+from scmm.model.optim import decay_groups
 from scmm.model.qformer import AlignmentHeads, QFormer, QFormerConfig
 from scmm.model.scgpt import load_scgpt_state, tower_from_scgpt
 from scmm.model.text_tower import TextTower, TextTowerConfig
@@ -176,12 +177,7 @@ class CellTextAligner(nn.Module):
     # --- training set-up --------------------------------------------------------------------------
     def param_groups(self, weight_decay: float, lr: float) -> list[dict]:
         """AdamW groups: weight decay on matrices only (not on biases, norms or the temperature)."""
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 and "logit_scale" not in name else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay, "lr": lr},
-                {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+        return decay_groups(self.named_parameters(), weight_decay, keep=("logit_scale",), lr=lr)
 
     def gradient_checkpointing_enable(self) -> None:
         self.cell_tower.gradient_checkpointing_enable()

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from scmm.errors import ScmmError
+from scmm.model.optim import decay_groups
 
 # transformers is imported where it is used: its model classes take seconds to import, and inference with a
 # stage-1 model never builds an LLM
@@ -232,18 +233,13 @@ def save_adapter(model: nn.Module, folder: str | Path) -> None:
     model.save_pretrained(str(folder), save_embedding_layers=False)
 
 
+#: parameter names an LLM never decays: its embeddings and head (new cell-token rows train, the rest must not move)
+LM_NO_DECAY = ("embed_tokens", "lm_head", "wte", "token_adapter", "trainable_tokens")
+
+
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two AdamW groups: decay for matrices, none for biases, norms, embeddings, head."""
-    decay, no_decay = [], []
-    emb_names = ("embed_tokens", "lm_head", "wte", "token_adapter", "trainable_tokens")
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or any(k in name for k in emb_names):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return decay_groups(model.named_parameters(), weight_decay, keep=LM_NO_DECAY)
 
 
 # --- a small Llama from scratch ---------------------------------------------------------------------------

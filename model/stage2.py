@@ -54,6 +54,7 @@ from scmm.model.bridge import (
 )
 from scmm.model.constrained import cell_ontology_trie
 from scmm.model.llm import LoraOptions, add_cell_tokens, apply_lora, load_lm, optimizer_param_groups, save_adapter
+from scmm.model.optim import decay_groups
 from scmm.model.sequences import PROMPT_FORMATS, SequenceBuilder
 
 log = logging.getLogger("scmm.stage2")
@@ -326,11 +327,8 @@ class Stage2Model(nn.Module):
             if g["params"]:
                 groups.append({**g, "lr": lr})
         scale = self.config.bridge.lr_scale
-        for decay in (True, False):
-            ps = [p for m in (self.projector, self.t2c_head, self.decoder) for p in m.parameters()
-                  if p.requires_grad and (p.ndim >= 2) == decay]
-            if ps:
-                groups.append({"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale})
+        bridge_params = [(n, p) for m in (self.projector, self.t2c_head, self.decoder) for n, p in m.named_parameters()]
+        groups += [g for g in decay_groups(bridge_params, weight_decay, lr=lr * scale) if g["params"]]
         return groups
 
     # --- inference --------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ Every training in scmm runs through :class:`Trainer`: stage 1 (``pretrain/train.
 
     launch = start_run(cfg.out, resume, cfg.train.threads)          # process group, checkpoint guard
     trainer = Trainer(model, cfg.train, name="stage1", launch=launch, loader=loader, deepspeed=ds_json)
-    last = trainer.fit(batches, forward)                             # forward(module, batch, step) -> losses
-    model = trainer.load_trained_state(fresh_model)                 # fp32 weights (any ZeRO stage), rank 0
+    last = trainer.run(batches, forward, export)                     # forward(module, batch, step) -> losses
+    # fit, then export(last) on rank 0 when finished, where the script's export calls
+    # trainer.load_trained_state(fresh_model)                        # fp32 weights (any ZeRO stage), rank 0
 
 Two back ends share the loop. With a ``launch`` the model runs in a DeepSpeed engine (ZeRO 1-3, bf16 weights,
 gradient accumulation and clipping, ``save_checkpoint``/``load_checkpoint``; on CPU a torch AdamW is the client
@@ -15,8 +16,9 @@ optimizer, since DeepSpeed's own JIT-compiles a fused kernel). Without one (``in
 a short run) the model trains with a plain torch AdamW in this process, without checkpoints.
 
 The model owns its parameter groups (``model.param_groups(weight_decay, lr)``, as nanoGPT's
-``configure_optimizers``); the schedule is ``transformers``' warmup + cosine decay to ``lr * min_lr_ratio``, or
-warmup + linear decay to 0. A checkpoint holds the DeepSpeed engine (frozen weights left out) plus, per rank, the
+``configure_optimizers``, built by the one weight-decay rule :func:`scmm.model.optim.decay_groups`); the
+schedule is ``transformers``' warmup + cosine decay to ``lr * min_lr_ratio``, or warmup + linear decay to 0.
+A checkpoint holds the DeepSpeed engine (frozen weights left out) plus, per rank, the
 loader position and the RNG states, and counts only once complete (:mod:`scmm.pretrain.checkpoints`), so
 ``--resume`` continues from the newest complete one with exactly the batches and losses of an uninterrupted run,
 or, on another number of ranks, through DeepSpeed's universal checkpoint with the loader re-sharded.
@@ -578,6 +580,16 @@ class Trainer:
         if self.launch is not None:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+    def run(self, batches: Iterator[dict], forward: Forward, export: Callable[[dict], None], *,
+            stop_at: int | None = None) -> dict:
+        """The end of every stage script: :meth:`fit`, then ``export(last metrics)`` on rank 0 when the run has
+        reached its last step (not when it stopped early for ``stop_at``), then :meth:`close`."""
+        last = self.fit(batches, forward, stop_at=stop_at)
+        if (self.launch is None or self.launch.rank == 0) and self.finished:
+            export(last)
+        self.close()
+        return last
 
 
 # --- the scripts' command line ----------------------------------------------------------------------

@@ -75,11 +75,8 @@ def train(cfg: Stage1Config, resume: bool = False, deepspeed_json: str | None = 
     def forward(engine, batch: dict, step: int) -> dict:
         return engine(batch, step=step, rank=launch.rank, world_size=launch.world, seed=cfg.seed)
 
-    last = trainer.fit(endless_batches(loader), forward, stop_at=stop_at)
-    if launch.rank == 0 and trainer.finished:
-        export(cfg, trainer, corpus, vocab, last)
-    trainer.close()
-    return last
+    return trainer.run(endless_batches(loader), forward, lambda last: export(cfg, trainer, corpus, vocab, last),
+                       stop_at=stop_at)
 
 
 def export(cfg: Stage1Config, trainer: Trainer, corpus: Corpus, vocab: GeneVocab, last: dict) -> None:

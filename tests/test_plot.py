@@ -48,3 +48,27 @@ def test_plot_umap_bad_input(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
         assert not out.exists()
+
+
+def test_panels_are_square_with_legends_and_shared_colours(tmp_path):
+    from matplotlib.colors import to_hex
+
+    from scmm.eval.plots import scatter_panels
+    rng = np.random.default_rng(0)
+    xy = rng.normal(size=(30, 2)) * [10.0, 1.0]  # a wide cloud: the panel must still be square
+    truth = ["B cell"] * 10 + ["T cell"] * 20
+    pred = ["T cell"] * 25 + ["B cell"] * 5
+    fig = scatter_panels(xy, {"cell_type": truth, "scmm_cell_type": pred}, ["B cell", "T cell"],
+                         tmp_path / "p.png", "t")
+    panels = [ax for ax in fig.axes if ax.axison]
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(panels) == 2 and len(legends) == 2
+    fig.canvas.draw()
+    for ax in panels:  # equal aspect in a square box
+        box = ax.get_window_extent()
+        assert abs(box.width - box.height) / box.width < 0.05
+    assert [t.get_text() for t in legends[0].get_texts()] == ["B cell (10)", "T cell (20)"]
+    assert [t.get_text() for t in legends[1].get_texts()] == ["B cell (5)", "T cell (25)"]
+    colours = [{t.get_text().split(" (")[0]: to_hex(h.get_facecolor()[0]) for t, h in
+                zip(leg.get_texts(), leg.legend_handles)} for leg in legends]
+    assert colours[0] == colours[1] and len(set(colours[0].values())) == 2
