@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE = 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup demo demo-llm test test-fast lint bench bench-gpu annbatch-env clean
+.PHONY: setup demo demo-llm test test-fast lint docs docs-serve bench bench-gpu annbatch-env clean
 
 setup: $(VENV)/.installed
 
@@ -76,6 +76,17 @@ lint: setup
 	cd "$$view" && PYTHONPATH="$$view" $(CURDIR)/$(VENV)/bin/lint-imports $(CURDIR)/.importlinter; \
 	status=$$?; rm -rf "$$view"; exit $$status
 	$(VENV)/bin/ruff check .
+
+# the documentation site (docs/, Sphinx): strict (-W -n: every warning, a reference that does not resolve
+# included, fails the build) and from scratch (-E: warnings of unchanged pages are not hidden by a cached build);
+# offline, into .cache/site/
+DOCS_PORT ?= 8000
+docs: setup
+	$(VENV)/bin/sphinx-build -b html -E -W --keep-going -n -q -d .cache/doctrees docs .cache/site
+	@echo "docs built: .cache/site/index.html"
+
+docs-serve: docs
+	$(PY) -m http.server --bind 127.0.0.1 --directory .cache/site $(DOCS_PORT)
 
 # each benchmark prints its comparison table and appends a JSON line to benchmarks/results.jsonl
 bench: setup annbatch-env

@@ -7,6 +7,8 @@ but `scmm` lands at the top level of site-packages.
 from setuptools import setup
 
 SUBPACKAGES = ("data_pipeline", "model", "eval", "pretrain", "finetune")
+# Sphinx 9.0.4: the newest on Python 3.11 (9.1 needs 3.12); myst-parser for Markdown pages, sphinx-argparse for the CLI
+DOCS = ["sphinx==9.0.4", "myst-parser==5.2.0", "sphinx-argparse==0.6.1", "furo==2025.12.19"]
 
 setup(
     name="scmm",
@@ -47,8 +49,10 @@ setup(
         # scmm data build --soma (TileDB-SOMA / CELLxGENE Census input); 2.3.0 measured on Python 3.11 (pulls
         # somacore, shapely, attrs, more-itertools, pyarrow-hotfix; pyarrow is already here)
         "soma": ["tiledbsoma>=2.3"],
+        # the documentation site (`make docs`): Sphinx with Markdown pages (MyST), autodoc and the CLI's parser
+        "docs": DOCS,
         "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "import-linter>=2.13", "hypothesis>=6",
-                "tiledbsoma>=2.3"],
+                "tiledbsoma>=2.3", *DOCS],
     },
     entry_points={"console_scripts": ["scmm=scmm.cli:main"]},
 )

@@ -1,13 +1,13 @@
 """The stage-2 model: the frozen stage-1 aligner, a causal LLM (LoRA or full), the bridge and a gene panel.
 
 Cell -> text: the aligner's Q-Former query states ``[B, n, d_q]`` (with ``bridge.cell_embedding``, each joined with
-the cell tower's ``<cls>`` embedding) pass through :class:`~model.bridge.CellProjector` and replace the input
+the cell tower's ``<cls>`` embedding) pass through :class:`~scmm.model.bridge.CellProjector` and replace the input
 embeddings of the ``<cell_i>`` slot tokens between ``<cell>`` and ``</cell>``; the LLM is trained on the answer
 tokens only (``lm`` loss).
 
 Text -> cell: the LLM reads ``description <cell> <cell_0..n-1> </cell>``; its last hidden states at the slots pass
-through :class:`~model.bridge.TextToCellHead` into the query space, trained against the paired real cell's query
-states (``t2c``, stop-gradient on the target). :class:`~model.bridge.PseudoCellDecoder` maps query states to a
+through :class:`~scmm.model.bridge.TextToCellHead` into the query space, trained against the paired real cell's query
+states (``t2c``, stop-gradient on the target). :class:`~scmm.model.bridge.PseudoCellDecoder` maps query states to a
 log1p-CP10k profile over the HVG panel (a hurdle model: each gene's chance of being zero, and its value when
 detected); it is trained on the real states (``decode_real``) and on the LLM-mapped ones (``decode_llm``, which also
 fits the sampling noise), so that generation from text works at inference.

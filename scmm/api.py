@@ -27,6 +27,7 @@ Outputs (DESIGN.md names):
 * ``obsm['X_scmm']``: the aligned, L2-normalised cell embedding (float32).
 * ``obs['scmm_cell_type']``, ``obs['scmm_cell_type_ontology_term_id']`` (CL ID; "" for a free-text label
   with no CL term; "unknown" when called unknown), ``obs['scmm_confidence']`` (float32 in [0, 1]).
+
   - ``annotate``: each candidate label's prototype is the mean text embedding of its label texts (as in
     evaluation, :mod:`scmm.eval.annotate`); a cell's similarity to a label is the cosine between its embedding
     and the prototype. Confidence = the top-1 probability of ``softmax(cosine / T)`` over the candidates, with
@@ -47,6 +48,7 @@ Outputs (DESIGN.md names):
     input's own embedding space (itself included; FAISS) before the choice.
   - ``query_index``: confidence = the vote share of the winner among the ``k`` nearest reference cells;
     ``unknown_threshold`` is on that vote share.
+
 * ``obs['scmm_qc']`` (``embed``, ``annotate``, ``query_index``): "ok", or "no_expressed_gene" for a cell that
   expresses none of the model's genes. Such a cell's embedding holds no information about it: it is called
   "unknown" with confidence 0, and ``build_index`` leaves it out of the reference.
