@@ -366,7 +366,7 @@ def test_a_format_3_folder_loads_with_its_dense_decoder(trained_stage2, tmp_path
     assert (x >= 0).all() and x.shape == (4, len(model.hvg["indices"]))
     cfg["format_version"] = 2
     (old / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ScmmError, match="stage-2 format 2"):
+    with pytest.raises(ScmmError, match="format scmm-stage2 version 2"):
         Stage2Model.from_pretrained(old)
 
 
