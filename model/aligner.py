@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,17 +41,7 @@ from scmm.errors import ScmmError
 from scmm.model.cell_tower import VOCAB_NAME, CellTower, CellTowerConfig
 from scmm.model.expr_decoder import ExprDecoder, ExprDecoderConfig
 from scmm.model.losses import contrastive_loss, itm_hard_negatives, itm_loss, mask_values, masked_expression_loss
-from scmm.model.pretrained import (
-    PretrainedModel,
-    config_from_dict,
-    config_to_dict,
-    load_weights,
-    read_marker,
-    reading,
-    save_weights,
-    write_corpus_facts,
-    write_marker,
-)
+from scmm.model.pretrained import PretrainedModel, read_marker, reading, write_corpus_facts
 from scmm.model.qformer import AlignmentHeads, QFormer, QFormerConfig
 from scmm.model.scgpt import load_scgpt_state, tower_from_scgpt
 from scmm.model.text_tower import TextTower, TextTowerConfig
@@ -305,15 +295,13 @@ class CellTextAligner(PretrainedModel, nn.Module):
         self.cell_tower.save_pretrained(tmp / "cell_tower", vocab=self.vocab, from_parent=TOWER_FROM_ENCODING)
         self.text_tower.model.save_pretrained(tmp / "text_tower")
         self.text_tower.tokenizer.save_pretrained(tmp / "text_tower")
-        save_weights(tmp / WEIGHTS_FILE, {k: v for k, v in self.state_dict().items()
-                                          if not k.startswith(("cell_tower.", "text_tower."))})
+        self.save_weights(tmp / WEIGHTS_FILE, {k: v for k, v in self.state_dict().items()
+                                               if not k.startswith(("cell_tower.", "text_tower."))})
         self.encoding.save(tmp)
         if corpus is not None:
             write_corpus_facts(tmp, corpus)
-        cfg = config_to_dict(self.config)
-        del cfg["cell_tower"]  # cell_tower/config.json holds it
-        cfg["text_tower"]["path"] = "text_tower"  # relative to the folder
-        write_marker(tmp, self.folder_format, cfg)
+        text_tower = {**asdict(self.config.text_tower), "path": "text_tower"}  # relative to the folder
+        self.write_config(tmp, exclude=("cell_tower", "text_tower"), text_tower=text_tower)  # tower: cell_tower/
 
     @classmethod
     def _from_folder(cls, folder: Path, raw: dict, version: int) -> CellTextAligner:
@@ -322,7 +310,7 @@ class CellTextAligner(PretrainedModel, nn.Module):
         if not isinstance(raw.get("text_tower"), dict):
             raise ScmmError(f"{folder}/config.json is not a stage-1 model config (no text_tower)")
         raw["text_tower"]["path"] = str(folder / "text_tower")
-        config = config_from_dict(AlignerConfig, raw, where=str(folder / "config.json"))
+        config = cls.read_config(AlignerConfig, folder, raw)
         encoding = CellEncoding.load(folder)
         vocab = stage1_vocab(folder)
         tower_options = {k: getattr(encoding, k) for k in TOWER_FROM_ENCODING}
@@ -335,7 +323,7 @@ class CellTextAligner(PretrainedModel, nn.Module):
             text_tower = TextTower(config.text_tower)
         with reading(folder / "config.json", "model config"):
             model = cls(config, vocab, encoding, cell_tower=cell_tower, text_tower=text_tower)
-        state = load_weights(folder / WEIGHTS_FILE)
+        state = cls.load_weights(folder / WEIGHTS_FILE)
         own = {k for k in model.state_dict() if not k.startswith(("cell_tower.", "text_tower."))}
         missing, unexpected = own - set(state), set(state) - own
         if missing or unexpected:

@@ -45,14 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 from scmm.data_pipeline.vocab import GeneVocab
 from scmm.errors import ScmmError
-from scmm.model.pretrained import (
-    PretrainedModel,
-    config_from_dict,
-    config_to_dict,
-    load_weights,
-    save_weights,
-    write_marker,
-)
+from scmm.model.pretrained import PretrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -379,12 +372,11 @@ class CellTower(PretrainedModel, nn.Module):
         """``config.json`` + ``model.safetensors`` (+ ``vocab.json`` when given). Config keys named in
         ``from_parent`` are left out: the enclosing folder owns them (a stage-1 folder's cell encoding owns
         ``pad_value``) and passes them back to :meth:`from_pretrained`."""
-        save_weights(tmp / WEIGHTS_NAME, self.weights_of(self))
+        self.save_weights(tmp / WEIGHTS_NAME, self.weights_of(self))
         if vocab is not None:
             tokens = vocab.token_to_id if isinstance(vocab, GeneVocab) else dict(vocab)
             (tmp / VOCAB_NAME).write_text(json.dumps(tokens) + "\n")
-        body = {k: v for k, v in config_to_dict(self.config).items() if k not in from_parent}
-        write_marker(tmp, self.folder_format, {**body, **({"from_parent": list(from_parent)} if from_parent else {})})
+        self.write_config(tmp, exclude=from_parent, **({"from_parent": list(from_parent)} if from_parent else {}))
 
     @classmethod
     def _from_folder(cls, folder: Path, raw: dict, version: int, map_location: str | torch.device = "cpu",
@@ -396,9 +388,8 @@ class CellTower(PretrainedModel, nn.Module):
         if missing:
             raise ScmmError(f"the cell tower {folder} takes {', '.join(missing)} from the model folder around it; "
                             f"open that folder instead")
-        model = cls(config_from_dict(CellTowerConfig, {**raw, **{k: parent[k] for k in owed}},
-                                     where=str(folder / CONFIG_NAME)))
-        load_state_dict_strict(model, load_weights(folder / WEIGHTS_NAME), what=str(folder / WEIGHTS_NAME))
+        model = cls(cls.read_config(CellTowerConfig, folder, {**raw, **{k: parent[k] for k in owed}}))
+        load_state_dict_strict(model, cls.load_weights(folder / WEIGHTS_NAME), what=str(folder / WEIGHTS_NAME))
         return model.to(map_location)
 
 

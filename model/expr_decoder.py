@@ -16,15 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from scmm.model.cell_tower import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_strict
-from scmm.model.pretrained import (
-    PretrainedModel,
-    config_from_dict,
-    config_to_dict,
-    load_weights,
-    save_weights,
-    write_marker,
-)
+from scmm.model.cell_tower import WEIGHTS_NAME, load_state_dict_strict
+from scmm.model.pretrained import PretrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +76,14 @@ class ExprDecoder(PretrainedModel, nn.Module):
 
     def _write(self, tmp: Path) -> None:
         """``config.json`` (format ``scmm-expr-decoder``) + ``model.safetensors``."""
-        save_weights(tmp / WEIGHTS_NAME, self.weights_of(self))
-        write_marker(tmp, self.folder_format, config_to_dict(self.config))
+        self.save_weights(tmp / WEIGHTS_NAME, self.weights_of(self))
+        self.write_config(tmp)
 
     @classmethod
     def _from_folder(cls, folder: Path, raw: dict, version: int,
                      map_location: str | torch.device = "cpu") -> ExprDecoder:
-        model = cls(config_from_dict(ExprDecoderConfig, raw, where=str(folder / CONFIG_NAME)))
-        load_state_dict_strict(model, load_weights(folder / WEIGHTS_NAME), what=str(folder))
+        model = cls(cls.read_config(ExprDecoderConfig, folder, raw))
+        load_state_dict_strict(model, cls.load_weights(folder / WEIGHTS_NAME), what=str(folder))
         return model.to(map_location)
 
 

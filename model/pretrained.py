@@ -283,3 +283,17 @@ class PretrainedModel:
         """A module's state dict ready to save (CPU, contiguous, detached)."""
         return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
 
+    def write_config(self, folder: Path, exclude: tuple[str, ...] = (), **extra: Any) -> None:
+        """The marker file: format keys, this module's ``config`` dataclass (keys in ``exclude`` left out), then
+        ``extra``."""
+        body = {k: v for k, v in config_to_dict(self.config).items() if k not in exclude}
+        write_marker(folder, self.folder_format, {**body, **extra})
+
+    @staticmethod
+    def read_config(config_class: type[T], folder: Path, raw: Mapping[str, Any]) -> T:
+        """The config dataclass of an opened folder's marker body (every key validated, errors name the file)."""
+        return config_from_dict(config_class, raw, where=str(folder / CONFIG_FILE))
+
+    save_weights = staticmethod(save_weights)
+    load_weights = staticmethod(load_weights)
+

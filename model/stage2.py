@@ -56,16 +56,7 @@ from scmm.model.bridge import (
 )
 from scmm.model.constrained import cell_ontology_trie
 from scmm.model.llm import LoraOptions, add_cell_tokens, apply_lora, load_lm, optimizer_param_groups, save_adapter
-from scmm.model.pretrained import (
-    PretrainedModel,
-    config_from_dict,
-    config_to_dict,
-    load_weights,
-    reading,
-    save_weights,
-    write_corpus_facts,
-    write_marker,
-)
+from scmm.model.pretrained import PretrainedModel, reading, write_corpus_facts
 from scmm.model.sequences import PROMPT_FORMATS, SequenceBuilder
 
 log = logging.getLogger("scmm.stage2")
@@ -470,13 +461,13 @@ class Stage2Model(PretrainedModel, nn.Module):
             shutil.copytree(self.lm_path, tmp / "lm")
             save_adapter(self.lm, tmp / "lora")
         self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        save_weights(tmp / BRIDGE_FILE, self.bridge_state())
+        self.save_weights(tmp / BRIDGE_FILE, self.bridge_state())
         (tmp / HVG_FILE).write_text(json.dumps(self.hvg))
         if corpus is not None:
             write_corpus_facts(tmp, corpus)
         ct = self.cell_tokens
-        write_marker(tmp, self.folder_format, {**config_to_dict(self.config), "cell_tokens": {
-            "start_id": int(ct.start_id), "end_id": int(ct.end_id), "slot_ids": [int(i) for i in ct.slot_ids]}})
+        self.write_config(tmp, cell_tokens={"start_id": int(ct.start_id), "end_id": int(ct.end_id),
+                                            "slot_ids": [int(i) for i in ct.slot_ids]})
 
     @classmethod
     def _from_folder(cls, folder: Path, raw: dict, version: int, aligner: CellTextAligner | None = None,
@@ -491,7 +482,7 @@ class Stage2Model(PretrainedModel, nn.Module):
         if version == 3 and isinstance(raw.get("bridge"), dict):
             raw["bridge"].setdefault("zero_inflated", False)
         saved_tokens = raw.pop("cell_tokens", None)
-        config = config_from_dict(Stage2Config, raw, where=str(folder / "config.json"))
+        config = cls.read_config(Stage2Config, folder, raw)
         if aligner is None:
             aligner = CellTextAligner.from_pretrained(stage1)
         hvg = read_json(folder / HVG_FILE, "gene panel of the pseudo-cells")
@@ -507,7 +498,7 @@ class Stage2Model(PretrainedModel, nn.Module):
                 lm = PeftModel.from_pretrained(lm, str(folder / "lora"), is_trainable=False)
                 if merge_lora:
                     lm = lm.merge_and_unload()
-        state = load_weights(folder / BRIDGE_FILE)
+        state = cls.load_weights(folder / BRIDGE_FILE)
         with reading(folder / HVG_FILE, "gene panel of the pseudo-cells"):
             model = cls(config, aligner.float(), lm, tokenizer, cell_tokens, hvg, folder / "lm", stage1)
         with reading(folder / BRIDGE_FILE, "weights file"):
