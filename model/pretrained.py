@@ -85,13 +85,14 @@ FORMATS: dict[str, FolderFormat] = {f.name: f for f in (
 # --- the marker file ---------------------------------------------------------------------------------
 def marker_format(folder: Path) -> tuple[str, int] | None:
     """(format name, version) that ``folder``'s marker names, or None (no marker, or one of no known format)."""
-    for fmt in FORMATS.values():
-        path = folder / fmt.marker
+    for marker in dict.fromkeys(f.marker for f in FORMATS.values()):
+        path = folder / marker
         if not path.is_file():
             continue
-        raw = _read_json(path, f"{fmt.what} description")
-        if isinstance(raw, dict) and raw.get("format") == fmt.name:
-            return fmt.name, raw.get("format_version")
+        raw = _read_json(path, "model folder description")
+        name = raw.get("format") if isinstance(raw, dict) else None
+        if name in FORMATS and FORMATS[name].marker == marker:
+            return name, raw.get("format_version")
     return None
 
 

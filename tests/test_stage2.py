@@ -401,6 +401,12 @@ def test_two_rank_deepspeed_steps_resume_exactly_and_export(tmp_path, small_corp
         assert summary["steps"] == 5 and summary["last_window"] == refit[-1]["decode_llm"]
     for k, v in models[0].decoder.state_dict().items():
         torch.testing.assert_close(models[1].decoder.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    # self-contained: the training corpus's gene panel and labels are in the folder
+    from scmm.data_pipeline.store import Corpus
+    from scmm.model.folders import load_model
+    opened = load_model(tmp_path / "full" / "model")
+    assert opened.panel_vocab_ids.tolist() == [int(i) for i in Corpus(small_corpus).gene_vocab_ids]
+    assert {r["key"] for r in opened.labels} == set(Corpus(small_corpus).manifest["cell_types"])
 
 
 # --- scmm generate -----------------------------------------------------------------------------------------
