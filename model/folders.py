@@ -227,7 +227,7 @@ def _load_bare(folder: Path, stage2: bool) -> ScmmModel:
     labels = next((x for x in map(read_labels, sources) if x is not None), None)
     panel = next((x for x in map(read_panel, sources) if x is not None), None)
     if panel is None:
-        log.info("model %s keeps no gene panel (genes.json): every vocabulary gene of the input is read", folder)
+        log.debug("model %s keeps no gene panel (genes.json): every vocabulary gene of the input is read", folder)
     return ScmmModel(folder=folder, stage1_folder=stage1, aligner=CellTextAligner.from_pretrained(stage1),
                      labels=labels, panel_vocab_ids=panel, fingerprint=fingerprint(files_of(stage1)),
                      stage2_folder=folder if stage2 else None)
