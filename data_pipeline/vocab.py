@@ -96,7 +96,8 @@ class GeneVocab:
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> GeneVocab:
-        """Load a vocab JSON file or a checkpoint folder holding `vocab.json`; None = scGPT's census vocab."""
+        """Load a vocab JSON file or a folder holding `vocab.json` (a checkpoint's, a corpus's, a model's cell
+        tower); None = scGPT's census vocab. The one reader of `vocab.json` files."""
         if path is None:
             p, name = default_vocab_path(), "scgpt_census"
         else:
@@ -106,11 +107,18 @@ class GeneVocab:
         if not p.is_file():
             raise ScmmError(f"gene vocabulary not found: {p}")
         try:
-            data = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json.loads(p.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ScmmError(f"gene vocabulary {p} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
-            raise ScmmError(f"gene vocabulary {p} must be a JSON object mapping gene -> integer id")
+        return cls.from_mapping(data, name=name, origin=str(p))
+
+    @classmethod
+    def from_mapping(cls, data: object, name: str = "custom", origin: str = "gene vocabulary") -> GeneVocab:
+        """A vocabulary from a {gene: id} mapping (checked); the special tokens it lacks are appended after the
+        largest id, in the order of SPECIAL_TOKENS (scGPT's rule)."""
+        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                                 for k, v in data.items()):
+            raise ScmmError(f"{origin} must be a JSON object mapping gene -> integer id")
         return cls(dict(data), name=name)
 
     def __len__(self) -> int:

@@ -25,10 +25,10 @@ from scmm.config import load_yaml
 from scmm.data_pipeline.instructions import TASKS
 from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
 from scmm.data_pipeline.store import Corpus
-from scmm.data_pipeline.vocab import GeneVocab
 from scmm.errors import ScmmError
 from scmm.finetune.pairs import PairBuilder, hvg_info
 from scmm.finetune.refit import RefitOptions, refit_decoder
+from scmm.model.aligner import stage1_vocab
 from scmm.model.stage2 import LOSSES, Stage2Config, Stage2Model
 from scmm.pretrain.engine import Trainer, TrainOptions, endless_batches, script_main, start_run
 
@@ -84,8 +84,7 @@ def train(cfg: Stage2RunConfig, resume: bool = False, deepspeed_json: str | None
             hint = " (run `scmm finetune init-lm` first)" if what == "LLM" else ""
             raise ScmmError(f"{what} folder not found: {path}{hint}")
     corpus = Corpus(cfg.corpus)  # checked before any process group starts: the corpus and the stage-1 vocabulary
-    GeneVocab.load(Path(cfg.stage1) / "cell_tower").check_panel(corpus.gene_symbols, corpus.gene_vocab_ids,
-                                                                 f"the corpus {corpus.path}")
+    stage1_vocab(cfg.stage1).check_panel(corpus.gene_symbols, corpus.gene_vocab_ids, f"the corpus {corpus.path}")
     launch = start_run(cfg.out, resume, cfg.train.threads)
     hvg = hvg_info(corpus, cfg.data.n_hvg)
     torch.manual_seed(cfg.seed)
@@ -110,12 +109,13 @@ def train(cfg: Stage2RunConfig, resume: bool = False, deepspeed_json: str | None
         out["tokens"] = int(sequences["c2t"]["attention_mask"].sum() + sequences["t2c"]["attention_mask"].sum())
         return out
 
-    return trainer.run(endless_batches(loader), forward, lambda last: export(cfg, trainer, hvg, pairs, last),
+    return trainer.run(endless_batches(loader), forward, lambda last: export(cfg, trainer, corpus, hvg, pairs, last),
                        stop_at=stop_at)
 
 
-def export(cfg: Stage2RunConfig, trainer: Trainer, hvg: dict, pairs: PairBuilder, last: dict) -> None:
-    """Write ``<out>/model``: the consolidated weights, with the decoder refitted on the final LLM (``cfg.refit``)."""
+def export(cfg: Stage2RunConfig, trainer: Trainer, corpus: Corpus, hvg: dict, pairs: PairBuilder, last: dict) -> None:
+    """Write ``<out>/model``: the consolidated weights, with the decoder refitted on the final LLM (``cfg.refit``),
+    and the corpus's gene panel and labels (the folder is self-contained)."""
     out = trainer.launch.out
     model = trainer.load_trained_state(Stage2Model.build(cfg.model, cfg.stage1, cfg.lm, hvg))
     (out / "decoder_refit.jsonl").unlink(missing_ok=True)  # an interrupted export's refit starts again
@@ -127,7 +127,7 @@ def export(cfg: Stage2RunConfig, trainer: Trainer, hvg: dict, pairs: PairBuilder
         log.info("decoder refit: decode_llm %.4f (first window) -> %.4f (last), %d distinct descriptions",
                  refit["first_window"], refit["last_window"], refit["distinct_texts"])
         model.to(torch.device("cpu"))
-    model.save_pretrained(out / "model")
+    model.save_pretrained(out / "model", corpus=corpus)
     (out / "model" / "train_summary.json").write_text(json.dumps({**last, "decoder_refit": refit}))
     log.info("exported the stage-2 model to %s", out / "model")
 

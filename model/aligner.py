@@ -13,42 +13,43 @@ the mean text-tower output of the corpus's label texts before the projection (`s
 cell feature adds the projected `<cls>` output of the cell tower to the mean of the projected query outputs
 (`QFormerConfig.cls_shortcut`).
 
-Saved as a folder (`save_pretrained`/`from_pretrained`, no DeepSpeed needed)::
+Saved as a folder (`save_pretrained`/`from_pretrained` of :class:`~scmm.model.pretrained.PretrainedModel`, no
+DeepSpeed needed; format ``scmm-aligner`` in :data:`~scmm.model.pretrained.FORMATS`)::
 
-    config.json           AlignerConfig with every size resolved (+ format and version)
-    cell_encoding.json    how the model reads cells (CellEncoding)
-    cell_tower/           CellTower.save_pretrained (config.json, model.safetensors, vocab.json)
+    config.json           format, version, AlignerConfig with every size resolved (but the cell tower's: below)
+    cell_encoding.json    how the model reads cells (CellEncoding; the one place of pad_value)
+    cell_tower/           CellTower folder (config.json without pad_value, model.safetensors, vocab.json)
     text_tower/           the Hugging Face encoder and its tokenizer
     aligner.safetensors   Q-Former, heads and expression decoder
+    genes.json            the training corpus's gene panel (inference reads only these genes)
+    labels.json           the training corpus's cell types (annotation's default candidates)
 """
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from scmm.atomic import write_folder
-from scmm.config import from_dict, read_json
 from scmm.data_pipeline.encoding import CellEncoding
+from scmm.data_pipeline.store import Corpus
 from scmm.data_pipeline.vocab import GeneVocab
 from scmm.errors import ScmmError
-from scmm.model.cell_tower import CellTower, CellTowerConfig
+from scmm.model.cell_tower import VOCAB_NAME, CellTower, CellTowerConfig
 from scmm.model.expr_decoder import ExprDecoder, ExprDecoderConfig
 from scmm.model.losses import contrastive_loss, itm_hard_negatives, itm_loss, mask_values, masked_expression_loss
 from scmm.model.optim import decay_groups
+from scmm.model.pretrained import PretrainedModel, read_marker, reading, write_corpus_facts
 from scmm.model.qformer import AlignmentHeads, QFormer, QFormerConfig
 from scmm.model.scgpt import load_scgpt_state, tower_from_scgpt
 from scmm.model.text_tower import TextTower, TextTowerConfig
 
 log = logging.getLogger(__name__)
-FORMAT = "scmm-aligner"
-FORMAT_VERSION = 2  # 2: the cell encoding is saved with the model
+WEIGHTS_FILE = "aligner.safetensors"
+TOWER_FROM_ENCODING = ("pad_value",)  # cell-tower config keys that the cell encoding owns (saved there once)
 
 
 @dataclass
@@ -149,12 +150,15 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-class CellTextAligner(nn.Module):
+class CellTextAligner(PretrainedModel, nn.Module):
     """Cell tower, text tower, Q-Former and alignment heads; `forward(batch)` returns the losses.
 
     ``vocab`` (the gene vocabulary, with its special-token ids) and ``encoding`` (how cells become input) are
     part of the model: saved and loaded with it, so every reader of the model encodes cells the same way.
+    Folder format ``scmm-aligner`` (the module docstring; the base: :mod:`scmm.model.pretrained`).
     """
+
+    folder_format = "scmm-aligner"
 
     def __init__(self, config: AlignerConfig, vocab: GeneVocab, encoding: CellEncoding,
                  cell_tower: CellTower | None = None, text_tower: TextTower | None = None):
@@ -183,9 +187,10 @@ class CellTextAligner(nn.Module):
         self.cell_tower.gradient_checkpointing_enable()
 
     # --- encoders ---------------------------------------------------------------------------------
-    def encode_cells(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-gene states [B,L,D], Q-Former query outputs [B,Q,H])."""
+    def cell_states(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden states of encoded cells: (per-gene cell-tower states [B,L,D], Q-Former query outputs
+        [B,Q,H]). Cells are encoded before (:func:`scmm.data_pipeline.encoding.encode_cells`)."""
         states = self.cell_tower(gene_ids, values, padding_mask)
         return states, self.qformer(states, padding_mask)
 
@@ -239,7 +244,8 @@ class CellTextAligner(nn.Module):
         gene_ids, values = batch["gene_ids"].to(device), batch["values"].to(device)
         pad = batch["padding_mask"].to(device)
         labels = batch["labels"].to(device) if lo.same_label_not_negative else None
-        masked, mask = mask_values(values.cpu(), pad.cpu(), lo.mask_ratio, self.encoding.mask_value, generator=gen)
+        masked, mask = mask_values(values.cpu(), pad.cpu(), lo.mask_ratio, mask_value=self.encoding.mask_value,
+                                   generator=gen)
         states = self.cell_tower(gene_ids, masked.to(device, dtype), pad)
         # the Q-Former does not see the masked genes: their states are trained to predict expression and
         # would become the cell's signature, which a cell at inference (nothing masked) does not have
@@ -279,49 +285,53 @@ class CellTextAligner(nn.Module):
         return itm_loss(self.heads.itm_logits(query).float(), targets.to(states.device))
 
     # --- folders ---------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write the model folder atomically (see the module docstring)."""
-        def write(tmp: Path) -> None:
-            self.cell_tower.save_pretrained(tmp / "cell_tower", vocab=self.vocab.token_to_id)
-            self.text_tower.model.save_pretrained(tmp / "text_tower")
-            self.text_tower.tokenizer.save_pretrained(tmp / "text_tower")
-            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-                     if not k.startswith(("cell_tower.", "text_tower."))}
-            save_file(state, str(tmp / "aligner.safetensors"))
-            self.encoding.save(tmp)
-            cfg = asdict(self.config)
-            cfg["text_tower"]["path"] = "text_tower"  # relative to the folder
-            (tmp / "config.json").write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
-                                                         **cfg}, indent=1))
-        return write_folder(folder, write, marker="config.json")
+    def _write(self, tmp: Path, corpus: Corpus | None = None) -> None:
+        """The stage-1 folder (see the module docstring); ``corpus``: the training corpus, whose gene panel and
+        labels go into the folder."""
+        self.cell_tower.save_pretrained(tmp / "cell_tower", vocab=self.vocab, from_parent=TOWER_FROM_ENCODING)
+        self.text_tower.model.save_pretrained(tmp / "text_tower")
+        self.text_tower.tokenizer.save_pretrained(tmp / "text_tower")
+        self.save_weights(tmp / WEIGHTS_FILE, {k: v for k, v in self.state_dict().items()
+                                               if not k.startswith(("cell_tower.", "text_tower."))})
+        self.encoding.save(tmp)
+        if corpus is not None:
+            write_corpus_facts(tmp, corpus)
+        text_tower = {**asdict(self.config.text_tower), "path": "text_tower"}  # relative to the folder
+        self.write_config(tmp, exclude=("cell_tower", "text_tower"), text_tower=text_tower)  # tower: cell_tower/
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> CellTextAligner:
-        """Load a stage-1 model folder (eval mode); anything missing or of another format is a ScmmError."""
-        folder = Path(folder)
-        raw = read_json(folder / "config.json", "model config")
-        if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
-            raise ScmmError(f"{folder} is not an scmm stage-1 model folder")
-        version = raw.pop("format_version", None)
-        if version != FORMAT_VERSION:
-            raise ScmmError(f"{folder} was written by another scmm version (format {version}, "
-                            f"this scmm reads {FORMAT_VERSION})")
+    def _from_folder(cls, folder: Path, raw: dict, version: int) -> CellTextAligner:
+        """Load a stage-1 model folder (eval mode); anything missing or undecodable is a ScmmError naming it."""
+        raw.pop("cell_tower", None)  # format 2 kept a second copy of cell_tower/config.json here
+        if not isinstance(raw.get("text_tower"), dict):
+            raise ScmmError(f"{folder}/config.json is not a stage-1 model config (no text_tower)")
         raw["text_tower"]["path"] = str(folder / "text_tower")
-        config = from_dict(AlignerConfig, raw)
+        config = cls.read_config(AlignerConfig, folder, raw)
         encoding = CellEncoding.load(folder)
-        vocab = GeneVocab.load(folder / "cell_tower" / "vocab.json")
-        try:
-            cell_tower = CellTower.from_pretrained(folder / "cell_tower")
-            model = cls(config, vocab, encoding, cell_tower=cell_tower, text_tower=TextTower(config.text_tower))
-            state = load_file(str(folder / "aligner.safetensors"))
-        except ScmmError:
-            raise
-        except Exception as exc:
-            raise ScmmError(f"cannot load the model in {folder}: {type(exc).__name__}: {exc}") from None
+        vocab = stage1_vocab(folder)
+        tower_options = {k: getattr(encoding, k) for k in TOWER_FROM_ENCODING}
+        with reading(folder / "cell_tower", "cell tower folder"):
+            cell_tower = CellTower.from_pretrained(folder / "cell_tower", **tower_options)
+        if cell_tower.config.pad_value != encoding.pad_value:
+            raise ScmmError(f"{folder}: the cell tower's pad_value {cell_tower.config.pad_value} is not the cell "
+                            f"encoding's {encoding.pad_value}")
+        with reading(folder / "text_tower", "text tower folder"):
+            text_tower = TextTower(config.text_tower)
+        with reading(folder / "config.json", "model config"):
+            model = cls(config, vocab, encoding, cell_tower=cell_tower, text_tower=text_tower)
+        state = cls.load_weights(folder / WEIGHTS_FILE)
         own = {k for k in model.state_dict() if not k.startswith(("cell_tower.", "text_tower."))}
         missing, unexpected = own - set(state), set(state) - own
         if missing or unexpected:
-            raise ScmmError(f"{folder}/aligner.safetensors does not match the model: missing "
+            raise ScmmError(f"{folder}/{WEIGHTS_FILE} does not match the model: missing "
                             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-        model.load_state_dict(state, strict=False)
+        with reading(folder / WEIGHTS_FILE, "weights file"):
+            model.load_state_dict(state, strict=False)
         return model.eval()
+
+
+def stage1_vocab(folder: str | Path) -> GeneVocab:
+    """The gene vocabulary of a stage-1 model folder, without loading the model (format checked)."""
+    folder = Path(folder)
+    read_marker(folder, CellTextAligner.folder_format)
+    return GeneVocab.load(folder / "cell_tower" / VOCAB_NAME)

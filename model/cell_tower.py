@@ -25,12 +25,11 @@ does this where bf16 is measured faster, see ``scmm.api.Options``): cosine simil
 embeddings stays above 0.999 (BENCHMARKS.md, "Cell tower").
 
 Native folders are ``config.json`` + ``model.safetensors`` (+ ``vocab.json``):
-:meth:`CellTower.save_pretrained` / :meth:`CellTower.from_pretrained`. scGPT checkpoint folders load through
-:func:`scmm.model.scgpt.tower_from_scgpt`. This module never imports scgpt.
+:meth:`CellTower.save_pretrained` / :meth:`CellTower.from_pretrained` (the base: :mod:`scmm.model.pretrained`).
+scGPT checkpoint folders load through :func:`scmm.model.scgpt.tower_from_scgpt`. This module never imports scgpt.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -41,11 +40,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from scmm.atomic import write_folder
+from scmm.data_pipeline.vocab import GeneVocab
+from scmm.errors import ScmmError
+from scmm.model.pretrained import PretrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -108,25 +108,6 @@ class CellTowerConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.nhead
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CellTowerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown CellTowerConfig keys: {', '.join(unknown)}")
-        return cls(**dict(data))
-
-    def save(self, path: PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def load(cls, path: PathLike) -> CellTowerConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
 
 # --------------------------------------------------------------------------------------------------
 # Modules
@@ -252,12 +233,15 @@ class CellTowerLayer(nn.Module):
         return self.norm2(x + self.dropout2(self._ff(x)))
 
 
-class CellTower(nn.Module):
+class CellTower(PretrainedModel, nn.Module):
     """scGPT-compatible expression transformer.
 
     ``forward(gene_ids, values, padding_mask)`` -> ``[B, L, d_model]`` per-gene hidden states;
-    ``cell_embedding(...)`` -> ``[B, d_model]`` (the ``<cls>`` position, index 0).
+    ``cell_embedding(...)`` -> ``[B, d_model]`` (the ``<cls>`` position, index 0). A folder of its own
+    (``save_pretrained`` / ``from_pretrained``, :mod:`scmm.model.pretrained`): format ``scmm-cell-tower``.
     """
+
+    folder_format = "scmm-cell-tower"
 
     def __init__(self, config: CellTowerConfig):
         super().__init__()
@@ -383,28 +367,29 @@ class CellTower(nn.Module):
 
     # -- native checkpoints ------------------------------------------------------------------------
 
-    def save_pretrained(self, folder: PathLike, vocab: Mapping[str, int] | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (and ``vocab.json`` if given), atomically."""
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-
-        def write(tmp: Path) -> None:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            if vocab is not None:
-                (tmp / VOCAB_NAME).write_text(json.dumps(dict(vocab)) + "\n")
-            self.config.save(tmp / CONFIG_NAME)
-
-        return write_folder(folder, write, marker=CONFIG_NAME)
+    def _write(self, tmp: Path, vocab: GeneVocab | Mapping[str, int] | None = None,
+               from_parent: tuple[str, ...] = ()) -> None:
+        """``config.json`` + ``model.safetensors`` (+ ``vocab.json`` when given). Config keys named in
+        ``from_parent`` are left out: the enclosing folder owns them (a stage-1 folder's cell encoding owns
+        ``pad_value``) and passes them back to :meth:`from_pretrained`."""
+        self.save_weights(tmp / WEIGHTS_NAME, self.weights_of(self))
+        if vocab is not None:
+            tokens = vocab.token_to_id if isinstance(vocab, GeneVocab) else dict(vocab)
+            (tmp / VOCAB_NAME).write_text(json.dumps(tokens) + "\n")
+        self.write_config(tmp, exclude=from_parent, **({"from_parent": list(from_parent)} if from_parent else {}))
 
     @classmethod
-    def from_pretrained(cls, folder: PathLike, map_location: str | torch.device = "cpu") -> CellTower:
-        """Load a folder written by :meth:`save_pretrained` (strict: every key must match)."""
-        folder = Path(folder)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder} is not a cell tower folder: missing {name}")
-        model = cls(CellTowerConfig.load(folder / CONFIG_NAME))
-        load_state_dict_strict(model, load_file(str(folder / WEIGHTS_NAME), device="cpu"),
-                               what=str(folder / WEIGHTS_NAME))
+    def _from_folder(cls, folder: Path, raw: dict, version: int, map_location: str | torch.device = "cpu",
+                     **parent: Any) -> CellTower:
+        """Build the tower of a folder (strict: every key must match); ``parent`` supplies the config keys that
+        the folder leaves to its enclosing folder."""
+        owed = raw.pop("from_parent", [])
+        missing = [k for k in owed if k not in parent]
+        if missing:
+            raise ScmmError(f"the cell tower {folder} takes {', '.join(missing)} from the model folder around it; "
+                            f"open that folder instead")
+        model = cls(cls.read_config(CellTowerConfig, folder, {**raw, **{k: parent[k] for k in owed}}))
+        load_state_dict_strict(model, cls.load_weights(folder / WEIGHTS_NAME), what=str(folder / WEIGHTS_NAME))
         return model.to(map_location)
 
 

@@ -9,19 +9,15 @@ an scGPT checkpoint's ``decoder.*`` keys load after stripping the prefix
 """
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from scmm.atomic import write_folder
-from scmm.model.cell_tower import CONFIG_NAME, WEIGHTS_NAME, PathLike, load_state_dict_strict
+from scmm.model.cell_tower import WEIGHTS_NAME, load_state_dict_strict
+from scmm.model.pretrained import PretrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +36,6 @@ class ExprDecoderConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"invalid ExprDecoderConfig: {name} must be a positive integer, got {value!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ExprDecoderConfig:
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown ExprDecoderConfig keys: {', '.join(unknown)}")
-        return cls(**dict(data))
-
 
 def _mlp(d_in: int, d_model: int) -> nn.Sequential:
     return nn.Sequential(
@@ -61,8 +47,10 @@ def _mlp(d_in: int, d_model: int) -> nn.Sequential:
     )
 
 
-class ExprDecoder(nn.Module):
-    """scGPT-style expression decoder: ``[B, L, d_in] -> [B, L]``."""
+class ExprDecoder(PretrainedModel, nn.Module):
+    """scGPT-style expression decoder: ``[B, L, d_in] -> [B, L]``; folder format ``scmm-expr-decoder``."""
+
+    folder_format = "scmm-expr-decoder"
 
     def __init__(self, config: ExprDecoderConfig | int, explicit_zero_prob: bool = False):
         super().__init__()
@@ -86,24 +74,16 @@ class ExprDecoder(nn.Module):
 
     # -- checkpoints -------------------------------------------------------------------------------
 
-    def save_pretrained(self, folder: PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` atomically."""
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-
-        def write(tmp: Path) -> None:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
-
-        return write_folder(folder, write, marker=CONFIG_NAME)
+    def _write(self, tmp: Path) -> None:
+        """``config.json`` (format ``scmm-expr-decoder``) + ``model.safetensors``."""
+        self.save_weights(tmp / WEIGHTS_NAME, self.weights_of(self))
+        self.write_config(tmp)
 
     @classmethod
-    def from_pretrained(cls, folder: PathLike, map_location: str | torch.device = "cpu") -> ExprDecoder:
-        folder = Path(folder)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder} is not an expression decoder folder: missing {name}")
-        model = cls(ExprDecoderConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text())))
-        load_state_dict_strict(model, load_file(str(folder / WEIGHTS_NAME), device="cpu"), what=str(folder))
+    def _from_folder(cls, folder: Path, raw: dict, version: int,
+                     map_location: str | torch.device = "cpu") -> ExprDecoder:
+        model = cls(cls.read_config(ExprDecoderConfig, folder, raw))
+        load_state_dict_strict(model, cls.load_weights(folder / WEIGHTS_NAME), what=str(folder))
         return model.to(map_location)
 
 

@@ -8,7 +8,9 @@ Three kinds of folder hold a model:
 * a **packaged model** (``scmm package``, marked by ``scmm_model.json``)::
 
     scmm_model.json   format "scmm-model", format_version, scmm version, created, components,
-                      files: {relative path: sha256} of every other file (checked on load)
+                      files: {relative path: sha256} of every other file, manifest_sha256: the manifest's own
+                      sha256 (without that key). On load every file is checked before use: a file not listed,
+                      missing, of another checksum, or that does not decode is refused by name
     stage1/           the stage-1 model folder
     stage2/           the stage-2 model folder without its stage1/ (stored once, above; only when packaged)
     labels.json       candidate labels of the training corpus: key (CL ID or `unmatched:<label>`), CL ID,
@@ -22,9 +24,11 @@ Three kinds of folder hold a model:
                       novelty check.
     README.md         model card: training data, evaluation table, usage
 
-For a bare stage-1 or stage-2 folder the labels and gene panel come from the training corpus named by the run
-config one level up (``../config.json`` key ``corpus``) when it can be found, else there are none (annotation then
-needs explicit labels, and all vocabulary genes are used). Packages are written by :mod:`scmm.package`.
+A bare stage-1 or stage-2 folder is self-contained too: its trainer writes the training corpus's ``labels.json``
+and ``genes.json`` into it (a stage-2 folder without them uses those of its ``stage1/``). Nothing is looked up
+outside the folder: a folder without them (older formats, or saved without a corpus) has no default labels
+(annotation then needs explicit labels) and reads every vocabulary gene. Packages are written by
+:mod:`scmm.package`; every folder kind's format is in :data:`scmm.model.pretrained.FORMATS`.
 
 The model *fingerprint* (used by reference indexes) is a sha256 over the stage-1 files that decide the embedding
 (everything but ``train_summary.json``, the cell encoding included), so a bare stage-1 folder, the stage-2 model
@@ -42,23 +46,30 @@ from pathlib import Path
 import numpy as np
 
 from scmm.config import read_json
-from scmm.data_pipeline.store import Corpus
-from scmm.data_pipeline.text import corpus_labels
 from scmm.errors import ScmmError
 from scmm.model.aligner import CellTextAligner
-from scmm.model.stage2 import FORMAT as STAGE2_FORMAT
+from scmm.model.pretrained import (
+    FORMATS,
+    LABELS_FILE,
+    check_decodable,
+    marker_format,
+    read_labels,
+    read_marker,
+    read_panel,
+    reading,
+)
 from scmm.model.stage2 import Stage2Model
 
 log = logging.getLogger("scmm.model")
 
-__all__ = ["ScmmModel", "load_model", "model_kind", "fingerprint", "files_of", "sha256_file", "FORMAT",
-           "FORMAT_VERSION", "MANIFEST", "NOT_IN_FINGERPRINT"]
+__all__ = ["ScmmModel", "load_model", "model_kind", "fingerprint", "files_of", "sha256_file", "manifest_digest",
+           "PACKAGE_FORMAT", "MANIFEST", "NOT_IN_FINGERPRINT", "NOVELTY_FILE"]
 
-FORMAT = "scmm-model"
-FORMAT_VERSION = 2  # 2: stage2/ without a second copy of stage1/; the cell encoding in stage1/
-MANIFEST = "scmm_model.json"
-NOT_IN_FINGERPRINT = ("train_summary.json",)
+PACKAGE_FORMAT = "scmm-model"
+MANIFEST = FORMATS[PACKAGE_FORMAT].marker
+NOT_IN_FINGERPRINT = ("train_summary.json", LABELS_FILE)  # files of a stage-1 folder that do not decide the embedding
 NOVELTY_FILE = "novelty_reference.npz"  # what scmm.eval.novelty writes and reads (layer 3 owns its content)
+_KINDS = {PACKAGE_FORMAT: "package", Stage2Model.folder_format: "stage2", CellTextAligner.folder_format: "stage1"}
 
 
 # --- hashing ----------------------------------------------------------------------------------------
@@ -70,21 +81,33 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def files_of(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """{relative posix path: sha256} of every regular file under ``folder`` (hidden temp files and the top-level
-    entries named in ``skip`` left out)."""
-    out = {}
+def _present(folder: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Relative posix paths of the regular files under ``folder`` (hidden temporaries and the top-level entries
+    named in ``skip`` left out)."""
+    out = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
         if p.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.parts[0] not in skip:
-            out[rel.as_posix()] = sha256_file(p)
+            out.append(rel.as_posix())
     return out
+
+
+def files_of(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """{relative posix path: sha256} of every regular file under ``folder`` (hidden temp files and the top-level
+    entries named in ``skip`` left out)."""
+    return {rel: sha256_file(folder / rel) for rel in _present(folder, skip)}
 
 
 def fingerprint(stage1_files: dict[str, str]) -> str:
     """sha256 identifying the embedding a stage-1 model computes (see the module docstring)."""
     files = {k: v for k, v in stage1_files.items() if k.split("/")[-1] not in NOT_IN_FINGERPRINT}
     return hashlib.sha256(json.dumps({"files": files}, sort_keys=True).encode()).hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The sha256 a package manifest records of itself: over its canonical JSON without ``manifest_sha256``."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # --- the model object -------------------------------------------------------------------------------
@@ -104,6 +127,11 @@ class ScmmModel:
     metrics: dict | None = None
     novelty_reference: dict[str, np.ndarray] | None = None  # the arrays of NOVELTY_FILE (scmm.eval.novelty)
     _stage2: Stage2Model | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, verify: bool = True) -> ScmmModel:
+        """Open any model folder (:func:`load_model`)."""
+        return load_model(folder, verify)
 
     @property
     def vocab(self):
@@ -136,95 +164,81 @@ def model_kind(folder: Path) -> str:
         raise ScmmError(f"model folder not found: {folder}")
     if not folder.is_dir():
         raise ScmmError(f"model {folder} is not a folder")
-    if (folder / MANIFEST).exists():
-        return "package"
-    if not (folder / "config.json").is_file():
-        raise ScmmError(f"{folder} is not an scmm model folder (no config.json)")
-    raw = read_json(folder / "config.json", "model config")
-    return "stage2" if isinstance(raw, dict) and raw.get("format") == STAGE2_FORMAT else "stage1"
+    found = marker_format(folder)
+    if found is None or found[0] not in _KINDS:
+        raise ScmmError(f"{folder} is not an scmm model folder (no {MANIFEST}, and no config.json of a stage-1 or "
+                        f"stage-2 model)")
+    return _KINDS[found[0]]
 
 
-def _verify(folder: Path, manifest: dict) -> None:
+def _verify(folder: Path, manifest: dict, version: int) -> None:
+    """Every file of a package checked before use: listed with its checksum, present, unchanged, decodable."""
+    path = folder / MANIFEST
     files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise ScmmError(f"{folder}/{MANIFEST} lists no files")
+    if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
+        raise ScmmError(f"{path} lists no files")
+    if version >= 3:
+        whole = {"format": PACKAGE_FORMAT, "format_version": version, **manifest}
+        if whole.get("manifest_sha256") != manifest_digest(whole):
+            raise ScmmError(f"model {folder} is corrupted: {MANIFEST} does not match its own checksum")
+    unlisted = [rel for rel in _present(folder) if rel != MANIFEST and rel not in files]
+    if unlisted:
+        raise ScmmError(f"model {folder} holds {len(unlisted)} file(s) its manifest does not list (refused): "
+                        f"{', '.join(unlisted[:3])}")
     for rel, digest in files.items():
         p = folder / rel
         if not p.is_file():
             raise ScmmError(f"model {folder} is incomplete: {rel} is missing")
         if sha256_file(p) != digest:
             raise ScmmError(f"model {folder} is corrupted: checksum mismatch in {rel}")
+    for rel in files:
+        check_decodable(folder / rel)
 
 
-def _find_run_corpus(model_folder: Path) -> Path | None:
-    """The corpus of a bare model folder's run config (``../config.json`` key ``corpus``), if it exists."""
-    cfg = model_folder.parent / "config.json"
-    if not cfg.is_file():
+def _novelty_reference(folder: Path) -> dict[str, np.ndarray] | None:
+    path = folder / NOVELTY_FILE
+    if not path.exists():
         return None
-    try:
-        raw = json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    corpus = raw.get("corpus") if isinstance(raw, dict) else None
-    if not isinstance(corpus, str):
-        return None
-    for base in (Path.cwd(), model_folder.parent, *model_folder.parent.parents):
-        p = Path(corpus) if Path(corpus).is_absolute() else base / corpus
-        if (p / "manifest.json").is_file():
-            return p
-    return None
+    with reading(path, "novelty reference"), np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
 
 
 def _load_package(folder: Path, verify: bool) -> ScmmModel:
-    manifest = read_json(folder / MANIFEST, "model manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ScmmError(f"{folder}/{MANIFEST} is not an scmm model manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ScmmError(f"model {folder} has format_version {version}; this scmm reads format_version "
-                        f"{FORMAT_VERSION} (repackage it with this scmm's `scmm package`)")
+    manifest, version = read_marker(folder, PACKAGE_FORMAT)
     if verify:
-        _verify(folder, manifest)
-    labels = read_json(folder / "labels.json", "label file")["labels"] if (folder / "labels.json").exists() else None
-    panel = None
-    if (folder / "genes.json").exists():
-        panel = np.asarray(read_json(folder / "genes.json", "gene panel")["vocab_ids"], dtype=np.int64)
+        _verify(folder, manifest, version)
+    with reading(folder / MANIFEST, "model manifest"):
+        s1_files = {k[len("stage1/"):]: v for k, v in manifest["files"].items() if k.startswith("stage1/")}
+        has_stage2 = "stage2" in manifest.get("components", [])
     metrics = read_json(folder / "metrics.json", "metrics") if (folder / "metrics.json").exists() else None
-    reference = None
-    if (folder / NOVELTY_FILE).exists():
-        try:
-            with np.load(folder / NOVELTY_FILE, allow_pickle=False) as npz:
-                reference = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as exc:
-            raise ScmmError(f"model {folder}: cannot read {NOVELTY_FILE} ({exc})") from None
-    s1_files = {k[len("stage1/"):]: v for k, v in manifest["files"].items() if k.startswith("stage1/")}
     return ScmmModel(folder=folder, stage1_folder=folder / "stage1",
-                     aligner=CellTextAligner.from_pretrained(folder / "stage1"), labels=labels,
-                     panel_vocab_ids=panel, fingerprint=fingerprint(s1_files),
-                     stage2_folder=folder / "stage2" if "stage2" in manifest.get("components", []) else None,
-                     packaged=True, metrics=metrics, novelty_reference=reference)
+                     aligner=CellTextAligner.from_pretrained(folder / "stage1"), labels=read_labels(folder),
+                     panel_vocab_ids=read_panel(folder), fingerprint=fingerprint(s1_files),
+                     stage2_folder=folder / "stage2" if has_stage2 else None,
+                     packaged=True, metrics=metrics, novelty_reference=_novelty_reference(folder))
 
 
 def _load_bare(folder: Path, stage2: bool) -> ScmmModel:
+    """A stage-1 or stage-2 folder: its own labels and gene panel (a stage-2 folder's, else its stage1/'s)."""
+    for rel in _present(folder):
+        check_decodable(folder / rel)
     stage1 = folder / "stage1" if stage2 else folder
-    labels = panel = None
-    corpus_dir = _find_run_corpus(folder)
-    if corpus_dir is not None:
-        corpus = Corpus(corpus_dir)
-        labels = corpus_labels(corpus)
-        panel = np.asarray(corpus.gene_vocab_ids, dtype=np.int64)
-        log.info("model %s: candidate labels and gene panel from its training corpus %s", folder, corpus_dir)
+    sources = (folder, stage1) if stage2 else (folder,)
+    labels = next((x for x in map(read_labels, sources) if x is not None), None)
+    panel = next((x for x in map(read_panel, sources) if x is not None), None)
+    if panel is None:
+        log.debug("model %s keeps no gene panel (genes.json): every vocabulary gene of the input is read", folder)
     return ScmmModel(folder=folder, stage1_folder=stage1, aligner=CellTextAligner.from_pretrained(stage1),
                      labels=labels, panel_vocab_ids=panel, fingerprint=fingerprint(files_of(stage1)),
                      stage2_folder=folder if stage2 else None)
 
 
 def load_model(folder: str | os.PathLike | ScmmModel, verify: bool = True) -> ScmmModel:
-    """Open any model folder scmm writes: a package (checksums verified unless ``verify`` is False), a stage-2
+    """Open any model folder scmm writes: a package (every file verified unless ``verify`` is False), a stage-2
     model folder or a stage-1 model folder (see the module docstring). An opened model is returned as is.
 
-    A package of another format version, a missing or corrupted file, or a folder of no known kind is a
-    :class:`ScmmError`.
+    A package of another format version, a missing, unlisted, corrupted or undecodable file, or a folder of no
+    known kind is a :class:`ScmmError` naming the folder or file.
     """
     if isinstance(folder, ScmmModel):
         return folder

@@ -218,12 +218,13 @@ def masked_expression_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch
 
 
 @torch.no_grad()
-def mask_values(values: torch.Tensor, padding_mask: torch.Tensor | None, mask_ratio: float,
-                mask_value: float = -1.0, generator: torch.Generator | None = None,
+def mask_values(values: torch.Tensor, padding_mask: torch.Tensor | None, mask_ratio: float, *,
+                mask_value: float, generator: torch.Generator | None = None,
                 protect_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """scGPT-style random value masking: in each row, floor(mask_ratio * eligible) of the eligible positions
     (not padding, and not position 0 = ``<cls>`` when ``protect_first``) are chosen uniformly at random and
-    set to ``mask_value``.
+    set to ``mask_value`` (the model's :attr:`CellEncoding.mask_value <scmm.data_pipeline.encoding.CellEncoding>`:
+    no default here, so that the value a model is trained with has one owner).
 
     values [B, L] float, padding_mask [B, L] bool (True = padding) or None. Returns (masked copy of values,
     mask [B, L] bool, True = masked). Deterministic for a given ``generator``.

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from scmm.data_pipeline.vocab import SPECIAL_TOKENS, GeneVocab
 from scmm.model.cell_tower import CellTower, CellTowerConfig, PathLike, check_shapes, load_state_dict_strict
 from scmm.model.expr_decoder import ExprDecoder, ExprDecoderConfig
+from scmm.model.pretrained import config_from_dict, config_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +32,9 @@ SCGPT_ARGS_NAME = "args.json"
 SCGPT_VOCAB_NAME = "vocab.json"
 SCGPT_WEIGHTS_NAME = "best_model.pt"
 
-#: Special tokens of scGPT vocabularies, in the order upstream appends them when missing.
-SCGPT_SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
+#: Special tokens of scGPT vocabularies, in the order upstream appends them when missing (the rule is applied by
+#: :class:`~scmm.data_pipeline.vocab.GeneVocab`, the one reader of vocab.json).
+SCGPT_SPECIAL_TOKENS = SPECIAL_TOKENS
 
 #: Prefixes of upstream ``TransformerModel`` submodules that the tower does not use.
 #: ``decoder.`` is the expression decoder (see ``model/expr_decoder.py``). ``dsbn.``/``bn.`` and
@@ -170,15 +173,10 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _load_vocab(source: Mapping[str, int] | PathLike) -> dict[str, int]:
+    """The checkpoint's vocabulary through the one reader of vocab.json (specials appended as upstream does)."""
     if isinstance(source, Mapping):
-        data = dict(source)
-        origin = "vocab mapping"
-    else:
-        data = _read_json(Path(source), "vocabulary")
-        origin = str(source)
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in data.items()):
-        raise ValueError(f"{origin} must map gene symbols to integer ids")
-    return data
+        return GeneVocab.from_mapping(dict(source), origin="vocab mapping").token_to_id
+    return GeneVocab.load(source).token_to_id
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -282,9 +280,6 @@ def load_scgpt_state(folder: PathLike, vocab: Mapping[str, int] | PathLike | Non
     if not isinstance(args, dict):
         raise ValueError(f"{folder / SCGPT_ARGS_NAME} must hold a JSON object")
     vocab_dict = _load_vocab(vocab if vocab is not None else folder / SCGPT_VOCAB_NAME)
-    for token in SCGPT_SPECIAL_TOKENS:
-        if token not in vocab_dict:
-            vocab_dict[token] = max(vocab_dict.values(), default=-1) + 1
 
     weights = folder / SCGPT_WEIGHTS_NAME
     if not weights.is_file():
@@ -345,7 +340,7 @@ def tower_from_scgpt(
     ckpt = checkpoint if checkpoint is not None else load_scgpt_state(folder, vocab=vocab)
     config = ckpt.config
     if config_overrides:
-        config = CellTowerConfig.from_dict({**config.to_dict(), **config_overrides})
+        config = config_from_dict(CellTowerConfig, {**config_to_dict(config), **config_overrides})
     model = CellTower(config)
 
     expected = set(model.state_dict())

@@ -12,7 +12,8 @@ log1p-CP10k profile over the HVG panel (a hurdle model: each gene's chance of be
 detected); it is trained on the real states (``decode_real``) and on the LLM-mapped ones (``decode_llm``, which also
 fits the sampling noise), so that generation from text works at inference.
 
-Saved folder (``save_pretrained``, atomic; ``Stage2Model.from_pretrained`` needs no DeepSpeed)::
+Saved folder (``save_pretrained``, atomic; ``Stage2Model.from_pretrained`` needs no DeepSpeed; the base is
+:class:`~scmm.model.pretrained.PretrainedModel`, format ``scmm-stage2`` in :data:`~scmm.model.pretrained.FORMATS`)::
 
     config.json          format "scmm-stage2", version, Stage2Config, cell token ids
     lora/                the peft LoRA adapter with the trained rows of the new tokens (peft's trainable tokens;
@@ -23,6 +24,8 @@ Saved folder (``save_pretrained``, atomic; ``Stage2Model.from_pretrained`` needs
     lm/                  the base LLM folder (copied), so the folder is self-contained
     stage1/              the stage-1 aligner folder (copied, or re-saved when it was trained); a package stores
                          it once, beside stage2/, and passes the loaded aligner to ``from_pretrained``
+    genes.json           the training corpus's gene panel (inference reads only these genes)
+    labels.json          the training corpus's cell types (annotation's default candidates)
 """
 from __future__ import annotations
 
@@ -30,17 +33,16 @@ import json
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from scmm.atomic import write_folder
-from scmm.config import from_dict, read_json
+from scmm.config import read_json
 from scmm.data_pipeline.instructions import prompt_for
+from scmm.data_pipeline.store import Corpus
 from scmm.errors import ScmmError
 from scmm.model.aligner import CellTextAligner
 from scmm.model.bridge import (
@@ -55,13 +57,12 @@ from scmm.model.bridge import (
 from scmm.model.constrained import cell_ontology_trie
 from scmm.model.llm import LoraOptions, add_cell_tokens, apply_lora, load_lm, optimizer_param_groups, save_adapter
 from scmm.model.optim import decay_groups
+from scmm.model.pretrained import PretrainedModel, reading, write_corpus_facts
 from scmm.model.sequences import PROMPT_FORMATS, SequenceBuilder
 
 log = logging.getLogger("scmm.stage2")
-FORMAT = "scmm-stage2"
-# 4: the decoder's zero model (bridge.zero_inflated); 3: typed LoRA options; 2: LayerNorm before each GELU of the
-# bridge MLPs. Format 3 folders still load (as bridge.zero_inflated false: their decoder has no zero head).
-FORMAT_VERSION = 4
+BRIDGE_FILE = "bridge.safetensors"
+HVG_FILE = "hvg.json"
 STAGE1_TRAIN = ("none", "qformer", "all")
 LOSSES = ("lm", "t2c", "decode_real", "decode_llm")
 LM_MEANS = ("token", "answer")  # how the answer loss averages (Stage2Loss.lm_mean)
@@ -130,8 +131,10 @@ class _Named:
         return iter(self.items)
 
 
-class Stage2Model(nn.Module):
+class Stage2Model(PretrainedModel, nn.Module):
     """Aligner (stage 1) + LLM + bridge; ``forward(batch)`` returns the losses (see the module docstring)."""
+
+    folder_format = "scmm-stage2"
 
     def __init__(self, config: Stage2Config, aligner: CellTextAligner, lm, tokenizer, cell_tokens, hvg: dict,
                  lm_path: str | Path, stage1_path: str | Path):
@@ -199,7 +202,7 @@ class Stage2Model(nn.Module):
         device = self.device
         args = (gene_ids.to(device), values.to(device), padding_mask.to(device))
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_stage1 != "none"):
-            states, query = self.aligner.encode_cells(*args)
+            states, query = self.aligner.cell_states(*args)
         return self.qnorm(query), states[:, 0]
 
     @torch.no_grad()
@@ -208,7 +211,7 @@ class Stage2Model(nn.Module):
         was = self.training
         self.eval()
         device = self.device
-        states = torch.cat([self.aligner.encode_cells(b["gene_ids"].to(device), b["values"].to(device),
+        states = torch.cat([self.aligner.cell_states(b["gene_ids"].to(device), b["values"].to(device),
                                                       b["padding_mask"].to(device))[1].float() for b in batches])
         self.qnorm.set_stats(states)
         self.train(was)
@@ -439,76 +442,65 @@ class Stage2Model(nn.Module):
             state.update({prefix + k: v for k, v in module.state_dict().items()})
         return {k: v.detach().cpu().float().contiguous() for k, v in state.items()}
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write the stage-2 folder atomically (see the module docstring)."""
-        full = self.config.lora.full_finetune
-
-        def write(tmp: Path) -> None:
-            if self.config.train_stage1 == "none":
-                shutil.copytree(self.stage1_path, tmp / "stage1", ignore=shutil.ignore_patterns(".*"))
-            else:
-                self.aligner.save_pretrained(tmp / "stage1")
-            if full:
-                _unwrap(self.lm).save_pretrained(tmp / "lm")
-                self.tokenizer.save_pretrained(str(tmp / "lm"))
-            else:
-                if self.lm is _unwrap(self.lm):
-                    raise ScmmError("this stage-2 model's LoRA adapter was merged into the LLM when it was loaded; "
-                                    "load it with merge_lora=False to save it")
-                shutil.copytree(self.lm_path, tmp / "lm")
-                save_adapter(self.lm, tmp / "lora")
-            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            save_file(self.bridge_state(), str(tmp / "bridge.safetensors"))
-            (tmp / "hvg.json").write_text(json.dumps(self.hvg))
-            ct = self.cell_tokens
-            cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self.config),
-                   "cell_tokens": {"start_id": int(ct.start_id), "end_id": int(ct.end_id),
-                                   "slot_ids": [int(i) for i in ct.slot_ids]}}
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
-        return write_folder(folder, write, marker="config.json")
+    def _write(self, tmp: Path, corpus: Corpus | None = None) -> None:
+        """The stage-2 folder (see the module docstring); ``corpus``: the training corpus, whose gene panel and
+        labels go into the folder."""
+        if self.config.train_stage1 == "none":
+            shutil.copytree(self.stage1_path, tmp / "stage1", ignore=shutil.ignore_patterns(".*"))
+        else:
+            self.aligner.save_pretrained(tmp / "stage1")
+        if self.config.lora.full_finetune:
+            _unwrap(self.lm).save_pretrained(tmp / "lm")
+            self.tokenizer.save_pretrained(str(tmp / "lm"))
+        else:
+            if self.lm is _unwrap(self.lm):
+                raise ScmmError("this stage-2 model's LoRA adapter was merged into the LLM when it was loaded; "
+                                "load it with merge_lora=False to save it")
+            shutil.copytree(self.lm_path, tmp / "lm")
+            save_adapter(self.lm, tmp / "lora")
+        self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        self.save_weights(tmp / BRIDGE_FILE, self.bridge_state())
+        (tmp / HVG_FILE).write_text(json.dumps(self.hvg))
+        if corpus is not None:
+            write_corpus_facts(tmp, corpus)
+        ct = self.cell_tokens
+        self.write_config(tmp, cell_tokens={"start_id": int(ct.start_id), "end_id": int(ct.end_id),
+                                            "slot_ids": [int(i) for i in ct.slot_ids]})
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, aligner: CellTextAligner | None = None,
-                        stage1_folder: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                        merge_lora: bool = True) -> Stage2Model:
+    def _from_folder(cls, folder: Path, raw: dict, version: int, aligner: CellTextAligner | None = None,
+                     stage1_folder: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                     merge_lora: bool = True) -> Stage2Model:
         """Load a stage-2 folder for inference (eval mode, no DeepSpeed). Its stage-1 model is ``stage1_folder``
         (default: the folder's ``stage1/``; a package stores it beside the stage-2 folder), or ``aligner`` when
         already loaded from there. ``merge_lora``: fold the LoRA adapter into the LLM's weights (one matmul per
         projection instead of three: generation about 1.5x faster on CPU, BENCHMARKS.md); ``False`` keeps the
         adapter, as a model that will be saved again needs."""
-        folder = Path(folder)
         stage1 = Path(stage1_folder) if stage1_folder is not None else folder / "stage1"
-        raw = read_json(folder / "config.json", "stage-2 model config")
-        if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
-            raise ScmmError(f"{folder} is not an scmm stage-2 model folder")
-        version = raw.pop("format_version", None)
         if version == 3 and isinstance(raw.get("bridge"), dict):
             raw["bridge"].setdefault("zero_inflated", False)
-        elif version != FORMAT_VERSION:
-            raise ScmmError(f"{folder} was written by another scmm version (stage-2 format {version}, this scmm "
-                            f"reads {FORMAT_VERSION})")
-        saved_tokens = raw.pop("cell_tokens")
-        config = from_dict(Stage2Config, raw)
+        saved_tokens = raw.pop("cell_tokens", None)
+        config = cls.read_config(Stage2Config, folder, raw)
         if aligner is None:
             aligner = CellTextAligner.from_pretrained(stage1)
-        try:
+        hvg = read_json(folder / HVG_FILE, "gene panel of the pseudo-cells")
+        with reading(folder / "lm", "language model folder"):
             lm, tokenizer = load_lm(str(folder / "lm"), dtype)
             cell_tokens = add_cell_tokens(tokenizer, lm, aligner.qformer.num_queries)
+        with reading(folder / "config.json", "stage-2 model config"):
             if cell_tokens.all_ids != [saved_tokens["start_id"], saved_tokens["end_id"], *saved_tokens["slot_ids"]]:
                 raise ScmmError(f"{folder}: the cell tokens got other ids than in training")
-            if not config.lora.full_finetune:
-                from peft import PeftModel  # noqa: PLC0415 - peft imports transformers: seconds, paid by LLM loads
+        if not config.lora.full_finetune:
+            from peft import PeftModel  # noqa: PLC0415 - peft imports transformers: seconds, paid by LLM loads
+            with reading(folder / "lora", "LoRA adapter folder"):
                 lm = PeftModel.from_pretrained(lm, str(folder / "lora"), is_trainable=False)
                 if merge_lora:
                     lm = lm.merge_and_unload()
-            hvg = json.loads((folder / "hvg.json").read_text())
+        state = cls.load_weights(folder / BRIDGE_FILE)
+        with reading(folder / HVG_FILE, "gene panel of the pseudo-cells"):
             model = cls(config, aligner.float(), lm, tokenizer, cell_tokens, hvg, folder / "lm", stage1)
-            state = load_file(str(folder / "bridge.safetensors"))
-        except ScmmError:
-            raise
-        except Exception as exc:
-            raise ScmmError(f"cannot load the stage-2 model in {folder}: {type(exc).__name__}: {exc}") from None
-        model._load_bridge_state(state)
+        with reading(folder / BRIDGE_FILE, "weights file"):
+            model._load_bridge_state(state)
         return model.to(dtype).eval() if dtype != torch.float32 else model.eval()
 
     @torch.no_grad()
@@ -519,4 +511,4 @@ class Stage2Model(nn.Module):
             module.load_state_dict(sub, strict=True)
 
 
-__all__ = ["Stage2Model", "Stage2Config", "Stage2Loss", "LOSSES", "LM_MEANS", "FORMAT"]
+__all__ = ["Stage2Model", "Stage2Config", "Stage2Loss", "LOSSES", "LM_MEANS"]

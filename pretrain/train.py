@@ -83,7 +83,7 @@ def export(cfg: Stage1Config, trainer: Trainer, corpus: Corpus, vocab: GeneVocab
     """Write ``<out>/model`` from the consolidated weights, with the val split's zero-shot accuracy."""
     folder = trainer.launch.out / "model"
     model = trainer.load_trained_state(CellTextAligner(cfg.model, vocab, cfg.encoding))
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, corpus=corpus)  # with the corpus's gene panel and labels: self-contained
     acc = zero_shot_accuracy(CellTextAligner.from_pretrained(folder), corpus, "val")
     (folder / "train_summary.json").write_text(json.dumps({"val_zero_shot_accuracy": acc, **last}))
     log.info("exported the stage-1 model to %s; zero-shot cell-type accuracy on the val split: %.3f", folder, acc)

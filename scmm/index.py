@@ -23,7 +23,6 @@ embeddings live in another space) and takes the majority label of the ``k`` near
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -34,15 +33,14 @@ import faiss
 import numpy as np
 
 from scmm.atomic import write_folder
-from scmm.config import read_json
 from scmm.data_pipeline.ontology import get_ontology
 from scmm.errors import ScmmError
 from scmm.eval import knn
+from scmm.model.pretrained import FORMATS, read_marker, write_marker
 
 log = logging.getLogger("scmm.index")
 
-FORMAT = "scmm-index"
-FORMAT_VERSION = 1
+INDEX_FORMAT = "scmm-index"  # name and version: scmm.model.pretrained.FORMATS
 _MISSING = {"", "nan", "none", "na", "unknown"}
 
 
@@ -90,14 +88,7 @@ class ReferenceIndex:
         path = Path(path)
         if not path.is_dir():
             raise ScmmError(f"index not found: {path}")
-        if not (path / "index.json").is_file():
-            raise ScmmError(f"{path} is not an scmm index (no index.json)")
-        meta = read_json(path / "index.json", "index description")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ScmmError(f"{path} is not an scmm index")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ScmmError(f"index {path} has format_version {meta.get('format_version')}; this scmm reads "
-                            f"{FORMAT_VERSION} (rebuild it with `scmm index build`)")
+        meta, _ = read_marker(path, INDEX_FORMAT)
         try:
             index = faiss.read_index(str(path / "index.faiss"))
             codes = np.load(path / "codes.npy")
@@ -139,7 +130,7 @@ def write_index(out: str | os.PathLike, emb: np.ndarray, codes: np.ndarray, clas
     t0 = time.perf_counter()
     index = knn.build_index(x, "ip", approximate_above=knn.FLAT_MAX_CELLS)
     desc = knn.index_kind(index)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_fingerprint": fingerprint,
+    meta = {"model_fingerprint": fingerprint,
             "n": int(len(x)), "dim": int(x.shape[1]), "metric": "inner_product", **desc,
             "label_column": label_column, "classes": classes,
             "n_unlabelled_skipped": int((~keep).sum()),
@@ -148,9 +139,9 @@ def write_index(out: str | os.PathLike, emb: np.ndarray, codes: np.ndarray, clas
     def write(tmp: Path) -> None:
         faiss.write_index(knn.to_cpu(index), str(tmp / "index.faiss"))
         np.save(tmp / "codes.npy", kept_codes)
-        (tmp / "index.json").write_text(json.dumps(meta, indent=1))
+        write_marker(tmp, INDEX_FORMAT, meta)
 
-    write_folder(out, write, marker="index.json")
+    write_folder(out, write, marker=FORMATS[INDEX_FORMAT].marker)
     log.info("wrote index %s: %d cells, %d classes, %s (%.1f s)", out, len(x), len(classes), desc["kind"],
              time.perf_counter() - t0)
     return out

@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import scmm
@@ -22,29 +23,24 @@ from scmm.atomic import write_folder
 from scmm.config import read_json
 from scmm.data_pipeline.encoding import ENCODING_FILE, CellEncoding
 from scmm.data_pipeline.store import Corpus
-from scmm.data_pipeline.text import corpus_labels
 from scmm.errors import ScmmError
 from scmm.eval.report import main_table, retrieval_table
 from scmm.model.aligner import CellTextAligner
 from scmm.model.folders import (
-    FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
     NOT_IN_FINGERPRINT,
     NOVELTY_FILE,
+    PACKAGE_FORMAT,
     files_of,
+    manifest_digest,
     model_kind,
     sha256_file,
 )
+from scmm.model.pretrained import FORMATS, read_labels, write_corpus_facts, write_marker
 
 log = logging.getLogger("scmm.package")
 
 __all__ = ["package_model"]
-
-
-def corpus_panel(corpus: Corpus) -> dict:
-    """The training gene panel: vocabulary ids and symbols."""
-    return {"vocab_ids": [int(i) for i in corpus.gene_vocab_ids], "symbols": [str(s) for s in corpus.gene_symbols]}
 
 
 def _model_card(manifest: dict, corpus_manifest: dict, labels: list[dict], metrics: dict | None,
@@ -55,8 +51,8 @@ def _model_card(manifest: dict, corpus_manifest: dict, labels: list[dict], metri
         "A scMMGPT-style cell–text model: a cell tower (scGPT-compatible expression transformer) aligned with a "
         "text tower through a Q-Former" + (", with a stage-2 LLM bridge for descriptions." if "stage2" in
                                            manifest["components"] else "."), "",
-        f"- format: `{FORMAT}` version {FORMAT_VERSION}, written by scmm {manifest['scmm_version']} on "
-        f"{manifest['created']}",
+        f"- format: `{PACKAGE_FORMAT}` version {FORMATS[PACKAGE_FORMAT].version}, written by scmm "
+        f"{manifest['scmm_version']} on {manifest['created']}",
         f"- components: {', '.join(manifest['components'])}",
         f"- cell tower: d_model {ct.get('d_model')}, {ct.get('nlayers')} layers, {ct.get('nhead')} heads; "
         f"embedding width {aligner_cfg.get('qformer', {}).get('embed_dim')} (`obsm['X_scmm']`)",
@@ -168,8 +164,7 @@ def package_model(stage1: Path, corpus: Path, out: Path, stage2: Path | None = N
     if metrics_data is not None and not isinstance(metrics_data, dict):
         raise ScmmError(f"metrics file {metrics} must hold a JSON object")
     novelty = _novelty_file(metrics, metrics_data)
-    labels, encoding, aligner_cfg = corpus_labels(corpus_obj), aligner.encoding, read_json(stage1 / "config.json",
-                                                                                              "stage-1 config")
+    encoding, aligner_cfg = aligner.encoding, asdict(aligner.config)
     del aligner
     components = ["stage1"] + (["stage2"] if stage2 is not None else []) + (["metrics"] if metrics else [])
 
@@ -179,20 +174,20 @@ def package_model(stage1: Path, corpus: Path, out: Path, stage2: Path | None = N
             shutil.copytree(stage2, tmp / "stage2", ignore=lambda d, names: [
                 n for n in names if n.startswith(".") or (Path(d) == stage2 and n == "stage1")])
         cm = corpus_obj.manifest
-        (tmp / "labels.json").write_text(json.dumps({
-            "source": "training corpus", "corpus": str(corpus_dir), "n_cells": cm.get("n_cells"),
-            "normalization": cm.get("normalization"), "labels": labels}, indent=1))
-        (tmp / "genes.json").write_text(json.dumps(corpus_panel(corpus_obj)))
+        write_corpus_facts(tmp, corpus_obj)
+        labels = read_labels(tmp)
         if metrics is not None:
             shutil.copyfile(metrics, tmp / "metrics.json")
         if novelty is not None:
             shutil.copyfile(novelty, tmp / NOVELTY_FILE)
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "scmm_version": scmm.__version__,
+        manifest = {"format": PACKAGE_FORMAT, "format_version": FORMATS[PACKAGE_FORMAT].version,
+                    "scmm_version": scmm.__version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "components": components,
                     "corpus": {k: cm.get(k) for k in ("n_cells", "n_genes", "normalization", "splits", "vocab")}}
         (tmp / "README.md").write_text(_model_card(manifest, cm, labels, metrics_data, encoding, aligner_cfg))
         manifest["files"] = files_of(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        write_marker(tmp, PACKAGE_FORMAT, {k: v for k, v in manifest.items() if k not in ("format", "format_version")})
 
     write_folder(out, write, marker=MANIFEST)  # replaces an earlier package, and nothing else
     log.info("packaged %s (%s)", out, ", ".join(components))

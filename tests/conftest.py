@@ -78,8 +78,9 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def save_tiny_stage1(corpus: Path, folder: Path, d_model: int = 16, num_queries: int = 2, embed_dim: int = 16,
-                     **encoding) -> Path:
-    """An untrained but complete stage-1 model folder over ``corpus``'s gene vocabulary (continuous values)."""
+                     corpus_facts: bool = False, **encoding) -> Path:
+    """An untrained but complete stage-1 model folder over ``corpus``'s gene vocabulary (continuous values);
+    ``corpus_facts``: with the corpus's gene panel and labels in it, as the trainer writes them."""
     import torch
 
     from scmm.data_pipeline.encoding import CellEncoding
@@ -96,7 +97,7 @@ def save_tiny_stage1(corpus: Path, folder: Path, d_model: int = 16, num_queries:
                         qformer=QFormerConfig(num_queries=num_queries, num_layers=1, embed_dim=embed_dim))
     model = CellTextAligner(cfg, GeneVocab.load(corpus), CellEncoding(**{"n_bins": 0, "max_len": 256, **encoding}))
     model.set_text_center(corpus_label_texts(Corpus(corpus)))
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({"corpus": Corpus(corpus)} if corpus_facts else {}))
     return folder
 
 

@@ -248,10 +248,12 @@ def test_expr_decoder_round_trip(tmp_path):
 
 
 def test_config_dict_round_trip_and_unknown_keys():
+    from scmm.errors import ScmmError
+    from scmm.model.pretrained import config_from_dict, config_to_dict
     cfg = CellTowerConfig(vocab_size=10, pad_token_id=0, d_model=16, nhead=2)
-    assert CellTowerConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="bogus_key"):
-        CellTowerConfig.from_dict({**cfg.to_dict(), "bogus_key": 1})
+    assert config_from_dict(CellTowerConfig, config_to_dict(cfg)) == cfg
+    with pytest.raises(ScmmError, match="bogus_key"):
+        config_from_dict(CellTowerConfig, {**config_to_dict(cfg), "bogus_key": 1})
     with pytest.raises(ValueError, match="divisible"):
         CellTowerConfig(vocab_size=10, pad_token_id=0, d_model=30, nhead=4)
     with pytest.raises(ValueError, match="input_emb_style"):

@@ -87,7 +87,7 @@ def _cli(*args: str) -> int:
 # --- package ----------------------------------------------------------------------------------------
 def test_package_layout_and_round_trip(package: Path, model, stage1: Path, corpus: Path):
     manifest = json.loads((package / "scmm_model.json").read_text())
-    assert manifest["format"] == "scmm-model" and manifest["format_version"] == 2
+    assert manifest["format"] == "scmm-model" and manifest["format_version"] == 3
     assert manifest["components"] == ["stage1", "metrics"]
     for rel, digest in manifest["files"].items():
         assert _sha(package / rel) == digest
@@ -125,7 +125,7 @@ def test_package_corrupted_file_and_wrong_version(package: Path, tmp_path: Path)
     m = json.loads((old / "scmm_model.json").read_text())
     m["format_version"] = 99
     (old / "scmm_model.json").write_text(json.dumps(m))
-    with pytest.raises(ScmmError, match="format_version 99"):
+    with pytest.raises(ScmmError, match="format scmm-model version 99"):
         load_model(old)
 
 

@@ -164,13 +164,13 @@ def test_mask_values_never_masks_padding_or_cls_and_masks_the_ratio():
     assert (masked[mask] == -1.0).all()
     assert torch.equal(masked[~mask], values[~mask])
     # deterministic per generator, different across seeds
-    again, mask2 = mask_values(values, padding, 0.25, generator=torch.Generator().manual_seed(0))
+    again, mask2 = mask_values(values, padding, 0.25, mask_value=-1.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(mask, mask2) and torch.equal(masked, again)
-    _, mask3 = mask_values(values, padding, 0.25, generator=torch.Generator().manual_seed(1))
+    _, mask3 = mask_values(values, padding, 0.25, mask_value=-1.0, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(mask, mask3)
     # over many rows the share is the ratio
     big = torch.rand(64, 201)
-    _, m = mask_values(big, None, 0.4, generator=torch.Generator().manual_seed(2))
+    _, m = mask_values(big, None, 0.4, mask_value=-1.0, generator=torch.Generator().manual_seed(2))
     assert not m[:, 0].any()
     assert m[:, 1:].float().mean().item() == pytest.approx(0.4, abs=0.005)
     assert m[:, 1:].float().mean(0).std().item() > 0          # positions vary

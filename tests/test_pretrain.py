@@ -57,6 +57,12 @@ def test_two_ranks_loss_goes_down_and_model_exports(tmp_path: Path, small_corpus
     assert feats.shape == (1, 32) and torch.allclose(feats.norm(dim=-1), torch.ones(1), atol=1e-5)
     summary = json.loads((tmp_path / f"z{zero}" / "model" / "train_summary.json").read_text())
     assert 0.0 <= summary["val_zero_shot_accuracy"] <= 1.0
+    # self-contained: the corpus's gene panel and labels are in the folder (nothing is looked up outside it)
+    from scmm.data_pipeline.store import Corpus
+    from scmm.model.folders import load_model
+    opened = load_model(tmp_path / f"z{zero}" / "model")
+    assert opened.panel_vocab_ids.tolist() == [int(i) for i in Corpus(small_corpus).gene_vocab_ids]
+    assert {r["key"] for r in opened.labels} == set(Corpus(small_corpus).manifest["cell_types"])
 
 
 @pytest.mark.slow

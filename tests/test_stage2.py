@@ -366,7 +366,7 @@ def test_a_format_3_folder_loads_with_its_dense_decoder(trained_stage2, tmp_path
     assert (x >= 0).all() and x.shape == (4, len(model.hvg["indices"]))
     cfg["format_version"] = 2
     (old / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ScmmError, match="stage-2 format 2"):
+    with pytest.raises(ScmmError, match="format scmm-stage2 version 2"):
         Stage2Model.from_pretrained(old)
 
 
@@ -401,6 +401,12 @@ def test_two_rank_deepspeed_steps_resume_exactly_and_export(tmp_path, small_corp
         assert summary["steps"] == 5 and summary["last_window"] == refit[-1]["decode_llm"]
     for k, v in models[0].decoder.state_dict().items():
         torch.testing.assert_close(models[1].decoder.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    # self-contained: the training corpus's gene panel and labels are in the folder
+    from scmm.data_pipeline.store import Corpus
+    from scmm.model.folders import load_model
+    opened = load_model(tmp_path / "full" / "model")
+    assert opened.panel_vocab_ids.tolist() == [int(i) for i in Corpus(small_corpus).gene_vocab_ids]
+    assert {r["key"] for r in opened.labels} == set(Corpus(small_corpus).manifest["cell_types"])
 
 
 # --- scmm generate -----------------------------------------------------------------------------------------
