@@ -55,6 +55,16 @@ class Env:
         path.write_text(body)
         return str(path)
 
+    def bytes(self, name: str, body: bytes) -> str:
+        path = self.out / name
+        path.write_bytes(body)
+        return str(path)
+
+    def folder(self, name: str) -> str:
+        path = self.out / name
+        path.mkdir()
+        return str(path)
+
 
 def _merge(base: dict, changes: dict) -> dict:
     out = dict(base)
@@ -95,6 +105,12 @@ def env(tmp_path_factory, small_corpus: Path) -> Env:
     unknown.var["feature_name"] = [f"NOTAGENE{i}" for i in range(unknown.n_vars)]
     unknown.var_names = [f"X{i}" for i in range(unknown.n_vars)]
     inputs["unknown_genes"] = _write(unknown, root / "unknown_genes.h5ad")
+    blob = good.copy()  # issue 28 case 1: free-text labels, one of them mapped by --label-map
+    blob.obs["author_cell_type"] = ["weird blob cells"] * 10 + ["B cell"] * 30
+    inputs["blob"] = _write(blob, root / "blob.h5ad")
+    uberon = good.copy()
+    uberon.obs["cell_type_ontology_term_id"] = "UBERON:0000178"
+    inputs["uberon_cell_types"] = _write(uberon, root / "uberon_cell_types.h5ad")
     inputs["not_h5ad"] = root / "notes.h5ad"
     inputs["not_h5ad"].write_text("this is not HDF5\n")
     return Env(root, small_corpus, stage1, other, inputs["good"], inputs)
@@ -231,6 +247,79 @@ CASES: list[Case] = [
     ("package: corpus of another vocabulary", lambda e: ["package", "--stage1", str(e.other_vocab_stage1),
                                                          "--corpus", str(e.corpus), "--out", str(e.out / "p")],
      "another gene vocabulary"),
+    # --- issue 28 (round 3): ontology IDs checked against their ontology wherever they enter
+    ("build: --label-map to a tissue ID (issue 28 case 1)",
+     lambda e: ["data", "build", str(e.inputs["blob"]), "--out", str(e.out / "c"), "--cell-type-column",
+                "author_cell_type", "--label-map", e.text("map.json", '{"weird blob cells": "UBERON:0000178"}')],
+     "'UBERON:0000178' (blood) is a Uberon (UBERON) term, not a cell type"),
+    ("build: --label-map to an unknown CL ID", lambda e: ["data", "build", str(e.inputs["blob"]), "--out",
+                                                          str(e.out / "c"), "--cell-type-column", "author_cell_type",
+                                                          "--label-map",
+                                                          e.text("map.tsv", "weird blob cells\tCL:9999999\n")],
+     "'CL:9999999' is not a known Cell Ontology (CL) term"),
+    ("build: --label-map to free text", lambda e: ["data", "build", str(e.inputs["blob"]), "--out", str(e.out / "c"),
+                                                   "--cell-type-column", "author_cell_type", "--label-map",
+                                                   e.text("map.json", '{"weird blob cells": "B cell"}')],
+     "'B cell' is not an ontology ID"),
+    ("build: tissue IDs as cell types, --unmatched-labels keep",
+     lambda e: ["data", "build", str(e.inputs["uberon_cell_types"]), "--out", str(e.out / "c"),
+                "--unmatched-labels", "keep"], "not a cell type"),
+    ("build: --holdout-types a tissue", lambda e: ["data", "build", str(e.h5ad), "--out", str(e.out / "c"),
+                                                   "--holdout-types", "UBERON:0000178"], "not a cell type"),
+    ("demo: --holdout-types a disease", lambda e: ["data", "demo", "--out", str(e.out / "c"), "--holdout-types",
+                                                   "MONDO:0005015"], "not a cell type"),
+    ("annotate: --labels a tissue ID", lambda e: ["annotate", str(e.h5ad), "--model", str(e.stage1), "--out",
+                                                  str(e.out / "a.h5ad"), "--labels", "B cell,UBERON:0000178"],
+     "not a cell type"),
+    ("eval: --labels a disease ID", lambda e: ["eval", "--model", str(e.stage1), "--corpus", str(e.corpus), "--out",
+                                               str(e.out / "ev"), "--labels", "PATO:0000461"], "not a cell type"),
+    ("index build: label column of tissue IDs", lambda e: ["index", "build", str(e.inputs["uberon_cell_types"]),
+                                                           "--model", str(e.stage1), "--label-column",
+                                                           "cell_type_ontology_term_id", "--out", str(e.out / "ix")],
+     "not a cell type"),
+    # --- issue 28: files that are not UTF-8
+    ("build: label map not UTF-8 (issue 28 case 3)",
+     lambda e: ["data", "build", str(e.inputs["blob"]), "--out", str(e.out / "c"), "--cell-type-column",
+                "author_cell_type", "--label-map",
+                e.bytes("map.tsv", "B cell\tCL:0000236\nweird blob cells \xe9\tCL:0000236\n".encode("latin-1"))],
+     "is not UTF-8 text (line 2"),
+    ("annotate: --labels file not UTF-8", lambda e: ["annotate", str(e.h5ad), "--model", str(e.stage1), "--out",
+                                                     str(e.out / "a.h5ad"), "--labels",
+                                                     e.bytes("labels.txt", b"B cell\n\xff\xfeT\n")],
+     "labels file"),
+    # --- issue 28: numeric options, range-checked by their types at parse time
+    ("describe: --num-beams 0 (issue 28 case 4)", lambda e: ["describe", str(e.h5ad), "--model", str(e.stage1),
+                                                             "--out", str(e.out / "d.h5ad"), "--num-beams", "0"],
+     "argument --num-beams: must be an integer from 1"),
+    ("describe: --num-beams -2 (issue 28 case 4)", lambda e: ["describe", str(e.h5ad), "--model", str(e.stage1),
+                                                              "--out", str(e.out / "d.h5ad"), "--num-beams", "-2"],
+     "argument --num-beams"),
+    ("annotate: --k 1e30", lambda e: ["annotate", str(e.h5ad), "--model", str(e.stage1), "--out",
+                                      str(e.out / "a.h5ad"), "--k", "1e30"], "argument --k"),
+    ("generate: --n above the limit", lambda e: ["generate", "--model", str(e.stage1), "--text", "a B cell", "--n",
+                                                 "1000001", "--out", str(e.out / "g.h5ad")], "argument --n"),
+    ("generate: --noise nan", lambda e: ["generate", "--model", str(e.stage1), "--text", "a B cell", "--n", "3",
+                                         "--noise", "nan", "--out", str(e.out / "g.h5ad")], "argument --noise"),
+    ("build: --seed -1", lambda e: ["data", "build", str(e.h5ad), "--out", str(e.out / "c"), "--seed", "-1"],
+     "argument --seed"),
+    ("eval: --unknown-rate 1", lambda e: ["eval", "--model", str(e.stage1), "--corpus", str(e.corpus), "--out",
+                                          str(e.out / "ev"), "--unknown-rate", "1"], "argument --unknown-rate"),
+    ("build: --jobs 100000", lambda e: ["data", "build", str(e.h5ad), "--out", str(e.out / "c"), "--jobs",
+                                        "100000"], "argument --jobs"),
+    # --- issue 28: hints name options that exist; messages say what is wrong
+    ("generate: --out exists", lambda e: ["generate", "--model", str(e.stage1), "--text", "a B cell", "--n", "3",
+                                          "--out", e.text("g.h5ad", "x")], "pass --overwrite"),
+    ("generate: --overwrite is an option", lambda e: ["generate", "--model", str(e.stage1), "--text", "a B cell",
+                                                      "--n", "3", "--out", e.text("g.h5ad", "x"), "--overwrite"],
+     "no stage-2 part"),
+    ("import-lm: --gguf a folder", lambda e: ["finetune", "import-lm", "--gguf", e.folder("gguf"), "--out",
+                                              str(e.out / "lm")], "is a folder"),
+    ("pretrain: empty config", lambda e: ["pretrain", "--config", e.text("empty.yaml", "")],
+     "is empty; it needs at least the key(s) corpus, out"),
+    ("pretrain: config without out", lambda e: ["pretrain", "--config", e.text("s1.yaml", f"corpus: {e.corpus}\n")],
+     "missing the required key(s) out"),
+    ("finetune: empty config", lambda e: ["finetune", "--config", e.text("empty.yaml", "# nothing yet\n")],
+     "is empty"),
 ]
 
 
