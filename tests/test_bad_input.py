@@ -3,7 +3,9 @@
 (config values are checked before any) and nothing written."""
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ import torch
 import yaml
 
 from conftest import make_adata, save_tiny_stage1
-from scmm.cli import main
+from scmm.cli import build_parser, main
 
 
 @dataclass
@@ -134,7 +136,7 @@ CASES: list[Case] = [
     ("build: --chunk-size 0", lambda e: ["data", "build", str(e.h5ad), "--out", str(e.out / "c"), "--chunk-size", "0"],
      "chunk"),
     ("build: --min-gene-coverage 2", lambda e: ["data", "build", str(e.h5ad), "--out", str(e.out / "c"),
-                                                "--min-gene-coverage", "2"], "between 0 and 1"),
+                                                "--min-gene-coverage", "2"], "must be a number in [0, 1]"),
     ("build: label map missing", lambda e: ["data", "build", str(e.h5ad), "--out", str(e.out / "c"),
                                             "--label-map", str(e.root / "nope.tsv")], "label map not found"),
     ("build: label map bad JSON", lambda e: ["data", "build", str(e.h5ad), "--out", str(e.out / "c"),
@@ -216,7 +218,7 @@ CASES: list[Case] = [
                                     str(e.out / "a.h5ad"), "--device", "cuda", "--labels", "T cell"], "GPU"),
     ("embed: --min-gene-coverage -1", lambda e: ["embed", str(e.h5ad), "--model", str(e.stage1), "--out",
                                                  str(e.out / "a.h5ad"), "--min-gene-coverage", "-1"],
-     "between 0 and 1"),
+     "argument --min-gene-coverage"),
     ("embed: a corpus folder as input", lambda e: ["embed", str(e.corpus), "--model", str(e.stage1), "--out",
                                                    str(e.out / "a.h5ad")], "is a folder"),
     # --- scmm describe / generate (stage 2 needed)
@@ -323,6 +325,28 @@ CASES: list[Case] = [
 ]
 
 
+def _options_of(argv: list[str]) -> set[str]:
+    """The options of the command ``argv`` runs (its leaf parser's)."""
+    parser = build_parser()
+    for word in argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        parser = subs[0].choices[word]
+    return {o for a in parser._actions for o in a.option_strings}
+
+
+_OPTION = re.compile(r"(?<![\w-])(--[a-z](?:[a-z0-9_-]*[a-z0-9])?)")
+
+
+def _hints(line: str, argv: list[str]) -> list[tuple[list[str], set[str]]]:
+    """(command, options it names) of an error line: options in a quoted `scmm WORDS ...` belong to that command,
+    the others to the command that printed the line."""
+    quoted = re.findall(r"`scmm ([^`]*)`", line)
+    outside = re.sub(r"`scmm [^`]*`", "", line)
+    return [(argv, set(_OPTION.findall(outside))), *((q.split(), set(_OPTION.findall(q))) for q in quoted)]
+
+
 def _listing(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
@@ -339,6 +363,8 @@ def test_bad_input_is_one_error_line(env: Env, tmp_path: Path, capsys, name: str
     assert exit_info.value.code == 2, err
     assert lines and lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1, err
     assert expected.lower() in lines[-1].lower(), lines[-1]
+    for command, hinted in _hints(lines[-1], args):
+        assert hinted <= _options_of(command), f"the error names options {command[:2]} does not have: {lines[-1]}"
     assert "Traceback" not in err
     assert _listing(tmp_path) == before, "an output was left behind"
     assert _listing(env.root) == shared, "a shared file was changed"
