@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from scmm.data_pipeline.scale import ScaleDecision, check_scale_option, detect_s
 from scmm.data_pipeline.soma import open_soma
 from scmm.data_pipeline.splits import SPLITS, SplitPlan, plan_splits
 from scmm.data_pipeline.store import OBS_COLUMNS, SCHEMA_VERSION, label_keys, shard_checksums
+from scmm.data_pipeline.terms import CELL_TYPE, DISEASE, TISSUE, TermKind, check_term, check_terms, looks_like_term_id
 from scmm.data_pipeline.text import describe, metadata_from_obs
 from scmm.data_pipeline.vocab import GeneMapping, GeneVocab, check_coverage, map_genes
 from scmm.errors import ScmmError
@@ -174,32 +175,18 @@ def _pick_column(columns: list[str], path: Path, given: str | None, default: str
     return None
 
 
-def _resolve_terms(values: np.ndarray, ontology: Ontology, prefixes: tuple[str, ...], what: str,
+def _label_or_term(values: np.ndarray, ontology: Ontology, kind: TermKind, column: str,
                    path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Validate ontology IDs of one column; return (ids, labels)."""
-    ids = values.copy()
-    labels = np.empty(len(values), dtype=object)
-    for term in np.unique(values):
-        mask = values == term
-        if term == "":
-            labels[mask] = ""
-            continue
-        if not term.startswith(prefixes) or not ontology.is_valid(term):
-            raise ScmmError(f"{path}: unknown {what} ontology ID '{term}' (expected a valid "
-                            f"{'/'.join(p.rstrip(':') for p in prefixes)} term)")
-        labels[mask] = ontology.label(term)
-    return ids, labels
-
-
-def _label_or_term(values: np.ndarray, ontology: Ontology, prefixes: tuple[str, ...], what: str,
-                   path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A tissue/disease column holds IDs or free text; IDs are validated, text is kept as the label."""
-    looks_id = np.array([v.startswith(prefixes) for v in values], dtype=bool)
+    """A tissue/disease column holds ontology IDs or free text. An ID (each part of ``A || B``) must be a known term
+    of the kind's ontology (:func:`check_term`) and is labelled by the ontology; free text is kept as the label."""
     ids = np.full(len(values), "", dtype=object)
     labels = values.copy()
-    if looks_id.any():
-        i, lab = _resolve_terms(values[looks_id], ontology, prefixes, what, path)
-        ids[looks_id], labels[looks_id] = i, lab
+    for i, value in enumerate(values):
+        parts = [p.strip() for p in value.split("||")]
+        if any(looks_like_term_id(p, ontology) for p in parts):
+            terms = [check_term(p, kind, ontology, f"{path}: obs column '{column}'") for p in parts]
+            ids[i] = " || ".join(terms)
+            labels[i] = " || ".join(ontology.label(t) for t in terms)
     return ids, labels
 
 
@@ -215,16 +202,12 @@ def _cell_types(source: H5adSource, cfg: BuildConfig,
     keep = (cats != "") & _present(raw)  # per category
     for i in np.flatnonzero(keep):
         value = cats[i]
-        if value.startswith("CL:"):
-            if not ontology.is_valid(value):
-                raise ScmmError(f"{source.path}: unknown cell-type ontology ID '{value}' in obs column '{column}'")
-            ids[i], labels[i] = value, ontology.label(value)
-            continue
-        term = cfg.label_map.get(value) or ontology.match_cell_type(value)
-        if term is not None:
-            if not ontology.is_valid(term):
-                raise ScmmError(f"--label-map maps '{value}' to unknown ontology ID '{term}'")
-            ids[i] = term
+        if looks_like_term_id(value, ontology):  # an ID must be a CL term, whatever --unmatched-labels says
+            term = check_term(value, CELL_TYPE, ontology, f"{source.path}: obs column '{column}'")
+        else:  # free text: the label map first (its IDs checked when the build starts), then the CL labels
+            term = cfg.label_map.get(value) or ontology.match_cell_type(value)
+        if term is not None:  # the corpus labels a term as the ontology does, whatever the source called it
+            ids[i], labels[i] = term, ontology.label(term)
     unmatched = sorted(set(cats[keep & (ids == "")]))
     if unmatched:
         shown = ", ".join(f"'{u}'" for u in unmatched[:8]) + (" ..." if len(unmatched) > 8 else "")
@@ -245,8 +228,7 @@ def _standard_obs(source: H5adSource, cfg: BuildConfig, ontology: Ontology) -> t
     ct_id, ct_label, keep = _cell_types(source, cfg, ontology)
     out: dict[str, pd.Categorical] = {"cell_type_ontology_term_id": ct_id, "cell_type": ct_label}
     n = source.n_obs
-    for kind, given, prefixes in (("tissue", cfg.tissue_column, ("UBERON:", "CL:")),
-                                  ("disease", cfg.disease_column, ("MONDO:", "PATO:"))):
+    for kind, given, term_kind in (("tissue", cfg.tissue_column, TISSUE), ("disease", cfg.disease_column, DISEASE)):
         column = _pick_column(columns, source.path, given, f"{kind}_ontology_term_id", f"--{kind}-column", False)
         if column is None:
             out[f"{kind}_ontology_term_id"], out[kind] = _constant("", n), _constant("", n)
@@ -255,7 +237,7 @@ def _standard_obs(source: H5adSource, cfg: BuildConfig, ontology: Ontology) -> t
         used = _present(raw)
         cats = np.asarray(raw.categories, dtype=object)
         ids, labels = np.full(len(cats), "", dtype=object), cats.copy()
-        ids[used], labels[used] = _label_or_term(cats[used], ontology, prefixes, kind, source.path)
+        ids[used], labels[used] = _label_or_term(cats[used], ontology, term_kind, column, source.path)
         ids_cat, labels_cat = _recode(raw, ids), _recode(raw, labels)
         if column == f"{kind}_ontology_term_id" and kind in columns:  # keep the file's own labels
             own = _clean_column(source.obs_column(kind))
@@ -484,11 +466,10 @@ def _plan_corpus(cfg: BuildConfig, vocab: GeneVocab, ontology: Ontology) -> _Pla
 
 def _holdout_mask(cell_type_ids: pd.Categorical, keep: np.ndarray, cfg: BuildConfig,
                   ontology: Ontology) -> np.ndarray:
-    """Per cell: its type is one of ``cfg.holdout_types``. Each must be a known CL ID that some kept cell has."""
+    """Per cell: its type is one of ``cfg.holdout_types`` (checked CL IDs, :func:`_checked_terms`), each of which
+    some kept cell must have."""
     held = np.zeros(len(cell_type_ids), dtype=bool)
     for term in cfg.holdout_types:
-        if not (isinstance(term, str) and term.startswith("CL:") and ontology.is_valid(term)):
-            raise ScmmError(f"--holdout-types: '{term}' is not a known Cell Ontology ID (CL:NNNNNNN)")
         mask = np.asarray(cell_type_ids == term) & keep
         if not mask.any():
             raise ScmmError(f"--holdout-types: no cell of type {term} ({ontology.label(term)}) in the input")
@@ -657,6 +638,15 @@ def _write_cells(cfg: BuildConfig, plan: _Plan, writer: _ShardWriter, ontology: 
     return normalization, sum(n_empty), file_reports
 
 
+def _checked_terms(cfg: BuildConfig, ontology: Ontology) -> BuildConfig:
+    """``cfg`` with its label map's IDs and its held-out types checked as Cell Ontology terms (before any input is
+    read; every entry, used or not) and written as the ontology writes them."""
+    label_map = {str(label): check_term(str(term), CELL_TYPE, ontology, f"--label-map: label '{label}'")
+                 for label, term in cfg.label_map.items()}
+    holdout = check_terms(cfg.holdout_types, CELL_TYPE, ontology, "--holdout-types")
+    return replace(cfg, label_map=label_map, holdout_types=holdout)
+
+
 def build_corpus(cfg: BuildConfig) -> dict:
     """Build the corpus described by `cfg`; returns its manifest."""
     out = Path(cfg.out)
@@ -665,6 +655,7 @@ def build_corpus(cfg: BuildConfig) -> dict:
     if not cfg.inputs and cfg.soma is None:
         raise ScmmError("no input given: name h5ad files or --soma URI")
     ontology = get_ontology()
+    cfg = _checked_terms(cfg, ontology)
     vocab = GeneVocab.load(cfg.vocab)
     plan = _plan_corpus(cfg, vocab, ontology)
 

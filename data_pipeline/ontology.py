@@ -76,6 +76,13 @@ class Ontology:
             raise KeyError(f"unknown ontology term {term_id!r}")
         return term
 
+    @functools.cached_property
+    def prefixes(self) -> dict[str, str]:
+        """Every ontology prefix the schema knows (supported and imported), upper-cased -> as the IDs write it."""
+        schema = self._parser.cxg_schema
+        names = [*schema.supported_ontologies, *schema.imported_ontologies]
+        return {name.upper(): name for name in names}
+
     # -- term lookups ------------------------------------------------------------------------------------
     def is_valid(self, term_id: str) -> bool:
         """True if ``term_id`` is defined in a supported ontology (deprecated terms included).

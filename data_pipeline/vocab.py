@@ -157,7 +157,7 @@ class GeneVocab:
         if wrong:
             raise ScmmError(f"{where} was built against another gene vocabulary than the model's ({len(wrong)} of "
                             f"{len(ids)} genes differ, e.g. {', '.join(wrong[:3])}); rebuild it with "
-                            f"--vocab <stage-1 model>/cell_tower/vocab.json")
+                            f"`scmm data build --vocab <stage-1 model>/cell_tower/vocab.json`")
 
 
 @dataclass

@@ -8,7 +8,6 @@ normalised text embeddings of the phrasings are averaged into one prototype per 
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scmm.config import read_utf8
 from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
 from scmm.data_pipeline.ontology import Ontology
 from scmm.data_pipeline.store import Corpus
+from scmm.data_pipeline.terms import CELL_TYPE, check_term, looks_like_term_id
 from scmm.data_pipeline.text import corpus_labels, label_texts
 from scmm.errors import ScmmError
 
@@ -86,18 +87,20 @@ class Candidates:
         when possible (the prediction is then that CL ID, phrased the user's way) and otherwise kept as given."""
         out = cls([], [], [], [])
         for item in items:
-            term = ontology.match_cell_type(item)
-            if re.fullmatch(r"[A-Za-z]+[:_]\d+", item):  # looks like an ontology ID: must be a known CL term
-                if term is None:
-                    raise ScmmError(f"label {item!r} is not a known Cell Ontology (CL) term")
+            if looks_like_term_id(item, ontology):  # an ontology ID: must be a known CL term
+                term = check_term(item, CELL_TYPE, ontology, "--labels")
                 out._add(term, ontology.label(term), term, label_texts(term, ontology))
-            elif term is not None:
+                continue
+            term = ontology.match_cell_type(item)
+            if term is not None:
                 out._add(term, item, term, label_texts(term, ontology, label=item))
             else:
                 out._add(item, item, "", label_texts(item, ontology, label=item))
         return out
 
     def _add(self, key: str, name: str, cl_id: str, texts: list[str]) -> None:
+        if key in self.keys:  # the same term named twice ("T cell" and CL:0000084): the first naming is kept
+            return
         self.keys.append(key), self.names.append(name), self.cl_ids.append(cl_id), self.texts.append(texts)
 
 
@@ -116,7 +119,7 @@ def read_labels_option(value: str | Sequence[str] | None) -> list[str] | None:
         if not path.is_file() and "," not in value and ("/" in value or path.suffix.lower() in LABEL_FILE_SUFFIXES):
             raise ScmmError(f"labels file not found: {value} (give a file, or labels separated by commas)")
         if path.is_file():
-            items = [line.strip() for line in path.read_text().splitlines()]
+            items = [line.strip() for line in read_utf8(path, "labels file").splitlines()]
             items = [x for x in items if x and not x.startswith("#")]
             where = f"labels file {path}"
         else:

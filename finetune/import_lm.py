@@ -106,6 +106,10 @@ def import_gguf(gguf: str | Path, out: str | Path, dtype: str = "float32", overw
     gguf, out = Path(gguf), Path(out)
     if dtype not in DTYPES:
         raise ScmmError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if gguf.is_dir():
+        found = sorted(p.name for p in gguf.glob("*.gguf"))
+        raise ScmmError(f"--gguf {gguf} is a folder; give the .gguf file itself"
+                        + (f" (it holds {', '.join(found[:3])})" if found else ""))
     if not gguf.is_file():
         raise ScmmError(f"GGUF file not found: {gguf}")
     if out.exists() and not overwrite:

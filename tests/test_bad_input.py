@@ -3,7 +3,9 @@
 (config values are checked before any) and nothing written."""
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ import torch
 import yaml
 
 from conftest import make_adata, save_tiny_stage1
-from scmm.cli import main
+from scmm.cli import build_parser, main
 
 
 @dataclass
@@ -53,6 +55,16 @@ class Env:
     def text(self, name: str, body: str) -> str:
         path = self.out / name
         path.write_text(body)
+        return str(path)
+
+    def bytes(self, name: str, body: bytes) -> str:
+        path = self.out / name
+        path.write_bytes(body)
+        return str(path)
+
+    def folder(self, name: str) -> str:
+        path = self.out / name
+        path.mkdir()
         return str(path)
 
 
@@ -95,6 +107,12 @@ def env(tmp_path_factory, small_corpus: Path) -> Env:
     unknown.var["feature_name"] = [f"NOTAGENE{i}" for i in range(unknown.n_vars)]
     unknown.var_names = [f"X{i}" for i in range(unknown.n_vars)]
     inputs["unknown_genes"] = _write(unknown, root / "unknown_genes.h5ad")
+    blob = good.copy()  # issue 28 case 1: free-text labels, one of them mapped by --label-map
+    blob.obs["author_cell_type"] = ["weird blob cells"] * 10 + ["B cell"] * 30
+    inputs["blob"] = _write(blob, root / "blob.h5ad")
+    uberon = good.copy()
+    uberon.obs["cell_type_ontology_term_id"] = "UBERON:0000178"
+    inputs["uberon_cell_types"] = _write(uberon, root / "uberon_cell_types.h5ad")
     inputs["not_h5ad"] = root / "notes.h5ad"
     inputs["not_h5ad"].write_text("this is not HDF5\n")
     return Env(root, small_corpus, stage1, other, inputs["good"], inputs)
@@ -118,7 +136,7 @@ CASES: list[Case] = [
     ("build: --chunk-size 0", lambda e: ["data", "build", str(e.h5ad), "--out", str(e.out / "c"), "--chunk-size", "0"],
      "chunk"),
     ("build: --min-gene-coverage 2", lambda e: ["data", "build", str(e.h5ad), "--out", str(e.out / "c"),
-                                                "--min-gene-coverage", "2"], "between 0 and 1"),
+                                                "--min-gene-coverage", "2"], "must be a number in [0, 1]"),
     ("build: label map missing", lambda e: ["data", "build", str(e.h5ad), "--out", str(e.out / "c"),
                                             "--label-map", str(e.root / "nope.tsv")], "label map not found"),
     ("build: label map bad JSON", lambda e: ["data", "build", str(e.h5ad), "--out", str(e.out / "c"),
@@ -200,7 +218,7 @@ CASES: list[Case] = [
                                     str(e.out / "a.h5ad"), "--device", "cuda", "--labels", "T cell"], "GPU"),
     ("embed: --min-gene-coverage -1", lambda e: ["embed", str(e.h5ad), "--model", str(e.stage1), "--out",
                                                  str(e.out / "a.h5ad"), "--min-gene-coverage", "-1"],
-     "between 0 and 1"),
+     "argument --min-gene-coverage"),
     ("embed: a corpus folder as input", lambda e: ["embed", str(e.corpus), "--model", str(e.stage1), "--out",
                                                    str(e.out / "a.h5ad")], "is a folder"),
     # --- scmm describe / generate (stage 2 needed)
@@ -231,7 +249,102 @@ CASES: list[Case] = [
     ("package: corpus of another vocabulary", lambda e: ["package", "--stage1", str(e.other_vocab_stage1),
                                                          "--corpus", str(e.corpus), "--out", str(e.out / "p")],
      "another gene vocabulary"),
+    # --- issue 28 (round 3): ontology IDs checked against their ontology wherever they enter
+    ("build: --label-map to a tissue ID (issue 28 case 1)",
+     lambda e: ["data", "build", str(e.inputs["blob"]), "--out", str(e.out / "c"), "--cell-type-column",
+                "author_cell_type", "--label-map", e.text("map.json", '{"weird blob cells": "UBERON:0000178"}')],
+     "'UBERON:0000178' (blood) is a Uberon (UBERON) term, not a cell type"),
+    ("build: --label-map to an unknown CL ID", lambda e: ["data", "build", str(e.inputs["blob"]), "--out",
+                                                          str(e.out / "c"), "--cell-type-column", "author_cell_type",
+                                                          "--label-map",
+                                                          e.text("map.tsv", "weird blob cells\tCL:9999999\n")],
+     "'CL:9999999' is not a known Cell Ontology (CL) term"),
+    ("build: --label-map to free text", lambda e: ["data", "build", str(e.inputs["blob"]), "--out", str(e.out / "c"),
+                                                   "--cell-type-column", "author_cell_type", "--label-map",
+                                                   e.text("map.json", '{"weird blob cells": "B cell"}')],
+     "'B cell' is not an ontology ID"),
+    ("build: tissue IDs as cell types, --unmatched-labels keep",
+     lambda e: ["data", "build", str(e.inputs["uberon_cell_types"]), "--out", str(e.out / "c"),
+                "--unmatched-labels", "keep"], "not a cell type"),
+    ("build: --holdout-types a tissue", lambda e: ["data", "build", str(e.h5ad), "--out", str(e.out / "c"),
+                                                   "--holdout-types", "UBERON:0000178"], "not a cell type"),
+    ("demo: --holdout-types a disease", lambda e: ["data", "demo", "--out", str(e.out / "c"), "--holdout-types",
+                                                   "MONDO:0005015"], "not a cell type"),
+    ("annotate: --labels a tissue ID", lambda e: ["annotate", str(e.h5ad), "--model", str(e.stage1), "--out",
+                                                  str(e.out / "a.h5ad"), "--labels", "B cell,UBERON:0000178"],
+     "not a cell type"),
+    ("eval: --labels a disease ID", lambda e: ["eval", "--model", str(e.stage1), "--corpus", str(e.corpus), "--out",
+                                               str(e.out / "ev"), "--labels", "PATO:0000461"], "not a cell type"),
+    ("index build: label column of tissue IDs", lambda e: ["index", "build", str(e.inputs["uberon_cell_types"]),
+                                                           "--model", str(e.stage1), "--label-column",
+                                                           "cell_type_ontology_term_id", "--out", str(e.out / "ix")],
+     "not a cell type"),
+    # --- issue 28: files that are not UTF-8
+    ("build: label map not UTF-8 (issue 28 case 3)",
+     lambda e: ["data", "build", str(e.inputs["blob"]), "--out", str(e.out / "c"), "--cell-type-column",
+                "author_cell_type", "--label-map",
+                e.bytes("map.tsv", "B cell\tCL:0000236\nweird blob cells \xe9\tCL:0000236\n".encode("latin-1"))],
+     "is not UTF-8 text (line 2"),
+    ("annotate: --labels file not UTF-8", lambda e: ["annotate", str(e.h5ad), "--model", str(e.stage1), "--out",
+                                                     str(e.out / "a.h5ad"), "--labels",
+                                                     e.bytes("labels.txt", b"B cell\n\xff\xfeT\n")],
+     "labels file"),
+    # --- issue 28: numeric options, range-checked by their types at parse time
+    ("describe: --num-beams 0 (issue 28 case 4)", lambda e: ["describe", str(e.h5ad), "--model", str(e.stage1),
+                                                             "--out", str(e.out / "d.h5ad"), "--num-beams", "0"],
+     "argument --num-beams: must be an integer from 1"),
+    ("describe: --num-beams -2 (issue 28 case 4)", lambda e: ["describe", str(e.h5ad), "--model", str(e.stage1),
+                                                              "--out", str(e.out / "d.h5ad"), "--num-beams", "-2"],
+     "argument --num-beams"),
+    ("annotate: --k 1e30", lambda e: ["annotate", str(e.h5ad), "--model", str(e.stage1), "--out",
+                                      str(e.out / "a.h5ad"), "--k", "1e30"], "argument --k"),
+    ("generate: --n above the limit", lambda e: ["generate", "--model", str(e.stage1), "--text", "a B cell", "--n",
+                                                 "1000001", "--out", str(e.out / "g.h5ad")], "argument --n"),
+    ("generate: --noise nan", lambda e: ["generate", "--model", str(e.stage1), "--text", "a B cell", "--n", "3",
+                                         "--noise", "nan", "--out", str(e.out / "g.h5ad")], "argument --noise"),
+    ("build: --seed -1", lambda e: ["data", "build", str(e.h5ad), "--out", str(e.out / "c"), "--seed", "-1"],
+     "argument --seed"),
+    ("eval: --unknown-rate 1", lambda e: ["eval", "--model", str(e.stage1), "--corpus", str(e.corpus), "--out",
+                                          str(e.out / "ev"), "--unknown-rate", "1"], "argument --unknown-rate"),
+    ("build: --jobs 100000", lambda e: ["data", "build", str(e.h5ad), "--out", str(e.out / "c"), "--jobs",
+                                        "100000"], "argument --jobs"),
+    # --- issue 28: hints name options that exist; messages say what is wrong
+    ("generate: --out exists", lambda e: ["generate", "--model", str(e.stage1), "--text", "a B cell", "--n", "3",
+                                          "--out", e.text("g.h5ad", "x")], "pass --overwrite"),
+    ("generate: --overwrite is an option", lambda e: ["generate", "--model", str(e.stage1), "--text", "a B cell",
+                                                      "--n", "3", "--out", e.text("g.h5ad", "x"), "--overwrite"],
+     "no stage-2 part"),
+    ("import-lm: --gguf a folder", lambda e: ["finetune", "import-lm", "--gguf", e.folder("gguf"), "--out",
+                                              str(e.out / "lm")], "is a folder"),
+    ("pretrain: empty config", lambda e: ["pretrain", "--config", e.text("empty.yaml", "")],
+     "is empty; it needs at least the key(s) corpus, out"),
+    ("pretrain: config without out", lambda e: ["pretrain", "--config", e.text("s1.yaml", f"corpus: {e.corpus}\n")],
+     "missing the required key(s) out"),
+    ("finetune: empty config", lambda e: ["finetune", "--config", e.text("empty.yaml", "# nothing yet\n")],
+     "is empty"),
 ]
+
+
+def _options_of(argv: list[str]) -> set[str]:
+    """The options of the command ``argv`` runs (its leaf parser's)."""
+    parser = build_parser()
+    for word in argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        parser = subs[0].choices[word]
+    return {o for a in parser._actions for o in a.option_strings}
+
+
+_OPTION = re.compile(r"(?<![\w-])(--[a-z](?:[a-z0-9_-]*[a-z0-9])?)")
+
+
+def _hints(line: str, argv: list[str]) -> list[tuple[list[str], set[str]]]:
+    """(command, options it names) of an error line: options in a quoted `scmm WORDS ...` belong to that command,
+    the others to the command that printed the line."""
+    quoted = re.findall(r"`scmm ([^`]*)`", line)
+    outside = re.sub(r"`scmm [^`]*`", "", line)
+    return [(argv, set(_OPTION.findall(outside))), *((q.split(), set(_OPTION.findall(q))) for q in quoted)]
 
 
 def _listing(folder: Path) -> set[str]:
@@ -250,6 +363,8 @@ def test_bad_input_is_one_error_line(env: Env, tmp_path: Path, capsys, name: str
     assert exit_info.value.code == 2, err
     assert lines and lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1, err
     assert expected.lower() in lines[-1].lower(), lines[-1]
+    for command, hinted in _hints(lines[-1], args):
+        assert hinted <= _options_of(command), f"the error names options {command[:2]} does not have: {lines[-1]}"
     assert "Traceback" not in err
     assert _listing(tmp_path) == before, "an output was left behind"
     assert _listing(env.root) == shared, "a shared file was changed"
