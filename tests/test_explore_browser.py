@@ -119,6 +119,16 @@ def _open(browser, url: str):
     return page, dialogs, errors
 
 
+def _wait(page, expression: str, timeout: float = 30_000) -> None:
+    """Poll a JavaScript expression until it is true (page.evaluate runs through the DevTools protocol, which the
+    page's Content-Security-Policy does not restrict, unlike wait_for_function's eval)."""
+    deadline = time.time() + timeout / 1000
+    while not page.evaluate(expression):
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {expression}")
+        time.sleep(0.1)
+
+
 def _coloured_pixels(png: bytes) -> int:
     from PIL import Image
     img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
@@ -128,7 +138,7 @@ def _coloured_pixels(png: bytes) -> int:
 def _search(page, query: str, n: int = 50) -> list[int]:
     page.fill("#query", query)
     page.press("#query", "Enter")
-    page.wait_for_function(f"document.querySelectorAll('#matches li').length === {n}", timeout=120_000)
+    _wait(page, f"document.querySelectorAll('#matches li').length === {n}", timeout=120_000)
     return [int(v) for v in page.eval_on_selector_all("#matches li", "els => els.map(e => e.dataset.index)")]
 
 
@@ -153,9 +163,9 @@ def test_the_page_draws_the_map_searches_opens_a_cell_and_answers(fixture_server
     box = page.locator("#map").bounding_box()
     x, y = page.evaluate(f"window.scmmExplore.screenOf({top[0]})")
     page.mouse.click(box["x"] + x, box["y"] + y)
-    page.wait_for_function("document.querySelector('#panel-title').textContent.startsWith('Cell cell_')")
+    _wait(page, "document.querySelector('#panel-title').textContent.startsWith('Cell cell_')")
     assert page.text_content("#panel-title") == f"Cell {adata.obs_names[top[0]]}"
-    page.wait_for_function("!document.querySelector('#description').textContent.includes('generating')",
+    _wait(page, "!document.querySelector('#description').textContent.includes('generating')",
                            timeout=120_000)
     panel = page.text_content("#panel-body")
     assert "scmm annotation" in panel and "confidence" in panel and "B cell" in panel
@@ -164,7 +174,7 @@ def test_the_page_draws_the_map_searches_opens_a_cell_and_answers(fixture_server
     # a question: the calibrated cell-type answer with its confidence
     page.fill("#question", "What is the cell type of this cell?")
     page.press("#question", "Enter")
-    page.wait_for_function("document.querySelector('#answer').dataset.kind === 'cell_type'", timeout=120_000)
+    _wait(page, "document.querySelector('#answer').dataset.kind === 'cell_type'", timeout=120_000)
     assert "confidence" in page.text_content("#answer")
     (tmp_path / "cell.png").write_bytes(page.screenshot())
     assert not errors and not dialogs
@@ -175,7 +185,7 @@ def test_an_html_label_renders_as_text(fixture_server, browser):
     server, adata = fixture_server
     page, dialogs, errors = _open(browser, server.url)
     page.select_option("#colour-obs", "note")
-    page.wait_for_function("document.querySelector('#legend').textContent.includes('onerror')")
+    _wait(page, "document.querySelector('#legend').textContent.includes('onerror')")
     assert XSS in page.text_content("#legend")
     assert page.locator("#legend img").count() == 0 and page.locator("img").count() == 0
     # the cell panel too (cell 0 carries the label)
@@ -183,7 +193,7 @@ def test_an_html_label_renders_as_text(fixture_server, browser):
     box = page.locator("#map").bounding_box()
     x, y = page.evaluate("window.scmmExplore.screenOf(0)")
     page.mouse.click(box["x"] + x, box["y"] + y)
-    page.wait_for_function("document.querySelector('#panel-body').textContent.includes('onerror')",
+    _wait(page, "document.querySelector('#panel-body').textContent.includes('onerror')",
                            timeout=60_000)
     assert page.locator("img").count() == 0
     page.wait_for_timeout(300)
