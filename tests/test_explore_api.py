@@ -82,13 +82,14 @@ def test_page_and_its_files_are_served_with_a_strict_content_security_policy(cli
     refused(client.get("/static/..%2f..%2fsetup.py"), 404, "no such route")
 
 
-def test_info_lists_the_columns_programs_and_sources(client):
+def test_info_lists_the_columns_programs_and_sources(client, data):
     info = client.get("/api/info").json()
     assert info["n_cells"] == 120 and info["n_genes"] == 20
     assert "program_interferon" in info["programs"] and "program_interferon" not in info["obs_columns"]
     assert {"cell_type", "note", "n_counts"} <= set(info["obs_columns"])
     assert info["label_column"] == "cell_type" and info["has_stage2"] is True
     assert info["map_source"] == "obsm['X_umap'] of the input"
+    assert sorted(p.name for p in data.parent.iterdir()) == ["cells.h5ad"]  # nothing cached: nothing needed
 
 
 def test_map_is_the_inputs_umap_as_binary_float32(client, data):
@@ -213,7 +214,7 @@ def test_selection_refusals(client):
     refused(client.post("/api/selection", content=b"abc", headers={"content-type": "application/octet-stream"}),
             400, "multiple of 4")
     refused(client.post("/api/selection", content=b"1,2", headers={"content-type": "text/plain"}), 415, "send cells")
-    big = np.zeros(1000, dtype="<u4").tobytes()
+    big = np.zeros(20_000, dtype="<u4").tobytes()  # over 4 bytes per cell + 64 KiB
     refused(client.post("/api/selection", content=big, headers={"content-type": "application/octet-stream"}), 413,
             "at most")
 

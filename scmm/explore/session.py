@@ -87,17 +87,13 @@ def _text(value: Any, what: str) -> str:
 
 
 def _cache_folder(path: Path) -> Path:
-    """``.<name>.scmm-explore/`` beside the input, or (a read-only folder) one under the user's cache."""
+    """``.<name>.scmm-explore/`` beside the input, or (a read-only folder) one under the user's cache; created
+    when first written to."""
     beside = path.parent / f".{path.name}.scmm-explore"
-    if beside.is_dir() and os.access(beside, os.W_OK):
-        return beside
-    if os.access(path.parent, os.W_OK | os.X_OK):
-        beside.mkdir(exist_ok=True)
+    if beside.is_dir() or os.access(path.parent, os.W_OK | os.X_OK):
         return beside
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scmm" / "explore"
-    folder = root / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return root / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
 
 
 class ExploreSession:
@@ -141,6 +137,7 @@ class ExploreSession:
         return None
 
     def _mark(self, name: str) -> None:
+        self.cache.mkdir(parents=True, exist_ok=True)
         write_file(self.cache / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(self._stamp())))
 
     def _embeddings(self) -> tuple[Path, str]:
@@ -153,6 +150,7 @@ class ExploreSession:
         if cached is None:
             log.info("%s has no obsm['%s']: embedding its %d cells once (cached in %s)", self.path,
                      api.EMBEDDING_KEY, self.n, self.cache)
+            self.cache.mkdir(parents=True, exist_ok=True)
             api.embed(self.path, self.model, out=self.cache / "embedded.h5ad", overwrite=True,
                       chunk_size=self.chunk_size, batch_size=self.batch_size, device=self.device)
             self._mark("embedded.h5ad")
@@ -178,6 +176,7 @@ class ExploreSession:
         if cached is not None:
             return np.load(cached).astype(np.float32), f"UMAP of {api.EMBEDDING_KEY} (cached in {self.cache})"
         xy = self._umap()
+        self.cache.mkdir(parents=True, exist_ok=True)
         write_file(self.cache / "umap.npy", lambda tmp: np.save(open(tmp, "wb"), xy))
         self._mark("umap.npy")
         return xy, f"UMAP of {api.EMBEDDING_KEY} (computed now, cached in {self.cache})"
@@ -469,21 +468,49 @@ class ExploreSession:
         return buf.getvalue()
 
     def export_h5ad(self, rows: np.ndarray) -> Path:
-        """The selected cells as an h5ad (every element of the input, rows taken through anndata's backed
-        reader) in a new temporary folder; the caller removes it once sent."""
+        """The selected cells as an h5ad in a new temporary folder (the caller removes it once sent): X, layers,
+        raw, obs, obsm and obsp read for those rows only (anndata's element reader and sparse datasets on the
+        read-only file), var and uns whole."""
         if len(rows) > MAX_H5AD_EXPORT:
             raise RequestError(413, f"{len(rows)} cells: an h5ad export holds at most {MAX_H5AD_EXPORT} "
                                     "(export the cell IDs as CSV and subset with anndata)")
+        with h5py.File(self.path, "r") as f:
+            obs = pd.DataFrame({c: self._column_rows(f["obs"][c], rows) for c in self.columns},
+                               index=pd.Index(self.cell_ids(rows)))
+            adata = ad.AnnData(X=self._rows_of(f["X"], rows), obs=obs, var=ad.io.read_elem(f["var"]),
+                               uns=ad.io.read_elem(f["uns"]) if "uns" in f else None)
+            for key in f.get("layers", {}):
+                adata.layers[key] = self._rows_of(f["layers"][key], rows)
+            for key in f.get("obsm", {}):
+                adata.obsm[key] = self._rows_of(f["obsm"][key], rows)
+            for key in f.get("obsp", {}):
+                adata.obsp[key] = sp.csr_matrix(self._rows_of(f["obsp"][key], rows))[:, rows]
+            if "raw" in f and "X" in f["raw"]:
+                adata.raw = ad.AnnData(X=self._rows_of(f["raw/X"], rows), obs=obs, var=ad.io.read_elem(f["raw/var"]))
         folder = Path(tempfile.mkdtemp(prefix="scmm-explore-export-"))
         out = folder / f"{self.path.stem}_selection.h5ad"
-        backed = ad.read_h5ad(self.path, backed="r")
-        try:
-            part = backed[rows].to_memory()
-        finally:
-            backed.file.close()
-        part.write_h5ad(out)
+        adata.write_h5ad(out)
         return out
 
+    def _rows_of(self, node: Any, rows: np.ndarray) -> Any:
+        """Rows ``rows`` (sorted, unique) of a matrix element, read without the rest."""
+        if isinstance(node, h5py.Group) and node.attrs.get("encoding-type") in ("csr_matrix", "csc_matrix"):
+            return ad.io.sparse_dataset(node)[rows]
+        if isinstance(node, h5py.Dataset):
+            return node[rows]
+        return ad.io.read_elem(node).iloc[rows]  # a data frame in obsm
+
+    def _column_rows(self, node: Any, rows: np.ndarray) -> Any:
+        """Rows ``rows`` of one obs column, its type kept (a categorical stays categorical)."""
+        if node.attrs.get("encoding-type", "") == "categorical":
+            categories = ad.io.read_elem(node["categories"])
+            return pd.Categorical.from_codes(node["codes"][rows], categories=categories,
+                                             ordered=bool(node.attrs.get("ordered", False)))
+        if isinstance(node, h5py.Dataset) and node.dtype.kind in "OS":
+            return np.asarray(node.asstr()[rows], dtype=object)
+        if isinstance(node, h5py.Dataset):
+            return node[rows]
+        return np.asarray(ad.io.read_elem(node))[rows]  # nullable arrays and other encodings
 
 _ANNOTATION = {"cell_type": api.CELL_TYPE, "cell_type_ontology_term_id": api.CELL_TYPE_ID,
                "confidence": api.CONFIDENCE, "level": api.LEVEL, "novelty": api.NOVELTY, "qc": api.QC}
