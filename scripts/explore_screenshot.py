@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from playwright.sync_api import sync_playwright
+
 ARGS = ["--enable-unsafe-swiftshader", "--use-angle=swiftshader", "--no-sandbox", "--disable-background-networking",
         "--disable-dev-shm-usage"]
 
@@ -36,7 +38,6 @@ def main() -> None:
     ap.add_argument("--select", default=None, help="a legend entry (of the default colour) to select")
     ap.add_argument("--question", default="What is the cell type of this cell?")
     args = ap.parse_args()
-    from playwright.sync_api import sync_playwright
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
