@@ -350,3 +350,43 @@ def test_binary_frames_are_aligned_for_typed_arrays(client):
     (n,) = struct.unpack("<I", r.content[:4])
     assert (4 + n) % 4 == 0
     json.load(io.BytesIO(r.content[4:4 + n]))
+
+
+def test_cli_on_another_host_generates_a_token_and_refuses_requests_without_it(data, models):
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "scmm.cli", "explore", str(data), "--model", str(models[0]),
+                             "--host", "0.0.0.0", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in proc.stdout:
+            m = re.search(r"open http://0\.0\.0\.0:\d+/\?token=(\S+)", line)
+            if m:
+                break
+        else:
+            raise AssertionError("no address with a token was printed")
+        token = m.group(1)
+        assert len(token) >= 32
+        base = f"http://127.0.0.1:{port}/api/info"
+        for _ in range(200):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        with pytest.raises(urllib.error.HTTPError) as refused_:
+            urllib.request.urlopen(base, timeout=30)
+        assert refused_.value.code == 401
+        with urllib.request.urlopen(urllib.request.Request(base, headers={"X-Scmm-Token": token}), timeout=30) as r:
+            assert json.loads(r.read())["n_cells"] == 120
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
