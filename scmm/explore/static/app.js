@@ -120,6 +120,7 @@
       this.baseZoom = 1;
       this.pending = false;
       this.marks = { cell: -1, lasso: null };
+      this.dimmed = false; // whether some cells are drawn dimmed (a second pass draws them first)
     }
     setPoints(xy, bounds) {
       const gl = this.gl;
@@ -181,7 +182,7 @@
         gl.uniform2f(this.loc.center, this.center[0], this.center[1]);
         gl.uniform2f(this.loc.scale, 2 * this.zoom / w, 2 * this.zoom / h);
         gl.uniform1f(this.loc.size, this.pointSize());
-        for (const pass of [0, 1]) { // dimmed cells first, highlighted ones on top
+        for (const pass of this.dimmed ? [0, 1] : [1]) { // dimmed cells first, highlighted ones on top
           gl.uniform1f(this.loc.pass, pass);
           gl.drawArrays(gl.POINTS, 0, this.n);
         }
@@ -289,7 +290,7 @@
     } else {
       pick = () => [47, 95, 179];
     }
-    let chosen = null;
+    let chosen = null, dimmed = false;
     if (state.selection) { chosen = new Uint8Array(n); for (const i of state.selection) chosen[i] = 1; }
     for (let i = 0; i < n; i++) {
       const col = pick(i);
@@ -298,8 +299,9 @@
       if (chosen && !chosen[i]) front = false;
       const o = 4 * i;
       if (front) { rgba[o] = col[0]; rgba[o + 1] = col[1]; rgba[o + 2] = col[2]; rgba[o + 3] = 255; }
-      else { rgba[o] = 200; rgba[o + 1] = 203; rgba[o + 2] = 210; rgba[o + 3] = 110; }
+      else { rgba[o] = 200; rgba[o + 1] = 203; rgba[o + 2] = 210; rgba[o + 3] = 110; dimmed = true; }
     }
+    view.dimmed = dimmed;
     view.setColours(rgba);
   }
 
