@@ -71,7 +71,7 @@ test-fast: setup
 # lint-imports checks the layers of DESIGN.md on the installed layout (scmm.model is model/, ...): it reads a
 # folder of links that mirrors the package as it installs; ruff checks style and that imports sit at the top.
 lint: setup
-	@view=$$(mktemp -d) && mkdir "$$view/scmm" && ln -s $(CURDIR)/scmm/*.py "$$view/scmm/" && \
+	@view=$$(mktemp -d) && mkdir "$$view/scmm" && ln -s $(CURDIR)/scmm/*.py $(CURDIR)/scmm/explore "$$view/scmm/" && \
 	for d in data_pipeline model eval pretrain finetune; do ln -s $(CURDIR)/$$d "$$view/scmm/$$d"; done && \
 	cd "$$view" && PYTHONPATH="$$view" $(CURDIR)/$(VENV)/bin/lint-imports $(CURDIR)/.importlinter; \
 	status=$$?; rm -rf "$$view"; exit $$status

@@ -15,7 +15,7 @@ setup(
     version="0.1.0",
     description="Language-enhanced single-cell transcriptomics: cell tower + text tower + LLM bridge",
     python_requires=">=3.10",
-    packages=["scmm", *(f"scmm.{name}" for name in SUBPACKAGES)],
+    packages=["scmm", "scmm.explore", *(f"scmm.{name}" for name in SUBPACKAGES)],
     package_dir={"scmm": "scmm", **{f"scmm.{name}": name for name in SUBPACKAGES}},
     install_requires=[
         "torch==2.13.0",
@@ -44,6 +44,9 @@ setup(
         "rouge-score",
         "matplotlib",
         "gguf>=0.10",  # transformers reads GGUF checkpoints with it (scmm finetune import-lm)
+        # scmm explore: the local web page's server (ASGI); its page's script ships in scmm/explore/static
+        "starlette==1.10.0",
+        "uvicorn==0.55.0",
     ],
     extras_require={
         # scmm data build --soma (TileDB-SOMA / CELLxGENE Census input); 2.3.0 measured on Python 3.11 (pulls
@@ -52,7 +55,11 @@ setup(
         # the documentation site (`make docs`): Sphinx with Markdown pages (MyST), autodoc and the CLI's parser
         "docs": DOCS,
         "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "import-linter>=2.13", "hypothesis>=6",
-                "tiledbsoma>=2.3", *DOCS],
+                "tiledbsoma>=2.3",
+                # scmm explore's tests: starlette's TestClient, and the page in Debian's chromium (never
+                # `playwright install`: tests launch /usr/bin/chromium through executable_path)
+                "httpx==0.28.1", "playwright==1.65.3", *DOCS],
     },
+    package_data={"scmm.explore": ["static/*"]},
     entry_points={"console_scripts": ["scmm=scmm.cli:main"]},
 )

@@ -533,6 +533,44 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+# --- scmm explore: the local web page (scmm/explore/) ---------------------------------------------------
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    import secrets
+
+    from scmm.explore.server import serve
+    from scmm.explore.session import ExploreSession
+    if not 1 <= args.port <= 65535:
+        raise ScmmError(f"--port must be between 1 and 65535, got {args.port}")
+    token = args.token
+    if token is not None and (len(token) < 16 or not token.isascii() or not token.isprintable() or " " in token):
+        raise ScmmError("--token must be at least 16 printable ASCII characters without spaces")
+    if args.host not in LOOPBACK_HOSTS and token is None:
+        token = secrets.token_urlsafe(24)
+    session = ExploreSession(args.data, args.model, device=args.device)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    address = f"http://{shown}:{args.port}/" + (f"?token={token}" if token else "")
+    print(f"scmm explore: {session.n} cells of {args.data}; open {address}  (Ctrl-C stops)", flush=True)
+    serve(session, host=args.host, port=args.port, token=token)
+    return 0
+
+
+def _explore_parser(sub: argparse._SubParsersAction) -> None:
+    """`scmm explore DATA.h5ad --model DIR [--host 127.0.0.1] [--port N] [--token T]`."""
+    p = sub.add_parser("explore", help="a local web page: the map, colour by any column or gene, search cells by "
+                                       "free text, read and ask about cells, export a selection")
+    p.add_argument("data", help="an .h5ad file (opened read-only; a UMAP or embedding it lacks is cached beside it)")
+    p.add_argument("--model", required=True, help="a model folder (a package; stage 2 for descriptions/questions)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs "
+                                                         "a token, generated and printed when not given)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--token", default=None, help="a secret every request must carry (at least 16 characters)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.set_defaults(func=cmd_explore)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scmm", description="scmm: language-enhanced single-cell transcriptomics")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -543,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_parsers(sub)
     _plot_parsers(sub)
     _generate_parser(sub)
+    _explore_parser(sub)
     return parser
 
 
