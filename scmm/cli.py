@@ -240,11 +240,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_required(p: argparse.ArgumentParser, **helps: str) -> None:
+    """Required string options, ``name="help"`` each (``--name``)."""
+    for name, text in helps.items():
+        p.add_argument(f"--{name}", required=True, help=text)
+
+
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on a corpus's test split, with baselines side by side")
-    p.add_argument("--model", required=True, help="model folder (e.g. runs/demo/stage1/model)")
-    p.add_argument("--corpus", required=True, help="corpus folder")
-    p.add_argument("--out", required=True, help="folder for metrics.json, report.md and plots")
+    _add_required(p, model="model folder (e.g. runs/demo/stage1/model)", corpus="corpus folder",
+                  out="folder for metrics.json, report.md and plots")
     p.add_argument("--tasks", help="comma list of annotate, retrieve, describe, generate (default: all the model can "
                                    "do: describe and generate need a stage-2 model)")
     p.add_argument("--labels", help="candidate labels: comma list or file (CL IDs or free text); default the corpus's")
@@ -503,11 +508,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     """`scmm generate --model DIR --text "..." --n N --out OUT.h5ad [--seed S]` (stage 2: text -> pseudo-cells)."""
     p = sub.add_parser("generate", help="text -> pseudo-cells (log1p CP10k over the model's HVG panel) as h5ad")
-    p.add_argument("--model", required=True, help="a stage-2 model folder or a package with a stage-2 part")
-    p.add_argument("--text", required=True, help="a description of the cells to generate")
+    _add_required(p, model="a stage-2 model folder or a package with a stage-2 part",
+                  text="a description of the cells to generate", out="output .h5ad (must not exist)")
     p.add_argument("--n", type=int, required=True, help="number of pseudo-cells, 1 to 1,000,000 (written to --out in "
                    "chunks of 8192: memory does not grow with --n)")
-    p.add_argument("--out", required=True, help="output .h5ad (must not exist)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
     p.add_argument("--noise", type=float, default=1.0, help="scale of the sampling noise (default 1; 0: means)")
     p.set_defaults(func=cmd_generate)

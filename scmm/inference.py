@@ -113,8 +113,8 @@ def bound_heap_growth() -> None:
     M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; a no-op elsewhere). The cell tower runs every group of cells of
     similar length at its own shape, so the bf16 kernels allocate buffers of ever new sizes; with glibc's default
     dynamic thresholds the freed ones stay in the heap, fragmented, and the peak RSS grew with the number of cells
-    (about 1 KB per cell; BENCHMARKS.md, "Inference memory"). Process-wide and idempotent: what an inference
-    process wants; the cost is an mmap per large allocation."""
+    (about 1 KB per cell; BENCHMARKS.md, "Inference memory: what grew with the cells"). Process-wide and
+    idempotent: what an inference process wants; the cost is an mmap per large allocation."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
