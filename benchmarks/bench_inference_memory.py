@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Peak memory of `scmm embed|annotate` at two input sizes: bounded by the chunk size, not the file.
+"""Peak memory of `scmm embed|annotate|describe` at two input sizes, or of `scmm generate` at two ``--n``: bounded by
+the chunk size, not the file.
 
 The output is written chunk by chunk (``obsm['X_scmm']`` filled per chunk, the new obs columns held as compact
 arrays: about 15 bytes per cell for annotate), the input's obs table is never read and its expression matrix is
@@ -11,6 +12,11 @@ Steps: the synthetic inputs and the packaged untrained model of :mod:`bench_anno
 0.1 s (:func:`bench_annotate.measure`).
 
     python benchmarks/bench_inference_memory.py [--cells 100000 1000000] [--command annotate] [--out runs/bench]
+    python benchmarks/bench_inference_memory.py --command embed --model runs/demo/stage2/model   # the demo model
+    python benchmarks/bench_inference_memory.py --command generate --model runs/demo/stage2/model --cells 100000 1000000
+
+``--model``: run that model folder instead of the packaged untrained one (``describe`` and ``generate`` need a
+stage-2 model). ``generate`` writes ``--cells`` pseudo-cells from one text (no input file).
 
 Appends one JSON line to benchmarks/results.jsonl (benchmark ``inference_memory``).
 """
@@ -30,7 +36,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cells", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--genes", type=int, default=2_000)
-    ap.add_argument("--command", choices=("embed", "annotate"), default="annotate")
+    ap.add_argument("--command", choices=("embed", "annotate", "describe", "generate"), default="annotate")
+    ap.add_argument("--model", default=None, help="a model folder to run (default: the packaged untrained model)")
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--corpus-cells", type=int, default=2_000)
     ap.add_argument("--chunk-size", type=int, default=10_000)
@@ -39,6 +46,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--data-dir", default=None, help="a folder already holding synth_<cells>x<genes>.h5ad files")
     args = ap.parse_args()
+    if args.command in ("describe", "generate") and not args.model:
+        ap.error(f"--command {args.command} needs --model (a stage-2 model folder)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.data_dir:  # reuse inputs made before: link them where prepare() looks
@@ -49,12 +58,16 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     runs = {}
     for n in args.cells:
-        data, pkg = prepare(out, n, args.genes, args.corpus_cells, args.size, False)
         result = out / f"bench_memory_{n}.h5ad"
         result.unlink(missing_ok=True)
-        res = measure([sys.executable, "-m", "scmm.cli", args.command, str(data), "--model", str(pkg), "--out",
-                       str(result), "--chunk-size", str(args.chunk_size), "--batch-size", str(args.batch_size),
-                       "--quiet"])
+        if args.command == "generate":
+            cmd = ["generate", "--model", str(args.model), "--text", "A natural killer cell from the blood.", "--n",
+                   str(n), "--out", str(result)]
+        else:
+            data, pkg = prepare(out, n, args.genes, args.corpus_cells, args.size, False)
+            cmd = [args.command, str(data), "--model", str(args.model or pkg), "--out", str(result),
+                   "--chunk-size", str(args.chunk_size), "--batch-size", str(args.batch_size), "--quiet"]
+        res = measure([sys.executable, "-m", "scmm.cli", *cmd])
         result.unlink(missing_ok=True)
         res.pop("log", None)
         runs[str(n)] = {**res, "load_1min_after": round(os.getloadavg()[0], 2)}
@@ -64,6 +77,7 @@ def main() -> None:
     ratio = max(peaks) / min(peaks)
     print(f"largest / smallest peak RSS: {ratio:.3f} (goal <= 1.10)")
     record("inference_memory", {"command": args.command, "genes": args.genes, "size": args.size,
+                                "model": args.model or "packaged untrained (--size)",
                                 "chunk_size": args.chunk_size, "batch_size": args.batch_size,
                                 "threads": args.threads, "runs": runs, "peak_ratio": round(ratio, 4)})
 

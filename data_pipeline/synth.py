@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +46,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from tqdm.auto import tqdm
+
+from scmm.atomic import file_beside
 
 __all__ = ["synthesize", "CELL_TYPES", "census_vocab_path", "load_census_vocab"]
 
@@ -379,11 +379,6 @@ def _skeleton(model: _Model, types: tuple[_CellType, ...]) -> AnnData:
     return AnnData(obs=_obs_table(model, types), var=_var_table(model), uns=_uns(model, types))
 
 
-def _temp_name(path: Path) -> str:
-    """A unique temporary file name beside ``path``, so the final rename stays on one filesystem."""
-    return str(path.resolve().parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
 class _RowAppender:
     """Appends CSR ``data``/``indices`` to growable HDF5 datasets, at most ``chunk_size`` rows at a time."""
 
@@ -491,13 +486,7 @@ def synthesize(path, n_cells: int, n_genes: int, seed: int = 0, n_cell_types: in
     skeleton = _skeleton(model, types)
 
     path = Path(path)
-    tmp = _temp_name(path)
-    try:
+    with file_beside(path, suffix=".h5ad") as tmp:  # renamed into place when complete, removed on failure
         skeleton.write_h5ad(tmp)
         del skeleton  # obs is not needed while X is written
         _write_counts(tmp, model, chunk_size, progress, path.name)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -21,7 +21,7 @@ in every row of a batch are dropped before the encoder. At inference (no gradien
 run together: a batch is split into groups whose padding is at most ``GROUP_WASTE`` of their tokens, each
 group trimmed to its longest cell (:meth:`CellTower._encode_by_length`). Hidden states at padded positions
 are returned as zeros. For speed at inference use bf16 weights (``tower.to(torch.bfloat16)``; the product
-does this where bf16 is measured faster, see ``scmm.api.Options``): cosine similarity to the fp32 cell
+does this where bf16 is measured faster, see ``scmm.inference.Options``): cosine similarity to the fp32 cell
 embeddings stays above 0.999 (BENCHMARKS.md, "Cell tower").
 
 Native folders are ``config.json`` + ``model.safetensors`` (+ ``vocab.json``):

