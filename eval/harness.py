@@ -43,6 +43,9 @@ Tasks (``TASKS``):
   features of their own texts (recall@1/5/10 both ways, mean ranks, label-level recall).
 * **describe**, **generate**: stage-2 tasks (:mod:`scmm.eval.stage2`); a model without a stage-2 part cannot do
   them, so asking for them is an error.
+* **language** (every run, on a corpus with per-cell facts): ``language.*`` (:mod:`scmm.eval.language`): search by
+  program text in the stage-1 space always, program and marker claims of the descriptions after **describe**,
+  text-to-cell by program after **generate**; on a corpus without facts ``language = {"absent": reason}``.
 
 The model is any model folder (:func:`scmm.model.folders.load_model`); it encodes cells with its own saved
 encoding. Splits come from the corpus manifest, the seed of the baselines and the UMAP from ``seed``; the model

@@ -452,7 +452,7 @@ def test_eval_package_and_describe_use_the_stage2_model(trained_stage2, tiny_sta
     from scmm.package import package_model
     package = package_model(tiny_stage1, small_corpus, tmp_path / "package", stage2=trained_stage2)
     metrics = evaluate(package, small_corpus, tmp_path / "eval", progress=False)  # default: every task
-    assert set(metrics) == {"annotation", "retrieval", "baselines", "generation", "pseudocell"}
+    assert set(metrics) == {"annotation", "retrieval", "baselines", "generation", "pseudocell", "language"}
     gen, pc = metrics["generation"], metrics["pseudocell"]
     assert {"bleu4", "rougeL", "type_accuracy", "ontology_score", "type_accuracy_constrained"} <= set(gen)
     assert all(0.0 <= gen[k] <= 1.0 for k in ("bleu4", "rougeL", "type_accuracy", "type_accuracy_constrained"))
