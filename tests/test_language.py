@@ -105,3 +105,46 @@ def test_eval_writes_language_keys_with_facts_and_marks_them_absent_without(corp
                        tasks="retrieve", progress=False)
     assert set(without["language"]) == {"absent"} and "retrieval" in without
     assert "Not measured: the corpus has no per-cell facts" in (tmp_path / "e2" / "report.md").read_text()
+
+
+def _older(corpus: Path, out: Path) -> Path:
+    """A copy of ``corpus`` whose manifest has no ``facts`` entry (as corpora built before the facts existed)."""
+    import json
+    import shutil
+    shutil.copytree(corpus, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("facts")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_stage2_pairs_use_program_texts_with_facts_and_descriptions_without(corpora, tmp_path):
+    """With facts the text -> cell inputs include "<type> with high/low <program> activity" (the cell's most / least
+    active program) and the refit sees each profile with its description and both texts; an older corpus gives the
+    descriptions alone and its fact tasks no rows, so it still trains."""
+    from scmm.data_pipeline.hvg import hvg_panel
+    from scmm.data_pipeline.store import Corpus
+    from scmm.finetune.pairs import PairBuilder
+    corpus = Corpus(corpora["True"])
+    genes = hvg_panel(corpus, n_top=8, split="train")
+    tasks = ["describe", "cell_type", "programs", "markers"]
+    pairs = PairBuilder(corpus, "train", tasks, 0, genes, builder=None)
+    texts, index, x = pairs.refit_data()
+    n = corpus.manifest["splits"]["train"]
+    assert len(index) == len(x) == 3 * n
+    high, low = texts[int(index[n])], texts[int(index[2 * n])]
+    assert high.endswith("activity") and " with high " in high and " with low " in low
+    assert all(len(r) == 4 for r in pairs.rows.values())
+    old = Corpus(_older(corpora["True"], tmp_path / "old"))
+    assert old.facts is None
+    pairs = PairBuilder(old, "train", tasks, 0, genes, builder=None)
+    texts, index, x = pairs.refit_data()
+    assert len(index) == len(x) == n and pairs.query_index is None
+    assert all(len(r) == 2 for r in pairs.rows.values())  # describe and cell_type
+
+
+def test_eval_of_an_older_corpus_marks_language_absent(corpora, tmp_path):
+    from scmm.eval.harness import evaluate
+    old = _older(corpora["True"], tmp_path / "old")
+    m = evaluate(save_tiny_stage1(old, tmp_path / "m"), old, tmp_path / "e", tasks="retrieve", progress=False)
+    assert set(m["language"]) == {"absent"} and "retrieval" in m
