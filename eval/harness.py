@@ -400,7 +400,8 @@ def _language(model: ScmmModel, corpus: Corpus, test, described: dict, generate:
         if described.get("descriptions") else None
     return language_report(corpus, embeddings=emb.embeddings, embedded_ids=emb.cell_ids,
                            text_features=lambda texts: _text_features(model.aligner, texts),
-                           descriptions=descriptions, stage2=model.stage2 if generate else None, seed=seed)
+                           descriptions=descriptions, stage2=model.stage2 if generate else None,
+                           answers_model=model.stage2 if descriptions is not None else None, seed=seed)
 
 
 def _run_tasks(model: ScmmModel, corpus: Corpus, tasks: Sequence[str], cands: Candidates, ontology, seed: int,

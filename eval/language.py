@@ -21,6 +21,8 @@ the claims are read with the closed-vocabulary parser :func:`scmm.data_pipeline.
   low, every type pooled), mean over programs. A pseudo-cell's score is the mean gene z-score (the corpus's
   training mean/sd) over the set's genes in the model's HVG panel (programs with at least
   :data:`MIN_HVG_SET_GENES` of them).
+* ``answers`` (with a stage-2 model): the same claim figures for the LLM's answers to "Which programs are active in
+  this cell?" (``program_claims``) and "Which genes does it express highly?" (``marker_claims``).
 * ``n_programs``, ``n_cells``.
 """
 from __future__ import annotations
@@ -219,13 +221,24 @@ def text_to_cell_metrics(stage2, arrays: Mapping[str, np.ndarray], programs: Seq
             "pseudocells_per_text": PSEUDOCELLS_PER_TEXT}
 
 
+def fact_answers(stage2, corpus: Corpus, split: str, task: str, batch_size: int = 64) -> dict[str, str]:
+    """Cell ID -> the LLM's answer to the ``task`` question ("programs" or "markers") for the cells of ``split``."""
+    from scmm.eval.stage2 import _loader  # noqa: PLC0415 - the loader of the stage-2 evaluation, shared
+    out: dict[str, str] = {}
+    for batch in _loader(stage2, corpus, split, batch_size):
+        out.update(zip((str(c) for c in batch["cell_id"]), stage2.describe_cells(batch, task=task,
+                                                                                max_new_tokens=64)))
+    return out
+
+
 def language_report(corpus: Corpus, *, embeddings: np.ndarray | None = None, embedded_ids: Sequence[str] | None = None,
                     text_features=None, descriptions: Mapping[str, str] | None = None, stage2=None,
-                    seed: int = 0) -> dict[str, Any]:
+                    answers_model=None, seed: int = 0) -> dict[str, Any]:
     """The ``language`` section of ``metrics.json`` over the test cells of seen types; ``{"absent": reason}`` for a
     corpus without facts. ``embeddings`` (shard order of the test split, ids ``embedded_ids``) with
     ``text_features`` (texts -> [n, D] L2-normalised) give ``search``; ``descriptions`` (cell ID -> generated
-    text) give the claims; ``stage2`` gives ``text_to_cell``."""
+    text) give the claims; ``stage2`` gives ``text_to_cell``; ``answers_model`` (a stage-2 model) gives
+    ``answers``."""
     if corpus.facts is None:
         return {"absent": "the corpus has no per-cell facts (built with --no-facts or before they existed)"}
     held = set(corpus.holdout_types)
@@ -247,6 +260,14 @@ def language_report(corpus: Corpus, *, embeddings: np.ndarray | None = None, emb
             emb = np.asarray(embeddings)[[pos[c] for c in sub.cell_ids]]
             out["search"] = search_metrics(emb, np.asarray(text_features([program_query(p) for p in sub.programs])),
                                            sub)
+    if answers_model is not None and len(sub.cell_ids):
+        templates = type_templates(split_facts(corpus, "train"))
+        programs = fact_answers(answers_model, corpus, "test", "programs")
+        markers = fact_answers(answers_model, corpus, "test", "markers")
+        out["answers"] = {
+            "program_claims": claim_metrics([programs.get(c, "") for c in sub.cell_ids], sub,
+                                            templates)["program_claims"],
+            "marker_claims": claim_metrics([markers.get(c, "") for c in sub.cell_ids], sub, templates)["marker_claims"]}
     if stage2 is not None:
         labels = {t: str(lab) for t, lab in zip(sub.types, sub.labels)}
         out["text_to_cell"] = text_to_cell_metrics(stage2, corpus.fact_arrays(), sub.programs,

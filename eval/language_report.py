@@ -48,6 +48,14 @@ def language_section(lang: Mapping[str, Any] | None, generation: Mapping[str, An
     if tc:
         lines += [f"| text to cell: program score AUROC, high vs low text ({tc.get('n_programs')} programs) | "
                   f"{_f(tc.get('auroc'))} | 0.5 (random) |"]
+    an = lang.get("answers") or {}
+    if an:
+        ap, am = an.get("program_claims") or {}, an.get("marker_claims") or {}
+        lines += [f"| answers to \"Which programs are active in this cell?\": F1 / F1 within type | "
+                  f"{_f(ap.get('f1'))} / {_f(ap.get('f1_within_type'))} | {_f(ap.get('baseline_f1'))} / "
+                  f"{_f(ap.get('baseline_f1_within_type'))} |",
+                  f"| answers to \"Which genes does it express highly?\": precision | {_f(am.get('precision'))} | "
+                  f"{_f(am.get('baseline_precision'))} |"]
     g = generation or {}
     if "repeated_phrase_rate" in g:
         lines += [f"| descriptions repeating a 4-word phrase (decoding defaults / raw decoder) | "
