@@ -94,7 +94,7 @@ from scmm.eval.calibration import (
     softmax,
     split_rate,
 )
-from scmm.eval.language import language_report
+from scmm.eval.language import language_report, type_examples
 from scmm.eval.metrics import (
     annotation_metrics,
     binary_auroc,
@@ -429,6 +429,9 @@ def _run_tasks(model: ScmmModel, corpus: Corpus, tasks: Sequence[str], cands: Ca
             metrics["pseudocell"] = _generate(model, corpus, seed)
             details["notes"] += metrics["pseudocell"].pop("notes", [])
         metrics["language"] = _language(model, corpus, test, described, "generate" in tasks, seed)
+        if described.get("descriptions"):
+            details["language_examples"] = type_examples(
+                corpus, dict(zip(described["cell_id"], described["descriptions"])))
     return _json_safe(metrics), details
 
 

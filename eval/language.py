@@ -38,6 +38,7 @@ import numpy as np
 from scmm.data_pipeline.fact_text import N_CAPTION_MARKERS, parse_claims, program_query, type_program_query
 from scmm.data_pipeline.store import Corpus, label_keys
 from scmm.eval.metrics import binary_auroc
+from scmm.eval.stage2 import _loader
 
 log = logging.getLogger("scmm.eval.language")
 
@@ -221,9 +222,32 @@ def text_to_cell_metrics(stage2, arrays: Mapping[str, np.ndarray], programs: Seq
             "pseudocells_per_text": PSEUDOCELLS_PER_TEXT}
 
 
+def type_examples(corpus: Corpus, descriptions: Mapping[str, str], n: int = 5) -> list[dict]:
+    """Up to ``n`` test cells of the most common seen test type whose generated descriptions differ, each with its
+    description and its true top programs and first markers (for the report)."""
+    if corpus.facts is None or not descriptions:
+        return []
+    test = split_facts(corpus, "test")
+    held = set(corpus.holdout_types)
+    counts = Counter(t for t, c in zip(test.types, test.cell_ids) if t not in held and c in descriptions)
+    if not counts:
+        return []
+    kind = sorted(counts.items(), key=lambda x: (-x[1], x[0]))[0][0]
+    tops, marks = test.top_programs(), test.marker_symbols(N_CAPTION_MARKERS)
+    out, seen = [], set()
+    for i, c in enumerate(test.cell_ids):
+        if test.types[i] != kind or c not in descriptions or descriptions[c] in seen:
+            continue
+        seen.add(descriptions[c])
+        out.append({"cell_id": c, "type": str(test.labels[i]), "description": descriptions[c],
+                    "top_programs": tops[i], "markers": marks[i]})
+        if len(out) == n:
+            break
+    return out
+
+
 def fact_answers(stage2, corpus: Corpus, split: str, task: str, batch_size: int = 64) -> dict[str, str]:
     """Cell ID -> the LLM's answer to the ``task`` question ("programs" or "markers") for the cells of ``split``."""
-    from scmm.eval.stage2 import _loader  # noqa: PLC0415 - the loader of the stage-2 evaluation, shared
     out: dict[str, str] = {}
     for batch in _loader(stage2, corpus, split, batch_size):
         out.update(zip((str(c) for c in batch["cell_id"]), stage2.describe_cells(batch, task=task,

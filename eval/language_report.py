@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from scmm.data_pipeline.fact_text import PROGRAM_PHRASES
+
 __all__ = ["language_section"]
 
 
@@ -16,7 +18,8 @@ def _f(v: Any) -> str:
     return str(v)
 
 
-def language_section(lang: Mapping[str, Any] | None, generation: Mapping[str, Any] | None = None) -> list[str]:
+def language_section(lang: Mapping[str, Any] | None, generation: Mapping[str, Any] | None = None,
+                     examples: list[Mapping[str, Any]] | None = None) -> list[str]:
     """Markdown lines (nothing when the section was not computed)."""
     if not lang:
         return []
@@ -60,4 +63,12 @@ def language_section(lang: Mapping[str, Any] | None, generation: Mapping[str, An
     if "repeated_phrase_rate" in g:
         lines += [f"| descriptions repeating a 4-word phrase (decoding defaults / raw decoder) | "
                   f"{_f(g.get('repeated_phrase_rate'))} / {_f(g.get('repeated_phrase_rate_raw'))} | |"]
-    return lines + [""]
+    lines.append("")
+    if examples:
+        lines += [f"### Descriptions of {len(examples)} {examples[0].get('type')} test cells, with their facts", ""]
+        for e in examples:
+            programs = ", ".join(PROGRAM_PHRASES.get(p, p) for p in e.get("top_programs", []))
+            lines += [f"- `{e.get('cell_id')}`: {e.get('description')}",
+                      f"  - true top programs: {programs}; first markers: {', '.join(e.get('markers', []))}"]
+        lines.append("")
+    return lines
