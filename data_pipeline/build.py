@@ -8,6 +8,13 @@ and routes each cell into a shard of its split. The manifest's ``"normalization"
 are: ``"counts"`` when every input was raw counts, else ``"normalized"`` (linear values, renormalised per cell by
 the encoding like counts); each file's report holds its ``input_scale`` decision with the evidence. The corpus is
 written into a temporary folder beside the destination and renamed into place only when complete.
+
+Per-cell facts (``facts``, default on; :mod:`scmm.data_pipeline.facts`): before the shards are written, two
+statistics passes stream the training cells in the same chunks (gene moments of log1p CP10k, then the raw
+hallmark-program score moments), summed in chunk order so that ``--jobs`` does not change them; pass 2 then scores
+every cell's programs and marker genes chunk by chunk, stores them with its shard (``program_scores``,
+``markers``), writes the statistics to ``facts/`` and the manifest's ``facts`` entry, and adds the cell-specific
+sentence to each caption (:mod:`scmm.data_pipeline.fact_text`). Memory stays bounded by the chunk and the shard.
 """
 from __future__ import annotations
 

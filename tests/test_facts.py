@@ -228,3 +228,29 @@ def test_a_corpus_without_facts_opens_and_says_so(tmp_path: Path):
         corpus.read_facts(corpus.shards()[0]["name"])
 
 
+
+
+def test_the_table_script_makes_the_committed_format(tmp_path: Path):
+    """scripts/make_gene_tables.py on a two-set GMT, a three-gene NCBI table and a vocabulary: the hallmark JSON
+    (sets sorted, duplicates dropped) and the gzipped symbol -> name table of the vocabulary's genes, byte-stable."""
+    import importlib.util
+    import sqlite3
+    spec = importlib.util.spec_from_file_location("make_gene_tables", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "make_gene_tables.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "h.gmt").write_text("HALLMARK_B\turl\tG2\tG1\tG2\nHALLMARK_A\turl\tG3\n")
+    with sqlite3.connect(tmp_path / "g.sqlite") as db:
+        db.execute("CREATE TABLE gene_info (_id INTEGER, gene_name TEXT, symbol TEXT)")
+        db.executemany("INSERT INTO gene_info VALUES (?, ?, ?)", [(1, "gene one", "G1"), (2, "gene\ttwo", "G2"),
+                                                                   (3, "not in vocab", "G9")])
+    (tmp_path / "v.json").write_text(json.dumps({"G1": 0, "G2": 1, "G3": 2}))
+    args = ["--gmt", str(tmp_path / "h.gmt"), "--sqlite", str(tmp_path / "g.sqlite"), "--vocab",
+            str(tmp_path / "v.json"), "--out", str(tmp_path / "out")]
+    assert script.main(args) == 0
+    table = json.loads((tmp_path / "out" / "hallmark_v7.5.1.json").read_text())
+    assert table["sets"] == {"HALLMARK_A": ["G3"], "HALLMARK_B": ["G2", "G1"]} and table["licence"] == "CC BY 4.0"
+    first = (tmp_path / "out" / "gene_names.tsv.gz").read_bytes()
+    with gzip.open(tmp_path / "out" / "gene_names.tsv.gz", "rt") as f:
+        assert f.read().splitlines()[1:] == ["G1\tgene one", "G2\tgene two"]
+    assert script.main(args) == 0 and (tmp_path / "out" / "gene_names.tsv.gz").read_bytes() == first
