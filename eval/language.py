@@ -296,4 +296,13 @@ def language_report(corpus: Corpus, *, embeddings: np.ndarray | None = None, emb
         labels = {t: str(lab) for t, lab in zip(sub.types, sub.labels)}
         out["text_to_cell"] = text_to_cell_metrics(stage2, corpus.fact_arrays(), sub.programs,
                                                    dict(sorted(labels.items())), seed)
-    return out
+    return _no_nan(out)
+
+
+def _no_nan(obj: Any) -> Any:
+    """NaN (a figure with nothing to measure, e.g. no type with enough cells) becomes None (JSON null)."""
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj
