@@ -17,6 +17,8 @@ setup(
     python_requires=">=3.10",
     packages=["scmm", "scmm.explore", *(f"scmm.{name}" for name in SUBPACKAGES)],
     package_dir={"scmm": "scmm", **{f"scmm.{name}": name for name in SUBPACKAGES}},
+    # the committed gene tables of the per-cell facts (scripts/make_gene_tables.py makes them)
+    package_data={"scmm.data_pipeline": ["data/*.json", "data/*.tsv.gz"]},
     install_requires=[
         "torch==2.13.0",
         "deepspeed>=0.19",

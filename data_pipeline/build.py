@@ -8,6 +8,13 @@ and routes each cell into a shard of its split. The manifest's ``"normalization"
 are: ``"counts"`` when every input was raw counts, else ``"normalized"`` (linear values, renormalised per cell by
 the encoding like counts); each file's report holds its ``input_scale`` decision with the evidence. The corpus is
 written into a temporary folder beside the destination and renamed into place only when complete.
+
+Per-cell facts (``facts``, default on; :mod:`scmm.data_pipeline.facts`): before the shards are written, two
+statistics passes stream the training cells in the same chunks (gene moments of log1p CP10k, then the raw
+hallmark-program score moments), summed in chunk order so that ``--jobs`` does not change them; pass 2 then scores
+every cell's programs and marker genes chunk by chunk, stores them with its shard (``program_scores``,
+``markers``), writes the statistics to ``facts/`` and the manifest's ``facts`` entry, and adds the cell-specific
+sentence to each caption (:mod:`scmm.data_pipeline.fact_text`). Memory stays bounded by the chunk and the shard.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +38,8 @@ from pandas.api.types import union_categoricals
 from tqdm.auto import tqdm
 
 from scmm.atomic import publish_dir, temp_dir_beside
+from scmm.data_pipeline.fact_text import N_CAPTION_MARKERS, N_CAPTION_PROGRAMS, fact_sentence, fact_template_index
+from scmm.data_pipeline.facts import FactModel, GeneStats, ProgramMoments, gene_names
 from scmm.data_pipeline.h5ad import H5adSource, open_h5ad
 from scmm.data_pipeline.ontology import Ontology, get_ontology
 from scmm.data_pipeline.scale import ScaleDecision, check_scale_option, detect_scale, to_linear
@@ -76,6 +86,7 @@ class BuildConfig:
     holdout_types: tuple[str, ...] = ()  # CL IDs kept out of train and val (all their cells go to test)
     seed: int = 0
     jobs: int = 1  # worker processes encoding chunks (the corpus is the same for every value)
+    facts: bool = True  # per-cell program activity and marker genes (scmm.data_pipeline.facts) and captions naming them
     overwrite: bool = False
     progress: bool = True
 
@@ -253,11 +264,11 @@ def _standard_obs(source: H5adSource, cfg: BuildConfig, ontology: Ontology) -> t
     return pd.DataFrame(out), keep
 
 
-def _describe_rows(frame: pd.DataFrame, ontology: Ontology) -> list[str]:
+def _describe_rows(frame: pd.DataFrame, ontology: Ontology, facts: list[str] | None = None) -> list[str]:
     texts = []
-    for cell_id, row in zip(frame.index, frame.to_dict("records")):
+    for i, (cell_id, row) in enumerate(zip(frame.index, frame.to_dict("records"))):
         row = {k: v for k, v in row.items() if v != ""}
-        texts.append(describe(metadata_from_obs(row, ontology), cell_id, ontology))
+        texts.append(describe(metadata_from_obs(row, ontology), cell_id, ontology, facts[i] if facts else None))
     return texts
 
 
@@ -272,8 +283,9 @@ class _ShardWriter:
         self.entries: list[dict] = []
         self.cell_types: dict[str, dict] = {}  # corpus label key -> label, count, count per split
 
-    def add(self, split: str, matrix: sp.csr_matrix, obs: pd.DataFrame) -> None:
-        self.buffers[split].append((matrix, obs))
+    def add(self, split: str, matrix: sp.csr_matrix, obs: pd.DataFrame,
+            facts: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        self.buffers[split].append((matrix, obs, facts))
         self.sizes[split] += matrix.shape[0]
         while self.sizes[split] >= self.shard_size:
             self._flush(split, self.shard_size)
@@ -284,11 +296,15 @@ class _ShardWriter:
                 self._flush(split, self.sizes[split])
 
     def _flush(self, split: str, n: int) -> None:
-        matrix = sp.vstack([m for m, _ in self.buffers[split]], format="csr")
-        obs = pd.concat([o for _, o in self.buffers[split]])
+        matrix = sp.vstack([m for m, _, _ in self.buffers[split]], format="csr")
+        obs = pd.concat([o for _, o, _ in self.buffers[split]])
+        with_facts = self.buffers[split][0][2] is not None
+        scores = np.concatenate([f[0] for _, _, f in self.buffers[split]]) if with_facts else None
+        markers = np.concatenate([f[1] for _, _, f in self.buffers[split]]) if with_facts else None
         head_m, head_o = matrix[:n], obs.iloc[:n]
         rest_m, rest_o = matrix[n:], obs.iloc[n:]
-        self.buffers[split] = [(rest_m, rest_o)] if rest_m.shape[0] else []
+        rest_f = (scores[n:], markers[n:]) if with_facts else None
+        self.buffers[split] = [(rest_m, rest_o, rest_f)] if rest_m.shape[0] else []
         self.sizes[split] = rest_m.shape[0]
         name = f"{split}-{self.next_index[split]:05d}"
         self.next_index[split] += 1
@@ -298,6 +314,9 @@ class _ShardWriter:
         for column in self.columns:
             if column != "cell_id":
                 arrays[column] = head_o[column].to_numpy().astype(str)
+        if with_facts:  # [n, P] and [n, N_MARKERS], stored flat (row-major); not in "columns" (numbers)
+            arrays["program_scores"] = np.ascontiguousarray(scores[:n], dtype=np.float32).ravel()
+            arrays["markers"] = np.ascontiguousarray(markers[:n], dtype=np.int32).ravel()
         group = self.root.create_group(f"shards/{name}")
         for key, value in arrays.items():
             write_array(group, key, value)
@@ -506,7 +525,7 @@ class _Chunk:
     """One encoded chunk of cells: per split the kept, non-empty cells (expression, obs with texts), and sums."""
 
     n_rows: int
-    parts: list[tuple[str, sp.csr_matrix, pd.DataFrame]]
+    parts: list[tuple[str, sp.csr_matrix, pd.DataFrame, tuple[np.ndarray, np.ndarray] | None]]
     n_empty: int
     integral: bool
     total_counts: float
@@ -515,12 +534,50 @@ class _Chunk:
 
 class _Encoder:
     """Encodes one chunk of one input: read rows, check and convert the values, remap onto the gene panel,
-    describe the kept cells. Runs in the build process (``--jobs 1``) or in each worker process."""
+    describe the kept cells. Runs in the build process (``--jobs 1``) or in each worker process.
 
-    def __init__(self, files: list[_FileJob], qualify_ids: bool, ontology: Ontology):
+    ``mode``: "encode" (the chunk for the shards), or one of the statistics passes over the chunk's training
+    cells that the per-cell facts need first: "genes" (:class:`GeneStats`) and "programs" (:class:`ProgramMoments`
+    of the raw program scores). ``facts``: the fact model (programs standardised for "encode"), ``names``: the full
+    name of each panel gene (or None)."""
+
+    def __init__(self, files: list[_FileJob], qualify_ids: bool, ontology: Ontology, mode: str = "encode",
+                 facts: FactModel | None = None, names: list[str | None] | None = None):
         self.files, self.qualify_ids, self.ontology = files, qualify_ids, ontology
+        self.mode, self.facts, self.names = mode, facts, names
 
-    def __call__(self, task: tuple) -> _Chunk:
+    def _train_rows(self, task: tuple) -> sp.csr_matrix:
+        f, start, stop, _obs, keep, split = task
+        job = self.files[f]
+        block = job.source.read_chunk(start, stop)
+        block = to_linear(block, job.scale, f"{job.source.path} (rows from {start})")
+        sub = block[:, job.cols].tocoo()
+        remapped = sp.csr_matrix((sub.data, (sub.row, job.panel_cols[sub.col])),
+                                 shape=(block.shape[0], job.n_panel), dtype=np.float32)
+        remapped.sort_indices()
+        rows = np.flatnonzero(keep & (np.diff(remapped.indptr) > 0) & (split == SPLITS.index("train")))
+        return remapped[rows]
+
+    def _fact_text(self, scores: np.ndarray, markers: np.ndarray, cell_ids: np.ndarray) -> list[str]:
+        """The cell-specific sentence of each cell: its top programs and first marker genes with their names."""
+        assert self.facts is not None
+        names = self.facts.program_names
+        out = []
+        for s, m, cid in zip(scores, markers, cell_ids):
+            top = np.argsort(-s, kind="stable")[:N_CAPTION_PROGRAMS]
+            genes = [(str(self.facts.symbols[g]), self.names[g] if self.names else None)
+                     for g in m[:N_CAPTION_MARKERS] if g >= 0]
+            out.append(fact_sentence([names[p] for p in top], genes, fact_template_index(str(cid))))
+        return out
+
+    def __call__(self, task: tuple):
+        if self.mode == "genes":
+            return GeneStats.of(self._train_rows(task))
+        if self.mode == "programs":
+            assert self.facts is not None
+            moments = ProgramMoments.empty(self.facts.n_programs)
+            moments.add(self.facts.raw_scores(self._train_rows(task)))
+            return moments
         f, start, stop, obs, keep, split = task
         job = self.files[f]
         source = job.source
@@ -545,21 +602,27 @@ class _Encoder:
             if sel.size:
                 part = obs.iloc[sel].copy()
                 part.index = pd.Index(cell_ids[sel], dtype=object)
-                part["text"] = _describe_rows(part[[c for c in part.columns if c != "source_file"]], self.ontology)
-                parts.append((name, remapped[sel], part))
+                facts, sentences = None, None
+                if self.facts is not None:
+                    facts = self.facts.facts(remapped[sel])
+                    sentences = self._fact_text(*facts, part.index.to_numpy())
+                part["text"] = _describe_rows(part[[c for c in part.columns if c != "source_file"]], self.ontology,
+                                              sentences)
+                parts.append((name, remapped[sel], part, facts))
         return _Chunk(block.shape[0], parts, n_empty, integral, total, mapped)
 
 
 _WORKER: _Encoder | None = None
 
 
-def _init_worker(files: list[_FileJob], qualify_ids: bool) -> None:
+def _init_worker(files: list[_FileJob], qualify_ids: bool, mode: str, facts: FactModel | None,
+                 names: list[str | None] | None) -> None:
     global _WORKER
     logging.basicConfig(level=logging.WARNING)
-    _WORKER = _Encoder(files, qualify_ids, get_ontology())
+    _WORKER = _Encoder(files, qualify_ids, get_ontology(), mode, facts, names)
 
 
-def _encode_in_worker(task: tuple) -> _Chunk:
+def _encode_in_worker(task: tuple):
     assert _WORKER is not None
     return _WORKER(task)
 
@@ -585,19 +648,21 @@ def _tasks(cfg: BuildConfig, plan: _Plan) -> Iterator[tuple]:
         offset += source.n_obs
 
 
-def _encoded_chunks(cfg: BuildConfig, plan: _Plan, ontology: Ontology) -> Iterator[tuple[int, _Chunk]]:
+def _encoded_chunks(cfg: BuildConfig, plan: _Plan, ontology: Ontology, mode: str = "encode",
+                    facts: FactModel | None = None, names: list[str | None] | None = None) -> Iterator[tuple[int, Any]]:
     """(file index, chunk) in corpus order: encoded here, or by ``cfg.jobs`` worker processes with at most
-    2 x jobs chunks in flight (results are taken in submission order, so the corpus does not depend on jobs)."""
+    2 x jobs chunks in flight (results are taken in submission order, so the corpus does not depend on jobs).
+    ``mode``/``facts``/``names``: see :class:`_Encoder` (the statistics passes yield per-chunk sums)."""
     files = _file_jobs(plan)
     if cfg.jobs <= 1:
-        encoder = _Encoder(files, plan.qualify_ids, ontology)
+        encoder = _Encoder(files, plan.qualify_ids, ontology, mode, facts, names)
         for task in _tasks(cfg, plan):
             yield task[0], encoder(task)
         return
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
                                       else "spawn")
     with ProcessPoolExecutor(cfg.jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(files, plan.qualify_ids)) as pool:
+                             initargs=(files, plan.qualify_ids, mode, facts, names)) as pool:
         pending: deque = deque()
         try:
             for task in _tasks(cfg, plan):
@@ -614,15 +679,37 @@ def _encoded_chunks(cfg: BuildConfig, plan: _Plan, ontology: Ontology) -> Iterat
             raise
 
 
+def _fit_facts(cfg: BuildConfig, plan: _Plan, ontology: Ontology, symbols: np.ndarray) -> FactModel:
+    """The statistics passes over the training cells (gene moments, then raw program-score moments), summed in
+    chunk order so that the fact model does not depend on ``--jobs``."""
+    stats = GeneStats.empty(len(plan.panel_ids))
+    for _, part in _encoded_chunks(cfg, plan, ontology, "genes"):
+        stats.add(part)
+    if stats.n == 0:
+        raise ScmmError("no training cells to compute the per-cell facts against (pass --no-facts)")
+    facts = FactModel.from_stats(symbols, stats)
+    moments = ProgramMoments.empty(facts.n_programs)
+    for _, part in _encoded_chunks(cfg, plan, ontology, "programs", facts):
+        moments.merge(part)
+    facts.program_mean, facts.program_sd = moments.mean_sd()
+    log.info("per-cell facts: %d hallmark programs scored, %d left out (< 5 panel genes)", facts.n_programs,
+             len(facts.left_out))
+    return facts
+
+
 def _write_cells(cfg: BuildConfig, plan: _Plan, writer: _ShardWriter, ontology: Ontology,
-                 bar: tqdm) -> tuple[str, int, list[dict]]:
+                 bar: tqdm, facts: FactModel | None = None) -> tuple[str, int, list[dict]]:
     """Pass 2: stream every input into the shards; return (normalization, cells dropped empty, file reports)."""
     n = len(plan.sources)
     integral, n_empty = [True] * n, [0] * n
     total, mapped = [0.0] * n, [0.0] * n
-    for f, chunk in _encoded_chunks(cfg, plan, ontology):
-        for split, matrix, obs in chunk.parts:
-            writer.add(split, matrix, obs)
+    names = None
+    if facts is not None:
+        table = gene_names(facts.symbols)
+        names = [table.get(str(s)) for s in facts.symbols]
+    for f, chunk in _encoded_chunks(cfg, plan, ontology, "encode", facts, names):
+        for split, matrix, obs, cell_facts in chunk.parts:
+            writer.add(split, matrix, obs, cell_facts)
         integral[f] &= chunk.integral
         n_empty[f] += chunk.n_empty
         total[f] += chunk.total_counts
@@ -664,14 +751,22 @@ def build_corpus(cfg: BuildConfig) -> dict:
                disable=None if cfg.progress else True)
     tmp = temp_dir_beside(out)
     try:
-        writer = _ShardWriter(_init_store(tmp, plan.panel_ids, vocab), cfg.shard_size, plan.columns)
-        normalization, n_dropped_empty, file_reports = _write_cells(cfg, plan, writer, ontology, bar)
+        root = _init_store(tmp, plan.panel_ids, vocab)
+        facts = _fit_facts(cfg, plan, ontology, np.asarray(root["genes/symbol"][:]).astype(object)) \
+            if cfg.facts else None
+        writer = _ShardWriter(root, cfg.shard_size, plan.columns)
+        normalization, n_dropped_empty, file_reports = _write_cells(cfg, plan, writer, ontology, bar, facts)
         bar.close()
         writer.close()
         if not writer.entries:
             raise ScmmError("no cells left to write (every cell was dropped or empty)")
         manifest = _manifest(cfg, writer.entries, writer.cell_types, vocab, plan.panel_ids, plan.splits.group_by,
                              normalization, n_dropped_empty, int((~plan.keep).sum()), file_reports)
+        if facts is not None:
+            arrays = facts.arrays()
+            for key, value in arrays.items():
+                write_array(root, f"facts/{key}", value)
+            manifest["facts"] = {**facts.manifest(), "checksums": shard_checksums(arrays)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         publish_dir(tmp, out, marker="manifest.json")  # --overwrite: the old corpus is swapped out, then deleted
     except BaseException:

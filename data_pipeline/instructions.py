@@ -1,7 +1,11 @@
 """Instruction data for stage 2: one (prompt, answer) row per (cell, task) of a corpus split.
 
 Tasks: ``describe`` (answer: the cell's corpus description), ``cell_type`` (answer: the Cell Ontology label of the
-cell's CL ID, else the corpus label) and ``tissue`` (answer: the tissue label; cells without one get no tissue row).
+cell's CL ID, else the corpus label) and ``tissue`` (answer: the tissue label; cells without one get no tissue row);
+on a corpus with per-cell facts (:mod:`scmm.data_pipeline.facts`) also ``programs`` (answer: the cell's three most
+active hallmark programs) and ``markers`` (answer: its first three marker genes with their names), phrased as the
+caption's cell-specific sentence (:func:`scmm.data_pipeline.fact_text.fact_sentence`); a corpus without facts gives
+no rows for them.
 Each task has several prompt phrasings; a row's phrasing is a stable hash of (seed, cell ID, task), so datasets are
 reproducible across processes and the model does not overfit one wording.
 """
@@ -11,6 +15,10 @@ import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from scmm.data_pipeline.fact_text import N_CAPTION_MARKERS, N_CAPTION_PROGRAMS, fact_sentence, fact_template_index
+from scmm.data_pipeline.facts import gene_names
 from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.store import Corpus
 from scmm.errors import ScmmError
@@ -20,7 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = ["TASKS", "PROMPTS", "UNSEEN_PROMPTS", "prompt_for", "template_for", "instruction_dataset"]
 
-TASKS = ("describe", "cell_type", "tissue")
+TASKS = ("describe", "cell_type", "tissue", "programs", "markers")
+FACT_TASKS = ("programs", "markers")
 
 PROMPTS: dict[str, tuple[str, ...]] = {
     "describe": (
@@ -39,6 +48,16 @@ PROMPTS: dict[str, tuple[str, ...]] = {
         "Which tissue does this cell come from?",
         "What tissue was this cell sampled from?",
         "Name the tissue of origin of this cell.",
+    ),
+    "programs": (
+        "Which programs are active in this cell?",
+        "Which hallmark programs are most active in this cell?",
+        "What gene programs does this cell show?",
+    ),
+    "markers": (
+        "Which genes does it express highly?",
+        "Which genes are most over-expressed in this cell?",
+        "Name the marker genes of this cell.",
     ),
 }
 
@@ -95,11 +114,15 @@ def instruction_dataset(corpus: Corpus, split: str, tasks: Sequence[str] = TASKS
             label_cache[term_id] = ontology.label(term_id) if ontology.is_valid(term_id) else None
         return label_cache[term_id]
 
+    facts = corpus.facts if any(t in FACT_TASKS for t in tasks) else None
+    symbols = corpus.gene_symbols if facts is not None else None
+    names = gene_names(symbols) if facts is not None else {}
     rows: dict[str, list[str]] = {k: [] for k in ("cell_id", "task", "prompt", "answer", "cell_type_ontology_term_id")}
     for entry in corpus.shards(split):
         columns = tuple(c for c in _COLUMNS if c in entry["columns"])
         obs = corpus.read_shard(entry["name"], columns).obs
         n = entry["n_cells"]
+        scores, markers = corpus.read_facts(entry["name"]) if facts is not None else (None, None)
         for i in range(n):
             def get(name: str, i: int = i, obs: dict = obs) -> str | None:
                 return _clean(obs[name][i]) if name in obs else None
@@ -110,7 +133,16 @@ def instruction_dataset(corpus: Corpus, split: str, tasks: Sequence[str] = TASKS
                 "describe": get("text"),
                 "cell_type": term_label(cl_id) or get("cell_type"),
                 "tissue": get("tissue") or term_label(get("tissue_ontology_term_id")),
+                "programs": None, "markers": None,
             }
+            if facts is not None:
+                phrasing = fact_template_index(cell_id)
+                top = np.argsort(-scores[i], kind="stable")[:N_CAPTION_PROGRAMS]
+                answers["programs"] = fact_sentence([facts["programs"]["names"][p] for p in top], [],
+                                                    phrasing) or None
+                genes = [(str(symbols[g]), names.get(str(symbols[g]))) for g in markers[i][:N_CAPTION_MARKERS]
+                         if g >= 0]
+                answers["markers"] = fact_sentence([], genes, phrasing) or None
             for task in tasks:
                 answer = answers[task]
                 if answer is None:

@@ -10,6 +10,9 @@ Layout of a corpus folder::
     shards/<split>-<k>/      one group per shard, cells of a single split
         indptr int64 [n+1], indices int32 (panel gene index), data float32
         cell_id, text, and the obs columns in OBS_COLUMNS (str [n])
+        program_scores float32 [n * P], markers int32 [n * K]   per-cell facts, row-major (when built with facts)
+    facts/                   gene_mean, gene_sd, gene_detected (float64 [n_genes]), program_mean, program_sd,
+                             program_indptr, program_genes: how the facts were computed (manifest "facts")
 
 `manifest.json` is written last and the folder is renamed into place only when complete, so a
 folder without a manifest (or with `complete` false) never opens as a corpus.
@@ -168,6 +171,45 @@ class Corpus:
         if self.verify and column_checksum("indptr", indptr) != entry["checksums"]["indptr"]:
             raise ScmmError(f"corpus shard '{name}' in {self.path} is corrupted (checksum mismatch in 'indptr')")
         return np.diff(indptr)
+
+    # --- per-cell facts (scmm.data_pipeline.facts) ---------------------------------------------------------------
+    @property
+    def facts(self) -> dict | None:
+        """The manifest's ``facts`` entry (programs, markers, sources), or None for a corpus built without facts
+        (``--no-facts``, or before they existed)."""
+        return self.manifest.get("facts") or None
+
+    def _read_checked(self, path: str, key: str, expected: str | None) -> np.ndarray:
+        try:
+            value = self._root[path][:]
+        except Exception as exc:  # zarr/codec errors on damaged chunk files
+            raise ScmmError(f"corpus array '{path}' in {self.path} is corrupted "
+                            f"({type(exc).__name__}: {exc})") from None
+        if self.verify and (expected is None or column_checksum(key, value) != expected):
+            raise ScmmError(f"corpus array '{path}' in {self.path} is corrupted (checksum mismatch)")
+        return np.asarray(value)
+
+    def fact_arrays(self) -> dict[str, np.ndarray]:
+        """The corpus-level fact arrays (``facts/``: gene mean/sd/detected share, program standardisation and
+        gene lists), checked against their checksums."""
+        facts = self.facts
+        if facts is None:
+            raise ScmmError(f"corpus {self.path} has no per-cell facts (rebuild it with `scmm data build`)")
+        return {key: self._read_checked(f"facts/{key}", key, digest) for key, digest in facts["checksums"].items()}
+
+    def read_facts(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(program scores [n, P] float32, marker panel indices [n, K] int32 with -1 padding) of one shard."""
+        facts = self.facts
+        if facts is None:
+            raise ScmmError(f"corpus {self.path} has no per-cell facts (rebuild it with `scmm data build`)")
+        entry = self.shard_entry(name)
+        n, p, k = entry["n_cells"], len(facts["programs"]["names"]), int(facts["markers"]["n_stored"])
+        scores = self._read_checked(f"shards/{name}/program_scores", "program_scores",
+                                    entry["checksums"].get("program_scores"))
+        markers = self._read_checked(f"shards/{name}/markers", "markers", entry["checksums"].get("markers"))
+        if scores.size != n * p or markers.size != n * k:
+            raise ScmmError(f"corpus shard '{name}' in {self.path} is corrupted (fact arrays of the wrong size)")
+        return scores.reshape(n, p), markers.reshape(n, k)
 
     def iter_shards(self, split: str | None = None, columns: tuple[str, ...] | None = None):
         for entry in self.shards(split):

@@ -119,13 +119,14 @@ def _sentence(text: str) -> str:
 
 def _compose(t: Template, cell_type: str, definition: str | None, tissue: str | None = None,
              disease: str | None = None, healthy: bool = False, donor: str | None = None,
-             assay: str | None = None) -> str:
+             assay: str | None = None, facts: str | None = None) -> str:
     main = t.main.format(
         a=_article(cell_type), ct=cell_type,
         tissue=t.tissue.format(tissue) if tissue else "",
         disease=t.healthy if healthy else (t.disease.format(disease) if disease else ""),
     )
-    sentences = [main, definition, t.donor.format(donor) if donor else None, t.assay.format(assay) if assay else None]
+    sentences = [main, facts, definition, t.donor.format(donor) if donor else None,
+                 t.assay.format(assay) if assay else None]
     return " ".join(_sentence(s) for s in sentences if s)
 
 
@@ -164,11 +165,13 @@ def _donor_phrase(meta: CellMetadata, ontology: Ontology) -> str | None:
     return " ".join(words)
 
 
-def describe(meta: CellMetadata, key: str, ontology: Ontology) -> str:
+def describe(meta: CellMetadata, key: str, ontology: Ontology, facts: str | None = None) -> str:
     """Description of one cell; the phrasing is ``TEMPLATES[template_index(key)]``.
 
     Says the cell type (with its CL definition when it has one), tissue, disease ("healthy" for
     normal/PATO:0000461), then sex/organism/development stage and assay; missing or placeholder fields are skipped.
+    ``facts``: the cell-specific sentence (:func:`scmm.data_pipeline.fact_text.fact_sentence`), placed right after
+    the first sentence, so that a text encoder's length limit keeps it.
     """
     cell_type = _term_label(ontology, meta.cell_type, meta.cell_type_id)
     if cell_type is None:
@@ -177,7 +180,7 @@ def describe(meta: CellMetadata, key: str, ontology: Ontology) -> str:
     return _compose(
         TEMPLATES[template_index(key)], cell_type, _cell_type_definition(ontology, meta.cell_type_id),
         tissue=_term_label(ontology, meta.tissue, meta.tissue_id), disease=disease, healthy=healthy,
-        donor=_donor_phrase(meta, ontology), assay=_clean(meta.assay),
+        donor=_donor_phrase(meta, ontology), assay=_clean(meta.assay), facts=facts or None,
     )
 
 

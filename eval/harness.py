@@ -43,6 +43,9 @@ Tasks (``TASKS``):
   features of their own texts (recall@1/5/10 both ways, mean ranks, label-level recall).
 * **describe**, **generate**: stage-2 tasks (:mod:`scmm.eval.stage2`); a model without a stage-2 part cannot do
   them, so asking for them is an error.
+* **language** (every run, on a corpus with per-cell facts): ``language.*`` (:mod:`scmm.eval.language`): search by
+  program text in the stage-1 space always, program and marker claims of the descriptions after **describe**,
+  text-to-cell by program after **generate**; on a corpus without facts ``language = {"absent": reason}``.
 
 The model is any model folder (:func:`scmm.model.folders.load_model`); it encodes cells with its own saved
 encoding. Splits come from the corpus manifest, the seed of the baselines and the UMAP from ``seed``; the model
@@ -91,6 +94,7 @@ from scmm.eval.calibration import (
     softmax,
     split_rate,
 )
+from scmm.eval.language import language_report, type_examples
 from scmm.eval.metrics import (
     annotation_metrics,
     binary_auroc,
@@ -388,6 +392,18 @@ def _generate(model: ScmmModel, corpus: Corpus, seed: int) -> dict:
         raise ScmmError(f"pseudo-cell evaluation: {exc}") from None
 
 
+def _language(model: ScmmModel, corpus: Corpus, test, described: dict, generate: bool, seed: int) -> dict:
+    """``language.*`` (:mod:`scmm.eval.language`): search always, claims after describe, text-to-cell after
+    generate; ``{"absent": ...}`` for a corpus without per-cell facts."""
+    emb = test[0]
+    descriptions = dict(zip(described["cell_id"], described["descriptions"])) \
+        if described.get("descriptions") else None
+    return language_report(corpus, embeddings=emb.embeddings, embedded_ids=emb.cell_ids,
+                           text_features=lambda texts: _text_features(model.aligner, texts),
+                           descriptions=descriptions, stage2=model.stage2 if generate else None,
+                           answers_model=model.stage2 if descriptions is not None else None, seed=seed)
+
+
 def _run_tasks(model: ScmmModel, corpus: Corpus, tasks: Sequence[str], cands: Candidates, ontology, seed: int,
                tmp: Path, progress: bool, unknown_rate: float = DEFAULT_UNKNOWN_RATE,
                unknown_threshold: float | None = None, novelty_share: float = NOVELTY_SHARE) -> tuple[dict, dict]:
@@ -405,12 +421,17 @@ def _run_tasks(model: ScmmModel, corpus: Corpus, tasks: Sequence[str], cands: Ca
             details["annotation"] = d
         if "retrieve" in tasks:
             metrics["retrieval"] = _retrieve(aligner, test)
+        described: dict[str, list] = {}
         if "describe" in tasks:
             metrics["generation"], details["generation_examples"] = generation_report(
-                model.stage2, corpus, "test", ontology, progress=progress, n_examples=EXAMPLES)
+                model.stage2, corpus, "test", ontology, progress=progress, n_examples=EXAMPLES, collect=described)
         if "generate" in tasks:
             metrics["pseudocell"] = _generate(model, corpus, seed)
             details["notes"] += metrics["pseudocell"].pop("notes", [])
+        metrics["language"] = _language(model, corpus, test, described, "generate" in tasks, seed)
+        if described.get("descriptions"):
+            details["language_examples"] = type_examples(
+                corpus, dict(zip(described["cell_id"], described["descriptions"])))
     return _json_safe(metrics), details
 
 

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from scmm.eval.language_report import language_section
+
 __all__ = ["main_table", "retrieval_table", "generation_section", "stage2_table", "pseudocell_section",
            "write_report", "METHOD_NAMES"]
 
@@ -375,6 +377,7 @@ def write_report(metrics: Mapping[str, Any], out_dir: str | Path, context: Mappi
     lines += _annotation_section(metrics, c)
     lines += _retrieval_section(metrics)
     lines += _stage2_sections(metrics, c)
+    lines += language_section(metrics.get("language"), metrics.get("generation"), c.get("language_examples"))
     lines += _plots_section(metrics, c)
     lines += _notes_section(c)
     out.write_text("\n".join(lines).rstrip() + "\n")

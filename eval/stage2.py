@@ -60,14 +60,18 @@ def _loader(model: Stage2Model, corpus: Corpus, split: str, batch_size: int) -> 
 @torch.no_grad()
 def describe_split(model, corpus: Corpus, split: str = "test", constrained: bool = False, num_beams: int = 1,
                    describe: bool = True, batch_size: int = 64, max_cells: int | None = None,
-                   progress: bool = False, type_prompts: Sequence[str] | None = None) -> dict[str, list]:
+                   progress: bool = False, type_prompts: Sequence[str] | None = None,
+                   no_repeat_ngram_size: int | None = None, answers: bool = True) -> dict[str, list]:
     """Generated descriptions and cell-type answers for the cells of ``split`` (loader order).
 
     Returns lists: ``cell_id``, ``true_cl`` (label keys), ``references`` (the cells' texts), ``descriptions``
     (empty without ``describe``), ``type_answers``, ``pred_cl`` (CL ID read from each answer, or None).
     ``type_prompts``: ask the cell-type question in these phrasings instead (cell ``i`` of the split gets phrasing
-    ``i % len``), e.g. :data:`~scmm.data_pipeline.instructions.UNSEEN_PROMPTS`.
+    ``i % len``), e.g. :data:`~scmm.data_pipeline.instructions.UNSEEN_PROMPTS`. ``no_repeat_ngram_size``: the
+    descriptions' decoding (default the model's, :data:`scmm.model.stage2.NO_REPEAT_NGRAM_SIZE`; 0 = the raw
+    decoder). ``answers=False`` skips the cell-type answers (empty lists).
     """
+    dec = {} if no_repeat_ngram_size is None else {"no_repeat_ngram_size": int(no_repeat_ngram_size)}
     out: dict[str, list] = {k: [] for k in ("cell_id", "true_cl", "references", "descriptions", "type_answers",
                                             "pred_cl")}
     batches = tqdm(_loader(model, corpus, split, batch_size), desc=f"describe {split}", unit="batch",
@@ -79,7 +83,9 @@ def describe_split(model, corpus: Corpus, split: str = "test", constrained: bool
         out["true_cl"] += label_keys(batch["cell_type_ontology_term_id"], batch["cell_type"])
         out["references"] += [str(t) for t in batch["text"]]
         if describe:
-            out["descriptions"] += model.describe_cells(batch, task="describe", num_beams=num_beams)
+            out["descriptions"] += model.describe_cells(batch, task="describe", num_beams=num_beams, **dec)
+        if not answers:
+            continue
         if type_prompts:
             answers = _answers_in_phrasings(model, batch, type_prompts, len(out["type_answers"]), constrained,
                                             num_beams)
@@ -225,13 +231,22 @@ def pseudocells_from_texts(model, texts_by_type: dict[str, list[str]], n_per_typ
 
 
 def generation_report(model, corpus: Corpus, split: str = "test", ontology=None, num_beams: int = 1,
-                      progress: bool = False, n_examples: int = 8) -> tuple[dict[str, Any], list[dict]]:
+                      progress: bool = False, n_examples: int = 8, collect: dict | None = None
+                      ) -> tuple[dict[str, Any], list[dict]]:
     """The ``generation`` section of ``metrics.json`` (free and constrained type answers) and a few examples, over
-    the ``split`` cells of seen types (:func:`seen_types_only`)."""
+    the ``split`` cells of seen types (:func:`seen_types_only`). ``repeated_phrase_rate`` is that of the default
+    decoding (no repeated token n-grams), ``repeated_phrase_rate_raw`` that of the raw greedy decoder.
+    ``collect``: filled with the per-cell results (cell IDs, descriptions, answers) of the default decoding."""
     held = corpus.holdout_types
     free = seen_types_only(describe_split(model, corpus, split, constrained=False, num_beams=num_beams,
                                           describe=True, progress=progress), held)
+    if collect is not None:
+        collect.update(free)
     out = generation_metrics(free, ontology)
+    raw = seen_types_only(describe_split(model, corpus, split, num_beams=num_beams, progress=progress,
+                                         no_repeat_ngram_size=0, answers=False), held)
+    if raw["descriptions"]:
+        out["repeated_phrase_rate_raw"] = repeated_phrase_rate(raw["descriptions"])
     constrained = generation_metrics(seen_types_only(describe_split(
         model, corpus, split, constrained=True, num_beams=num_beams, describe=False, progress=progress), held),
         ontology)

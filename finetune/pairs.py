@@ -3,12 +3,17 @@
 Each training cell is paired with one instruction (task and template chosen deterministically from the seed, the
 step, the rank and the cell's place in the batch) and with its own description for the text -> cell path; its
 target profile is its log1p-CP10k expression over the gene panel (the training split's highly variable genes).
+On a corpus with per-cell facts the text -> cell input is, by the same deterministic draw, the description or one
+of two short texts: "<type> with high <its most active program> activity" and "<type> with low <its least active
+program> activity" (:func:`scmm.data_pipeline.fact_text.type_program_query`), so that pseudo-cells can be asked for
+by program.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from scmm.data_pipeline.fact_text import type_program_query
 from scmm.data_pipeline.hvg import hvg_panel, log1p_profiles
 from scmm.data_pipeline.instructions import instruction_dataset
 from scmm.data_pipeline.store import Corpus
@@ -41,12 +46,40 @@ class PairBuilder:
         self.x = torch.from_numpy(x)
         # each profile's description (the text -> cell input), as an index into the distinct descriptions
         pool: dict[str, int] = {}
-        text_of = {str(c): pool.setdefault(str(t), len(pool))
-                   for shard in corpus.iter_shards(split, columns=("cell_id", "text"))
-                   for c, t in zip(shard.obs["cell_id"], shard.obs["text"])}
+        text_of: dict[str, int] = {}
+        queries: dict[str, tuple[int, int]] = {}  # cell -> (high query, low query) indices into the pool
+        facts = corpus.facts
+        for entry in corpus.shards(split):
+            shard = corpus.read_shard(entry["name"], ("cell_id", "text", "cell_type"))
+            scores = corpus.read_facts(entry["name"])[0] if facts is not None else None
+            for i, (c, t) in enumerate(zip(shard.obs["cell_id"], shard.obs["text"])):
+                text_of[str(c)] = pool.setdefault(str(t), len(pool))
+                if scores is not None and scores.shape[1]:
+                    order = np.argsort(-scores[i], kind="stable")
+                    label, names = str(shard.obs["cell_type"][i]), facts["programs"]["names"]
+                    queries[str(c)] = (pool.setdefault(type_program_query(label, names[order[0]], True), len(pool)),
+                                       pool.setdefault(type_program_query(label, names[order[-1]], False),
+                                                       len(pool)))
         self.text_pool = list(pool)
         self.text_index = torch.tensor([text_of[c] for c in ids], dtype=torch.long)
+        self.query_index = torch.tensor([queries[c] for c in ids], dtype=torch.long) if queries else None
         self.seed, self.builder = seed, builder
+
+    def refit_data(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """(texts, text index per profile, profiles) for the decoder refit: each profile with its description and,
+        on a corpus with facts, again with its high- and low-program queries."""
+        if self.query_index is None:
+            return self.text_pool, self.text_index, self.x
+        index = torch.cat([self.text_index, self.query_index[:, 0], self.query_index[:, 1]])
+        return self.text_pool, index, self.x.repeat(3, 1)
+
+    def _t2c_text(self, cid: str, text: str, step: int, rank: int, i: int) -> str:
+        if self.query_index is None:
+            return text
+        pick = np.random.default_rng([self.seed, step, rank, i, 1]).integers(3)
+        if pick == 0:
+            return text
+        return self.text_pool[int(self.query_index[self.profiles[cid], pick - 1])]
 
     def __call__(self, batch: dict, step: int, rank: int) -> dict:
         c2t, texts, rows, index = [], {}, [], []
@@ -58,7 +91,8 @@ class PairBuilder:
             pick = np.random.default_rng([self.seed, step, rank, i]).choice(len(options), p=p / p.sum())
             prompt, answer, _ = options[pick]
             c2t.append(self.builder.cell_to_text(prompt, answer))
-            index.append(texts.setdefault(str(text), len(texts)))  # each distinct description runs once
+            t2c = self._t2c_text(str(cid), str(text), step, rank, i)
+            index.append(texts.setdefault(t2c, len(texts)))  # each distinct text runs once
             rows.append(self.profiles[str(cid)])
         out = {k: batch[k] for k in ("gene_ids", "values", "padding_mask")}
         out["c2t"] = self.builder.collate(c2t, padding_side="right")

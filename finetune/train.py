@@ -122,7 +122,7 @@ def export(cfg: Stage2RunConfig, trainer: Trainer, corpus: Corpus, hvg: dict, pa
     refit = {}
     if cfg.refit.steps > 0:
         model.to(trainer.launch.device)
-        refit = refit_decoder(model, pairs.text_pool, pairs.text_index, pairs.x, cfg.refit, cfg.seed,
+        refit = refit_decoder(model, *pairs.refit_data(), cfg.refit, cfg.seed,
                               cfg.model.bridge.nll_weight, log_path=out / "decoder_refit.jsonl")
         log.info("decoder refit: decode_llm %.4f (first window) -> %.4f (last), %d distinct descriptions",
                  refit["first_window"], refit["last_window"], refit["distinct_texts"])

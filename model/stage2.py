@@ -66,6 +66,8 @@ HVG_FILE = "hvg.json"
 STAGE1_TRAIN = ("none", "qformer", "all")
 LOSSES = ("lm", "t2c", "decode_real", "decode_llm")
 LM_MEANS = ("token", "answer")  # how the answer loss averages (Stage2Loss.lm_mean)
+NO_REPEAT_NGRAM_SIZE = 4  # decoding default: no token 4-gram twice in one answer (0: the raw decoder)
+MAX_DESCRIPTION_TOKENS = 192  # decoding default: the longest description generated
 
 
 PSEUDOCELL_BLOCK = 4096  # rows of pseudo-cells drawn from one generator
@@ -346,11 +348,16 @@ class Stage2Model(PretrainedModel, nn.Module):
     # --- inference --------------------------------------------------------------------------------
     @torch.no_grad()
     def describe_cells(self, batch: dict, task: str = "describe", constrained: bool = False, num_beams: int = 1,
-                       max_new_tokens: int | None = None, template: int = 0, prompt: str | None = None) -> list[str]:
+                       max_new_tokens: int | None = None, template: int = 0, prompt: str | None = None,
+                       no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE) -> list[str]:
         """Generated answers for a loader-style batch of cells (greedy or beam search).
 
         ``constrained`` (cell_type task): decoding follows a prefix tree over the Cell Ontology's labels and
         synonyms, so the answer is always a valid CL term. ``prompt`` replaces the task's phrasing ``template``.
+        Decoding defaults are what a reader wants: no token n-gram of ``no_repeat_ngram_size`` (default
+        :data:`NO_REPEAT_NGRAM_SIZE`; 0 = the raw decoder) twice in one answer, and at most
+        :data:`MAX_DESCRIPTION_TOKENS` new tokens for a description (32 for the other tasks) unless
+        ``max_new_tokens`` says otherwise.
         """
         self.eval()
         device = self.device
@@ -361,9 +368,12 @@ class Stage2Model(PretrainedModel, nn.Module):
         ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         embeds = self._embed_with_cells(ids, enc["slot_positions"].to(device), query, cell)
         if max_new_tokens is None:
-            max_new_tokens = 32 if task != "describe" else max(16, self.config.max_length - ids.shape[1])
+            max_new_tokens = 32 if task in ("cell_type", "tissue") else \
+                min(MAX_DESCRIPTION_TOKENS, max(16, self.config.max_length - ids.shape[1]))
         kwargs = dict(inputs_embeds=embeds, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
                       num_beams=num_beams, pad_token_id=self._pad_id(), eos_token_id=self.tokenizer.eos_token_id)
+        if no_repeat_ngram_size > 0 and not constrained:
+            kwargs["no_repeat_ngram_size"] = int(no_repeat_ngram_size)
         if num_beams > 1:
             kwargs["early_stopping"] = True
         if constrained:

@@ -96,6 +96,8 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
                    "test, to measure unseen types); 'none' for no held-out type")
     p.add_argument("--overwrite", action="store_true", help="replace an existing corpus")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-facts", dest="facts", action="store_false", help="skip the per-cell facts (hallmark "
+                   "program activity, marker genes) and the caption sentence naming them")
 
 
 def _holdout_types(value: str | None, default: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -117,7 +119,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         min_gene_coverage=args.min_gene_coverage, label_map=_read_label_map(args.label_map),
         unmatched_labels=args.unmatched_labels, shard_size=args.shard_size, chunk_size=args.chunk_size,
         seed=args.seed, holdout_types=_holdout_types(args.holdout_types), overwrite=args.overwrite,
-        jobs=args.jobs, progress=not args.quiet)
+        jobs=args.jobs, progress=not args.quiet, facts=args.facts)
     manifest = build_corpus(cfg)
     _print_summary(args.out, manifest)
     return 0
@@ -137,7 +139,7 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
         adata.write_h5ad(path)
         cfg = BuildConfig(inputs=[path], out=Path(args.out), shard_size=args.shard_size, chunk_size=args.chunk_size,
                           seed=args.seed, holdout_types=_holdout_types(args.holdout_types, DEMO_HOLDOUT_TYPES),
-                          overwrite=args.overwrite, jobs=args.jobs, progress=not args.quiet)
+                          overwrite=args.overwrite, jobs=args.jobs, progress=not args.quiet, facts=args.facts)
         manifest = build_corpus(cfg)
         if h5ad is not None:  # the same cells as the corpus, for `scmm annotate` / `describe` walk-throughs
             from scmm.atomic import write_file

@@ -16,7 +16,7 @@ DESIGN_KEYS = {
     "retrieval": {"cell_to_text_recall@1", "cell_to_text_recall@5", "text_to_cell_recall@1", "text_to_cell_recall@5"},
 }
 BASELINES = {"majority", "logistic_regression", "pca_knn", "scmm_knn_smoothing"}
-COUNTS = {"n_cells", "n_classes", "n_pairs", "n_val_cells", "n_test_cells"}
+COUNTS = {"n_cells", "n_classes", "n_pairs", "n_val_cells", "n_test_cells", "n_programs", "n_type_programs"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -47,6 +47,8 @@ def _check_ranges(section: str, values: dict) -> None:
             assert isinstance(value, list), (section, key, value)
         elif key == "unknown_rate" and value is None:  # a threshold set directly
             pass
+        elif section.startswith("language") and value is None:  # nothing to measure (e.g. too few cells per type)
+            pass
         elif key == "novelty_quantiles":  # val cells' mean cosine similarities to their nearest training cells
             assert isinstance(value, list) and all(-1.0 - 1e-5 <= v <= 1.0 + 1e-5 for v in value), (section, key)
         elif key == "novelty_threshold":  # a cosine similarity, or None (no novelty check)
@@ -62,7 +64,7 @@ def test_eval_writes_every_design_key_reproducibly(first_run, tiny_model: Path, 
     from scmm.eval.harness import evaluate
     metrics, out = first_run
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    assert set(metrics) == {"annotation", "retrieval", "baselines"}
+    assert set(metrics) == {"annotation", "retrieval", "baselines", "language"}  # language: the corpus has facts
     for section, keys in DESIGN_KEYS.items():
         assert keys <= set(metrics[section]), (section, keys - set(metrics[section]))
     for section, values in metrics.items():
@@ -102,7 +104,7 @@ def test_rerun_into_the_same_folder_replaces_outputs(tiny_model: Path, small_cor
     (out / "keep.txt").write_text("the user's file")
     (out / "umap.png").write_bytes(b"stale")  # an earlier run's plot that this run does not produce
     metrics = evaluate(tiny_model, small_corpus, out, tasks="retrieve", progress=False)
-    assert set(metrics) == {"retrieval"}
+    assert set(metrics) == {"retrieval", "language"}
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert (out / "keep.txt").read_text() == "the user's file" and not (out / "umap.png").exists()
     assert "retrieval" in (out / "report.md").read_text()
@@ -118,7 +120,7 @@ def test_cli_eval_with_user_labels(tiny_model: Path, small_corpus: Path, tmp_pat
     printed = capsys.readouterr().out
     assert printed.startswith("| method | accuracy | macro-F1 |") and "scmm_knn_smoothing" in printed
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
-    assert set(metrics) == {"annotation", "baselines"}
+    assert set(metrics) == {"annotation", "baselines", "language"}
     report = (tmp_path / "e" / "report.md").read_text()
     assert "`CL:0000084`" in report and "something never seen" in report  # free text matched / kept as is
 

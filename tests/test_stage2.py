@@ -532,7 +532,7 @@ def test_eval_package_and_describe_use_the_stage2_model(trained_stage2, tiny_sta
     from scmm.package import package_model
     package = package_model(tiny_stage1, small_corpus, tmp_path / "package", stage2=trained_stage2)
     metrics = evaluate(package, small_corpus, tmp_path / "eval", progress=False)  # default: every task
-    assert set(metrics) == {"annotation", "retrieval", "baselines", "generation", "pseudocell"}
+    assert set(metrics) == {"annotation", "retrieval", "baselines", "generation", "pseudocell", "language"}
     gen, pc = metrics["generation"], metrics["pseudocell"]
     assert {"bleu4", "rougeL", "type_accuracy", "ontology_score", "type_accuracy_constrained"} <= set(gen)
     assert all(0.0 <= gen[k] <= 1.0 for k in ("bleu4", "rougeL", "type_accuracy", "type_accuracy_constrained"))
@@ -548,8 +548,18 @@ def test_eval_package_and_describe_use_the_stage2_model(trained_stage2, tiny_sta
     # what training never said: the type question in other words, pseudo-cells from ontology synonyms/definitions
     assert 0.0 <= gen["type_accuracy_unseen_phrasing"] <= 1.0 and 0.0 <= pc["knn_accuracy_unseen_phrasing"] <= 1.0
     assert pc["unseen_phrasing"]["n_types"] == 4 and set(pc["unseen_phrasing"]["spaces"]) == set(pc["spaces"])
+    # language.* (DESIGN.md, 2026-12-07): every key, over the seen-type test cells, beside its baseline
+    lang = metrics["language"]
+    assert {"program_claims", "marker_claims", "search", "text_to_cell", "n_programs", "n_cells", "answers"} \
+        <= set(lang)
+    assert {"precision", "recall", "f1", "f1_within_type", "baseline_f1_within_type"} <= set(lang["program_claims"])
+    assert {"precision", "baseline_precision"} <= set(lang["marker_claims"])
+    assert {"auroc", "auroc_within_type"} <= set(lang["search"]) and "auroc" in lang["text_to_cell"]
+    assert lang["n_cells"] == gen["n_cells"] and lang["n_programs"] == 1  # small_corpus: allograft rejection alone
+    assert 0.0 <= gen["repeated_phrase_rate"] <= 1.0 and 0.0 <= gen["repeated_phrase_rate_raw"] <= 1.0
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "## Descriptions and cell-type answers" in report and "## Pseudo-cells" in report
+    assert "## Language about each cell" in report and "type-template baseline" in report
     assert "Scored over the corpus's cell types" in report
     # the bare stage-2 folder evaluates to the same numbers as its package
     assert evaluate(trained_stage2, small_corpus, tmp_path / "eval2", progress=False) == metrics
