@@ -36,7 +36,10 @@ Outputs (DESIGN.md names):
     training cells' (``obs['scmm_novelty']``, the mean cosine similarity to the nearest training cells in the
     expression PCA space of :mod:`scmm.eval.novelty`; float32, present for such a package) is below the novelty
     threshold: by default the thresholds ``scmm eval`` chose
-    so that 5 % of val cells abstain (half of the rate on each); ``unknown_rate`` picks another rate,
+    so that 5 % of new in-distribution cells abstain (half of the rate on each); with the novelty check the
+    run also judges the file as a whole (:func:`scmm.eval.calibration.report_novelty`): the share of its cells
+    below the novelty threshold is logged once (a warning when most of them are: data unlike the training data)
+    and written to ``uns['scmm']['novelty_summary']``; ``unknown_rate`` picks another rate,
     ``unknown_threshold`` sets the confidence threshold (a confidence in [0, 1]) and turns the novelty check off.
     When the top candidates are within the back-off margin of each other, the answer is their lowest informative
     common ancestor in the Cell Ontology, and
@@ -96,6 +99,7 @@ from scmm.eval.calibration import (
     Calibration,
     calibrated_answers,
     check_unknown_options,
+    report_novelty,
     softmax,
 )
 from scmm.eval.novelty import ExpressionNovelty
@@ -114,6 +118,7 @@ CELL_TYPE_ID = "scmm_cell_type_ontology_term_id"
 CONFIDENCE = "scmm_confidence"
 LEVEL = "scmm_cell_type_level"
 NOVELTY = "scmm_novelty"
+UNS_KEY = "scmm"  # uns['scmm']: what a run says about the file as a whole (novelty_summary)
 Labeller = Callable[[int, np.ndarray], pd.DataFrame]  # (first row, those rows' embeddings) -> label columns
 DESCRIPTION = "scmm_description"
 LLM_COLUMNS = {CELL_TYPE: "scmm_llm_cell_type", CELL_TYPE_ID: "scmm_llm_cell_type_ontology_term_id",
@@ -384,6 +389,8 @@ def _annotator(model: ScmmModel, candidates: Candidates, calibration: Calibratio
         answers = calibrated_answers(sim, candidates.keys, candidates.names, candidates.cl_ids, calibration,
                                      ontology, prob=prob, novelty=similarity)
         return _label_frame(answers.names, answers.cl_ids, answers.confidence, answers.level, similarity)
+    if novelty is not None:  # the file as a whole (scmm.eval.calibration.report_novelty), at the end
+        run.novelty_summary = lambda sim, empty: report_novelty(sim, calibration, str(inp.source.path), empty)
     return run
 
 
@@ -610,12 +617,15 @@ class _Sink:
         return np.asarray(self.emb[...])
 
     def finish(self, obs: pd.DataFrame | None):
-        """The result: the output file's path, or an AnnData."""
+        """The result: the output file's path, or an AnnData (``obs.attrs[UNS_KEY]`` goes to ``uns['scmm']``)."""
+        uns = obs.attrs.get(UNS_KEY) if obs is not None else None
         if self.held:
             obs = pd.DataFrame(self.held) if obs is None else obs.assign(**self.held)
         if self.file is not None:
             if obs is not None and len(obs.columns):
                 _add_obs_columns(self.file, obs)
+            if uns:
+                _add_uns(self.file, uns)
             self.file.close()
             self.file = None
             return _publish_file(self.tmp, self.out)
@@ -630,7 +640,25 @@ class _Sink:
             adata.obs[col] = obs[col].values
         if self.emb is not None:
             adata.obsm[EMBEDDING_KEY] = self.emb
+        if uns:
+            scmm_uns = adata.uns.get(UNS_KEY)
+            adata.uns[UNS_KEY] = {**(dict(scmm_uns) if isinstance(scmm_uns, dict) else {}), **uns}
         return _write_adata(adata, self.out) if self.out is not None else adata
+
+
+def _add_uns(file: h5py.File, uns: dict) -> None:
+    """``uns['scmm'][key] = value`` for each item of ``uns`` in an open h5ad (other ``uns`` entries are kept)."""
+    group = file.require_group("uns")
+    if UNS_KEY in group and not isinstance(group[UNS_KEY], h5py.Group):
+        del group[UNS_KEY]
+    scmm_group = group.require_group(UNS_KEY)
+    for g in (group, scmm_group):
+        if "encoding-type" not in g.attrs:
+            g.attrs["encoding-type"], g.attrs["encoding-version"] = "dict", "0.1.0"
+    for key, value in uns.items():
+        if key in scmm_group:
+            del scmm_group[key]
+        ad.io.write_elem(scmm_group, key, {k: v for k, v in value.items() if v is not None})
 
 
 def _write_adata(adata: ad.AnnData, out: Path) -> Path:
@@ -789,8 +817,15 @@ def _merge_parts(data: Any, inp: _Input, out: Path, dim: int, labeller: Labeller
 def _labels_at_end(sink: Any, cols: _Columns, empty: np.ndarray,
                    labeller: Labeller | None, whole: bool) -> pd.DataFrame:
     if labeller is not None and whole:
-        return _with_qc(_qc_labels(labeller(0, sink.embeddings()), empty), empty)
-    return _with_qc(cols.frame() if labeller is not None else None, empty)
+        frame = _with_qc(_qc_labels(labeller(0, sink.embeddings()), empty), empty)
+    else:
+        frame = _with_qc(cols.frame() if labeller is not None else None, empty)
+    summarise = getattr(labeller, "novelty_summary", None)  # the global novelty rule, once over every cell
+    if summarise is not None and NOVELTY in frame:
+        summary = summarise(frame[NOVELTY].to_numpy(), empty)
+        if summary is not None:
+            frame.attrs[UNS_KEY] = {"novelty_summary": summary}
+    return frame
 
 
 def _start(data: Any, model: Any, out: str | os.PathLike | None, overwrite: bool, options: dict,
