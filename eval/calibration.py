@@ -102,7 +102,7 @@ from scmm.eval.ontology_score import informative_common_ancestor, is_same_or_anc
 __all__ = ["novelty_threshold", "novelty_summary", "describe_novelty_summary", "report_novelty", "FOREIGN_SHARE",
            "split_rate",
            "abstention_score", "NOVELTY_SHARE", "softmax", "nll", "fit_temperature",
-           "abstention_threshold", "confidence_quantiles",
+           "abstention_threshold", "below_cut_left_out", "confidence_quantiles",
            "threshold_from_quantiles", "backoff", "choose_margin", "Calibration", "calibrated_answers", "Answers",
            "check_unknown_options", "DEFAULT_UNKNOWN_RATE", "DEFAULT_LINEAGE_TARGET", "UNKNOWN"]
 
@@ -175,6 +175,24 @@ def abstention_threshold(confidence: Sequence[float], rate: float) -> float:
     the ``j``-th smallest confidence, ``j = floor(rate * (n + 1))`` (module docstring); 0 (never) for ``j = 0``."""
     cut = _conformal_cut(confidence, rate, "confidences")
     return 0.0 if cut is None else cut
+
+
+def below_cut_left_out(values: Sequence[float], rate: float) -> np.ndarray:
+    """Per value: whether it lies below the split-conformal cut at ``rate`` chosen on the *other* values
+    (leave-one-out: the ``j``-th smallest of the other ``n - 1``, ``j = floor(rate * n)``), as a new cell meets a
+    cut it took no part in. The share of True is the honest estimate of the abstain rate on these cells; the cut
+    chosen on all of them would count at most ``j - 1`` by construction."""
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    j = int(math.floor(rate * n + 1e-9)) if n > 1 else 0
+    if j == 0:
+        return np.zeros(n, dtype=bool)
+    order = np.argsort(v, kind="stable")
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    s = v[order]
+    cut = np.where(rank < j, s[min(j, n - 1)], s[j - 1])  # the j-th smallest once the value itself is left out
+    return v < cut
 
 
 def confidence_quantiles(confidence: Sequence[float], step: float = QUANTILE_STEP) -> list[float]:

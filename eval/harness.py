@@ -23,8 +23,9 @@ Tasks (``TASKS``):
   ``novelty_reference.npz`` beside ``metrics.json``; its threshold is calibrated on those training cells' own
   leave-donor-out similarities, not on val), and chooses the back-off margin (``annotation.margin``);
   all of them, with the val confidence and novelty calibration quantiles, go to ``annotation.calibration``, which
-  ``scmm annotate`` applies on a packaged model. ``val_abstain_rate``: the share of val cells abstaining with
-  those thresholds (the check that the stated ``unknown_rate`` holds on cells the novelty PCA never saw;
+  ``scmm annotate`` applies on a packaged model. ``val_abstain_rate``: the share of val cells abstaining (each
+  against the confidence cut chosen on the other val cells, and the novelty cut: the check that the stated
+  ``unknown_rate`` holds on cells the novelty PCA never saw;
   ``val_abstain_rate_novelty``: by the novelty check alone). ``foreign``: ``n_cells``, ``unknown_rate`` and
   ``novel_rate`` of synthetic cells made unlike the corpus (:mod:`scmm.eval.foreign`).
   On test: ``ece`` (15 bins; ``ece_floor`` with ``ece_floor_p10`` /
@@ -87,6 +88,7 @@ from scmm.eval.calibration import (
     Calibration,
     abstention_score,
     abstention_threshold,
+    below_cut_left_out,
     calibrated_answers,
     check_unknown_options,
     choose_margin,
@@ -205,8 +207,9 @@ def _calibrate(model, corpus: Corpus, protos: np.ndarray, cands: Candidates, ont
     such val cells, the model's contrastive temperature and no abstention (unless ``unknown_threshold``), novelty
     check or back-off. ``novelty``: the novelty check's reference and calibration set
     (:func:`scmm.eval.novelty.calibrated_novelty`), or None for no novelty check. Returns the calibration and
-    the val figures (``val_abstain_rate``: the share of those val cells abstaining with the final thresholds;
-    ``val_abstain_rate_novelty``: by the novelty check, which never saw them)."""
+    the val figures (``val_abstain_rate``: the share of those val cells abstaining, each against the confidence
+    cut chosen on the other val cells and the novelty cut, which never saw them; ``val_abstain_rate_novelty``: by
+    the novelty check alone)."""
     fallback = Calibration(temperature=1.0 / _logit_scale(model),
                            threshold=unknown_threshold if unknown_threshold is not None else 0.0)
     if corpus.manifest["splits"].get("val", 0) <= 0:
@@ -233,7 +236,9 @@ def _calibrate(model, corpus: Corpus, protos: np.ndarray, cands: Candidates, ont
     margin = choose_margin(vprob, cands.cl_ids, val_true[ok], ontology)
     cal = Calibration(temperature=temperature, threshold=threshold, unknown_rate=rate, margin=margin,
                       quantiles=confidence_quantiles(vconf), n_val_cells=int(ok.sum()))
-    abstain = vconf < threshold
+    # each val cell against the confidence cut chosen on the other val cells (the cut on all of them would count
+    # at most j - 1 of them by construction)
+    abstain = vconf < threshold if unknown_threshold is not None else below_cut_left_out(vconf, conf_rate)
     figures: dict[str, Any] = {}
     if novelty is not None:
         reference, calib = novelty

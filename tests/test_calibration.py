@@ -16,6 +16,7 @@ from scmm.eval.calibration import (
     abstention_score,
     abstention_threshold,
     backoff,
+    below_cut_left_out,
     calibrated_answers,
     check_unknown_options,
     choose_margin,
@@ -416,3 +417,18 @@ def test_the_file_level_rule_counts_novel_cells_and_says_so_once(caplog):
     assert not s["foreign"] and [r.levelname for r in caplog.records] == ["INFO"]
     assert "1 of 4 cells (25.0%)" in caplog.records[0].message
     assert report_novelty([0.1], Calibration(temperature=1.0), "x") is None  # no novelty check, nothing to say
+
+
+def test_each_value_against_the_cut_chosen_on_the_others():
+    """below_cut_left_out: value i against the j-th smallest of the other values, j = floor(rate n)."""
+    v = [0.3, 0.1, 0.5, 0.2, 0.4]
+    assert below_cut_left_out(v, 0.25).tolist() == [False, True, False, False, False]  # j = 1: the others' minimum
+    assert below_cut_left_out(v, 0.45).tolist() == [False, True, False, True, False]  # j = 2
+    assert not below_cut_left_out(v, 0.1).any() and not below_cut_left_out([0.5], 0.9).any()  # j = 0: none
+    rng = np.random.default_rng(0)
+    w = rng.random(40)
+    for rate in (0.05, 0.2, 0.5):
+        j = int(np.floor(rate * 40 + 1e-9))
+        hand = [w[i] < np.sort(np.delete(w, i))[j - 1] for i in range(40)]
+        assert below_cut_left_out(w, rate).tolist() == hand
+    assert below_cut_left_out([0.2, 0.2, 0.2, 0.9], 0.5).tolist() == [False] * 4  # ties are not below
