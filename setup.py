@@ -18,7 +18,7 @@ setup(
     packages=["scmm", "scmm.explore", *(f"scmm.{name}" for name in SUBPACKAGES)],
     package_dir={"scmm": "scmm", **{f"scmm.{name}": name for name in SUBPACKAGES}},
     # the committed gene tables of the per-cell facts (scripts/make_gene_tables.py makes them)
-    package_data={"scmm.data_pipeline": ["data/*.json", "data/*.tsv.gz"]},
+    package_data={"scmm.data_pipeline": ["data/*.json", "data/*.tsv.gz"], "scmm.explore": ["static/*"]},
     install_requires=[
         "torch==2.13.0",
         "deepspeed>=0.19",
@@ -62,6 +62,5 @@ setup(
                 # `playwright install`: tests launch /usr/bin/chromium through executable_path)
                 "httpx==0.28.1", "playwright==1.65.3", *DOCS],
     },
-    package_data={"scmm.explore": ["static/*"]},
     entry_points={"console_scripts": ["scmm=scmm.cli:main"]},
 )

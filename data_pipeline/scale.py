@@ -40,8 +40,11 @@ Rules, in order:
    lattice share is at least :data:`LATTICE_SHARE` (0.8) or its row-sum spread at most :data:`SUM_TOL`. One
    consistent candidate is the decision. Several (values so small that ``log1p(x) ~ x``): the one whose misfit (its
    lattice error, or its spread where the lattice says nothing) is at least 10x smaller than every other's wins,
-   else *ambiguous*. None: *ambiguous* (e.g. ambient-corrected or imputed values, or log values rounded coarsely
-   from a gene subset).
+   else *ambiguous*.
+3. none consistent: when the max exceeds every log's range (above ``MAX_LOG['log2p1']`` = 30), the values can only
+   be linear: ``normalized`` (TPM or CPM of a gene subset, whose totals are not constant; ambient-corrected or
+   imputed counts), logged with that evidence. Otherwise (values within a log's range that fit no rule, e.g. log
+   values rounded coarsely from a gene subset): *ambiguous*.
 
 Ambiguous input is a :class:`ScmmError` naming ``--input-scale {counts,normalized,log1p,log2p1}``, which also
 overrides the detection (``input_scale=`` in the API). Values the sample did not see are checked against the
@@ -107,6 +110,10 @@ class ScaleDecision:
                 spread = "n/a" if c["sum_spread"] is None else f"{c['sum_spread']:.2g}"
                 median = "" if c["sum_median"] is None else f", median {c['sum_median']:.4g}"
                 parts.append(f"as {name}: {lat} of cells on a count lattice, totals spread {spread}{median}")
+        if e.get("rule") == "beyond every log":
+            parts.append(f"non-integers above every log's range (log1p at most {MAX_LOG['log1p']:g}, log2p1 at most "
+                         f"{MAX_LOG['log2p1']:g}): linear, though on no count lattice and without constant totals "
+                         f"(TPM of a gene subset, ambient-corrected or imputed values?)")
         if "candidates" not in e and e.get("row_sum_median") is not None:
             parts.append(f"median cell total {e['row_sum_median']:.4g}")
         return "; ".join(parts)
@@ -251,6 +258,9 @@ def decide(block: sp.csr_matrix, where: str) -> ScaleDecision:
         c["misfit"] = None if not math.isfinite(c["misfit"]) else c["misfit"]
     if len(consistent) == 1 or (len(consistent) > 1 and consistent[0][0] * WIN_FACTOR < consistent[1][0]):
         return ScaleDecision(consistent[0][1], evidence=evidence)
+    if not consistent and evidence["max"] > max(MAX_LOG.values()):
+        evidence["rule"] = "beyond every log"  # non-integers above every log's range can only be linear
+        return ScaleDecision("normalized", evidence=evidence)
     what = ("fit several scales equally well (" + ", ".join(n for _, n in consistent) + ")" if consistent else
             "are not integers, yet fit no linear normalisation nor log of one (no per-cell count lattice, no "
             "constant cell totals)")

@@ -41,9 +41,19 @@ scores into answers:
   these", so a cell of a type the model never saw often gets a confident known answer. Beside the confidence,
   each cell's *novelty similarity* (:mod:`scmm.eval.novelty`: the mean cosine similarity of its expression
   profile's PCA point to its nearest training cells') says how unlike every training cell it is. Low similarity
-  = novel. The val cells are held out from training just as test cells are, so, split-conformal again, the
-  novelty threshold is the ``j``-th smallest val similarity for the novelty share of the rate, and a cell whose
-  similarity is *below* it is ``unknown``.
+  = novel. The check is model-free (a PCA of expression fitted on the train split), so its threshold is
+  calibrated on the **train** split itself rather than on the few val cells: every training cell of the half
+  of the donors the PCA was not fitted on scores its similarity to the *other* training cells, its own donor left
+  out (its own dataset without donors, itself without either; :func:`scmm.eval.novelty.calibrated_novelty` says
+  why half). Split-conformal again, the novelty threshold is the ``j``-th smallest of those ``n`` calibration
+  values for the novelty share of the rate (``j = floor(r (n + 1))``), and a cell whose similarity is *below*
+  it is ``unknown``. On the demo that is about 275 values instead of 69 val values, so the cut sits where the
+  rate says instead of at the smallest val value. Val (cells neither the PCA nor the reference holds) checks
+  that the stated rate holds: ``annotation.val_abstain_rate`` beside the target ``annotation.unknown_rate``.
+* **Data far from anything seen** (:func:`novelty_summary`): beside the per-cell rule, a file (or chunk) whose
+  cells are, as a whole, unlike the training cells (at least :data:`FOREIGN_SHARE` of them below the novelty
+  threshold, where about the novelty rate is expected) is said to be foreign: ``scmm annotate`` logs it once with
+  the share and writes the summary to ``uns['scmm']['novelty_summary']``.
 * **How the rate is split** (:func:`split_rate`): with a novelty reference, each criterion gets half of the stated
   rate ``r`` (:data:`NOVELTY_SHARE` = 0.5; ``scmm eval --novelty-share S`` gives the novelty check ``S r`` and the
   confidence ``(1 - S) r``; the share is stored and ``--unknown-rate`` at annotation splits the same way): the
@@ -65,7 +75,8 @@ top-1 label or its back-off. ``scmm_confidence`` stays the calibrated top-1 prob
 
 Where the values live: ``scmm eval`` writes them into ``metrics.json`` under ``annotation`` (``temperature``,
 ``threshold``, ``unknown_rate``, ``margin``, ``novelty_threshold``) and ``annotation.calibration`` (the same plus
-the val confidence and novelty quantiles and the reference's size and sha256; :meth:`Calibration.to_dict`), and
+the val confidence quantiles, the novelty calibration values' quantiles, what they left out, and the reference's
+size and sha256; :meth:`Calibration.to_dict`), and
 the novelty reference (:class:`scmm.eval.novelty.ExpressionNovelty`) into ``novelty_reference.npz`` beside
 ``metrics.json``.
 ``scmm package --metrics`` copies both into the model folder, and ``scmm annotate`` on the packaged model reads
@@ -75,6 +86,7 @@ model's contrastive temperature), no default abstention and no back-off.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,10 +99,14 @@ from scmm.data_pipeline.ontology import Ontology
 from scmm.errors import ScmmError
 from scmm.eval.ontology_score import informative_common_ancestor, is_same_or_ancestor
 
-__all__ = ["novelty_threshold", "split_rate", "abstention_score", "NOVELTY_SHARE", "softmax", "nll", "fit_temperature",
-           "abstention_threshold", "confidence_quantiles",
+__all__ = ["novelty_threshold", "novelty_summary", "describe_novelty_summary", "report_novelty", "FOREIGN_SHARE",
+           "split_rate",
+           "abstention_score", "NOVELTY_SHARE", "softmax", "nll", "fit_temperature",
+           "abstention_threshold", "below_cut_left_out", "confidence_quantiles",
            "threshold_from_quantiles", "backoff", "choose_margin", "Calibration", "calibrated_answers", "Answers",
            "check_unknown_options", "DEFAULT_UNKNOWN_RATE", "DEFAULT_LINEAGE_TARGET", "UNKNOWN"]
+
+log = logging.getLogger("scmm.calibration")
 
 UNKNOWN = "unknown"
 DEFAULT_UNKNOWN_RATE = 0.05
@@ -100,6 +116,7 @@ MARGIN_GRID = 200
 QUANTILE_STEP = 0.005
 T_BOUNDS = (1e-4, 1e3)
 NOVELTY_SHARE = 0.5
+FOREIGN_SHARE = 0.5  # a file with at least this share of cells below the novelty threshold is foreign
 
 
 # --- temperature ------------------------------------------------------------------------------------
@@ -160,6 +177,24 @@ def abstention_threshold(confidence: Sequence[float], rate: float) -> float:
     return 0.0 if cut is None else cut
 
 
+def below_cut_left_out(values: Sequence[float], rate: float) -> np.ndarray:
+    """Per value: whether it lies below the split-conformal cut at ``rate`` chosen on the *other* values
+    (leave-one-out: the ``j``-th smallest of the other ``n - 1``, ``j = floor(rate * n)``), as a new cell meets a
+    cut it took no part in. The share of True is the honest estimate of the abstain rate on these cells; the cut
+    chosen on all of them would count at most ``j - 1`` by construction."""
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    j = int(math.floor(rate * n + 1e-9)) if n > 1 else 0
+    if j == 0:
+        return np.zeros(n, dtype=bool)
+    order = np.argsort(v, kind="stable")
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    s = v[order]
+    cut = np.where(rank < j, s[min(j, n - 1)], s[j - 1])  # the j-th smallest once the value itself is left out
+    return v < cut
+
+
 def confidence_quantiles(confidence: Sequence[float], step: float = QUANTILE_STEP) -> list[float]:
     """Quantiles of the (val) confidences at rates ``0, step, ..., 1`` (``np.quantile``, linear)."""
     c = np.asarray(confidence, dtype=np.float64)
@@ -190,10 +225,54 @@ def check_unknown_options(unknown_rate: float | None, unknown_threshold: float |
 
 # --- novelty ----------------------------------------------------------------------------------------
 def novelty_threshold(similarity: Sequence[float], rate: float) -> float | None:
-    """The novelty similarity below which a cell is ``unknown``, so that a new cell like these (val) cells falls
+    """The novelty similarity below which a cell is ``unknown``, so that a new cell like these (calibration) cells falls
     below it with probability at most ``rate``: the ``j``-th smallest, ``j = floor(rate * (n + 1))``; None (no
     check) when ``j = 0``."""
     return _conformal_cut(similarity, rate, "similarities")
+
+
+def novelty_summary(similarity: Sequence[float], threshold: float | None, rate: float | None,
+                    min_share: float = FOREIGN_SHARE) -> dict[str, Any] | None:
+    """The global rule (module docstring): how many of a file's cells are below the novelty ``threshold``
+    (``rate``: the share expected of cells like the training ones), and whether the file as a whole is foreign
+    (at least ``min_share`` of its cells below it). None when no novelty check ran or there are no cells."""
+    s = np.asarray(similarity, dtype=np.float64)
+    if threshold is None or s.size == 0:
+        return None
+    novel = int(np.sum(s < threshold))
+    share = novel / s.size
+    return {"n_cells": int(s.size), "n_novel": novel, "novel_share": float(share),
+            "expected_share": None if rate is None else float(rate), "threshold": float(threshold),
+            "median_similarity": float(np.median(s)), "foreign_share": float(min_share),
+            "foreign": bool(share >= min_share)}
+
+
+def describe_novelty_summary(summary: Mapping[str, Any], where: str) -> str:
+    """One log line for a :func:`novelty_summary` (a warning's text when the file is foreign)."""
+    expected = "" if summary.get("expected_share") is None else f", about {summary['expected_share']:.1%} expected"
+    head = (f"{where}: {summary['n_novel']} of {summary['n_cells']} cells ({summary['novel_share']:.1%}) are unlike "
+            f"every training cell (novelty similarity below {summary['threshold']:.3g}{expected})")
+    if not summary.get("foreign"):
+        return head
+    return (head + ": the data as a whole are unlike the model's training data (another tissue, species or assay?); "
+            "those cells are called unknown, and the labels of the others deserve the same doubt")
+
+
+def report_novelty(similarity: Sequence[float], calibration: Calibration, where: str,
+                   ignore: np.ndarray | None = None) -> dict[str, Any] | None:
+    """The global rule at annotation: :func:`novelty_summary` of a file's cells (``ignore``: cells left out, e.g.
+    those expressing no model gene) against ``calibration``'s novelty threshold, logged once (a warning when the
+    file as a whole is foreign); what goes to ``uns['scmm']['novelty_summary']``. None without a novelty check."""
+    s = np.asarray(similarity, dtype=np.float64)
+    if ignore is not None:
+        s = s[~np.asarray(ignore, dtype=bool)]
+    rate = None
+    if calibration.unknown_rate is not None:
+        rate = split_rate(calibration.unknown_rate, calibration.novelty_share)[1]
+    summary = novelty_summary(s, calibration.novelty_threshold, rate)
+    if summary is not None:
+        (log.warning if summary["foreign"] else log.info)("%s", describe_novelty_summary(summary, where))
+    return summary
 
 
 def split_rate(rate: float, share: float | None) -> tuple[float, float]:
@@ -221,7 +300,7 @@ def _rank(values: np.ndarray, quantiles: Sequence[float]) -> np.ndarray:
 
 def abstention_score(confidence: np.ndarray, similarity: np.ndarray | None, calibration: Calibration) -> np.ndarray:
     """The score behind abstention (higher: more in-distribution): the smaller of the cell's ranks among the val
-    confidences and among the val novelty similarities (the confidence rank alone without a novelty check).
+    confidences and among the novelty calibration values (the confidence rank alone without a novelty check).
     With the stored quantiles, ``score < r/2`` is the abstention rule at rate ``r`` (module docstring)."""
     conf = np.asarray(confidence, dtype=np.float64)
     score = _rank(conf, calibration.quantiles) if calibration.quantiles else conf
@@ -300,15 +379,17 @@ class Calibration:
     quantiles: list[float] = field(default_factory=list)  # val confidences at rates 0, 0.005, ..., 1
     n_val_cells: int = 0
     novelty_threshold: float | None = None  # novelty similarity below which a cell is unknown (None: no check)
-    novelty_quantiles: list[float] = field(default_factory=list)  # val novelty similarities at rates 0..1
+    novelty_quantiles: list[float] = field(default_factory=list)  # calibration similarities at rates 0..1
     novelty_reference: dict | None = None  # {file, n_cells, n_train_cells, sha256, dtype} of the reference
     novelty_share: float = NOVELTY_SHARE  # the share of the unknown rate given to the novelty check
+    novelty_calibration: dict | None = None  # {split, left_out, n_cells, n_groups} of the novelty quantiles
 
     def to_dict(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "threshold": self.threshold, "unknown_rate": self.unknown_rate,
                 "margin": self.margin, "confidence_quantiles": list(self.quantiles), "n_val_cells": self.n_val_cells,
                 "novelty_threshold": self.novelty_threshold, "novelty_quantiles": list(self.novelty_quantiles),
-                "novelty_reference": self.novelty_reference, "novelty_share": self.novelty_share}
+                "novelty_reference": self.novelty_reference, "novelty_share": self.novelty_share,
+                "novelty_calibration": self.novelty_calibration}
 
     @property
     def has_novelty(self) -> bool:
@@ -319,6 +400,7 @@ class Calibration:
         """A copy with no novelty check (no reference to search); the confidence threshold is kept as is."""
         out = Calibration(**{k: getattr(self, k) for k in self.__dataclass_fields__})
         out.novelty_threshold, out.novelty_quantiles, out.novelty_reference = None, [], None
+        out.novelty_calibration = None
         return out
 
     @classmethod
@@ -338,7 +420,9 @@ class Calibration:
                                       else float(c["novelty_threshold"])),
                    novelty_quantiles=[float(q) for q in c.get("novelty_quantiles") or []] if ref else [],
                    novelty_reference=dict(ref) if ref is not None else None,
-                   novelty_share=float(c.get("novelty_share", NOVELTY_SHARE)))
+                   novelty_share=float(c.get("novelty_share", NOVELTY_SHARE)),
+                   novelty_calibration=(dict(c["novelty_calibration"]) if ref is not None
+                                        and isinstance(c.get("novelty_calibration"), Mapping) else None))
 
     def with_options(self, unknown_rate: float | None, unknown_threshold: float | None) -> Calibration:
         """A copy whose thresholds follow ``--unknown-rate`` (from the stored quantiles, split between confidence

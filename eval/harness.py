@@ -20,9 +20,15 @@ Tasks (``TASKS``):
   and half on the novelty similarity, how like the training cells' the cell's expression profile is
   (``annotation.novelty_threshold``; :mod:`scmm.eval.novelty`: fitted on the train split, at most
   ``scmm.eval.novelty.NOVELTY_MAX_REFERENCE`` cells, a seeded subsample beyond, written to
-  ``novelty_reference.npz`` beside ``metrics.json``), and chooses the back-off margin (``annotation.margin``);
-  all of them, with the val confidence and novelty quantiles, go to ``annotation.calibration``, which ``scmm
-  annotate`` applies on a packaged model. On test: ``ece`` (15 bins; ``ece_floor`` with ``ece_floor_p10`` /
+  ``novelty_reference.npz`` beside ``metrics.json``; its threshold is calibrated on those training cells' own
+  leave-donor-out similarities, not on val), and chooses the back-off margin (``annotation.margin``);
+  all of them, with the val confidence and novelty calibration quantiles, go to ``annotation.calibration``, which
+  ``scmm annotate`` applies on a packaged model. ``val_abstain_rate``: the share of val cells abstaining (each
+  against the confidence cut chosen on the other val cells, and the novelty cut: the check that the stated
+  ``unknown_rate`` holds on cells the novelty PCA never saw;
+  ``val_abstain_rate_novelty``: by the novelty check alone). ``foreign``: ``n_cells``, ``unknown_rate`` and
+  ``novel_rate`` of synthetic cells made unlike the corpus (:mod:`scmm.eval.foreign`).
+  On test: ``ece`` (15 bins; ``ece_floor`` with ``ece_floor_p10`` /
   ``ece_floor_p90``: what a perfectly calibrated model with the same confidences shows on as many cells,
   :func:`scmm.eval.metrics.calibrated_ece`, and ``reliability.png``), ``abstain_rate`` (and
   ``abstain_rate_novelty``, the share the novelty check alone abstains on), ``lineage_accuracy`` /
@@ -85,6 +91,7 @@ from scmm.eval.calibration import (
     Calibration,
     abstention_score,
     abstention_threshold,
+    below_cut_left_out,
     calibrated_answers,
     check_unknown_options,
     choose_margin,
@@ -94,6 +101,7 @@ from scmm.eval.calibration import (
     softmax,
     split_rate,
 )
+from scmm.eval.foreign import foreign_counts
 from scmm.eval.language import language_report, type_examples
 from scmm.eval.metrics import (
     annotation_metrics,
@@ -104,9 +112,17 @@ from scmm.eval.metrics import (
     lineage_accuracy,
     reliability_png,
 )
-from scmm.eval.novelty import NOVELTY_FILE, NOVELTY_GENES, ExpressionNovelty, fit_novelty, split_similarity
+from scmm.eval.novelty import (
+    NOVELTY_FILE,
+    NOVELTY_GENES,
+    ExpressionNovelty,
+    NoveltyCalibration,
+    calibrated_novelty,
+    split_similarity,
+)
 from scmm.eval.ontology_score import is_same_or_ancestor, mean_pair_score
 from scmm.eval.plots import umap_png
+from scmm.eval.pseudocell import embed_profiles
 from scmm.eval.report import write_report
 from scmm.eval.retrieval import retrieval_metrics
 from scmm.eval.stage2 import generation_report, pseudocell_evaluation
@@ -188,17 +204,22 @@ def _logit_scale(model) -> float:
 
 def _calibrate(model, corpus: Corpus, protos: np.ndarray, cands: Candidates, ontology, progress: bool,
                unknown_rate: float, unknown_threshold: float | None, notes: list[str],
-               novelty: ExpressionNovelty | None = None, novelty_share: float = NOVELTY_SHARE) -> Calibration:
-    """Temperature, thresholds and back-off margin chosen on the val cells whose type is a candidate
-    (:mod:`scmm.eval.calibration`); without such cells, the model's contrastive temperature and no
-    abstention (unless ``unknown_threshold``), novelty check or back-off. ``novelty``: the novelty check's
-    reference (:func:`scmm.eval.novelty.fit_novelty`), or None for no novelty check."""
+               novelty: tuple[ExpressionNovelty, NoveltyCalibration] | None = None,
+               novelty_share: float = NOVELTY_SHARE) -> tuple[Calibration, dict]:
+    """Temperature, confidence threshold and back-off margin chosen on the val cells whose type is a candidate,
+    the novelty threshold on the train split's leave-donor-out values (:mod:`scmm.eval.calibration`); without
+    such val cells, the model's contrastive temperature and no abstention (unless ``unknown_threshold``), novelty
+    check or back-off. ``novelty``: the novelty check's reference and calibration set
+    (:func:`scmm.eval.novelty.calibrated_novelty`), or None for no novelty check. Returns the calibration and
+    the val figures (``val_abstain_rate``: the share of those val cells abstaining, each against the confidence
+    cut chosen on the other val cells and the novelty cut, which never saw them; ``val_abstain_rate_novelty``: by
+    the novelty check alone)."""
     fallback = Calibration(temperature=1.0 / _logit_scale(model),
                            threshold=unknown_threshold if unknown_threshold is not None else 0.0)
     if corpus.manifest["splits"].get("val", 0) <= 0:
         notes.append("the corpus has no val split: confidence at the model's contrastive temperature, no "
                      "abstention threshold, novelty check or back-off were chosen")
-        return fallback
+        return fallback, {}
     val_emb, val_true = _embed(model, corpus, "val", progress)
     index = {k: i for i, k in enumerate(cands.keys)}
     label = np.array([index.get(t, -1) for t in val_true], dtype=np.int64)
@@ -206,7 +227,7 @@ def _calibrate(model, corpus: Corpus, protos: np.ndarray, cands: Candidates, ont
     if not ok.any():
         notes.append("no val cell has a candidate type: confidence at the model's contrastive temperature, no "
                      "abstention threshold, novelty check or back-off were chosen")
-        return fallback
+        return fallback, {}
     vsim = val_emb.embeddings[ok] @ protos.T
     temperature = fit_temperature(vsim, label[ok])
     vprob = softmax(vsim, temperature)
@@ -219,12 +240,41 @@ def _calibrate(model, corpus: Corpus, protos: np.ndarray, cands: Candidates, ont
     margin = choose_margin(vprob, cands.cl_ids, val_true[ok], ontology)
     cal = Calibration(temperature=temperature, threshold=threshold, unknown_rate=rate, margin=margin,
                       quantiles=confidence_quantiles(vconf), n_val_cells=int(ok.sum()))
+    # each val cell against the confidence cut chosen on the other val cells (the cut on all of them would count
+    # at most j - 1 of them by construction)
+    abstain = vconf < threshold if unknown_threshold is not None else below_cut_left_out(vconf, conf_rate)
+    figures: dict[str, Any] = {}
     if novelty is not None:
-        vnov = _aligned_similarity(novelty, corpus, "val", val_emb.cell_ids)[ok]
-        cal.novelty_quantiles, cal.novelty_share = confidence_quantiles(vnov), float(novelty_share)
-        cal.novelty_threshold = None if unknown_threshold is not None else novelty_threshold(vnov, nov_rate)
-        cal.novelty_reference = novelty.describe()
-    return cal
+        reference, calib = novelty
+        cal.novelty_quantiles, cal.novelty_share = confidence_quantiles(calib.values), float(novelty_share)
+        cal.novelty_threshold = None if unknown_threshold is not None else novelty_threshold(calib.values, nov_rate)
+        cal.novelty_reference, cal.novelty_calibration = reference.describe(), calib.describe()
+        if cal.novelty_threshold is not None:
+            novel = _aligned_similarity(reference, corpus, "val", val_emb.cell_ids)[ok] < cal.novelty_threshold
+            abstain = abstain | novel
+            figures["val_abstain_rate_novelty"] = float(np.mean(novel))
+    figures["val_abstain_rate"] = float(np.mean(abstain))
+    return cal, figures
+
+
+def _foreign(model, corpus: Corpus, protos: np.ndarray, cands: Candidates, ontology, calibration: Calibration,
+             reference: ExpressionNovelty | None, seed: int) -> dict:
+    """``annotation.foreign``: cells made unlike the corpus (:func:`scmm.eval.foreign.foreign_counts`) annotated as
+    ``scmm annotate`` would (embedding, calibrated confidence, novelty check)."""
+    counts = foreign_counts(corpus, seed=seed)
+    genes = np.arange(corpus.n_genes)
+    x = counts.multiply(1e4 / np.maximum(counts.sum(axis=1), 1e-12)).tocsr()
+    x.data = np.log1p(x.data)
+    emb = embed_profiles(model, x.toarray(), genes, corpus.gene_vocab_ids, seed=seed)
+    similarity = None
+    if reference is not None:
+        similarity = reference.similarity(reference.profiles(counts, corpus.gene_vocab_ids))
+    answers = calibrated_answers(emb @ protos.T, cands.keys, cands.names, cands.cl_ids, calibration, ontology,
+                                 novelty=similarity)
+    out: dict[str, Any] = {"n_cells": int(counts.shape[0]), "unknown_rate": float(np.mean(answers.unknown))}
+    if answers.novel is not None:
+        out["novel_rate"] = float(np.mean(answers.novel))
+    return out
 
 
 def _aligned_similarity(novelty: ExpressionNovelty, corpus: Corpus, split: str, cell_ids: list[str]) -> np.ndarray:
@@ -338,9 +388,10 @@ def _annotate(model, corpus: Corpus, cands: Candidates, ontology, seed: int, tmp
     metrics["ece_uncalibrated"] = expected_calibration_error(
         softmax(sim[seen], 1.0 / _logit_scale(model)).max(1), pred[seen] == y_true[seen])
     genes = hvg_panel(corpus, NOVELTY_GENES, "train")  # one pass over train: the novelty check's and baselines'
-    reference = fit_novelty(corpus, seed, genes=genes)
-    calibration = _calibrate(model, corpus, protos, cands, ontology, progress, unknown_rate, unknown_threshold,
-                             details["notes"], reference, novelty_share)
+    fitted = calibrated_novelty(corpus, seed, genes=genes)
+    reference = None if fitted is None else fitted[0]
+    calibration, val_figures = _calibrate(model, corpus, protos, cands, ontology, progress, unknown_rate,
+                                          unknown_threshold, details["notes"], fitted, novelty_share)
     novelty = None
     if calibration.has_novelty:
         novelty = _aligned_similarity(reference, corpus, "test", emb.cell_ids)
@@ -350,6 +401,9 @@ def _annotate(model, corpus: Corpus, cands: Candidates, ontology, seed: int, tmp
     no_abstain = Calibration(temperature=calibration.temperature, margin=calibration.margin)
     backed = calibrated_answers(sim, cands.keys, cands.names, cands.cl_ids, no_abstain, ontology, prob=answers.prob)
     metrics.update(_trust(y_true, seen, pred, answers, backed, ontology, classes, calibration, novelty))
+    metrics.update(val_figures)
+    metrics["foreign"] = _foreign(model, corpus, protos, cands, ontology, calibration,
+                                  reference if calibration.has_novelty else None, seed)
     baselines, base_details = _baselines(corpus, y_true, pred, classes, ontology, seed, seen, genes)
     details.update(base_details)
 

@@ -256,7 +256,8 @@ def _unknown_option(ann: Mapping[str, Any], det: Mapping[str, Any] | None = None
                 if isinstance(rate, float) else " (set directly)")
              + (f", or whose expression profile's similarity to the nearest training cells is below "
                 f"{_f(ann['novelty_threshold'])} (the novelty check, `eval/novelty.py`; the rate is split between "
-                "the two)"
+                "the two; its threshold is calibrated on "
+                + _novelty_calibration_text(ann) + ")"
                 if ann.get("novelty_threshold") is not None else "")
              + f"; the back-off margin {_f(ann.get('margin'))} (when the top two candidates' probabilities differ "
              "by less, the answer is their lowest informative common Cell Ontology ancestor). Over the test cells "
@@ -268,6 +269,9 @@ def _unknown_option(ann: Mapping[str, Any], det: Mapping[str, Any] | None = None
                  *([["expected calibration error of a perfectly calibrated model with these confidences, on as many "
                      "cells (mean; 10th-90th percentile)", f"{_f(ann['ece_floor'])} ({_f(ann.get('ece_floor_p10'))}-"
                      f"{_f(ann.get('ece_floor_p90'))})"]] if "ece_floor" in ann else []),
+                 *([["val abstain rate (the check that the stated rate holds) / target",
+                     f"{_f(ann['val_abstain_rate'])} / {_f(rate)}"]]
+                   if "val_abstain_rate" in ann and isinstance(rate, float) else []),
                  ["abstain rate (`unknown`)", ann.get("abstain_rate")],
                  *([["abstain rate by the novelty check", ann["abstain_rate_novelty"]]]
                    if "abstain_rate_novelty" in ann else []),
@@ -298,7 +302,25 @@ def _unknown_option(ann: Mapping[str, Any], det: Mapping[str, Any] | None = None
                          [[un.get("unknown_or_ancestor_rate"), un.get("unknown_rate"), un.get("novel_rate", "–"),
                            un.get("ancestor_rate"), un.get("auroc"), un.get("auroc_confidence", "–"),
                            un.get("auroc_novelty", "–")]], ["---:"] * 7), ""]
+    fo = ann.get("foreign")
+    if fo:
+        lines += ["#### Foreign cells", "",
+                  f"{fo.get('n_cells')} synthetic cells made unlike the corpus (made-up expression programmes on "
+                  "the genes the train split detects least; `eval/foreign.py`), annotated as `scmm annotate` would: "
+                  "a model should call them `unknown`.", "",
+                  _table(["unknown", "unknown by novelty"], [[fo.get("unknown_rate"), fo.get("novel_rate", "–")]],
+                         ["---:"] * 2), ""]
     return lines
+
+
+def _novelty_calibration_text(ann: Mapping[str, Any]) -> str:
+    """Which cells the novelty threshold was calibrated on (``annotation.calibration.novelty_calibration``)."""
+    nc = (ann.get("calibration") or {}).get("novelty_calibration") or {}
+    if not nc:
+        return "the val cells"
+    left = {"donor_id": "its own donor", "dataset_id": "its own dataset"}.get(nc.get("left_out"), "itself")
+    return (f"the {nc.get('n_cells')} training cells' similarity to the other training cells, each leaving out "
+            f"{left}")
 
 
 def _per_class(det: Mapping[str, Any]) -> list[str]:

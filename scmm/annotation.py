@@ -22,7 +22,7 @@ from scmm.data_pipeline.scale import to_linear
 from scmm.errors import ScmmError
 from scmm.eval import knn
 from scmm.eval.annotate import Candidates, label_prototypes, read_labels_option
-from scmm.eval.calibration import Calibration, calibrated_answers, check_unknown_options, softmax
+from scmm.eval.calibration import Calibration, calibrated_answers, check_unknown_options, report_novelty, softmax
 from scmm.eval.novelty import ExpressionNovelty
 from scmm.eval.stage2 import candidate_answers, scored_calibration
 from scmm.index import ReferenceIndex
@@ -114,6 +114,8 @@ def annotator(model: ScmmModel, candidates: Candidates, calibration: Calibration
         answers = calibrated_answers(sim, candidates.keys, candidates.names, candidates.cl_ids, calibration,
                                      ontology, prob=prob, novelty=similarity)
         return label_frame(answers.names, answers.cl_ids, answers.confidence, answers.level, similarity)
+    if novelty is not None:  # the file as a whole (scmm.eval.calibration.report_novelty), at the end
+        run.novelty_summary = lambda sim, empty: report_novelty(sim, calibration, str(inp.source.path), empty)
     return run
 
 

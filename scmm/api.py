@@ -37,7 +37,10 @@ Outputs (DESIGN.md names):
     training cells' (``obs['scmm_novelty']``, the mean cosine similarity to the nearest training cells in the
     expression PCA space of :mod:`scmm.eval.novelty`; float32, present for such a package) is below the novelty
     threshold: by default the thresholds ``scmm eval`` chose
-    so that 5 % of val cells abstain (half of the rate on each); ``unknown_rate`` picks another rate,
+    so that 5 % of new in-distribution cells abstain (half of the rate on each); with the novelty check the
+    run also judges the file as a whole (:func:`scmm.eval.calibration.report_novelty`): the share of its cells
+    below the novelty threshold is logged once (a warning when most of them are: data unlike the training data)
+    and written to ``uns['scmm']['novelty_summary']``; ``unknown_rate`` picks another rate,
     ``unknown_threshold`` sets the confidence threshold (a confidence in [0, 1]) and turns the novelty check off.
     When the top candidates are within the back-off margin of each other, the answer is their lowest informative
     common ancestor in the Cell Ontology, and

@@ -16,7 +16,7 @@ import pandas as pd
 
 from scmm.atomic import file_beside, publish_file, temp_file_beside
 from scmm.errors import ScmmError
-from scmm.output_names import EMBEDDING_KEY
+from scmm.output_names import EMBEDDING_KEY, UNS_KEY
 
 __all__ = ["check_output", "ObsColumns", "add_obs_columns", "create_obsm", "Sink", "write_adata", "PseudocellWriter"]
 
@@ -169,12 +169,15 @@ class Sink:
         return np.asarray(self.emb[...])
 
     def finish(self, obs: pd.DataFrame | None):
-        """The result: the output file's path, or an AnnData."""
+        """The result: the output file's path, or an AnnData (``obs.attrs[UNS_KEY]`` goes to ``uns['scmm']``)."""
+        uns = obs.attrs.get(UNS_KEY) if obs is not None else None
         if self.held:
             obs = pd.DataFrame(self.held) if obs is None else obs.assign(**self.held)
         if self.file is not None:
             if obs is not None and len(obs.columns):
                 add_obs_columns(self.file, obs)
+            if uns:
+                add_uns(self.file, uns)
             self.file.close()
             self.file = None
             return publish_file(self.tmp, self.out)
@@ -189,7 +192,25 @@ class Sink:
             adata.obs[col] = obs[col].values
         if self.emb is not None:
             adata.obsm[EMBEDDING_KEY] = self.emb
+        if uns:
+            scmm_uns = adata.uns.get(UNS_KEY)
+            adata.uns[UNS_KEY] = {**(dict(scmm_uns) if isinstance(scmm_uns, dict) else {}), **uns}
         return write_adata(adata, self.out) if self.out is not None else adata
+
+
+def add_uns(file: h5py.File, uns: dict) -> None:
+    """``uns['scmm'][key] = value`` for each item of ``uns`` in an open h5ad (other ``uns`` entries are kept)."""
+    group = file.require_group("uns")
+    if UNS_KEY in group and not isinstance(group[UNS_KEY], h5py.Group):
+        del group[UNS_KEY]
+    scmm_group = group.require_group(UNS_KEY)
+    for g in (group, scmm_group):
+        if "encoding-type" not in g.attrs:
+            g.attrs["encoding-type"], g.attrs["encoding-version"] = "dict", "0.1.0"
+    for key, value in uns.items():
+        if key in scmm_group:
+            del scmm_group[key]
+        ad.io.write_elem(scmm_group, key, {k: v for k, v in value.items() if v is not None})
 
 
 def write_adata(adata: ad.AnnData, out: Path) -> Path:

@@ -29,7 +29,7 @@ from scmm.data_pipeline.scale import check_scale_option
 from scmm.errors import ScmmError
 from scmm.h5ad_writer import ObsColumns
 from scmm.model.folders import ScmmModel
-from scmm.output_names import LLM_COLUMNS, QC, QC_EMPTY
+from scmm.output_names import LLM_COLUMNS, NOVELTY, QC, QC_EMPTY, UNS_KEY
 
 log = logging.getLogger("scmm")
 
@@ -230,8 +230,15 @@ def fill_rows(inp: PreparedInput, sink: Any, begin: int, end: int, labeller: Lab
 def labels_at_end(sink: Any, cols: ObsColumns, empty: np.ndarray,
                    labeller: Labeller | None, whole: bool) -> pd.DataFrame:
     if labeller is not None and whole:
-        return with_qc(qc_labels(labeller(0, sink.embeddings()), empty), empty)
-    return with_qc(cols.frame() if labeller is not None else None, empty)
+        frame = with_qc(qc_labels(labeller(0, sink.embeddings()), empty), empty)
+    else:
+        frame = with_qc(cols.frame() if labeller is not None else None, empty)
+    summarise = getattr(labeller, "novelty_summary", None)  # the global novelty rule, once over every cell
+    if summarise is not None and NOVELTY in frame:
+        summary = summarise(frame[NOVELTY].to_numpy(), empty)
+        if summary is not None:
+            frame.attrs[UNS_KEY] = {"novelty_summary": summary}
+    return frame
 
 
 def with_qc(obs: pd.DataFrame | None, empty: np.ndarray) -> pd.DataFrame:

@@ -3,7 +3,7 @@ reader of the inference results."""
 from __future__ import annotations
 
 __all__ = ["EMBEDDING_KEY", "CELL_TYPE", "CELL_TYPE_ID", "CONFIDENCE", "LEVEL", "NOVELTY", "DESCRIPTION",
-           "LLM_COLUMNS", "QC", "QC_EMPTY", "UNKNOWN"]
+           "LLM_COLUMNS", "QC", "QC_EMPTY", "UNKNOWN", "UNS_KEY"]
 
 EMBEDDING_KEY = "X_scmm"  # obsm: the aligned, L2-normalised cell embedding
 CELL_TYPE = "scmm_cell_type"
@@ -17,3 +17,4 @@ LLM_COLUMNS = {CELL_TYPE: "scmm_llm_cell_type", CELL_TYPE_ID: "scmm_llm_cell_typ
 QC = "scmm_qc"
 QC_EMPTY = "no_expressed_gene"  # a cell that expresses none of the model's genes
 UNKNOWN = "unknown"
+UNS_KEY = "scmm"  # uns['scmm']: what a run says about the file as a whole (novelty_summary)

@@ -16,13 +16,16 @@ from scmm.eval.calibration import (
     abstention_score,
     abstention_threshold,
     backoff,
+    below_cut_left_out,
     calibrated_answers,
     check_unknown_options,
     choose_margin,
     confidence_quantiles,
     fit_temperature,
     nll,
+    novelty_summary,
     novelty_threshold,
+    report_novelty,
     softmax,
     split_rate,
     threshold_from_quantiles,
@@ -34,7 +37,7 @@ from scmm.eval.metrics import (
     lineage_accuracy,
     reliability_png,
 )
-from scmm.eval.novelty import ExpressionNovelty
+from scmm.eval.novelty import ExpressionNovelty, leave_group_out_similarity
 from scmm.eval.ontology_score import informative_common_ancestor, is_same_or_ancestor
 
 
@@ -202,6 +205,56 @@ def test_a_new_cell_abstains_with_probability_at_most_the_rate(n: int, rate: flo
     assert exact <= rate and below.mean() == pytest.approx(exact, abs=4 * math.sqrt(rate / trials) + 1e-3)
 
 
+def _donor_cells(rng: np.random.Generator, centres: np.ndarray, n_donors: int, per_donor: int,
+                 donor_sd: float, cell_sd: float) -> tuple[np.ndarray, np.ndarray]:
+    """Log-expression-like profiles: a type centre, plus a shift shared by the donor's cells, plus cell noise."""
+    x, donor = [], []
+    for d in range(n_donors):
+        shift = rng.normal(0.0, donor_sd, centres.shape[1])
+        types = rng.integers(0, len(centres), per_donor)
+        x.append(centres[types] + shift + rng.normal(0.0, cell_sd, (per_donor, centres.shape[1])))
+        donor += [d] * per_donor
+    return np.concatenate(x).astype(np.float32), np.asarray(donor)
+
+
+def _pca_check(x: np.ndarray, fit: np.ndarray, n_components: int, k: int) -> tuple[ExpressionNovelty, np.ndarray]:
+    """A novelty check whose PCA is fitted on the cells ``fit`` and whose reference is every cell of ``x``."""
+    from sklearn.decomposition import PCA
+    pca = PCA(n_components=n_components, random_state=0).fit(x[fit])
+    mean, comp = pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
+    z = (x - mean) @ comp.T
+    points = (z / np.linalg.norm(z, axis=1, keepdims=True)).astype(np.float32)
+    check = ExpressionNovelty(vocab_ids=np.arange(x.shape[1]), mean=mean, components=comp,
+                              reference=points.astype(np.float16), k=k)
+    return check, points
+
+
+def test_the_rate_holds_for_new_donors_with_the_leave_donor_out_calibration_set():
+    """The issue's simulation, as scmm.eval.novelty.calibrated_novelty does it: the novelty check's PCA fitted on
+    half of the train donors; the calibration set is the other half's cells, each one's similarity to the other
+    train cells with its own donor left out. Cells of *new* donors (never seen, each donor with its own shift)
+    then fall below the threshold at the stated rate (within the issue's 2 points; a little under: the calibration
+    cells see the reference without their donor, a smaller one). Calibrated on every train cell instead (the PCA
+    fitted on them), the threshold sits far too low and the stated rate means nothing."""
+    rng = np.random.default_rng(0)
+    genes, rate, k = 30, 0.05, 5
+    half_rates, in_sample_rates = [], []
+    for _ in range(30):
+        centres = rng.normal(0.0, 2.0, (4, genes))
+        x, donor = _donor_cells(rng, centres, n_donors=12, per_donor=30, donor_sd=0.5, cell_sd=1.0)
+        new, _ = _donor_cells(rng, centres, n_donors=5, per_donor=30, donor_sd=0.5, cell_sd=1.0)
+        fit = donor % 2 == 0
+        check, points = _pca_check(x, fit, n_components=10, k=k)
+        values = leave_group_out_similarity(points, check.reference, donor, k=k, queries=np.flatnonzero(~fit))
+        half_rates.append(np.mean(check.similarity(new) < novelty_threshold(values, rate)))
+        check, points = _pca_check(x, np.ones(len(x), dtype=bool), n_components=10, k=k)
+        values = leave_group_out_similarity(points, check.reference, donor, k=k)
+        in_sample_rates.append(np.mean(check.similarity(new) < novelty_threshold(values, rate)))
+    exact = math.floor(rate * (180 + 1)) / (180 + 1)
+    assert exact - 0.02 <= np.mean(half_rates) <= exact + 0.005, (np.mean(half_rates), exact)
+    assert np.mean(in_sample_rates) < 0.02  # the in-sample calibration: far below the stated rate
+
+
 def test_far_cells_are_unknown_and_near_ones_are_not():
     """Reference cells along four axes; cells near one of them keep their answer, cells far from all are unknown,
     whatever their confidence."""
@@ -342,3 +395,40 @@ def test_build_with_holdout_types(tmp_path: Path):
         with pytest.raises(ScmmError, match=message):
             build_corpus(BuildConfig(inputs=[path], out=tmp_path / "d", holdout_types=(bad,), progress=False))
     assert not (tmp_path / "d").exists()
+
+
+def test_the_file_level_rule_counts_novel_cells_and_says_so_once(caplog):
+    """novelty_summary: the share below the novelty threshold; foreign from FOREIGN_SHARE (half) of the cells on."""
+    s = novelty_summary([0.1, 0.2, 0.3, 0.9, 0.95], threshold=0.35, rate=0.025)
+    assert s == {"n_cells": 5, "n_novel": 3, "novel_share": 0.6, "expected_share": 0.025, "threshold": 0.35,
+                 "median_similarity": 0.3, "foreign_share": 0.5, "foreign": True}
+    assert not novelty_summary([0.1, 0.9, 0.95], 0.35, 0.025)["foreign"]
+    assert novelty_summary([0.1], None, 0.025) is None and novelty_summary([], 0.3, 0.025) is None
+    calib = Calibration(temperature=1.0, unknown_rate=0.05, novelty_threshold=0.35)
+    with caplog.at_level("INFO", logger="scmm"):
+        s = report_novelty([0.1, 0.2, 0.3, 0.9, 0.0], calib, "tumour.h5ad", ignore=np.array([0, 0, 0, 0, 1], bool))
+    assert s["n_cells"] == 4 and s["n_novel"] == 3 and s["expected_share"] == 0.025 and s["foreign"]
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "tumour.h5ad: 3 of 4 cells (75.0%) are unlike every training cell" in warned[0].message
+    assert "unlike the model's training data" in warned[0].message
+    caplog.clear()
+    with caplog.at_level("INFO", logger="scmm"):
+        s = report_novelty([0.9, 0.8, 0.3, 0.95], calib, "pbmc.h5ad")
+    assert not s["foreign"] and [r.levelname for r in caplog.records] == ["INFO"]
+    assert "1 of 4 cells (25.0%)" in caplog.records[0].message
+    assert report_novelty([0.1], Calibration(temperature=1.0), "x") is None  # no novelty check, nothing to say
+
+
+def test_each_value_against_the_cut_chosen_on_the_others():
+    """below_cut_left_out: value i against the j-th smallest of the other values, j = floor(rate n)."""
+    v = [0.3, 0.1, 0.5, 0.2, 0.4]
+    assert below_cut_left_out(v, 0.25).tolist() == [False, True, False, False, False]  # j = 1: the others' minimum
+    assert below_cut_left_out(v, 0.45).tolist() == [False, True, False, True, False]  # j = 2
+    assert not below_cut_left_out(v, 0.1).any() and not below_cut_left_out([0.5], 0.9).any()  # j = 0: none
+    rng = np.random.default_rng(0)
+    w = rng.random(40)
+    for rate in (0.05, 0.2, 0.5):
+        j = int(np.floor(rate * 40 + 1e-9))
+        hand = [w[i] < np.sort(np.delete(w, i))[j - 1] for i in range(40)]
+        assert below_cut_left_out(w, rate).tolist() == hand
+    assert below_cut_left_out([0.2, 0.2, 0.2, 0.9], 0.5).tolist() == [False] * 4  # ties are not below

@@ -53,6 +53,9 @@ def _check_ranges(section: str, values: dict) -> None:
             assert isinstance(value, list) and all(-1.0 - 1e-5 <= v <= 1.0 + 1e-5 for v in value), (section, key)
         elif key == "novelty_threshold":  # a cosine similarity, or None (no novelty check)
             assert value is None or (isinstance(value, float) and -1.0 <= value <= 1.0 + 1e-5), (section, key, value)
+        elif section.endswith("novelty_calibration"):  # which training cells calibrated the novelty threshold
+            assert {"split": str, "left_out": str, "n_cells": int, "n_groups": int,
+                    "n_pca_cells": int}[key] is type(value), (section, key)
         elif section.endswith("novelty_reference"):
             assert {"file": str, "space": str, "n_cells": int, "n_train_cells": int, "n_genes": int,
                     "n_components": int, "k": int, "sha256": str}[key] is type(value), (section, key, value)
@@ -269,10 +272,22 @@ def test_eval_with_held_out_types_reports_unseen_figures(tmp_path: Path):
     pos = {int(v): i for i, v in enumerate(corpus.gene_vocab_ids)}
     x, vids, _ = log1p_profiles(corpus, "val", np.array([pos[int(v)] for v in reference.vocab_ids]))
     vsim = reference.similarity(x)[[vids.index(c) for c in val.cell_ids]]
-    j = int(np.floor(0.1 / 2 * (n_val + 1) + 1e-9))  # half of the rate each: the j-th smallest val value
+    j = int(np.floor(0.1 / 2 * (n_val + 1) + 1e-9))  # half of the rate each: the j-th smallest val confidence
     assert j >= 1 and cal.threshold == pytest.approx(np.sort(vconf)[j - 1])
-    assert cal.novelty_threshold == pytest.approx(np.sort(vsim)[j - 1], abs=1e-6)
-    assert np.sum((vconf < cal.threshold) | (vsim < cal.novelty_threshold)) <= 0.1 * n_val  # the union
+    # the novelty threshold: the j-th smallest of the train cells' leave-donor-out similarities (not val's)
+    from scmm.eval.novelty import calibrated_novelty
+    _, calib = calibrated_novelty(corpus, seed=0)
+    jn = int(np.floor(0.1 / 2 * (len(calib.values) + 1) + 1e-9))
+    assert calib.left_out == "donor_id" and cal.novelty_calibration == calib.describe()
+    assert len(calib.values) + calib.n_pca_cells == n_train and len(calib.values) > n_val
+    assert cal.novelty_threshold == pytest.approx(np.sort(calib.values)[jn - 1], abs=1e-6)
+    assert cal.novelty_quantiles == pytest.approx(list(np.quantile(calib.values, np.linspace(0, 1, 201))), abs=1e-9)
+    # val checks the stated rate on cells the novelty PCA never saw
+    left_out = [vconf[i] < np.sort(np.delete(vconf, i))[int(np.floor(0.05 * n_val + 1e-9)) - 1] for i in range(n_val)]
+    assert ann["val_abstain_rate"] == pytest.approx(np.mean(np.array(left_out) | (vsim < cal.novelty_threshold)))
+    assert ann["val_abstain_rate_novelty"] == pytest.approx(np.mean(vsim < cal.novelty_threshold))
+    assert ann["foreign"]["n_cells"] == 300 and 0.0 <= ann["foreign"]["novel_rate"] <= ann["foreign"]["unknown_rate"]
+    assert "val abstain rate" in report and "Foreign cells" in report
     assert {"auroc", "auroc_confidence", "auroc_novelty", "novel_rate"} <= set(ann["unseen"])
     assert 0.0 <= ann["abstain_rate_novelty"] <= ann["abstain_rate"]
     fixed = evaluate(model, tmp_path / "c", tmp_path / "f", tasks="annotate", progress=False, unknown_threshold=1.0)

@@ -11,7 +11,13 @@ import scipy.sparse as sp
 
 from scmm.data_pipeline.hvg import hvg_panel, log1p_profiles
 from scmm.data_pipeline.store import Corpus
-from scmm.eval.novelty import ExpressionNovelty, fit_novelty, split_similarity
+from scmm.eval.novelty import (
+    ExpressionNovelty,
+    calibrated_novelty,
+    fit_novelty,
+    leave_group_out_similarity,
+    split_similarity,
+)
 
 
 def _identity_check(reference: np.ndarray, k: int) -> ExpressionNovelty:
@@ -80,3 +86,63 @@ def test_fit_on_a_corpus_and_split_similarity(small_corpus: Path):
     again = fit_novelty(corpus, seed=3, max_cells=n_train // 2)
     assert len(part.reference) == n_train // 2 and part.n_train_cells == n_train
     assert part.sha256() == again.sha256() != fit_novelty(corpus, seed=4, max_cells=n_train // 2).sha256()
+
+
+# --- calibration on the training cells (leave-donor-out) ------------------------------------------------------
+def test_leave_group_out_similarity_on_hand_made_points():
+    """Four unit points in the plane; cosines p0.p1 = 0.6, p0.p2 = 0, p0.p3 = -0.6, p1.p2 = 0.8, p1.p3 = 0.28,
+    p2.p3 = 0.8. Each cell's value is the mean of its k largest cosines to the cells of *other* groups."""
+    p = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]], dtype=np.float32)
+    two = ["a", "a", "b", "b"]
+    assert np.allclose(leave_group_out_similarity(p, p, two, k=1), [0.0, 0.8, 0.8, 0.28], atol=1e-6)
+    assert np.allclose(leave_group_out_similarity(p, p, two, k=2), [-0.3, 0.54, 0.4, -0.16], atol=1e-6)
+    # each cell its own group (leave-self-out)
+    assert np.allclose(leave_group_out_similarity(p, p, range(4), k=1), [0.6, 0.8, 0.8, 0.8], atol=1e-6)
+    # fewer other cells than k: the mean over those there are (p0..p2 see only p3; p3 its best two of three)
+    uneven = ["a", "a", "a", "b"]
+    assert np.allclose(leave_group_out_similarity(p, p, uneven, k=2), [-0.6, 0.28, 0.8, 0.54], atol=1e-6)
+    # the reference rows are normalised again (as the stored float16 ones are at search), blocks change nothing
+    assert np.allclose(leave_group_out_similarity(p, 3 * p, two, k=2, block=1), [-0.3, 0.54, 0.4, -0.16], atol=1e-6)
+    # only some cells queried: their values, in the order asked
+    assert np.allclose(leave_group_out_similarity(p, p, two, k=2, queries=[3, 1]), [-0.16, 0.54], atol=1e-6)
+    with pytest.raises(ValueError, match="one group holds every cell"):
+        leave_group_out_similarity(p, p, ["a"] * 4)
+    with pytest.raises(ValueError, match="must agree"):
+        leave_group_out_similarity(p, p[:3], two)
+
+
+def test_calibration_on_a_corpus_leaves_each_donor_out(small_corpus: Path):
+    """The PCA is fitted on half of the train donors; every train cell of the other half gets a calibration value
+    equal to a hand computation: its point against every train cell of another donor, the k nearest averaged."""
+    corpus = Corpus(small_corpus)
+    assert corpus.manifest["split_group_by"] == "donor_id"
+    n_train = corpus.manifest["splits"]["train"]
+    check, calib = calibrated_novelty(corpus, seed=0, k=3)
+    assert calib.left_out == "donor_id" and calib.describe() == {
+        "split": "train", "left_out": "donor_id", "n_cells": len(calib.cells), "n_groups": calib.n_groups,
+        "n_pca_cells": n_train - len(calib.cells)}
+    assert check.sha256() == fit_novelty(corpus, seed=0, k=3).sha256()  # the check that is stored
+    assert len(check.reference) == n_train  # every train cell is a reference cell
+    pos = {int(v): i for i, v in enumerate(corpus.gene_vocab_ids)}
+    x, ids, _ = log1p_profiles(corpus, "train", np.array([pos[int(v)] for v in check.vocab_ids]))
+    donor = {}
+    for shard in corpus.iter_shards("train", columns=("cell_id", "donor_id")):
+        donor.update(zip(shard.obs["cell_id"], shard.obs["donor_id"]))
+    groups = np.array([donor[c] for c in ids])
+    assert calib.n_groups == len(set(groups)) >= 4
+    # the PCA's cells and the calibration cells: whole donors, about half of them each, never shared
+    fit = np.ones(n_train, dtype=bool)
+    fit[calib.cells] = False
+    assert not set(groups[fit]) & set(groups[~fit]) and abs(len(set(groups[fit])) - len(set(groups[~fit]))) <= 1
+    np.testing.assert_allclose(check.mean, x[fit].mean(axis=0), atol=1e-5)  # the PCA saw only its half
+    q = check.points(x).astype(np.float64)
+    ref = check.reference.astype(np.float64)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    hand = []
+    for i in calib.cells:
+        cos = [float(q[i] @ ref[j]) for j in range(len(ref)) if groups[j] != groups[i]]
+        hand.append(np.mean(sorted(cos, reverse=True)[:3]))
+    assert np.allclose(calib.values, hand, atol=1e-5)
+    # leaving the donor out is stricter than leaving the cell out: each cell's own point is excluded anyway
+    self_out = leave_group_out_similarity(q, check.reference, ids, k=3, queries=calib.cells)
+    assert (calib.values <= self_out + 1e-6).all() and (calib.values < self_out - 1e-3).any()

@@ -139,11 +139,15 @@ def test_ambiguous_and_contradicted_inputs_are_errors(pbmc):
     cpm.data = np.round(cpm.data)
     with pytest.raises(ScmmError, match=r"sums to 1e\+06.*--input-scale \{counts,normalized,log1p,log2p1\}"):
         decide(cpm, "x")
-    # ambient-corrected counts: fractional, no lattice, no constant totals
+    # ambient-corrected counts: fractional, no lattice, no constant totals; above every log's range they can only
+    # be linear (next test), but scaled into a log's range nothing tells them from a log of such values
     soup = counts.copy().astype(np.float64)
     soup.data = np.maximum(soup.data - rng.uniform(0, 0.9, soup.data.size), 0.01)
+    assert decide(soup, "x").scale == "normalized" and soup.data.max() > 30
+    low = soup.copy()
+    low.data = low.data / low.data.max() * 15.0
     with pytest.raises(ScmmError, match="fit no linear normalisation nor log of one.*--input-scale"):
-        decide(soup, "x")
+        decide(low, "x")
     # values the sample did not see must agree with the decision
     d = decide(counts, "x")
     with pytest.raises(ScmmError, match="mixes scales; give --input-scale"):
@@ -157,10 +161,36 @@ def test_ambiguous_and_contradicted_inputs_are_errors(pbmc):
     np.testing.assert_array_equal(to_linear(soup32, given, "x").toarray(), soup32.toarray())
 
 
+def test_linear_values_beyond_every_log_fit_no_lattice_yet_read_as_linear(pbmc, tmp_path: Path):
+    """TPM of a gene subset (totals not constant, no count lattice): non-integers whose maximum exceeds every
+    log's range can only be linear, and are read so with that evidence; the file through the reader too."""
+    tpm = _scaled(pbmc.X, "tpm")
+    genes = np.sort(np.random.default_rng(3).permutation(tpm.shape[1])[: tpm.shape[1] // 2])
+    subset = sp.csr_matrix(tpm[:, genes])
+    sums = np.asarray(subset.sum(axis=1)).ravel()
+    assert (sums.max() - sums.min()) / np.median(sums) > 0.5 and subset.data.max() > 30  # no constant totals
+    d = decide(subset, "tpm_subset.h5ad")
+    assert d.scale == "normalized" and d.source == "detected" and d.evidence["rule"] == "beyond every log"
+    assert not d.evidence["candidates"]["normalized"]["consistent"] and set(d.evidence["candidates"]) == {"normalized"}
+    assert "above every log's range" in d.describe() and "TPM of a gene subset" in d.describe()
+    np.testing.assert_array_equal(to_linear(subset, d, "x").toarray(), subset.toarray())  # kept as they are
+    a = pbmc[:, genes].copy()
+    a.X = subset
+    a.write_h5ad(tmp_path / "tpm_subset.h5ad")
+    read = detect_scale(open_input(tmp_path / "tpm_subset.h5ad"))
+    assert read.scale == "normalized" and read.evidence["rule"] == "beyond every log"
+    # the same file at a log's scale stays ambiguous (nothing in the values says linear)
+    low = subset.copy()
+    low.data = low.data / low.data.max() * 15.0
+    with pytest.raises(ScmmError, match="--input-scale"):
+        decide(low, "x")
+
+
 def test_ambiguous_input_through_the_cli_and_the_override(pbmc, tmp_path: Path):
     a = pbmc[:200].copy()
     soup = a.X.copy().astype(np.float64)
     soup.data = np.maximum(soup.data - np.random.default_rng(2).uniform(0, 0.9, soup.data.size), 0.01)
+    soup.data = soup.data / soup.data.max() * 15.0  # within a log's range: truly ambiguous
     a.X = sp.csr_matrix(soup, dtype=np.float32)
     a.write_h5ad(tmp_path / "soup.h5ad")
     r = run_cli("data", "build", str(tmp_path / "soup.h5ad"), "--out", str(tmp_path / "c"), "--quiet")
