@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from scmm.errors import ScmmError
+from scmm.errors import EXIT_STOPPED, ScmmError, TrainingStopped
 
 
 class _Parser(argparse.ArgumentParser):
@@ -526,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except TrainingStopped as exc:  # pretrain/finetune stopped on a signal or max_wall_time, with a checkpoint
+        sys.stderr.write(f"{exc}\n")
+        return EXIT_STOPPED
     except ScmmError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
