@@ -47,8 +47,10 @@ setup(
         # scmm data build --soma (TileDB-SOMA / CELLxGENE Census input); 2.3.0 measured on Python 3.11 (pulls
         # somacore, shapely, attrs, more-itertools, pyarrow-hotfix; pyarrow is already here)
         "soma": ["tiledbsoma>=2.3"],
+        # the staged workflow (workflow/Snakefile, `make demo`) and its SLURM executor (workflow/profiles/slurm)
+        "workflow": ["snakemake==9.27.1", "snakemake-executor-plugin-slurm==2.8.0"],
         "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "import-linter>=2.13", "hypothesis>=6",
-                "tiledbsoma>=2.3"],
+                "tiledbsoma>=2.3", "snakemake==9.27.1", "snakemake-executor-plugin-slurm==2.8.0"],
     },
     entry_points={"console_scripts": ["scmm=scmm.cli:main"]},
 )
