@@ -145,14 +145,14 @@ def _weights(folder: Path) -> dict:
     return {f.relative_to(folder).as_posix(): load_file(str(f)) for f in sorted(folder.rglob("*.safetensors"))}
 
 
-def _assert_same_weights(a: Path, b: Path) -> None:
+def _assert_same_weights(a: Path, b: Path, rtol: float = 0, atol: float = 0) -> None:
     import torch
     wa, wb = _weights(a), _weights(b)
     assert wa and wa.keys() == wb.keys(), (a, sorted(wa), sorted(wb))
     for name in wa:
         assert wa[name].keys() == wb[name].keys()
         for k in wa[name]:
-            torch.testing.assert_close(wb[name][k], wa[name][k], rtol=0, atol=0, msg=f"{name}:{k}")
+            torch.testing.assert_close(wb[name][k], wa[name][k], rtol=rtol, atol=atol, msg=f"{name}:{k}")
 
 
 @pytest.mark.slow
