@@ -32,6 +32,7 @@ def _sealed_steps(ckpt: Path) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # five launches: about a minute alone, many more on a loaded machine
 def test_a_signal_stops_with_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path: Path,
                                                                                  small_corpus: Path):
     ref = _config(tmp_path, small_corpus, "ref")
@@ -69,9 +70,11 @@ def test_a_signal_stops_with_a_checkpoint_and_resume_matches_an_uninterrupted_ru
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
 
-    # train.max_wall_time does the same without a signal: a tiny limit stops the launch after its first step
-    data = yaml.safe_load(cfg.read_text())
-    data["out"] = str(tmp_path / "walltime")
+
+@pytest.mark.slow
+def test_max_wall_time_stops_with_a_checkpoint_without_a_signal(tmp_path: Path, small_corpus: Path):
+    """A tiny train.max_wall_time stops the launch after its first step."""
+    data = yaml.safe_load(_config(tmp_path, small_corpus, "walltime").read_text())
     data["train"]["max_wall_time"] = 0.001
     timed = tmp_path / "walltime.yaml"
     timed.write_text(yaml.safe_dump(data))
