@@ -81,7 +81,7 @@ def start(state: Path, cpus: int = 4, mem_mb: int = 8000, timeout: float = 60) -
     """Start munged, slurmctld and slurmd with their state under ``state``; returns once the node is idle."""
     host = socket.gethostname().split(".")[0]
     state.mkdir(parents=True, exist_ok=True)
-    for sub in ("ctld", "spool", "munge"):
+    for sub in ("ctld", "spool"):
         (state / sub).mkdir(exist_ok=True)
     cluster = Cluster(state, host, conf_backup=CONF.read_bytes() if CONF.is_file() else None)
     try:
@@ -90,10 +90,10 @@ def start(state: Path, cpus: int = 4, mem_mb: int = 8000, timeout: float = 60) -
         run = Path("/run/munge")
         run.mkdir(parents=True, exist_ok=True)
         shutil.chown(run, "munge", "munge")
-        shutil.chown(state / "munge", "munge", "munge")
         daemons = [
-            ["runuser", "-u", "munge", "--", "munged", "-F", "--log-file", str(state / "munge" / "munged.log"),
-             "--pid-file", str(state / "munge" / "munged.pid"), "--seed-file", str(state / "munge" / "seed")],
+            # munged runs as munge, which cannot enter a test's private temporary folder: its files go to /run/munge
+            ["runuser", "-u", "munge", "--", "munged", "-F", "--log-file", str(run / "munged.log"),
+             "--pid-file", str(run / "munged.pid"), "--seed-file", str(run / "seed")],
             ["slurmctld", "-D", "-i"],
             ["slurmd", "-D"],
         ]
