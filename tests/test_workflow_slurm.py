@@ -41,9 +41,9 @@ def _env() -> dict:
 
 
 def _command(workdir: Path, cfg: Path, *targets: str) -> list[str]:
-    return [SNAKEMAKE, "-s", str(ROOT / "workflow" / "Snakefile"), "--directory", str(workdir),
+    return [SNAKEMAKE, *targets, "-s", str(ROOT / "workflow" / "Snakefile"), "--directory", str(workdir),
             "--profile", str(ROOT / "workflow" / "profiles" / "slurm"), "--configfile", str(cfg),
-            "--slurm-no-account", "--latency-wait", "5", *targets]
+            "--slurm-no-account", "--latency-wait", "5"]
 
 
 def _stop(proc: subprocess.Popen) -> None:
