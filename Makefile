@@ -30,22 +30,13 @@ $(VENV)/.installed: setup.py constraints.txt Makefile  # the install steps below
 		torch.cuda.is_available() or get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
 
+# the staged workflow (workflow/Snakefile) with the demo's config: corpus -> stage 1 -> LLM -> stage 2 -> eval ->
+# package -> annotate, all under $(DEMO)/; an interrupted demo continues from its first unfinished stage
+# (a training stage from its last checkpoint); a changed stage config reruns that stage and the ones after it
 demo: setup
 	@mkdir -p $(DEMO) && date +%s > $(DEMO)/.start
-	$(SCMM) data demo --out $(DEMO)/corpus --h5ad $(DEMO)/pbmc.h5ad --overwrite --quiet
-	$(SCMM) data info $(DEMO)/corpus
-	rm -rf $(DEMO)/stage1 $(DEMO)/lm $(DEMO)/stage2 $(DEMO)/annotated.h5ad $(DEMO)/.annotated.h5ad
-	OMP_NUM_THREADS=2 $(SCMM) pretrain --config configs/stage1_demo.yaml
-	OMP_NUM_THREADS=2 $(SCMM) finetune init-lm --config configs/lm_demo.yaml
-	OMP_NUM_THREADS=2 $(SCMM) finetune --config configs/stage2_demo.yaml
-	OMP_NUM_THREADS=2 $(SCMM) eval --model $(DEMO)/stage2/model --corpus $(DEMO)/corpus --out $(DEMO)/eval \
-		--tasks annotate,retrieve,describe,generate --quiet
-	$(SCMM) package --stage1 $(DEMO)/stage1/model --stage2 $(DEMO)/stage2/model --corpus $(DEMO)/corpus \
-		--metrics $(DEMO)/eval/metrics.json --out $(DEMO)/model
-	$(SCMM) annotate $(DEMO)/pbmc.h5ad --model $(DEMO)/model --out $(DEMO)/.annotated.h5ad --quiet
-	$(SCMM) describe $(DEMO)/.annotated.h5ad --model $(DEMO)/model --out $(DEMO)/annotated.h5ad --quiet
-	rm -f $(DEMO)/.annotated.h5ad
-	$(SCMM) plot umap $(DEMO)/annotated.h5ad --color cell_type,scmm_cell_type --out $(DEMO)/annotated_umap.png
+	$(PY) -m snakemake --cores 2 --configfile workflow/config/demo.yaml --config out=$(DEMO) \
+		--rerun-incomplete --nolock --quiet rules
 	@$(PY) -c "import json, sys; from scmm.eval.report import main_table, stage2_table; \
 		m = json.load(open(sys.argv[1])); print(main_table(m)); print(); print(stage2_table(m))" $(DEMO)/eval/metrics.json
 	@echo "demo finished in $$(( $$(date +%s) - $$(cat $(DEMO)/.start) )) s; report: $(DEMO)/eval/report.md"

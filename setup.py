@@ -8,6 +8,7 @@ from setuptools import setup
 
 SUBPACKAGES = ("data_pipeline", "model", "eval", "pretrain", "finetune")
 # Sphinx 9.0.4: the newest on Python 3.11 (9.1 needs 3.12); myst-parser for Markdown pages, sphinx-argparse for the CLI
+WORKFLOW = ["snakemake==9.27.1", "snakemake-executor-plugin-slurm==2.8.0"]
 DOCS = ["sphinx==9.0.4", "myst-parser==5.2.0", "sphinx-argparse==0.6.1", "furo==2025.12.19"]
 
 setup(
@@ -56,11 +57,13 @@ setup(
         "soma": ["tiledbsoma>=2.3"],
         # the documentation site (`make docs`): Sphinx with Markdown pages (MyST), autodoc and the CLI's parser
         "docs": DOCS,
+        # the staged workflow (workflow/Snakefile, `make demo`) and its SLURM executor (workflow/profiles/slurm)
+        "workflow": WORKFLOW,
         "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "import-linter>=2.13", "hypothesis>=6",
                 "tiledbsoma>=2.3",
                 # scmm explore's tests: starlette's TestClient, and the page in Debian's chromium (never
                 # `playwright install`: tests launch /usr/bin/chromium through executable_path)
-                "httpx==0.28.1", "playwright==1.65.3", *DOCS],
+                "httpx==0.28.1", "playwright==1.65.3", *DOCS, *WORKFLOW],
     },
     entry_points={"console_scripts": ["scmm=scmm.cli:main"]},
 )

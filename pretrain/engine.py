@@ -23,17 +23,26 @@ loader position and the RNG states, and counts only once complete (:mod:`scmm.pr
 ``--resume`` continues from the newest complete one with exactly the batches and losses of an uninterrupted run,
 or, on another number of ranks, through DeepSpeed's universal checkpoint with the loader re-sharded.
 A micro-batch with a NaN/inf loss is skipped on every rank, up to ``train.max_bad_batches`` of them.
+
+A launch stops cleanly before a scheduler's time limit or on preemption: SIGUSR1 or SIGTERM (``#SBATCH
+--signal=USR1@<seconds>``), or ``train.max_wall_time`` seconds since the trainer started, ends the launch at the
+next step boundary, on every rank at the same step (one all-reduce of the flag per step), with a complete
+checkpoint; :class:`~scmm.errors.TrainingStopped` then makes the command exit with status 3, and ``--resume``
+continues exactly where it stopped.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -46,7 +55,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from scmm.atomic import write_file
-from scmm.errors import ScmmError
+from scmm.errors import EXIT_STOPPED, ScmmError, TrainingStopped
 from scmm.pretrain import checkpoints
 from scmm.pretrain.command_line import add_training_options, run_training
 
@@ -83,6 +92,7 @@ class TrainOptions:
     max_bad_batches: int = 5  # micro-batches with a NaN/inf loss skipped (each logged) before the run stops
     tensorboard: bool = False
     threads: int = 0  # torch intra-op threads per process (0: leave as is)
+    max_wall_time: float = 0  # seconds: stop with a checkpoint (exit 3) at the first step boundary after it; 0 = off
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -95,6 +105,9 @@ class TrainOptions:
             raise ValueError("train.steps, grad_accum, save_every, keep_last and log_every must be >= 1")
         if self.max_bad_batches < 0 or self.threads < 0:
             raise ValueError("train.max_bad_batches and threads must be >= 0")
+        if not 0 <= self.max_wall_time < float("inf"):
+            raise ValueError(f"train.max_wall_time must be a number of seconds >= 0 (0: off), "
+                             f"not {self.max_wall_time!r}")
         if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ValueError("train.lr must be > 0; weight_decay, grad_clip and warmup_steps >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -352,6 +365,9 @@ class Trainer:
         self.model, self.opts, self.name, self.launch, self.loader = model, opts, name, launch, loader
         self.rank = launch.rank if launch else 0
         self.progress, self.step, self.skipped, self.history = progress, 0, 0, []
+        self.started = time.monotonic()  # train.max_wall_time counts from here
+        self.stop_signal: int | None = None  # set by SIGUSR1/SIGTERM during fit (a DeepSpeed launch only)
+        self.stop_reason = ""
         if opts.activation_checkpointing:
             model.gradient_checkpointing_enable()
         groups = param_groups if param_groups is not None else model.param_groups(opts.weight_decay, opts.lr)
@@ -430,6 +446,14 @@ class Trainer:
                    disable=True if (self.rank != 0 or not self.progress) else None)
         last: dict = {}
         self.engine.train()
+        with self._stop_signals():
+            last = self._loop(batches, forward, stop_at, items, bar)
+        bar.close()
+        return last
+
+    def _loop(self, batches: Iterator[dict], forward: Forward, stop_at: int | None,
+              items: Callable[[dict], tuple[int, list]], bar) -> dict:
+        t, last = self.opts, {}
         while self.step < t.steps:
             lr = self.lr
             done = 0
@@ -448,12 +472,56 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == t.steps:
                 last = self._log(lr, bar)
             bar.update(1)
-            if self.launch is not None and (self.step % t.save_every == 0 or self.step in (t.steps, stop_at)):
+            saved = self.launch is not None and (self.step % t.save_every == 0 or self.step in (t.steps, stop_at))
+            if saved:
                 self.save_checkpoint()
             if self.step == stop_at:
                 break
-        bar.close()
+            if self.step < t.steps and self._stop_requested():
+                if not saved:
+                    self.save_checkpoint()
+                bar.close()
+                self.close()
+                raise TrainingStopped(f"{self.name}: stopped on {self.stop_reason} at step {self.step} of {t.steps} "
+                                      f"with a complete checkpoint in {self.launch.ckpt_dir}; rerun with --resume "
+                                      f"to continue (exit status {EXIT_STOPPED})")
         return last
+
+    # --- stopping on request ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        """While the loop runs (a DeepSpeed launch, in the main thread), SIGUSR1 and SIGTERM only set a flag that
+        the next step boundary acts on; the previous handlers come back afterwards."""
+        if self.launch is None or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def note(signum: int, frame) -> None:
+            self.stop_signal = signum
+            log.warning("%s: got %s: stopping after this step with a checkpoint", self.name,
+                        signal.Signals(signum).name)
+
+        previous = {s: signal.signal(s, note) for s in (signal.SIGUSR1, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_requested(self) -> bool:
+        """Whether this launch stops at this step boundary: a signal on any rank, or the wall time spent. Every rank
+        joins the one all-reduce (MAX), so all stop at the same step."""
+        if self.launch is None:
+            return False
+        wall = self.opts.max_wall_time
+        flag = self.stop_signal is not None or (wall > 0 and time.monotonic() - self.started >= wall)
+        verdict = torch.tensor([float(flag)], device=self.launch.device)
+        torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MAX)
+        if verdict.item() == 0:
+            return False
+        self.stop_reason = (f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal is not None
+                            else f"train.max_wall_time ({wall:g} s)" if flag else "another rank's stop request")
+        return True
 
     def _finite(self, loss: torch.Tensor, ids: list) -> bool:
         """Whether the micro-batch's loss is finite on every rank. A batch with a NaN/inf loss is skipped on all
@@ -606,6 +674,9 @@ def script_main(description: str, load_config: Callable[[str], Any], train: Call
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         run_training(args, load_config, train)
+    except TrainingStopped as exc:
+        sys.stderr.write(f"{exc}\n")
+        return EXIT_STOPPED
     except ScmmError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

@@ -40,7 +40,7 @@ from scmm.cli_types import (
     seed_int,
 )
 from scmm.config import read_utf8
-from scmm.errors import ScmmError
+from scmm.errors import EXIT_STOPPED, ScmmError, TrainingStopped
 from scmm.pretrain.command_line import add_training_options, run_training
 
 
@@ -631,6 +631,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
     try:
         return args.func(args)
+    except TrainingStopped as exc:  # pretrain/finetune stopped on a signal or max_wall_time, with a checkpoint
+        sys.stderr.write(f"{exc}\n")
+        return EXIT_STOPPED
     except ScmmError as exc:
         _error(str(exc))
         return 2

@@ -3,3 +3,11 @@
 
 class ScmmError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback."""
+
+
+EXIT_STOPPED = 3  # a training launch that stopped early on request, with a complete checkpoint: rerun with --resume
+
+
+class TrainingStopped(Exception):
+    """A trainer stopped on SIGUSR1/SIGTERM or ``train.max_wall_time`` after a complete checkpoint; the command
+    line reports it in one line and exits with :data:`EXIT_STOPPED` (a scheduler resubmits with ``--resume``)."""

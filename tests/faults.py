@@ -9,6 +9,9 @@ Used by the kill tests in place of ``pretrain/train.py``. ``SCMM_FAULT=<point>:<
 * ``before-latest``: the seal is written, ``latest`` still names the previous checkpoint;
 * ``mid-clean``: while the checkpoints beyond ``keep_last`` are being removed (one file of the oldest is gone).
 
+``SCMM_SIGNAL=<NAME>:<step>`` sends this process the signal ``SIG<NAME>`` (USR1, TERM) in the middle of that step (while
+its first micro-batch is checked), as a scheduler would before a time limit or on preemption.
+
 Two recorders for the tests of resuming on another number of ranks: ``SCMM_CELL_LOG=<file>`` appends one JSON line
 per batch a rank's loader delivers (rank, split, epoch, cell ids) to ``<file>.rank<r>``; ``SCMM_DUMP=<file>`` writes, on
 rank 0, every trained parameter's full fp32 weights and AdamW moments (``deepspeed.utils.safe_get_full_*``) right
@@ -70,6 +73,17 @@ def inject(point: str, step: int, rank: int | None) -> None:
     checkpoints.clean = clean_and_maybe_die
 
 
+def signal_at(name: str, step: int) -> None:
+    finite = engine.Trainer._finite
+
+    def checked(self, loss, ids):
+        if self.step + 1 == step and not getattr(self, "_signalled", False):
+            self._signalled = True
+            os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+        return finite(self, loss, ids)
+    engine.Trainer._finite = checked
+
+
 def record_cells(path: str) -> None:
     iterate = CorpusLoader.__iter__
 
@@ -124,6 +138,9 @@ if __name__ == "__main__":
         record_cells(os.environ["SCMM_CELL_LOG"])
     if os.environ.get("SCMM_DUMP"):
         record_state(os.environ["SCMM_DUMP"])
+    if os.environ.get("SCMM_SIGNAL"):
+        name, at = os.environ["SCMM_SIGNAL"].split(":")
+        signal_at(name, int(at))
     fault = os.environ.get("SCMM_FAULT")
     if fault:
         point, step, *rank = fault.split(":")
