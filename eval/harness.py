@@ -122,7 +122,7 @@ from scmm.eval.novelty import (
 )
 from scmm.eval.ontology_score import is_same_or_ancestor, mean_pair_score
 from scmm.eval.plots import umap_png
-from scmm.eval.pseudocell import embed_profiles
+from scmm.eval.pseudocell import REFERENCE_SPLITS, embed_profiles
 from scmm.eval.report import write_report
 from scmm.eval.retrieval import retrieval_metrics
 from scmm.eval.stage2 import generation_report, pseudocell_evaluation
@@ -437,11 +437,12 @@ def _retrieve(model, test) -> dict:
     return retrieval_metrics(emb.embeddings, text_emb, cell_labels=y_true)
 
 
-def _generate(model: ScmmModel, corpus: Corpus, seed: int) -> dict:
+def _generate(model: ScmmModel, corpus: Corpus, seed: int, reference_splits: Sequence[str] = REFERENCE_SPLITS
+              ) -> dict:
     """Pseudo-cells from every type's training texts, scored by k-NN in expression-PCA and stage-1 space."""
     try:
         return pseudocell_evaluation(model.stage2, corpus, seed=seed, n_per_type=PSEUDOCELLS_PER_TYPE,
-                                     k=PSEUDOCELL_K)
+                                     k=PSEUDOCELL_K, reference_splits=reference_splits)
     except ValueError as exc:
         raise ScmmError(f"pseudo-cell evaluation: {exc}") from None
 
@@ -460,8 +461,11 @@ def _language(model: ScmmModel, corpus: Corpus, test, described: dict, generate:
 
 def _run_tasks(model: ScmmModel, corpus: Corpus, tasks: Sequence[str], cands: Candidates, ontology, seed: int,
                tmp: Path, progress: bool, unknown_rate: float = DEFAULT_UNKNOWN_RATE,
-               unknown_threshold: float | None = None, novelty_share: float = NOVELTY_SHARE) -> tuple[dict, dict]:
+               unknown_threshold: float | None = None, novelty_share: float = NOVELTY_SHARE,
+               split: str = "test") -> tuple[dict, dict]:
     """Every task's metrics section, and what the report shows besides."""
+    if split == "val":
+        return _run_stage2_on_val(model, corpus, tasks, ontology, seed, progress)
     aligner = model.aligner
     metrics: dict[str, Any] = {}
     details: dict[str, Any] = {"notes": []}
@@ -486,6 +490,23 @@ def _run_tasks(model: ScmmModel, corpus: Corpus, tasks: Sequence[str], cands: Ca
         if described.get("descriptions"):
             details["language_examples"] = type_examples(
                 corpus, dict(zip(described["cell_id"], described["descriptions"])))
+    return _json_safe(metrics), details
+
+
+def _run_stage2_on_val(model: ScmmModel, corpus: Corpus, tasks: Sequence[str], ontology, seed: int,
+                       progress: bool) -> tuple[dict, dict]:
+    """The stage-2 tasks scored on val, for choosing stage-2 settings without touching the test split: the
+    descriptions and answers of val cells, and pseudo-cells scored against val cells only."""
+    metrics: dict[str, Any] = {}
+    details: dict[str, Any] = {"notes": ["scored on the val split (--split val): for choosing settings; the test "
+                                         "split is untouched"]}
+    with torch.no_grad():
+        if "describe" in tasks:
+            metrics["generation"], details["generation_examples"] = generation_report(
+                model.stage2, corpus, "val", ontology, progress=progress, n_examples=EXAMPLES)
+        if "generate" in tasks:
+            metrics["pseudocell"] = _generate(model, corpus, seed, reference_splits=("val",))
+            details["notes"] += metrics["pseudocell"].pop("notes", [])
     return _json_safe(metrics), details
 
 
@@ -536,8 +557,13 @@ def _open(model_dir: Path, corpus_dir: Path, out_dir: Path, tasks, labels) -> tu
 def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
              tasks: str | Sequence[str] | None = None, seed: int = 0, progress: bool = True,
              labels: str | Sequence[str] | None = None, unknown_rate: float | None = None,
-             unknown_threshold: float | None = None, novelty_share: float | None = None) -> dict:
+             unknown_threshold: float | None = None, novelty_share: float | None = None,
+             split: str = "test") -> dict:
     """Run the tasks and write ``metrics.json``, ``report.md`` and PNGs into ``out_dir``; returns the metrics.
+
+    ``split``: ``"test"`` (the evaluation), or ``"val"`` to score the stage-2 tasks (describe, generate) on val
+    when choosing stage-2 settings, so that the test split stays unseen (annotation and retrieval need val for
+    their calibration, so they run on test only).
 
     ``tasks``: default every task the model can do (:func:`default_tasks`).
     ``labels``: candidate labels for annotation (a list, a comma-separated string or a file; see
@@ -548,6 +574,8 @@ def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
     confidence; :mod:`scmm.eval.calibration`).
     """
     check_unknown_options(unknown_rate, unknown_threshold)
+    if split not in ("test", "val"):
+        raise ScmmError(f"--split must be test or val, not '{split}'")
     share = NOVELTY_SHARE if novelty_share is None else float(novelty_share)
     if not 0.0 <= share <= 1.0:  # NaN fails too
         raise ScmmError(f"--novelty-share must be in [0, 1], got {novelty_share}")
@@ -555,15 +583,20 @@ def evaluate(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path,
     t0 = time.perf_counter()
     model_dir, corpus_dir, out_dir = Path(model_dir), Path(corpus_dir), Path(out_dir)
     model, corpus, tasks, cands, label_list = _open(model_dir, corpus_dir, out_dir, tasks, labels)
+    if split == "val" and set(tasks) - set(STAGE2_TASKS):
+        raise ScmmError(f"--split val scores only the stage-2 tasks (describe, generate), not "
+                        f"{', '.join(sorted(set(tasks) - set(STAGE2_TASKS)))}: annotation calibrates on val; pass "
+                        "--tasks describe,generate")
     torch.manual_seed(seed)
     log.info("evaluating %s on %s: tasks %s", model_dir, corpus_dir, ", ".join(tasks))
     result: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
         metrics, details = _run_tasks(model, corpus, tasks, cands, get_ontology(), seed, tmp, progress, rate,
-                                      unknown_threshold, share)
+                                      unknown_threshold, share, split)
         context = {
             "model": str(model_dir), "corpus": str(corpus_dir), "out": str(out_dir), "tasks": list(tasks),
+            "split": split,
             "seed": seed, "splits": dict(corpus.manifest["splits"]), "split_seed": corpus.manifest.get("split_seed"),
             "split_group_by": corpus.manifest.get("split_group_by"), "n_cell_types": len(corpus.cell_types),
             "encoding": asdict(model.encoding), "labels": "user list" if label_list is not None else

@@ -15,17 +15,14 @@
 * :func:`pseudocells_for_types`: ``n_per_type`` pseudo-cells per cell type, generated from that type's
   description texts (cycled in sorted order), as log1p-CP10k profiles over the model's HVG panel.
 * :func:`generation_report` / :func:`pseudocell_evaluation`: the ``generation`` and ``pseudocell`` sections of
-  ``metrics.json`` that ``scmm eval`` writes (pseudo-cells scored by :func:`eval.pseudocell.pseudocell_report`);
-  :func:`stage2_metrics` computes both on any split (``python -m scmm.eval.stage2 MODEL CORPUS --split val``
-  for choosing hyper-parameters without touching the test split).
+  ``metrics.json`` that ``scmm eval`` writes (pseudo-cells scored by :func:`scmm.eval.pseudocell.pseudocell_report`);
+  ``scmm eval --tasks describe,generate --split val`` computes both on val, for choosing hyper-parameters
+  without touching the test split.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -307,41 +304,3 @@ def pseudocell_evaluation(model, corpus: Corpus, seed: int = 0, n_per_type: int 
         out["unseen_phrasing"] = {"spaces": {s: {"knn_accuracy": v} for s, v in scored["unseen_phrasing"].items()},
                                   "n_types": len(unseen), "texts_per_type": {t: len(v) for t, v in unseen.items()}}
     return out
-
-
-def stage2_metrics(model, corpus: Corpus, split: str = "test", seed: int = 0, num_beams: int = 1,
-                   n_per_type: int = 20, progress: bool = False) -> dict[str, Any]:
-    """``generation`` (on ``split``) and ``pseudocell`` sections, as ``scmm eval`` computes them (for tuning on val:
-    the pseudo-cells are then scored against val cells only, so the test split stays unseen)."""
-    gen, examples = generation_report(model, corpus, split, num_beams=num_beams, progress=progress)
-    refs = ("val",) if split == "val" else REFERENCE_SPLITS
-    return {"generation": gen, "pseudocell": pseudocell_evaluation(model, corpus, seed, n_per_type,
-                                                                   reference_splits=refs),
-            "examples": examples}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m scmm.eval.stage2 MODEL CORPUS [--split val] [--beams N]: print the stage-2 metrics as JSON."""
-    p = argparse.ArgumentParser()
-    p.add_argument("model")
-    p.add_argument("corpus")
-    p.add_argument("--split", default="val")
-    p.add_argument("--beams", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out")
-    args = p.parse_args(argv)
-    torch.manual_seed(0)
-    model = Stage2Model.from_pretrained(args.model)
-    m = stage2_metrics(model, Corpus(args.corpus), args.split, args.seed, args.beams)
-    text = json.dumps(m, indent=1, default=float)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(json.dumps({k: m[k] for k in ("generation",)}, indent=1, default=float))
-    print(json.dumps({name: {k: v for k, v in sp.items() if k in ("knn_accuracy", "class_mean_reference",
-                                                                    "random_baseline")}
-                      for name, sp in m["pseudocell"]["spaces"].items()}, indent=1, default=float))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -250,7 +250,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from scmm.eval.report import main_table, stage2_table
     metrics = evaluate(args.model, args.corpus, args.out, tasks=args.tasks, seed=args.seed,
                        progress=not args.quiet, labels=args.labels, unknown_rate=args.unknown_rate,
-                       unknown_threshold=args.unknown_threshold, novelty_share=args.novelty_share)
+                       unknown_threshold=args.unknown_threshold, novelty_share=args.novelty_share,
+                       split=args.split)
     print(main_table(metrics))
     if stage2_table(metrics):
         print("\n" + stage2_table(metrics))
@@ -281,6 +282,9 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--novelty-share", type=probability,
                    help="share of --unknown-rate given to the novelty check (cosine similarity to the nearest training "
                         "cell), the rest to the confidence, in [0, 1] (default 0.5)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="test (the evaluation), or val: score the stage-2 tasks (--tasks describe,generate) on val, "
+                        "to choose stage-2 settings without touching the test split")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)

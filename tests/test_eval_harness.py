@@ -348,3 +348,14 @@ def test_eval_with_held_out_types_reports_unseen_figures(tmp_path: Path):
     conf = plain.obs["scmm_confidence"].to_numpy()
     called = plain.obs["scmm_cell_type"].astype(str).to_numpy() == "unknown"
     assert np.array_equal(called, conf < cal.threshold)  # only the confidence decides
+
+
+def test_split_val_is_for_the_stage2_tasks_only(tiny_model: Path, small_corpus: Path, tmp_path: Path, capsys):
+    """`scmm eval --split val` refuses the tasks that calibrate on val, in one error line, writing nothing."""
+    from scmm.cli import main
+    out = tmp_path / "eval_val"
+    code = main(["eval", "--model", str(tiny_model), "--corpus", str(small_corpus), "--out", str(out),
+                 "--tasks", "annotate", "--split", "val", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert len(err) == 1 and err[0].startswith("error: --split val scores only the stage-2 tasks"), err
