@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from scmm.data_pipeline.collate import log1p_normalize
+from scmm.data_pipeline.collate import CP10K, log1p_normalize
 
 __all__ = ["FACTS_VERSION", "GeneStats", "FactModel", "ProgramMoments", "hallmark_sets", "gene_names",
            "MIN_SET_GENES", "N_MARKERS", "MIN_DETECTION", "PROGRAM_METHOD"]
@@ -43,7 +43,6 @@ FACTS_VERSION = 1
 MIN_SET_GENES = 5
 N_MARKERS = 20  # stored per cell (captions name the first few; eval checks named genes against all 20)
 MIN_DETECTION = 0.01
-TARGET_SUM = 1e4
 PROGRAM_METHOD = ("mean z-score of the set's panel genes (log1p CP10k, gene mean/sd of the training split), "
                   "standardised with the training split's mean and sd of the score")
 _BLOCK_ELEMENTS = 1 << 22  # dense cells x genes values per block (32 MB of float64)
@@ -70,7 +69,7 @@ def gene_names(symbols=None) -> dict[str, str]:
 
 def log1p_cp10k(matrix: sp.csr_matrix) -> sp.csr_matrix:
     """log1p CP10k (float64) of linear values (counts or normalised), totals over the whole panel."""
-    return log1p_normalize(matrix, "counts", TARGET_SUM, np.float64)
+    return log1p_normalize(matrix, "counts", CP10K, np.float64)
 
 
 @dataclass

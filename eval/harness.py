@@ -78,6 +78,7 @@ import numpy as np
 import torch
 
 from scmm.atomic import write_folder
+from scmm.data_pipeline.collate import CP10K, log1p_normalize
 from scmm.data_pipeline.hvg import hvg_panel
 from scmm.data_pipeline.ontology import get_ontology
 from scmm.data_pipeline.store import Corpus, label_keys
@@ -263,8 +264,7 @@ def _foreign(model, corpus: Corpus, protos: np.ndarray, cands: Candidates, ontol
     ``scmm annotate`` would (embedding, calibrated confidence, novelty check)."""
     counts = foreign_counts(corpus, seed=seed)
     genes = np.arange(corpus.n_genes)
-    x = counts.multiply(1e4 / np.maximum(counts.sum(axis=1), 1e-12)).tocsr()
-    x.data = np.log1p(x.data)
+    x = log1p_normalize(counts, "counts", CP10K)
     emb = embed_profiles(model, x.toarray(), genes, corpus.gene_vocab_ids, seed=seed)
     similarity = None
     if reference is not None:

@@ -109,7 +109,10 @@ from scmm.output_names import (
     DESCRIPTION,
     EMBEDDING_KEY,
     LEVEL,
+    LLM_COLUMNS,
+    NOVELTY,
     QC,
+    UNKNOWN,
 )
 from scmm.ranks import cells_on_ranks, world_size
 
@@ -117,7 +120,8 @@ log = logging.getLogger("scmm")
 
 __all__ = ["load_model", "embed", "annotate", "describe", "generate", "build_index", "query_index",
            "annotate_embeddings", "model_calibration", "Options", "ScmmModel", "EMBEDDING_KEY", "CELL_TYPE",
-           "CELL_TYPE_ID", "CONFIDENCE", "LEVEL", "DESCRIPTION", "QC", "MAX_PSEUDOCELLS"]
+           "CELL_TYPE_ID", "CONFIDENCE", "LEVEL", "NOVELTY", "DESCRIPTION", "LLM_COLUMNS", "QC", "UNKNOWN",
+           "MAX_PSEUDOCELLS"]
 
 INDEX_K = 15
 MAX_PSEUDOCELLS = 1_000_000

@@ -37,6 +37,7 @@ import torch
 
 from scmm import api
 from scmm.atomic import write_file
+from scmm.data_pipeline.collate import CP10K, log1p_normalize
 from scmm.data_pipeline.h5ad import H5adSource, open_h5ad
 from scmm.data_pipeline.reader import detect_scale, iter_batches, open_input, plan_genes
 from scmm.data_pipeline.scale import to_linear
@@ -248,10 +249,7 @@ class ExploreSession:
         out = np.zeros(self.n, dtype=np.float32)
         for start, block in self.source.iter_chunks(self.chunk_size):
             linear = to_linear(block, scale, f"{self.path} (rows from {start})")
-            total = np.asarray(linear.sum(1)).ravel()
-            value = np.asarray(linear[:, col].todense()).ravel()
-            out[start:start + block.shape[0]] = np.log1p(np.divide(value * 1e4, total, out=np.zeros_like(value),
-                                                                   where=total > 0))
+            out[start:start + block.shape[0]] = log1p_normalize(linear, "counts", CP10K)[:, col].toarray().ravel()
         return self._continuous({"source": "gene", "name": gene, "unit": "log1p(CP10k)"}, out)
 
     @staticmethod
