@@ -265,6 +265,18 @@ def _add_required(p: argparse.ArgumentParser, **helps: str) -> None:
         p.add_argument(f"--{name}", required=True, help=text)
 
 
+def _add_abstention_options(p: argparse.ArgumentParser, thresholds: str) -> None:
+    """``--unknown-rate`` / ``--unknown-threshold``, shared by eval (which sets the thresholds) and annotate (which
+    reads the ones eval stored); ``thresholds`` says where the thresholds of a rate come from."""
+    p.add_argument("--unknown-rate", type=rate_below_1,
+                   help="share of new cells like the training ones allowed to abstain, in [0, 1) (default 0.05; 0: "
+                        f"never abstain): the 'unknown' thresholds, half on the calibrated confidence and half on the "
+                        f"similarity to the nearest training cells, {thresholds}")
+    p.add_argument("--unknown-threshold", type=probability,
+                   help="calibrated confidence in [0, 1] below which a cell is 'unknown' (instead of --unknown-rate; "
+                        "the novelty check off)")
+
+
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on a corpus's test split, with baselines side by side")
     _add_required(p, model="model folder (e.g. runs/demo/stage1/model)", corpus="corpus folder",
@@ -272,13 +284,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", help="comma list of annotate, retrieve, describe, generate (default: all the model can "
                                    "do: describe and generate need a stage-2 model)")
     p.add_argument("--labels", help="candidate labels: comma list or file (CL IDs or free text); default the corpus's")
-    p.add_argument("--unknown-rate", type=rate_below_1,
-                   help="share of val cells allowed to abstain, in [0, 1): sets the 'unknown' thresholds, half on the "
-                        "calibrated confidence and half on the similarity to the nearest training cell (default 0.05; "
-                        "0: never abstain)")
-    p.add_argument("--unknown-threshold", type=probability,
-                   help="calibrated confidence in [0, 1] below which a cell is 'unknown' (instead of --unknown-rate; "
-                        "no novelty check)")
+    _add_abstention_options(p, "set on the calibration cells (training cells scored leaving out their donor, and val)")
     p.add_argument("--novelty-share", type=probability,
                    help="share of --unknown-rate given to the novelty check (cosine similarity to the nearest training "
                         "cell), the rest to the confidence, in [0, 1] (default 0.5)")
@@ -430,13 +436,8 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--labels", help="candidate labels: comma list or a file, one per line (CL IDs or free text); "
                    "default the model's training cell types")
-    p.add_argument("--unknown-threshold", type=probability,
-                   help="calibrated confidence in [0, 1] below which a cell is 'unknown', the novelty check off "
-                        "(default: the thresholds scmm eval chose on val, stored in a packaged model)")
-    p.add_argument("--unknown-rate", type=rate_below_1,
-                   help="share of val cells allowed to abstain, in [0, 1): sets the thresholds (confidence and "
-                        "novelty, half each) from the val quantiles stored in a packaged model (scmm eval's default "
-                        "0.05)")
+    _add_abstention_options(p, "read from the calibration quantiles scmm eval stored in a packaged model (default: "
+                               "the thresholds it chose)")
     p.add_argument("--smooth", action="store_true", help="smooth predictions over the k-NN graph of the input's "
                    "embeddings")
     p.add_argument("--k", type=IntRange(1, MAX_K), default=15, help="neighbours for --smooth (default 15)")
