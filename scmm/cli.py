@@ -260,7 +260,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_required(p: argparse.ArgumentParser, **helps: str) -> None:
-    """Required string options, ``name="help"`` each (``--name``)."""
+    """Required string options, one per ``name="help"`` (the option ``--<name>``)."""
     for name, text in helps.items():
         p.add_argument(f"--{name}", required=True, help=text)
 

@@ -462,17 +462,22 @@ def test_cells_with_no_expressed_gene_are_flagged_and_called_unknown(model, pbmc
     assert list(embed(adata, model).obs["scmm_qc"].astype(str)) == list(qc)
 
 
-def test_non_integer_values_of_no_known_scale_are_an_error(model, pbmc_h5ad: Path):
-    """Ambient-corrected counts (not integers, no per-cell scaling of counts, far above any log value) are not
-    silently read as anything: the error names --input-scale, which then reads them (here as linear values)."""
+def test_non_integer_values_of_no_known_scale(model, pbmc_h5ad: Path):
+    """Ambient-corrected counts (not integers, no per-cell scaling of counts) far above any log value can only be
+    linear: read as such, the same embedding as saying ``input_scale="normalized"``; scaled into a log's range,
+    nothing tells them apart and the error names --input-scale."""
     from scmm.api import embed
     from scmm.errors import ScmmError
     adata = ad.read_h5ad(pbmc_h5ad)[:20].copy()
     x = adata.X.toarray()
     adata.X = sp.csr_matrix(np.where(x > 0, x - np.random.default_rng(0).uniform(0, 0.9, x.shape), 0.0))
-    with pytest.raises(ScmmError, match="cannot tell the scale.*--input-scale"):
-        embed(adata, model)
-    assert np.isfinite(embed(adata, model, input_scale="normalized").obsm["X_scmm"]).all()
+    assert adata.X.max() > 30
+    np.testing.assert_array_equal(embed(adata, model, precision="fp32").obsm["X_scmm"],
+                                  embed(adata, model, precision="fp32", input_scale="normalized").obsm["X_scmm"])
+    low = adata.copy()
+    low.X = adata.X / adata.X.max() * 15.0
+    with pytest.raises(ScmmError, match="--input-scale"):
+        embed(low, model)
     # counts scaled by one factor are a linear normalisation: read as such, the same input as the counts
     scaled = adata.copy()
     scaled.X = sp.csr_matrix(x * 0.93)

@@ -358,11 +358,15 @@ def test_cell_ontology_trie(lm) -> None:
 # ------------------------------------------------------------------------------------------ instructions
 def test_instruction_dataset(small_corpus: Path) -> None:
     corpus = Corpus(small_corpus)
-    ds = instruction_dataset(corpus, "train")
+    label_tasks = ("describe", "cell_type", "tissue")  # the per-cell fact questions: tests/test_language.py
+    ds = instruction_dataset(corpus, "train", tasks=label_tasks)
     n_train = corpus.manifest["splits"]["train"]
     assert len(ds) == 3 * n_train
     assert ds.column_names == ["cell_id", "task", "prompt", "answer", "cell_type_ontology_term_id"]
-    assert ds["task"][:3] == list(TASKS)
+    assert ds["task"][:3] == list(label_tasks)
+    every = instruction_dataset(corpus, "train")  # the corpus has facts: every cell also gets a programs question
+    assert ds["task"][:3] == every["task"][:3] and set(every["task"]) == set(TASKS)
+    assert every["task"].count("programs") == n_train
     labels = {"CL:0000084": "T cell", "CL:0000236": "B cell", "CL:0000623": "natural killer cell",
               "CL:0001054": "CD14-positive monocyte"}
     texts = {}
@@ -376,7 +380,7 @@ def test_instruction_dataset(small_corpus: Path) -> None:
             assert row["answer"] == "blood"
         else:
             assert row["answer"] == texts[row["cell_id"]]
-    for task in TASKS:  # several phrasings in use, each task
+    for task in label_tasks:  # several phrasings in use, each task
         assert len(set(ds.filter(lambda r, task=task: r["task"] == task)["prompt"])) >= 3
     assert instruction_dataset(corpus, "train")["prompt"] == ds["prompt"]  # deterministic
     assert instruction_dataset(corpus, "train", seed=1)["prompt"] != ds["prompt"]

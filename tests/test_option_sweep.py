@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("scmm", "data_pipeline", "model", "eval", "pretrain", "finetune")
 SWEEP_VALUES = ("0", "-2", "nan", "inf", "0.5", "1e30")
 # options of programs that scmm's hints name and that are not scmm's: the launchers and pip
-FOREIGN_OPTIONS = {"--nproc_per_node": "torchrun", "--standalone": "torchrun", "--no-deps": "pip"}
+FOREIGN_OPTIONS = {"--nproc_per_node": "torchrun", "--standalone": "torchrun", "--no-deps": "pip",
+                   "--porcelain": "git", "--untracked-files": "git", "--signal": "sbatch"}
 
 
 def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
