@@ -559,8 +559,6 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
     from scmm.explore.server import serve
     from scmm.explore.session import ExploreSession
-    if not 1 <= args.port <= 65535:
-        raise ScmmError(f"--port must be between 1 and 65535, got {args.port}")
     token = args.token
     if token is not None and (len(token) < 16 or not token.isascii() or not token.isprintable() or " " in token):
         raise ScmmError("--token must be at least 16 printable ASCII characters without spaces")
@@ -582,7 +580,7 @@ def _explore_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="a model folder (a package; stage 2 for descriptions/questions)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs "
                                                          "a token, generated and printed when not given)")
-    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--port", type=IntRange(1, 65535), default=8765, help="port (default 8765)")
     p.add_argument("--token", default=None, help="a secret every request must carry (at least 16 characters)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.set_defaults(func=cmd_explore)

@@ -338,7 +338,8 @@ def test_an_input_without_umap_or_embedding_is_untouched_and_its_cache_sits_besi
 def test_cli_refuses_bad_options_with_one_error_line(data, models):
     from conftest import run_cli
     r = run_cli("explore", str(data), "--model", str(models[0]), "--port", "70000")
-    assert r.returncode == 2 and r.stderr.strip() == "error: --port must be between 1 and 65535, got 70000"
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "error: scmm explore: argument --port: must be an integer from 1 to 65535, got '70000'", r.stderr
     r = run_cli("explore", str(data), "--model", str(models[0]), "--token", "short")
     assert r.returncode == 2 and "--token must be at least 16" in r.stderr
     r = run_cli("explore", str(data.parent / "missing.h5ad"), "--model", str(models[0]))
