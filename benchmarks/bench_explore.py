@@ -39,6 +39,7 @@ import numpy as np
 from bench_annotate import prepare
 
 from common import record, table
+from scmm.atomic import publish_file
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERIES = ["B cell", "monocytes with high interferon response", "natural killer cell from blood", "T cell",
@@ -67,7 +68,7 @@ def with_map(data: Path, out: Path, dim: int, chunk: int = 100_000) -> Path:
                 else:
                     x *= 3
                 ds[s:s + len(x)] = x
-    os.replace(tmp, out)
+    publish_file(tmp, out)
     return out
 
 
