@@ -53,11 +53,15 @@ demo-llm: setup
 	@$(PY) -c "import json, sys; from scmm.eval.report import stage2_table; \
 		print(stage2_table(json.load(open(sys.argv[1]))))" $(DEMO)/eval_smollm2/metrics.json
 
+# two workers (pytest-xdist), one test file each at a time (a file's module fixtures are built once), the longest
+# files first (tests/conftest.py: LONGEST_FILES_FIRST) so that neither worker ends alone on a long one
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
+
 test: setup
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # lint-imports checks the layers of DESIGN.md on the installed layout (scmm.model is model/, ...): it reads a
 # folder of links that mirrors the package as it installs; ruff checks style and that imports sit at the top.

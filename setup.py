@@ -59,7 +59,7 @@ setup(
         "docs": DOCS,
         # the staged workflow (workflow/Snakefile, `make demo`) and its SLURM executor (workflow/profiles/slurm)
         "workflow": WORKFLOW,
-        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "import-linter>=2.13", "hypothesis>=6",
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist==3.8.0", "ruff>=0.6", "import-linter>=2.13", "hypothesis>=6",
                 "tiledbsoma>=2.3",
                 # scmm explore's tests: starlette's TestClient, and the page in Debian's chromium (never
                 # `playwright install`: tests launch /usr/bin/chromium through executable_path)

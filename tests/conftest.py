@@ -17,6 +17,18 @@ settings.register_profile("ci", max_examples=100, deadline=None, derandomize=Tru
 settings.register_profile("thorough", max_examples=3000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# `make test` runs two workers, one file each at a time (pytest-xdist --dist loadfile --no-loadscope-reorder), in
+# collection order: the files that take longest (measured: test durations of the full suite) go first, so that
+# neither worker is left alone on a long file at the end
+LONGEST_FILES_FIRST = ("test_inference.py", "test_pretrain.py", "test_workflow_slurm.py", "test_stage2.py",
+                       "test_workflow.py", "test_kill_resume.py", "test_explore_api.py", "test_stop_signal.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

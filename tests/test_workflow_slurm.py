@@ -108,7 +108,7 @@ def _stage1_job() -> str | None:
 
 def test_stage1_signalled_mid_run_checkpoints_is_resubmitted_and_ends_as_an_uninterrupted_run(cluster,
                                                                                               tmp_path: Path):
-    steps = 300
+    steps = 150  # about 0.2 s a step alone: the signal, sent at step 3, lands long before the end
     cfg = tiny_config(tmp_path)
     data = yaml.safe_load(cfg.read_text())
     data["stage1"]["set"]["train"].update(steps=steps, save_every=10_000, log_every=1)
@@ -142,7 +142,7 @@ def test_stage1_signalled_mid_run_checkpoints_is_resubmitted_and_ends_as_an_unin
     text = log_path.read_text()
     assert proc.returncode == 0, text[-6000:]
     first_log = (logs / f"{first}.log").read_text()
-    stopped = re.search(r"stage1: stopped on signal (SIG\w+) at step (\d+) of 300 with a complete checkpoint",
+    stopped = re.search(rf"stage1: stopped on signal (SIG\w+) at step (\d+) of {steps} with a complete checkpoint",
                         first_log)
     assert stopped, first_log[-4000:]
     step = int(stopped.group(2))
