@@ -1,4 +1,5 @@
-"""How much the demo's stage-2 figures move with the seed: stage 2 and its evaluation over several seeds.
+"""How much the demo's stage-2 figures move with the seed: stage 2 and its evaluation over several seeds (the
+type-level figures and the per-cell ``language.*`` ones).
 
 The same stage-1 model, LLM and corpus (`make demo`'s outputs); each seed sets the run's seed (LoRA and bridge
 initialisation, the instruction phrasings, the decoder refit) and the loader's (batch order). Prints each figure's
@@ -26,7 +27,24 @@ FIGURES = {"answers (free)": ("generation", "type_accuracy"),
            "answers, unseen phrasing": ("generation", "type_accuracy_unseen_phrasing"),
            "BLEU-4": ("generation", "bleu4"), "ROUGE-L": ("generation", "rougeL"),
            "pseudo-cells, expression PCA": ("pseudocell", "knn_accuracy"),
-           "pseudo-cells, unseen phrasing": ("pseudocell", "knn_accuracy_unseen_phrasing")}
+           "pseudo-cells, unseen phrasing": ("pseudocell", "knn_accuracy_unseen_phrasing"),
+           "repeated 4-gram rate": ("generation", "repeated_phrase_rate"),
+           # per-cell language (issue 26): claims checked against the cell's facts, search and text-to-cell
+           "program claims F1": ("language", "program_claims", "f1"),
+           "program claims F1 within type": ("language", "program_claims", "f1_within_type"),
+           "  type-template baseline": ("language", "program_claims", "baseline_f1_within_type"),
+           "marker claims precision": ("language", "marker_claims", "precision"),
+           "  type-template baseline ": ("language", "marker_claims", "baseline_precision"),
+           "search by program AUROC": ("language", "search", "auroc"),
+           "search by program AUROC within type": ("language", "search", "auroc_within_type"),
+           "text-to-cell program AUROC": ("language", "text_to_cell", "auroc")}
+
+
+def figure(metrics: dict, path: tuple[str, ...]) -> float:
+    """The figure at ``path`` of a metrics.json (NaN where the run has none)."""
+    for key in path:
+        metrics = metrics.get(key, {}) if isinstance(metrics, dict) else {}
+    return float(metrics) if isinstance(metrics, (int, float)) else float("nan")
 
 
 def run_seed(config: Path, seed: int, root: Path) -> tuple[dict, float]:
@@ -61,8 +79,8 @@ def main() -> None:
     for seed in seeds:
         metrics, s = run_seed(Path(args.config), seed, root)
         seconds.append(s)
-        for name, (section, key) in FIGURES.items():
-            values[name].append(float(metrics.get(section, {}).get(key, float("nan"))))
+        for name, path in FIGURES.items():
+            values[name].append(figure(metrics, path))
         print(f"seed {seed}: " + ", ".join(f"{n} {v[-1]:.3f}" for n, v in values.items()), flush=True)
     print(f"\n| figure ({len(seeds)} seeds, {args.config}) | " + " | ".join(f"seed {s}" for s in seeds)
           + " | mean | std |")
