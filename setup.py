@@ -59,8 +59,9 @@ setup(
         "docs": DOCS,
         # the staged workflow (workflow/Snakefile, `make demo`) and its SLURM executor (workflow/profiles/slurm)
         "workflow": WORKFLOW,
-        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist==3.8.0", "ruff>=0.6", "import-linter>=2.13", "hypothesis>=6",
-                "tiledbsoma>=2.3",
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "import-linter>=2.13", "hypothesis>=6", "tiledbsoma>=2.3",
+                # `make test` runs the suite on two workers
+                "pytest-xdist==3.8.0",
                 # scmm explore's tests: starlette's TestClient, and the page in Debian's chromium (never
                 # `playwright install`: tests launch /usr/bin/chromium through executable_path)
                 "httpx==0.28.1", "playwright==1.65.3", *DOCS, *WORKFLOW],

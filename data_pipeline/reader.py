@@ -41,8 +41,8 @@ from scmm.data_pipeline.scale import ScaleDecision, detect_scale, to_linear
 from scmm.data_pipeline.vocab import GeneVocab, check_coverage, map_genes
 from scmm.errors import ScmmError
 
-__all__ = ["DEFAULT_MIN_COVERAGE", "GenePlan", "ScaleDecision", "detect_scale", "iter_batches", "open_input",
-           "plan_genes"]
+__all__ = ["DEFAULT_MIN_COVERAGE", "GenePlan", "ScaleDecision", "detect_scale", "iter_batches", "iter_panel_chunks",
+           "open_input", "plan_genes"]
 
 log = logging.getLogger("scmm.reader")
 DEFAULT_MIN_COVERAGE = 0.5
@@ -171,3 +171,19 @@ def iter_batches(source, plan: GenePlan, scale: ScaleDecision, encoding: CellEnc
             batch = encode_cells(sub[rows], plan.vocab_ids, vocab, encoding, normalization=scale.stored,
                                  training=False, rng=[cell_rng(encoding.seed, start + r) for r in rows])
             yield start + rows, batch
+
+
+def iter_panel_chunks(source, plan: GenePlan, scale: ScaleDecision, panel_vocab_ids: np.ndarray, chunk_size: int,
+                      begin: int = 0, end: int | None = None) -> Iterator[tuple[int, sp.csr_matrix]]:
+    """(first row, linear values [rows, len(panel)]) per chunk of the input's rows ``begin:end``: the input's genes
+    placed in the training panel's order (``panel_vocab_ids``), a panel gene the input lacks all zeros; what the
+    per-cell facts (:class:`~scmm.data_pipeline.facts.FactModel`) are computed on, as at corpus build."""
+    position = {int(v): i for i, v in enumerate(panel_vocab_ids)}
+    keep = np.array([int(v) in position for v in plan.vocab_ids], dtype=bool)
+    columns = plan.columns[keep]
+    target = np.array([position[int(v)] for v in plan.vocab_ids[keep]], dtype=np.int64)
+    for start, block in source.iter_chunks(chunk_size, begin, end):
+        sub = to_linear(block, scale, f"{source.path} (rows from {start})")[:, columns].tocoo()
+        panel = sp.csr_matrix((sub.data, (sub.row, target[sub.col])), shape=(sub.shape[0], len(panel_vocab_ids)))
+        panel.sum_duplicates()
+        yield start, panel

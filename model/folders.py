@@ -17,6 +17,10 @@ Three kinds of folder hold a model:
                       label, count, and the label texts whose mean text embedding is the label's prototype
     genes.json        the training corpus's gene panel (vocabulary ids and symbols): inference keeps only
                       these genes, since genes never seen in training have untrained embeddings
+    facts.json        how the training corpus computed its per-cell facts (the training split's gene mean, sd and
+                      detection share, the hallmark programs' panel genes and score standardisation): `scmm
+                      describe` computes each cell's programs and markers with it and checks the description's
+                      claims against them (only when the corpus has facts)
     metrics.json      evaluation metrics (only when given)
     novelty_reference.npz  the novelty check's genes, PCA and reference cells (at most 50,000 training cells'
                       expression profiles as float16 PCA points; ``scmm eval`` writes it beside its metrics.json;
@@ -25,14 +29,14 @@ Three kinds of folder hold a model:
     README.md         model card: training data, evaluation table, usage
 
 A bare stage-1 or stage-2 folder is self-contained too: its trainer writes the training corpus's ``labels.json``
-and ``genes.json`` into it (a stage-2 folder without them uses those of its ``stage1/``). Nothing is looked up
-outside the folder: a folder without them (older formats, or saved without a corpus) has no default labels
-(annotation then needs explicit labels) and reads every vocabulary gene. Packages are written by
+and ``genes.json`` (and ``facts.json``) into it (a stage-2 folder without them uses those of its ``stage1/``).
+Nothing is looked up outside the folder: a folder without them (older formats, or saved without a corpus) has no
+default labels (annotation then needs explicit labels) and reads every vocabulary gene. Packages are written by
 :mod:`scmm.package`; every folder kind's format is in :data:`scmm.model.pretrained.FORMATS`.
 
 The model *fingerprint* (used by reference indexes) is a sha256 over the stage-1 files that decide the embedding
-(everything but ``train_summary.json``, the cell encoding included), so a bare stage-1 folder, the stage-2 model
-built on it and their package share one fingerprint.
+(everything but ``train_summary.json``, ``labels.json`` and ``facts.json``; the cell encoding included), so a bare
+stage-1 folder, the stage-2 model built on it and their package share one fingerprint.
 """
 from __future__ import annotations
 
@@ -46,13 +50,16 @@ from pathlib import Path
 import numpy as np
 
 from scmm.config import read_json
+from scmm.data_pipeline.facts import FactModel
 from scmm.errors import ScmmError
 from scmm.model.aligner import CellTextAligner
 from scmm.model.pretrained import (
+    FACTS_FILE,
     FORMATS,
     LABELS_FILE,
     check_decodable,
     marker_format,
+    read_fact_model,
     read_labels,
     read_marker,
     read_panel,
@@ -67,7 +74,8 @@ __all__ = ["ScmmModel", "load_model", "model_kind", "fingerprint", "files_of", "
 
 PACKAGE_FORMAT = "scmm-model"
 MANIFEST = FORMATS[PACKAGE_FORMAT].marker
-NOT_IN_FINGERPRINT = ("train_summary.json", LABELS_FILE)  # files of a stage-1 folder that do not decide the embedding
+# files of a stage-1 folder that do not decide the embedding
+NOT_IN_FINGERPRINT = ("train_summary.json", LABELS_FILE, FACTS_FILE)
 NOVELTY_FILE = "novelty_reference.npz"  # what scmm.eval.novelty writes and reads (layer 3 owns its content)
 _KINDS = {PACKAGE_FORMAT: "package", Stage2Model.folder_format: "stage2", CellTextAligner.folder_format: "stage1"}
 
@@ -126,6 +134,7 @@ class ScmmModel:
     packaged: bool = False
     metrics: dict | None = None
     novelty_reference: dict[str, np.ndarray] | None = None  # the arrays of NOVELTY_FILE (scmm.eval.novelty)
+    facts: FactModel | None = None  # how the training corpus computed per-cell facts (None: it had none)
     _stage2: Stage2Model | None = field(default=None, repr=False)
 
     @classmethod
@@ -215,7 +224,8 @@ def _load_package(folder: Path, verify: bool) -> ScmmModel:
                      aligner=CellTextAligner.from_pretrained(folder / "stage1"), labels=read_labels(folder),
                      panel_vocab_ids=read_panel(folder), fingerprint=fingerprint(s1_files),
                      stage2_folder=folder / "stage2" if has_stage2 else None,
-                     packaged=True, metrics=metrics, novelty_reference=_novelty_reference(folder))
+                     packaged=True, metrics=metrics, novelty_reference=_novelty_reference(folder),
+                     facts=read_fact_model(folder))
 
 
 def _load_bare(folder: Path, stage2: bool) -> ScmmModel:
@@ -230,7 +240,8 @@ def _load_bare(folder: Path, stage2: bool) -> ScmmModel:
         log.debug("model %s keeps no gene panel (genes.json): every vocabulary gene of the input is read", folder)
     return ScmmModel(folder=folder, stage1_folder=stage1, aligner=CellTextAligner.from_pretrained(stage1),
                      labels=labels, panel_vocab_ids=panel, fingerprint=fingerprint(files_of(stage1)),
-                     stage2_folder=folder if stage2 else None)
+                     stage2_folder=folder if stage2 else None,
+                     facts=next((x for x in map(read_fact_model, sources) if x is not None), None))
 
 
 def load_model(folder: str | os.PathLike | ScmmModel, verify: bool = True) -> ScmmModel:

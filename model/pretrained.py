@@ -12,9 +12,10 @@ naming the file); a subclass says what it writes (``_write``) and how it is buil
 (``_from_folder``).
 
 A model folder is self-contained: besides its weights it holds its gene vocabulary, its cell encoding and, when it
-was trained from a corpus, the corpus's gene panel (:data:`PANEL_FILE`) and candidate labels (:data:`LABELS_FILE`),
-written by :func:`write_corpus_facts` and read by :func:`read_panel` / :func:`read_labels`. Nothing is looked up
-outside the folder.
+was trained from a corpus, the corpus's gene panel (:data:`PANEL_FILE`), candidate labels (:data:`LABELS_FILE`) and,
+when the corpus has per-cell facts, how they were computed (:data:`FACTS_FILE`: the training split's gene and
+program statistics), written by :func:`write_corpus_facts` and read by :func:`read_panel` / :func:`read_labels` /
+:func:`read_fact_model`. Nothing is looked up outside the folder.
 """
 from __future__ import annotations
 
@@ -32,18 +33,20 @@ import numpy as np
 
 from scmm.atomic import write_folder
 from scmm.config import from_dict
+from scmm.data_pipeline.facts import FactModel
 from scmm.errors import ScmmError
 
 __all__ = ["FolderFormat", "FORMATS", "CONFIG_FILE", "WEIGHTS_FILE", "PANEL_FILE", "LABELS_FILE",
            "PretrainedModel", "read_marker", "write_marker", "marker_format", "config_to_dict",
            "config_from_dict", "save_weights", "load_weights", "reading", "check_decodable", "write_corpus_facts",
-           "read_panel", "read_labels", "corpus_panel"]
+           "read_panel", "read_labels", "read_fact_model", "corpus_panel", "FACTS_FILE"]
 
 T = TypeVar("T")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PANEL_FILE = "genes.json"  # the training corpus's gene panel: inference reads only these genes
 LABELS_FILE = "labels.json"  # the training corpus's cell types: annotation's default candidates
+FACTS_FILE = "facts.json"  # how the training corpus scored programs and picked marker genes (describe checks claims)
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,11 @@ def write_corpus_facts(folder: Path, corpus) -> None:
         "source": "training corpus", "corpus": str(corpus.path), "n_cells": cm.get("n_cells"),
         "normalization": cm.get("normalization"), "labels": corpus_labels(corpus)}, indent=1))
     (folder / PANEL_FILE).write_text(json.dumps(corpus_panel(corpus)))
+    if corpus.facts is not None:  # JSON floats round-trip float64 exactly
+        (folder / FACTS_FILE).write_text(json.dumps({
+            "symbols": [str(s) for s in corpus.gene_symbols],
+            "facts": {k: v for k, v in corpus.facts.items() if k != "checksums"},
+            "arrays": {k: np.asarray(v).tolist() for k, v in corpus.fact_arrays().items()}}))
 
 
 def read_panel(folder: Path) -> np.ndarray | None:
@@ -233,6 +241,25 @@ def read_panel(folder: Path) -> np.ndarray | None:
         if ids.ndim != 1:
             raise ValueError("vocab_ids must be a list of integers")
     return ids
+
+
+def read_fact_model(folder: Path) -> FactModel | None:
+    """The training corpus's fact model kept in ``folder`` (None: the folder has none: a corpus without facts)."""
+    path = folder / FACTS_FILE
+    if not path.is_file():
+        return None
+    raw = _read_json(path, "fact reference")
+    with reading(path, "fact reference"):
+        integer = ("program_indptr", "program_genes")
+        arrays = {k: np.asarray(v, dtype=np.int64 if k in integer else np.float64) for k, v in raw["arrays"].items()}
+        programs = raw["facts"]["programs"]
+        model = FactModel.from_arrays(raw["symbols"], programs["names"], programs["left_out"], arrays)
+        n_genes = len(model.symbols)
+        if not (len(model.gene_mean) == len(model.gene_sd) == len(model.detected) == n_genes
+                and len(model.program_mean) == len(model.program_sd) == model.n_programs
+                and all(len(g) and 0 <= g.min() and g.max() < n_genes for g in model.program_genes)):
+            raise ValueError("arrays do not match the gene panel and the programs")
+    return model
 
 
 def read_labels(folder: Path) -> list[dict] | None:

@@ -100,17 +100,30 @@ from scmm.errors import ScmmError
 from scmm.eval.calibration import check_unknown_options
 from scmm.h5ad_writer import ObsColumns, PseudocellWriter, Sink, check_output
 from scmm.index import ReferenceIndex, reference_labels, write_index
-from scmm.inference import Options, PreparedInput, describe_chunks, embed_all, fill_rows, labels_at_end, options_of
+from scmm.inference import (
+    Options,
+    PreparedInput,
+    can_measure_facts,
+    describe_chunks,
+    embed_all,
+    fill_rows,
+    labels_at_end,
+    measured_facts,
+    options_of,
+)
 from scmm.model.folders import ScmmModel, load_model
 from scmm.output_names import (
     CELL_TYPE,
     CELL_TYPE_ID,
+    CLAIMS_SUPPORTED,
     CONFIDENCE,
     DESCRIPTION,
     EMBEDDING_KEY,
     LEVEL,
     LLM_COLUMNS,
+    MARKERS,
     NOVELTY,
+    PROGRAMS,
     QC,
     UNKNOWN,
 )
@@ -314,21 +327,42 @@ def describe(data: Data, model: Model, *, constrained: bool = False, num_beams: 
 
     Returns
     -------
-    A copy of ``data`` with ``obs['scmm_description']`` (and the LLM's columns), or the path ``out``.
+    A copy of ``data`` with ``obs['scmm_description']`` (and the LLM's columns), or the path ``out``. With a model
+    whose corpus had per-cell facts, also each cell's measured programs and markers and the share of its
+    description's claims they support (``obs['scmm_programs']``, ``obs['scmm_markers']``,
+    ``obs['scmm_claims_supported']``; :mod:`scmm.cell_facts`).
     """
     opts = options_of(locals())
     model = load_model(model)
     model.stage2  # noqa: B018 - fail early when there is no stage 2
     model, inp, out = _start(data, model, out, overwrite, opts)
     answerer = llm_answerer(model) if cell_type else None
-    cols = ObsColumns(inp.n_obs)
+    checking = can_measure_facts(model)
+    cols, claims = ObsColumns(inp.n_obs), []
     with Sink(data, out, inp.n_obs, None) as sink:
         column = sink.text_column(DESCRIPTION)
+        fact_columns = {name: sink.text_column(name) for name in (PROGRAMS, MARKERS)} if checking else {}
         for start, texts, frame in describe_chunks(inp, constrained, num_beams, answerer):
             column[start:start + len(texts)] = texts
+            if checking:
+                checked = measured_facts(inp, start, start + len(texts)).columns(texts)
+                for name, values in fact_columns.items():
+                    values[start:start + len(texts)] = checked[name]
+                frame = (pd.DataFrame(index=pd.RangeIndex(len(texts))) if frame is None else frame).assign(
+                    **{CLAIMS_SUPPORTED: checked[CLAIMS_SUPPORTED]})
+                claims.append(checked[CLAIMS_SUPPORTED])
             if frame is not None:
                 cols.put(start, frame)
-        return sink.finish(cols.frame() if answerer is not None else None)
+        if checking:
+            _log_claims(np.concatenate(claims) if claims else np.zeros(0, dtype=np.float32))
+        return sink.finish(cols.frame() if answerer is not None or checking else None)
+
+
+def _log_claims(supported: np.ndarray) -> None:
+    made = supported[~np.isnan(supported)]
+    log.info("%d of %d descriptions claim programs or marker genes; %.1f%% of their claims hold for the cells' "
+             "measured facts (obs['%s'])", len(made), len(supported), 100 * float(made.mean()) if len(made) else 0.0,
+             CLAIMS_SUPPORTED)
 
 
 def generate(model: Model, text: str | Sequence[str], *, n: int, seed: int = 0, noise: float = 1.0,

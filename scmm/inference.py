@@ -24,7 +24,15 @@ import torch
 from tqdm.auto import tqdm
 
 from scmm.annotation import Labeller, label_frame, qc_labels
-from scmm.data_pipeline.reader import DEFAULT_MIN_COVERAGE, detect_scale, iter_batches, open_input, plan_genes
+from scmm.cell_facts import CellFacts, measure
+from scmm.data_pipeline.reader import (
+    DEFAULT_MIN_COVERAGE,
+    detect_scale,
+    iter_batches,
+    iter_panel_chunks,
+    open_input,
+    plan_genes,
+)
 from scmm.data_pipeline.scale import check_scale_option
 from scmm.errors import ScmmError
 from scmm.h5ad_writer import ObsColumns
@@ -34,7 +42,7 @@ from scmm.output_names import LLM_COLUMNS, NOVELTY, QC, QC_EMPTY, UNS_KEY
 log = logging.getLogger("scmm")
 
 __all__ = ["Options", "options_of", "PreparedInput", "embed_chunks", "embed_all", "describe_chunks", "fill_rows",
-           "labels_at_end", "with_qc"]
+           "labels_at_end", "with_qc", "can_measure_facts", "measured_facts"]
 
 
 @dataclass
@@ -213,6 +221,29 @@ def describe_chunks(inp: PreparedInput, constrained: bool, num_beams: int,
             bar.update(len(rows))
         if chunk is not None:
             yield done(chunk)
+
+
+def can_measure_facts(model: ScmmModel) -> bool:
+    """Whether the model keeps how its training corpus computed per-cell facts (``facts.json``, over its gene
+    panel); logs why not."""
+    facts, panel = model.facts, model.panel_vocab_ids
+    if facts is None or panel is None:
+        log.info("model %s keeps no per-cell fact reference (facts.json; its corpus was built without facts): "
+                 "descriptions are written without the cells' measured programs and markers", model.folder)
+        return False
+    if len(panel) != len(facts.symbols):
+        log.warning("model %s: facts.json covers %d genes, its gene panel %d: the cells' programs and markers are "
+                    "not measured", model.folder, len(facts.symbols), len(panel))
+        return False
+    return True
+
+
+def measured_facts(inp: PreparedInput, start: int, end: int) -> CellFacts:
+    """The measured programs and markers of the input's rows ``start:end`` (:mod:`scmm.cell_facts`; one read)."""
+    assert inp.model.facts is not None and inp.model.panel_vocab_ids is not None
+    blocks = iter_panel_chunks(inp.source, inp.plan, inp.scale, inp.model.panel_vocab_ids, end - start, start, end)
+    (_, panel), = blocks
+    return measure(inp.model.facts, panel)
 
 
 def fill_rows(inp: PreparedInput, sink: Any, begin: int, end: int, labeller: Labeller | None

@@ -307,7 +307,7 @@ def test_describe_calls_the_stage2_model(stage1: Path, corpus: Path, pbmc_h5ad: 
         def describe_cells(self, batch, task="describe", constrained=False, num_beams=1):
             assert task == "describe" and set(batch) >= {"gene_ids", "values", "padding_mask"}
             n_genes = (~batch["padding_mask"]).sum(1) - 1
-            return [f"a cell expressing {int(n)} genes" for n in n_genes]
+            return [f"a cell expressing {int(n)} genes." + (CLAIM if n % 2 else "") for n in n_genes]
 
     import shutil
 
@@ -331,10 +331,62 @@ def test_describe_calls_the_stage2_model(stage1: Path, corpus: Path, pbmc_h5ad: 
     vocab = json.loads((corpus / "vocab.json").read_text())
     expressed = [sum(1 for g in np.asarray(x.var["feature_name"])[row.indices] if vocab.get(str(g)) in panel)
                  for row in sp.csr_matrix(x.X)]
-    assert list(res.obs["scmm_description"]) == [f"a cell expressing {n} genes" for n in expressed]
-    from scmm.api import describe  # in memory: the same texts
-    assert list(describe(str(pbmc_h5ad), pkg, chunk_size=50).obs["scmm_description"]) == \
-        list(res.obs["scmm_description"])
+    assert list(res.obs["scmm_description"]) == [f"a cell expressing {n} genes." + (CLAIM if n % 2 else "")
+                                                 for n in expressed]
+    # each cell's measured programs and markers are the corpus's facts of that cell, and the claims are checked
+    # against them: CLAIM names hypoxia and MS4A1 (half a point each when among the top 3 / top 20)
+    from scmm.data_pipeline.fact_text import PROGRAM_PHRASES
+    from scmm.data_pipeline.store import Corpus
+    from scmm.eval.language import split_facts
+    facts = {}
+    for split in ("train", "val", "test"):
+        f = split_facts(Corpus(corpus), split)
+        facts.update(zip(f.cell_ids, zip(f.top_programs(), f.marker_symbols(20))))
+    cells = [facts[c] for c in res.obs_names]
+    assert list(res.obs["scmm_programs"]) == [", ".join(PROGRAM_PHRASES[p] for p in top) for top, _ in cells]
+    assert list(res.obs["scmm_markers"]) == [", ".join(markers[:5]) for _, markers in cells]
+    expected = [(("HALLMARK_HYPOXIA" in top) + ("MS4A1" in markers)) / 2 if n % 2 else np.nan
+                for (top, markers), n in zip(cells, expressed)]
+    np.testing.assert_array_equal(res.obs["scmm_claims_supported"].to_numpy(), np.float32(expected))
+    assert 0 < np.nanmean(expected) < 1  # both outcomes occur
+    from scmm.api import describe  # in memory: the same texts and facts
+    mem = describe(str(pbmc_h5ad), pkg, chunk_size=50).obs
+    cols = ["scmm_description", "scmm_programs", "scmm_markers", "scmm_claims_supported"]
+    pd.testing.assert_frame_equal(mem[cols].reset_index(drop=True), res.obs[cols].reset_index(drop=True),
+                                  check_categorical=False)
+
+
+CLAIM = " Its most active programs are hypoxia; it expresses high levels of MS4A1 (membrane spanning 4-domains A1)."
+
+
+def test_claims_supported_by_hand():
+    from scmm.cell_facts import CellFacts, claims_supported
+    cells = CellFacts(programs=[["HALLMARK_HYPOXIA", "HALLMARK_APOPTOSIS", "HALLMARK_GLYCOLYSIS"]] * 3,
+                      markers=[["MS4A1", "CD79A", "CD74"]] * 3)
+    texts = ["A B cell. It shows high activity of hypoxia and complement; among its most over-expressed genes are "
+             "MS4A1 (membrane spanning 4-domains A1), CD3E (CD3 epsilon subunit of T-cell receptor complex) and "
+             "CD74 (CD74 molecule).",  # 1 of 2 programs, 2 of 3 genes
+             "A B cell from the blood.",  # no claim
+             "Its most active programs are apoptosis and glycolysis."]  # 2 of 2
+    np.testing.assert_array_equal(claims_supported(texts, cells), np.float32([3 / 5, np.nan, 1.0]))
+
+
+def test_the_package_keeps_the_corpus_fact_reference(package: Path, corpus: Path):
+    """facts.json holds the corpus's fact statistics byte for byte (float64 through JSON); it is not part of the
+    fingerprint; a damaged one is an error naming it."""
+    from scmm.data_pipeline.store import Corpus
+    from scmm.model.pretrained import read_fact_model
+    model = read_fact_model(package)
+    ref = Corpus(corpus)
+    assert model.program_names == ref.facts["programs"]["names"] and list(model.symbols) == list(ref.gene_symbols)
+    for key, value in model.arrays().items():
+        np.testing.assert_array_equal(value, ref.fact_arrays()[key], err_msg=key)
+    damaged = package.parent / "damaged_facts"
+    damaged.mkdir(exist_ok=True)
+    (damaged / "facts.json").write_text((package / "facts.json").read_text().replace('"arrays"', '"arrayz"'))
+    from scmm.errors import ScmmError
+    with pytest.raises(ScmmError, match="fact reference .*facts.json is unreadable"):
+        read_fact_model(damaged)
 
 
 # --- index ------------------------------------------------------------------------------------------
