@@ -62,7 +62,8 @@ def unframe(r) -> tuple[dict, bytes]:
     return json.loads(r.content[4:4 + n]), r.content[4 + n:]
 
 
-def refused(r, status: int, words: str) -> None:
+def assert_refused(r, status: int, words: str) -> None:
+    """The response is a refusal: ``status``, a JSON body whose error names ``words``."""
     assert r.status_code == status, (r.status_code, r.text)
     assert r.headers["content-type"].startswith("application/json")
     assert words in r.json()["error"], r.json()
@@ -78,8 +79,8 @@ def test_page_and_its_files_are_served_with_a_strict_content_security_policy(cli
         assert client.get(f"/static/{name}").status_code == 200
     app = client.get("/static/app.js").text
     assert "innerHTML" not in app and "insertAdjacentHTML" not in app and "eval(" not in app
-    refused(client.get("/api/nothing"), 404, "no such route")
-    refused(client.get("/static/..%2f..%2fsetup.py"), 404, "no such route")
+    assert_refused(client.get("/api/nothing"), 404, "no such route")
+    assert_refused(client.get("/static/..%2f..%2fsetup.py"), 404, "no such route")
 
 
 def test_info_lists_the_columns_programs_and_sources(client, data):
@@ -135,12 +136,12 @@ def test_colour_by_a_gene_is_log1p_cp10k_of_the_counts(client, data):
 
 
 def test_colour_refusals(client):
-    refused(client.get("/api/colour", params={"obs": "nope"}), 404, "obs has no column 'nope'")
-    refused(client.get("/api/colour", params={"gene": "NOTAGENE"}), 404, "gene 'NOTAGENE' is not")
-    refused(client.get("/api/colour", params={"gene": "CD4", "obs": "note"}), 400, "name one of")
-    refused(client.get("/api/colour"), 400, "name one of")
-    refused(client.get("/api/colour", params={"gene": "x" * 400}), 400, "longer than 300")
-    refused(client.get("/api/genes", params={"prefix": ""}), 400, "gene is empty")
+    assert_refused(client.get("/api/colour", params={"obs": "nope"}), 404, "obs has no column 'nope'")
+    assert_refused(client.get("/api/colour", params={"gene": "NOTAGENE"}), 404, "gene 'NOTAGENE' is not")
+    assert_refused(client.get("/api/colour", params={"gene": "CD4", "obs": "note"}), 400, "name one of")
+    assert_refused(client.get("/api/colour"), 400, "name one of")
+    assert_refused(client.get("/api/colour", params={"gene": "x" * 400}), 400, "longer than 300")
+    assert_refused(client.get("/api/genes", params={"prefix": ""}), 400, "gene is empty")
 
 
 # --- search ---------------------------------------------------------------------------------------------
@@ -160,17 +161,17 @@ def test_search_scores_every_cell_by_the_text_towers_embedding_of_the_query(clie
 
 
 def test_search_refusals(client):
-    refused(client.post("/api/search", json={"query": "   "}), 400, "query is empty")
-    refused(client.post("/api/search", json={"query": "x" * 301}), 400, "longer than 300")
-    refused(client.post("/api/search", json={"query": 5}), 400, "must be a string")
-    refused(client.post("/api/search", json={"query": "B cell", "top": 0}), 400, "top must be")
-    refused(client.post("/api/search", json={"query": "B cell", "top": True}), 400, "top must be")
-    refused(client.post("/api/search", content=b"{not json", headers={"content-type": "application/json"}), 400,
+    assert_refused(client.post("/api/search", json={"query": "   "}), 400, "query is empty")
+    assert_refused(client.post("/api/search", json={"query": "x" * 301}), 400, "longer than 300")
+    assert_refused(client.post("/api/search", json={"query": 5}), 400, "must be a string")
+    assert_refused(client.post("/api/search", json={"query": "B cell", "top": 0}), 400, "top must be")
+    assert_refused(client.post("/api/search", json={"query": "B cell", "top": True}), 400, "top must be")
+    assert_refused(client.post("/api/search", content=b"{not json", headers={"content-type": "application/json"}), 400,
             "not valid JSON")
-    refused(client.post("/api/search", json=[1, 2]), 400, "JSON object")
-    refused(client.post("/api/search", content=b"x" * 70_000, headers={"content-type": "application/json"}), 413,
+    assert_refused(client.post("/api/search", json=[1, 2]), 400, "JSON object")
+    assert_refused(client.post("/api/search", content=b"x" * 70_000, headers={"content-type": "application/json"}), 413,
             "at most")
-    refused(client.get("/api/search"), 405, "GET is not allowed")
+    assert_refused(client.get("/api/search"), 405, "GET is not allowed")
 
 
 # --- a cell, a selection -------------------------------------------------------------------------------
@@ -189,10 +190,10 @@ def test_cell_gives_its_labels_the_annotation_computed_by_the_api_and_no_stored_
 
 
 def test_cell_refusals(client):
-    refused(client.get("/api/cell/abc"), 400, "non-negative integer")
-    refused(client.get("/api/cell/-1"), 400, "non-negative integer")
-    refused(client.get("/api/cell/120"), 404, "cell numbers must be in [0, 119]")
-    refused(client.get("/api/cell/" + "9" * 40), 400, "non-negative integer")
+    assert_refused(client.get("/api/cell/abc"), 400, "non-negative integer")
+    assert_refused(client.get("/api/cell/-1"), 400, "non-negative integer")
+    assert_refused(client.get("/api/cell/120"), 404, "cell numbers must be in [0, 119]")
+    assert_refused(client.get("/api/cell/" + "9" * 40), 400, "non-negative integer")
 
 
 def test_selection_counts_labels_from_json_or_binary_cell_lists(client):
@@ -206,17 +207,17 @@ def test_selection_counts_labels_from_json_or_binary_cell_lists(client):
 
 
 def test_selection_refusals(client):
-    refused(client.post("/api/selection", json={"cells": []}), 400, "no cells")
-    refused(client.post("/api/selection", json={"cells": [0, 500]}), 404, "must be in [0, 119]")
-    refused(client.post("/api/selection", json={"cells": ["1"]}), 400, "integer cell numbers")
-    refused(client.post("/api/selection", json={"cells": [1.5]}), 400, "integer cell numbers")
-    refused(client.post("/api/selection", json={"nothing": 1}), 400, "integer cell numbers")
-    refused(client.post("/api/selection", content=b"abc", headers={"content-type": "application/octet-stream"}),
-            400, "multiple of 4")
-    refused(client.post("/api/selection", content=b"1,2", headers={"content-type": "text/plain"}), 415, "send cells")
+    assert_refused(client.post("/api/selection", json={"cells": []}), 400, "no cells")
+    assert_refused(client.post("/api/selection", json={"cells": [0, 500]}), 404, "must be in [0, 119]")
+    assert_refused(client.post("/api/selection", json={"cells": ["1"]}), 400, "integer cell numbers")
+    assert_refused(client.post("/api/selection", json={"cells": [1.5]}), 400, "integer cell numbers")
+    assert_refused(client.post("/api/selection", json={"nothing": 1}), 400, "integer cell numbers")
+    octets = {"content-type": "application/octet-stream"}
+    assert_refused(client.post("/api/selection", content=b"abc", headers=octets), 400, "multiple of 4")
+    assert_refused(client.post("/api/selection", content=b"1,2", headers={"content-type": "text/plain"}), 415,
+                   "send cells")
     big = np.zeros(20_000, dtype="<u4").tobytes()  # over 4 bytes per cell + 64 KiB
-    refused(client.post("/api/selection", content=big, headers={"content-type": "application/octet-stream"}), 413,
-            "at most")
+    assert_refused(client.post("/api/selection", content=big, headers=octets), 413, "at most")
 
 
 # --- the LLM: describe, ask ----------------------------------------------------------------------------
@@ -250,14 +251,14 @@ def test_ask_another_question_gives_the_llms_text(client):
 def test_ask_refusals(client, data, models):
     from scmm.explore.server import create_app
     from scmm.explore.session import ExploreSession
-    refused(client.post("/api/ask", json={"cells": [1], "question": ""}), 400, "question is empty")
-    refused(client.post("/api/ask", json={"cells": [1]}), 400, "question must be a string")
-    refused(client.post("/api/ask", json={"cells": [1], "question": "q" * 400}), 400, "longer than 300")
-    refused(client.post("/api/ask", content=np.zeros(1, "<u4").tobytes(),
+    assert_refused(client.post("/api/ask", json={"cells": [1], "question": ""}), 400, "question is empty")
+    assert_refused(client.post("/api/ask", json={"cells": [1]}), 400, "question must be a string")
+    assert_refused(client.post("/api/ask", json={"cells": [1], "question": "q" * 400}), 400, "longer than 300")
+    assert_refused(client.post("/api/ask", content=np.zeros(1, "<u4").tobytes(),
                         headers={"content-type": "application/octet-stream"}), 415, "application/json")
     bare = TestClient(create_app(ExploreSession(data, models[1])))  # a stage-1 folder: no LLM
-    refused(bare.post("/api/ask", json={"cells": [1], "question": "What is this?"}), 409, "no stage 2")
-    refused(bare.post("/api/describe", json={"cells": [1]}), 409, "no stage 2")
+    assert_refused(bare.post("/api/ask", json={"cells": [1], "question": "What is this?"}), 409, "no stage 2")
+    assert_refused(bare.post("/api/describe", json={"cells": [1]}), 409, "no stage 2")
 
 
 # --- export ------------------------------------------------------------------------------------------------
@@ -286,9 +287,9 @@ def test_export_h5ad_streams_a_subset_and_removes_its_temporary(client, data, tm
 
 
 def test_export_refusals(client):
-    refused(client.post("/api/export", params={"format": "../../etc/passwd"}, json={"cells": [1]}), 400,
+    assert_refused(client.post("/api/export", params={"format": "../../etc/passwd"}, json={"cells": [1]}), 400,
             "format must be csv or h5ad")
-    refused(client.post("/api/export", params={"format": "csv"}, json={"cells": []}), 400, "no cells")
+    assert_refused(client.post("/api/export", params={"format": "csv"}, json={"cells": []}), 400, "no cells")
 
 
 # --- safety: token, host, read-only input, cache beside it -----------------------------------------------------
@@ -296,9 +297,11 @@ def test_a_token_is_required_on_every_request_when_set(session):
     from scmm.explore.server import create_app
     guarded = TestClient(create_app(session, token=TOKEN))
     for path in ("/", "/static/app.js", "/api/info", "/api/map", "/api/cell/1"):
-        refused(guarded.get(path), 401, "needs its token")
-    refused(guarded.get("/api/info", headers={"x-scmm-token": "wrong-token-of-24-chars!"}), 401, "needs its token")
-    refused(guarded.get("/api/info", params={"token": TOKEN}), 401, "needs its token")  # only the page takes ?token
+        assert_refused(guarded.get(path), 401, "needs its token")
+    assert_refused(guarded.get("/api/info", headers={"x-scmm-token": "wrong-token-of-24-chars!"}), 401,
+                   "needs its token")
+    # only the page takes ?token
+    assert_refused(guarded.get("/api/info", params={"token": TOKEN}), 401, "needs its token")
     assert guarded.get("/api/info", headers={"x-scmm-token": TOKEN}).status_code == 200
     page = guarded.get("/", params={"token": TOKEN})
     assert page.status_code == 200 and "HttpOnly" in page.headers["set-cookie"]
