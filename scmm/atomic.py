@@ -21,16 +21,17 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from scmm.errors import ScmmError
+from scmm.errors import ScmmError, Terminated
 
 log = logging.getLogger("scmm.atomic")
 
 __all__ = ["temp_dir_beside", "temp_file_beside", "publish_dir", "publish_file", "file_beside", "write_folder",
-           "check_replaceable", "write_file", "remove_stale"]
+           "check_replaceable", "write_file", "remove_stale", "request_termination", "check_not_terminated"]
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[^/]+)-(?P<pid>\d+)-[^-]+$")
 
 
@@ -100,6 +101,26 @@ def temp_file_beside(out: str | os.PathLike, suffix: str = "") -> Path:
     return Path(name)
 
 
+_termination = threading.Event()  # a process's SIGTERM is process-wide state: see request_termination
+
+
+def request_termination() -> None:
+    """Record that the process was sent SIGTERM: from now on nothing is published (:class:`Terminated` instead).
+
+    The signal handler raises :class:`Terminated` where the program happens to be; when that is a finaliser
+    (``__del__``, a weakref callback, as h5py runs while a file is written) Python prints "Exception ignored" and
+    carries on, and the command would finish and publish its output after all. Each publish checks this first.
+    """
+    _termination.set()
+
+
+def check_not_terminated() -> None:
+    """Raise :class:`Terminated` if :func:`request_termination` was called (also called between chunks, so that a
+    lost exception stops a long write at its next chunk rather than at the end)."""
+    if _termination.is_set():
+        raise Terminated()
+
+
 def publish_file(tmp: str | os.PathLike, out: str | os.PathLike, fsync: bool = False) -> Path:
     """Rename the finished file ``tmp`` (beside ``out``) to ``out``, with the umask's permissions (a temporary from
     :func:`temp_file_beside` has them already; one made by another library may not); ``fsync`` first flushes
@@ -109,6 +130,7 @@ def publish_file(tmp: str | os.PathLike, out: str | os.PathLike, fsync: bool = F
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     os.chmod(tmp, 0o666 & ~_umask())
+    check_not_terminated()
     os.replace(tmp, out)
     return out
 
@@ -156,6 +178,7 @@ def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike, marker: str | No
     """
     tmp, out = Path(tmp), Path(out)
     check_replaceable(out, marker)
+    check_not_terminated()
     if out.exists():
         trash = temp_dir_beside(out, tag="old")
         os.replace(out, trash / out.name)
@@ -187,6 +210,7 @@ def write_folder(out: str | os.PathLike, write: Callable[[Path], None], marker: 
         if not out.is_dir():
             raise ScmmError(f"output {out} exists and is not a folder")
         written = sorted(tmp.iterdir(), key=lambda p: (p.name == marker, p.name))
+        check_not_terminated()
         for path in written:
             os.replace(path, out / path.name)
         for name in set(owned) - {p.name for p in written}:

@@ -25,6 +25,7 @@ import signal
 import sys
 from pathlib import Path
 
+from scmm.atomic import request_termination
 from scmm.cli_types import (
     MAX_BEAMS,
     MAX_JOBS,
@@ -40,7 +41,7 @@ from scmm.cli_types import (
     seed_int,
 )
 from scmm.config import read_utf8
-from scmm.errors import EXIT_STOPPED, ScmmError, TrainingStopped
+from scmm.errors import EXIT_STOPPED, ScmmError, Terminated, TrainingStopped
 from scmm.pretrain.command_line import add_training_options, run_training
 
 
@@ -600,11 +601,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised where the command runs so that, as with Ctrl-C, its temporary output is removed on the way
-    out (a BaseException: no ``except Exception`` of the command swallows it)."""
-
-
 TERMINATED_EXIT = 128 + 15  # the exit status of a process ended by SIGTERM
 TRAINING_COMMANDS = ("pretrain", "finetune")  # they checkpoint on a signal themselves (the trainer's handler)
 
@@ -614,6 +610,7 @@ def _on_sigterm(pid: int):
         if os.getpid() != pid:  # a forked child: die as a terminated process
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
+        request_termination()  # if the exception below is lost in a finaliser, nothing is published all the same
         raise Terminated()
     return handler
 

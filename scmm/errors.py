@@ -11,3 +11,8 @@ EXIT_STOPPED = 3  # a training launch that stopped early on request, with a comp
 class TrainingStopped(Exception):
     """A trainer stopped on SIGUSR1/SIGTERM or ``train.max_wall_time`` after a complete checkpoint; the command
     line reports it in one line and exits with :data:`EXIT_STOPPED` (a scheduler resubmits with ``--resume``)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command runs so that, as with Ctrl-C, its temporary output is removed on the way
+    out (a BaseException: no ``except Exception`` of the command swallows it)."""

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from scmm.atomic import file_beside, publish_file, temp_file_beside
+from scmm.atomic import check_not_terminated, file_beside, publish_file, temp_file_beside
 from scmm.errors import ScmmError
 from scmm.output_names import EMBEDDING_KEY, UNS_KEY
 
@@ -146,6 +146,7 @@ class Sink:
             self.tmp.unlink()
 
     def put(self, start: int, emb: np.ndarray) -> None:
+        check_not_terminated()
         self.emb[start:start + len(emb)] = emb
 
     def text_column(self, name: str) -> Any:
@@ -268,6 +269,7 @@ class PseudocellWriter:
 
     def put(self, start: int, x: np.ndarray) -> None:
         """Rows ``start:start + len(x)`` of ``X`` and their obs."""
+        check_not_terminated()
         rows = np.arange(start, start + len(x))
         self.x[start:start + len(x)] = x.astype(np.float32, copy=False)
         self.names[start:start + len(x)] = np.array([f"pseudocell_{i}" for i in rows], dtype=object)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_module_folders(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Remove the folders a file's module fixtures made once the file is done, unless one of its tests failed.
+
+    Without it they stay until the session ends (pytest's own retention only frees function `tmp_path`s), and the
+    suite's checkpoints outgrow a shared disk. Session fixtures' folders are kept: they are named in SESSION_FOLDERS.
+    """
+    root = tmp_path_factory.getbasetemp()
+    before, failed = set(root.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed:
+        return
+    for folder in set(root.iterdir()) - before - SESSION_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+SESSION_FOLDERS: set[Path] = set()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -71,6 +90,7 @@ def small_corpus(tmp_path_factory) -> Path:
     """A corpus of 400 cells in shards of 16 (many shards, for loader tests)."""
     from scmm.data_pipeline.build import BuildConfig, build_corpus
     tmp = tmp_path_factory.mktemp("corpus")
+    SESSION_FOLDERS.add(tmp)
     path = tmp / "in.h5ad"
     make_adata(n_cells=400, donors=10).write_h5ad(path)
     build_corpus(BuildConfig(inputs=[path], out=tmp / "corpus", shard_size=16, chunk_size=50, progress=False))

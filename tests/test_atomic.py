@@ -56,3 +56,38 @@ def test_write_folder_replaces_only_its_own_kind_and_leaves_nothing_on_failure(t
         write_folder(out, fail, marker="config.json")
     assert (out / "config.json").read_text() == "2"  # the old folder is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "my_notes"]  # no temporary folder left
+
+
+LOST_SIGTERM = """
+import os, signal, sys
+from pathlib import Path
+from scmm import cli
+from scmm.atomic import write_file, write_folder
+
+class Finalised:
+    def __del__(self):  # SIGTERM lands in a finaliser: Python prints "Exception ignored" and carries on
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(1000))
+
+signal.signal(signal.SIGTERM, cli._on_sigterm(os.getpid()))
+Finalised()
+print("carried on", flush=True)
+out = Path(sys.argv[1])
+for write in (lambda: write_file(out / "a.txt", lambda p: p.write_text("a")),
+              lambda: write_folder(out / "folder", lambda d: (d / "b.txt").write_text("b"))):
+    try:
+        write()
+    except cli.Terminated:
+        print("refused", flush=True)
+"""
+
+
+def test_a_sigterm_lost_in_a_finaliser_still_publishes_nothing(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", LOST_SIGTERM, str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Exception ignored" in r.stderr and "Terminated" in r.stderr  # the handler's exception was lost
+    assert r.stdout.split() == ["carried", "on", "refused", "refused"]
+    assert list(tmp_path.iterdir()) == []  # neither the file nor the folder, nor a temporary
