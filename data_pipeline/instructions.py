@@ -5,7 +5,8 @@ cell's CL ID, else the corpus label) and ``tissue`` (answer: the tissue label; c
 on a corpus with per-cell facts (:mod:`scmm.data_pipeline.facts`) also ``programs`` (answer: the cell's three most
 active hallmark programs) and ``markers`` (answer: its first three marker genes with their names), phrased as the
 caption's cell-specific sentence (:func:`scmm.data_pipeline.fact_text.fact_sentence`); a corpus without facts gives
-no rows for them.
+no rows for them. With ``describe_facts=False`` the describe answer is the caption without that sentence (the
+label sentences alone).
 Each task has several prompt phrasings; a row's phrasing is a stable hash of (seed, cell ID, task), so datasets are
 reproducible across processes and the model does not overfit one wording.
 """
@@ -96,9 +97,21 @@ def _clean(value: object) -> str | None:
     return None if text.lower() in _MISSING else text
 
 
-def instruction_dataset(corpus: Corpus, split: str, tasks: Sequence[str] = TASKS, seed: int = 0) -> datasets.Dataset:
+def _without(text: str, sentence: str) -> str:
+    """``text`` without the caption's cell-specific ``sentence`` (it follows the first sentence: see
+    :func:`scmm.data_pipeline.text.describe`)."""
+    if not sentence:
+        return text
+    if sentence not in text:
+        raise ScmmError(f"a caption does not hold its cell-specific sentence {sentence!r} (was the corpus built by "
+                        "another version?); set data.describe_facts: true")
+    return " ".join(text.replace(sentence, "", 1).split())
+
+
+def instruction_dataset(corpus: Corpus, split: str, tasks: Sequence[str] = TASKS, seed: int = 0,
+                        describe_facts: bool = True) -> datasets.Dataset:
     """Rows (cell_id, task, prompt, answer, cell_type_ontology_term_id), cell by cell in corpus order, tasks in
-    the order given."""
+    the order given; ``describe_facts=False``: describe answers without the cell-specific sentence."""
     import datasets  # noqa: PLC0415 - it costs about a second, and the prompts alone (inference) do not need it
 
     unknown = [t for t in tasks if t not in PROMPTS]
@@ -114,7 +127,8 @@ def instruction_dataset(corpus: Corpus, split: str, tasks: Sequence[str] = TASKS
             label_cache[term_id] = ontology.label(term_id) if ontology.is_valid(term_id) else None
         return label_cache[term_id]
 
-    facts = corpus.facts if any(t in FACT_TASKS for t in tasks) else None
+    strip = not describe_facts and "describe" in tasks
+    facts = corpus.facts if strip or any(t in FACT_TASKS for t in tasks) else None
     symbols = corpus.gene_symbols if facts is not None else None
     names = gene_names(symbols) if facts is not None else {}
     rows: dict[str, list[str]] = {k: [] for k in ("cell_id", "task", "prompt", "answer", "cell_type_ontology_term_id")}
@@ -143,6 +157,9 @@ def instruction_dataset(corpus: Corpus, split: str, tasks: Sequence[str] = TASKS
                 genes = [(str(symbols[g]), names.get(str(symbols[g]))) for g in markers[i][:N_CAPTION_MARKERS]
                          if g >= 0]
                 answers["markers"] = fact_sentence([], genes, phrasing) or None
+                if strip and answers["describe"] is not None:
+                    answers["describe"] = _without(answers["describe"], fact_sentence(
+                        [facts["programs"]["names"][p] for p in top], genes, phrasing))
             for task in tasks:
                 answer = answers[task]
                 if answer is None:

@@ -22,7 +22,13 @@ the claims are read with the closed-vocabulary parser :func:`scmm.data_pipeline.
   training mean/sd) over the set's genes in the model's HVG panel (programs with at least
   :data:`MIN_HVG_SET_GENES` of them).
 * ``answers`` (with a stage-2 model): the same claim figures for the LLM's answers to "Which programs are active in
-  this cell?" (``program_claims``) and "Which genes does it express highly?" (``marker_claims``).
+  this cell?" (``program_claims``) and "Which genes does it express highly?" (``marker_claims``); and
+  ``ranked_programs``: what the LLM knows of the cell's programs, free of decoding: every program is scored as the
+  answer "Its most active programs are <program>." to that question (its log-probability with teacher forcing),
+  and the 3 likeliest are checked against the cell's top 3: ``precision`` (``precision_within_type``: mean over
+  types), beside ``baseline_precision`` (the type template) and ``chance`` (3 over the number of programs, at
+  most 1). A model
+  that garbles its answers but ranks well learnt the facts and fails at decoding; one at chance did not learn them.
 * ``n_programs``, ``n_cells``.
 """
 from __future__ import annotations
@@ -35,7 +41,13 @@ from typing import Any
 
 import numpy as np
 
-from scmm.data_pipeline.fact_text import N_CAPTION_MARKERS, parse_claims, program_query, type_program_query
+from scmm.data_pipeline.fact_text import (
+    N_CAPTION_MARKERS,
+    fact_sentence,
+    parse_claims,
+    program_query,
+    type_program_query,
+)
 from scmm.data_pipeline.store import Corpus, label_keys
 from scmm.eval.metrics import binary_auroc
 from scmm.eval.stage2 import _loader
@@ -43,7 +55,7 @@ from scmm.eval.stage2 import _loader
 log = logging.getLogger("scmm.eval.language")
 
 __all__ = ["SplitFacts", "split_facts", "claim_metrics", "type_templates", "search_metrics", "text_to_cell_metrics",
-           "TOP_PROGRAMS", "TOP_MARKERS", "MIN_TYPE_CELLS", "MIN_HVG_SET_GENES"]
+           "ranked_programs", "ranked_metrics", "TOP_PROGRAMS", "TOP_MARKERS", "MIN_TYPE_CELLS", "MIN_HVG_SET_GENES"]
 
 TOP_PROGRAMS = 3
 TOP_MARKERS = 20
@@ -255,6 +267,33 @@ def fact_answers(stage2, corpus: Corpus, split: str, task: str, batch_size: int 
     return out
 
 
+def ranked_programs(stage2, corpus: Corpus, split: str, programs: Sequence[str], k: int = TOP_PROGRAMS,
+                    batch_size: int = 64) -> dict[str, list[str]]:
+    """Cell ID -> the ``k`` programs the LLM finds likeliest as the answer to the programs question (module
+    docstring, ``ranked_programs``), for the cells of ``split``."""
+    answers = [fact_sentence([p], [], 0) for p in programs]
+    out: dict[str, list[str]] = {}
+    for batch in _loader(stage2, corpus, split, batch_size):
+        logp = stage2.answer_logprobs(batch, answers, task="programs")
+        top = np.argsort(-logp, axis=1, kind="stable")[:, :k]
+        out.update((str(c), [programs[j] for j in row]) for c, row in zip(batch["cell_id"], top))
+    return out
+
+
+def ranked_metrics(ranked: Sequence[Sequence[str]], test: SplitFacts,
+                   templates: Mapping[str, tuple[list[str], list[str]]]) -> dict[str, float]:
+    """``answers.ranked_programs`` of ``ranked`` (the LLM's top programs, one list per cell of ``test``)."""
+    truth = test.top_programs()
+    base = [list(templates.get(t, ([], []))[0]) for t in test.types]
+    within = []
+    for t in sorted(set(test.types)):
+        rows = np.flatnonzero(test.types == t)
+        within.append(_prf([ranked[r] for r in rows], [truth[r] for r in rows])[0])
+    return {"precision": _prf(ranked, truth)[0], "precision_within_type": float(np.mean(within)) if within else
+            float("nan"), "baseline_precision": _prf(base, truth)[0],
+            "chance": min(TOP_PROGRAMS, len(test.programs)) / len(test.programs) if test.programs else float("nan")}
+
+
 def language_report(corpus: Corpus, *, embeddings: np.ndarray | None = None, embedded_ids: Sequence[str] | None = None,
                     text_features=None, descriptions: Mapping[str, str] | None = None, stage2=None,
                     answers_model=None, seed: int = 0) -> dict[str, Any]:
@@ -292,6 +331,8 @@ def language_report(corpus: Corpus, *, embeddings: np.ndarray | None = None, emb
             "program_claims": claim_metrics([programs.get(c, "") for c in sub.cell_ids], sub,
                                             templates)["program_claims"],
             "marker_claims": claim_metrics([markers.get(c, "") for c in sub.cell_ids], sub, templates)["marker_claims"]}
+        ranked = ranked_programs(answers_model, corpus, "test", sub.programs)
+        out["answers"]["ranked_programs"] = ranked_metrics([ranked.get(c, []) for c in sub.cell_ids], sub, templates)
     if stage2 is not None:
         labels = {t: str(lab) for t, lab in zip(sub.types, sub.labels)}
         out["text_to_cell"] = text_to_cell_metrics(stage2, corpus.fact_arrays(), sub.programs,

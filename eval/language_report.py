@@ -59,6 +59,11 @@ def language_section(lang: Mapping[str, Any] | None, generation: Mapping[str, An
                   f"{_f(ap.get('baseline_f1_within_type'))} |",
                   f"| answers to \"Which genes does it express highly?\": precision | {_f(am.get('precision'))} | "
                   f"{_f(am.get('baseline_precision'))} |"]
+        rk = an.get("ranked_programs") or {}
+        if rk:
+            lines += [f"| the LLM's 3 likeliest programs as that answer (teacher forcing, no decoding): precision / "
+                      f"within type (chance {_f(rk.get('chance'))}) | {_f(rk.get('precision'))} / "
+                      f"{_f(rk.get('precision_within_type'))} | {_f(rk.get('baseline_precision'))} |"]
     g = generation or {}
     if "repeated_phrase_rate" in g:
         lines += [f"| descriptions repeating a 4-word phrase (decoding defaults / raw decoder) | "

@@ -34,9 +34,9 @@ class PairBuilder:
     """Loader batches -> stage-2 batches: an instruction per cell, its description, its target HVG profile."""
 
     def __init__(self, corpus: Corpus, split: str, tasks: list[str], seed: int, genes: np.ndarray,
-                 builder: SequenceBuilder, task_weights: list[float] | None = None):
+                 builder: SequenceBuilder, task_weights: list[float] | None = None, describe_facts: bool = True):
         weight = dict(zip(tasks, task_weights)) if task_weights else {t: 1.0 for t in tasks}
-        ds = instruction_dataset(corpus, split, tasks, seed)
+        ds = instruction_dataset(corpus, split, tasks, seed, describe_facts=describe_facts)
         self.rows: dict[str, list[tuple[str, str, float]]] = {}
         for cid, task, prompt, answer in zip(ds["cell_id"], ds["task"], ds["prompt"], ds["answer"]):
             if weight[task] > 0:

@@ -40,6 +40,7 @@ class DataOptions:
     tasks: list[str] = field(default_factory=lambda: ["describe", "cell_type", "tissue"])
     task_weights: list[float] = field(default_factory=list)  # sampling weight per task (empty: uniform)
     n_hvg: int = 2000  # highly variable genes of the training split: the pseudo-cell gene panel
+    describe_facts: bool = True  # false: describe answers without the caption's per-cell sentence (config_keys.yaml)
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -92,7 +93,7 @@ def train(cfg: Stage2RunConfig, resume: bool = False, deepspeed_json: str | None
     loader = CorpusLoader(corpus, "train", cfg.loader, model.aligner.encoding, model.aligner.vocab,
                           rank=launch.rank, world_size=launch.world)
     pairs = PairBuilder(corpus, "train", cfg.data.tasks, cfg.seed, np.asarray(hvg["indices"]), model.builder,
-                        cfg.data.task_weights)
+                        cfg.data.task_weights, describe_facts=cfg.data.describe_facts)
     model.decoder.init_from_profiles(pairs.x)
     if cfg.model.bridge.standardize:  # z-space statistics from the first 256 training cells
         stats = CorpusLoader(corpus, "train", LoaderConfig.inference(64), model.aligner.encoding, model.aligner.vocab)

@@ -129,10 +129,14 @@ class Sink:
         self.held: dict[str, np.ndarray] = {}  # text columns held until the end
         if out is not None and isinstance(data, (str, Path)):
             self.tmp = temp_file_beside(out, suffix=".h5ad")
-            shutil.copyfile(data, self.tmp)
-            self.file = h5py.File(self.tmp, "r+")
-            if dim is not None:
-                self.emb = create_obsm(self.file, EMBEDDING_KEY, (n, dim))
+            try:
+                shutil.copyfile(data, self.tmp)
+                self.file = h5py.File(self.tmp, "r+")
+                if dim is not None:
+                    self.emb = create_obsm(self.file, EMBEDDING_KEY, (n, dim))
+            except BaseException:  # an error, Ctrl-C or SIGTERM before `with` holds it: __exit__ would not run
+                self.__exit__()
+                raise
         elif dim is not None:
             self.emb = np.zeros((n, dim), dtype=np.float32)
 
@@ -236,8 +240,16 @@ class PseudocellWriter:
         categories = sorted(set(texts))  # as pandas orders a categorical of the prompts
         self.text_codes = np.array([categories.index(t) for t in texts], dtype=np.int32)
         self.tmp: Path | None = temp_file_beside(out, suffix=".h5ad")
-        self.file = h5py.File(self.tmp, "w")
-        f = self.file
+        self.file: h5py.File | None = None
+        try:
+            self._layout(categories, var, uns)
+        except BaseException:  # an error, Ctrl-C or SIGTERM before `with` holds it: __exit__ would not run
+            self.__exit__()
+            raise
+
+    def _layout(self, categories: list[str], var: pd.DataFrame, uns: dict) -> None:
+        """The file's groups and empty datasets, in anndata's on-disk encoding."""
+        self.file = f = h5py.File(self.tmp, "w")
         f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
         ad.io.write_elem(f, "var", var)
         ad.io.write_elem(f, "uns", uns)
@@ -263,7 +275,8 @@ class PseudocellWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tmp is not None:
             self.tmp.unlink(missing_ok=True)
 
@@ -279,5 +292,7 @@ class PseudocellWriter:
     def finish(self) -> Path:
         """Publish the complete file as ``out``."""
         self.file.close()
-        tmp, self.tmp = self.tmp, None
-        return publish_file(tmp, self.out)
+        self.file = None
+        out = publish_file(self.tmp, self.out)
+        self.tmp = None
+        return out

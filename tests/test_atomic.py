@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,39 @@ def test_a_sigterm_lost_in_a_finaliser_still_publishes_nothing(tmp_path):
     assert "Exception ignored" in r.stderr and "Terminated" in r.stderr  # the handler's exception was lost
     assert r.stdout.split() == ["carried", "on", "refused", "refused"]
     assert list(tmp_path.iterdir()) == []  # neither the file nor the folder, nor a temporary
+
+
+@pytest.mark.parametrize("writer,where", [("sink", "shutil.copyfile"), ("sink", "h5py.File"),
+                                          ("pseudocells", "h5py.File"), ("pseudocells", "ad.io.write_elem")])
+def test_an_interrupt_while_an_output_is_set_up_leaves_no_temporary(tmp_path, monkeypatch, writer, where):
+    """Ctrl-C or SIGTERM (its exception) while the output's temporary is being made, before the `with` block holds
+    it: the temporary is removed and the exception goes on (seen in CI: SIGTERM during the input's copy)."""
+    import functools
+
+    import pandas as pd
+
+    from conftest import make_adata
+    from scmm import h5ad_writer
+    src = tmp_path / "in" / "cells.h5ad"
+    src.parent.mkdir()
+    make_adata(n_cells=50).write_h5ad(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    owner, name = where.rsplit(".", 1)
+    target = functools.reduce(getattr, owner.split("."), h5ad_writer)
+    real = getattr(target, name)
+
+    def interrupted(*args, **kwargs):
+        if name == "copyfile":  # half a copy
+            Path(args[1]).write_bytes(b"half")
+        else:
+            real(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(target, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        if writer == "sink":
+            h5ad_writer.Sink(src, out / "cells.h5ad", 50, 4)
+        else:
+            h5ad_writer.PseudocellWriter(out / "gen.h5ad", ["A B cell."], 3,
+                                         pd.DataFrame(index=pd.Index(["G1", "G2"], name="gene")), {})
+    assert list(out.iterdir()) == []

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_adata, save_tiny_stage1
 from scmm.data_pipeline.fact_text import fact_sentence, parse_claims
-from scmm.eval.language import SplitFacts, claim_metrics, search_metrics, type_templates
+from scmm.eval.language import SplitFacts, claim_metrics, ranked_metrics, search_metrics, type_templates
 
 P = ["HALLMARK_APOPTOSIS", "HALLMARK_COMPLEMENT", "HALLMARK_GLYCOLYSIS", "HALLMARK_HYPOXIA"]  # A, B, C, D
 
@@ -46,6 +46,19 @@ def test_claim_metrics_on_a_hand_made_fixture():
     assert mc["precision"] == pytest.approx(2 / 3) and mc["unknown_rate"] == 0.0
     # baseline markers: T names G1, G2, G3 for both cells: c0 top-20 {1,4}: 1 hit; c1 {2,3}: 2; U names G5, G6: 1
     assert mc["baseline_precision"] == pytest.approx(4 / 8)
+
+
+def test_ranked_program_precision_on_a_hand_made_fixture():
+    """The cells of the fixture above (top 3: c0 A,B,C; c1 D,C,B; c2 A,D,B) with the LLM's 3 likeliest programs
+    c0 D,A,C (2 right), c1 D,C,B (3), c2 C,D,B (2): precision 7/9; within type T 5/6, U 2/3, mean 3/4. Type
+    template T -> A,B,C, U -> A,B,D: c0 3, c1 2, c2 3 right: 8/9. Chance: 3 of 4 programs."""
+    scores = [[3, 2, 1, 0], [0, 1, 2, 3], [3, 1, 0, 2]]
+    test = _facts(["T", "T", "U"], scores, [[1], [2], [5]])
+    train = _facts(["T", "T", "U"], [[3, 2, 1, 0], [3, 1, 2, 0], [3, 2, 0, 1]], [[1], [1], [5]])
+    A, B, C, D = P
+    m = ranked_metrics([[D, A, C], [D, C, B], [C, D, B]], test, type_templates(train))
+    assert m == pytest.approx({"precision": 7 / 9, "precision_within_type": 3 / 4, "baseline_precision": 8 / 9,
+                               "chance": 3 / 4})
 
 
 def test_search_auroc_is_one_when_similarity_follows_the_score_and_half_when_it_is_flat():
@@ -91,6 +104,27 @@ def test_fact_questions_answer_with_the_cells_facts_and_vanish_without_facts(cor
     assert parse_claims(rows[1]["answer"]).genes == [str(corpus.gene_symbols[g]) for g in markers[0][:3] if g >= 0]
     assert len(instruction_dataset(Corpus(corpora["False"]), "train", ("programs", "markers"))) == 0
     assert len(instruction_dataset(Corpus(corpora["False"]), "train", ("describe", "programs"))) > 0
+
+
+def test_describe_answers_without_the_fact_sentence_keep_every_other_sentence(corpora):
+    """data.describe_facts: false (an LLM too small to learn the cell-specific sentence): the describe answer is the
+    caption without it, word for word otherwise, and names no program or gene; a corpus without facts is unchanged."""
+    from scmm.data_pipeline.instructions import instruction_dataset
+    from scmm.data_pipeline.store import Corpus
+    corpus = Corpus(corpora["True"])
+    full = instruction_dataset(corpus, "train", ("describe",))
+    short = instruction_dataset(corpus, "train", ("describe",), describe_facts=False)
+    assert full["cell_id"] == short["cell_id"] and len(full) > 100
+    for f, s in zip(full["answer"], short["answer"]):
+        claims = parse_claims(f)
+        assert claims.programs and claims.genes  # the caption's sentence
+        assert parse_claims(s).programs == [] and parse_claims(s).genes == []
+        first = f.split(". ")[0] + "."
+        rest = f[f.index(claims.genes[-1]):].split("). ", 1)[1]  # after the sentence's last "SYMBOL (name)."
+        assert s == f"{first} {rest}"
+    plain = Corpus(corpora["False"])
+    assert instruction_dataset(plain, "train", ("describe",), describe_facts=False)["answer"] == \
+        instruction_dataset(plain, "train", ("describe",))["answer"]
 
 
 def test_eval_writes_language_keys_with_facts_and_marks_them_absent_without(corpora, tmp_path):

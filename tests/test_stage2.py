@@ -556,6 +556,9 @@ def test_eval_package_and_describe_use_the_stage2_model(trained_stage2, tiny_sta
     assert {"precision", "baseline_precision"} <= set(lang["marker_claims"])
     assert {"auroc", "auroc_within_type"} <= set(lang["search"]) and "auroc" in lang["text_to_cell"]
     assert lang["n_cells"] == gen["n_cells"] and lang["n_programs"] == 1  # small_corpus: allograft rejection alone
+    # with one program the LLM's likeliest program is the cell's top one, whatever it learnt
+    assert lang["answers"]["ranked_programs"] == {"precision": 1.0, "precision_within_type": 1.0,
+                                                  "baseline_precision": 1.0, "chance": 1.0}
     assert 0.0 <= gen["repeated_phrase_rate"] <= 1.0 and 0.0 <= gen["repeated_phrase_rate_raw"] <= 1.0
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "## Descriptions and cell-type answers" in report and "## Pseudo-cells" in report
