@@ -81,8 +81,9 @@ def retrieval_table(metrics: Mapping[str, Any]) -> str:
 
 def generation_section(g: Mapping[str, Any], examples: list[Mapping[str, Any]] | None = None) -> list[str]:
     """Markdown lines of the description / cell-type answer section (stage 2)."""
-    lines = ["## Descriptions and cell-type answers (stage 2, test split)", "",
-             f"Each of the {g.get('n_cells', '?')} test cells is described by the LLM from its soft cell tokens "
+    split = g.get("split", "test")
+    lines = [f"## Descriptions and cell-type answers (stage 2, {split} split)", "",
+             f"Each of the {g.get('n_cells', '?')} {split} cells is described by the LLM from its soft cell tokens "
              "(BLEU and ROUGE against the cell's own text) and asked for its cell type; the CL term read from the "
              "answer is scored by accuracy and the ontology path score, with free decoding and with decoding "
              "constrained to Cell Ontology names (a prefix tree over labels and synonyms).", "",
