@@ -27,8 +27,8 @@ the claims are read with the closed-vocabulary parser :func:`scmm.data_pipeline.
   answer "Its most active programs are <program>." to that question (its log-probability with teacher forcing),
   and the 3 likeliest are checked against the cell's top 3: ``precision`` (``precision_within_type``: mean over
   types), beside ``baseline_precision`` (the type template) and ``chance`` (3 over the number of programs, at
-  most 1). A model
-  that garbles its answers but ranks well learnt the facts and fails at decoding; one at chance did not learn them.
+  most 1). A model that garbles its answers but ranks well learnt the facts and fails at decoding; one at chance
+  did not learn them.
 * ``n_programs``, ``n_cells``.
 """
 from __future__ import annotations

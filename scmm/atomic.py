@@ -108,8 +108,8 @@ def request_termination() -> None:
     """Record that the process was sent SIGTERM: from now on nothing is published (:class:`Terminated` instead).
 
     The signal handler raises :class:`Terminated` where the program happens to be; when that is a finaliser
-    (``__del__``, a weakref callback, as h5py runs while a file is written) Python prints "Exception ignored" and
-    carries on, and the command would finish and publish its output after all. Each publish checks this first.
+    (``__del__``, a weakref callback) Python prints "Exception ignored" and carries on, and the command would
+    finish and publish its output after all. Each publish checks this first.
     """
     _termination.set()
 
