@@ -36,15 +36,21 @@ def machine() -> dict:
             "torch": torch.__version__}
 
 
+def _head() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=RESULTS.parent).stdout.strip() or None
+    except OSError:
+        return None
+
+
+STARTED_ON = _head()  # the commit the benchmark's code came from: read when it starts (commits may land meanwhile)
+
+
 def record(benchmark: str, figures: dict) -> dict:
     """Append one JSON line (date, commit, machine, figures) to benchmarks/results.jsonl; returns it."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=RESULTS.parent).stdout.strip() or None
-    except OSError:
-        commit = None
-    line = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
-            "machine": machine(), **figures}
+    line = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "commit": STARTED_ON, "machine": machine(), **figures}
     with RESULTS.open("a") as f:
         f.write(json.dumps(line) + "\n")
     return line
