@@ -37,7 +37,9 @@ FIGURES = {"answers (free)": ("generation", "type_accuracy"),
            "  type-template baseline ": ("language", "marker_claims", "baseline_precision"),
            "search by program AUROC": ("language", "search", "auroc"),
            "search by program AUROC within type": ("language", "search", "auroc_within_type"),
-           "text-to-cell program AUROC": ("language", "text_to_cell", "auroc")}
+           "text-to-cell program AUROC": ("language", "text_to_cell", "auroc"),
+           "the LLM's 3 likeliest programs: precision": ("language", "answers", "ranked_programs", "precision"),
+           "  chance": ("language", "answers", "ranked_programs", "chance")}
 
 
 def figure(metrics: dict, path: tuple[str, ...]) -> float:
