@@ -615,6 +615,24 @@ def _on_sigterm(pid: int):
     return handler
 
 
+def _quiet_lost_termination(default_hook):
+    """An unraisable-exception hook that stays silent for a :class:`Terminated` raised inside a finaliser or weakref
+    callback: Python would print it with a traceback and carry on, but the termination is already recorded
+    (:func:`scmm.atomic.request_termination`) and ends the command at its next chunk or publish with the one
+    ``error:`` line. Every other unraisable exception goes to ``default_hook``."""
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, Terminated):
+            default_hook(unraisable)
+    return hook
+
+
+def _end_on_sigterm() -> None:
+    """SIGTERM ends the command with exit 143, one ``error:`` line and nothing half written, even where its exception
+    lands in a finaliser."""
+    signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
+    sys.unraisablehook = _quiet_lost_termination(sys.unraisablehook)
+
+
 def _error(message: str) -> None:
     """The one ``error:`` line; under torchrun only rank 0 prints it (the other ranks failed on the same input, or
     rank 0's message names the rank that failed: :func:`scmm.ranks.cells_on_ranks`)."""
@@ -628,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command not in TRAINING_COMMANDS:
-        signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
+        _end_on_sigterm()
     try:
         return args.func(args)
     except TrainingStopped as exc:  # pretrain/finetune stopped on a signal or max_wall_time, with a checkpoint
