@@ -79,6 +79,17 @@ def _block_seed(seed: int, block: int) -> int:
     return seed if block == 0 else int(np.random.SeedSequence((seed, block)).generate_state(1, np.uint64)[0] >> 1)
 
 
+def length_groups(lengths: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """Split right-padded sequences of ``lengths`` into at most two groups of similar length, the split that pads
+    least: (row indices, the group's longest length) for each non-empty group."""
+    order = torch.argsort(lengths, stable=True)
+    sorted_len = lengths[order]
+    n = len(order)
+    cost = [k * int(sorted_len[k - 1]) + (n - k) * int(sorted_len[-1]) for k in range(1, n)]
+    cut = 1 + int(np.argmin(cost)) if cost else n
+    return [(idx, int(lengths[idx].max())) for idx in (order[:cut], order[cut:]) if len(idx)]
+
+
 @dataclass
 class Stage2Loss:
     """The weights of the stage-2 losses, and how the answer loss averages."""
@@ -283,22 +294,26 @@ class Stage2Model(PretrainedModel, nn.Module):
         cut to its own longest sequence: short answers (cell type, tissue) no longer pad to the descriptions'
         length. The same loss as one padded batch (padding after a causal sequence changes nothing before it),
         at about two thirds of the LLM's work on the demo's task mix (BENCHMARKS.md)."""
-        lengths = c2t["attention_mask"].sum(1)
-        order = torch.argsort(lengths, stable=True)
-        sorted_len = lengths[order]
-        n = len(order)
-        cost = [k * int(sorted_len[k - 1]) + (n - k) * int(sorted_len[-1]) for k in range(1, n)]  # two groups
-        cut = 1 + int(np.argmin(cost)) if cost else n
         total = units = 0
-        for idx in (order[:cut], order[cut:]):
-            if len(idx) == 0:
-                continue
-            width = int(lengths[idx].max())
+        for idx, width in length_groups(c2t["attention_mask"].sum(1)):
             ids = c2t["input_ids"][idx, :width]
             embeds = self._embed_with_cells(ids, c2t["slot_positions"][idx], query[idx], cell[idx])
             s, u = self._answer_loss_sum(embeds, c2t["attention_mask"][idx, :width], c2t["labels"][idx, :width])
             total, units = total + s, units + u
         return total / units
+
+    def _grouped_slot_states(self, t2c: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`slot_states` of right-padded text -> cell sequences run as two groups of similar length (the
+        same states as one padded batch): a cell's full caption is several times longer than the short program
+        queries it is mixed with."""
+        out = None
+        for idx, width in length_groups(t2c["attention_mask"].sum(1)):
+            states = self.slot_states(t2c["input_ids"][idx, :width], t2c["attention_mask"][idx, :width],
+                                      t2c["slot_positions"][idx])
+            if out is None:
+                out = states.new_empty((len(t2c["input_ids"]), *states.shape[1:]))
+            out = out.index_copy(0, idx, states)
+        return out
 
     # --- training ---------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
@@ -317,7 +332,7 @@ class Stage2Model(PretrainedModel, nn.Module):
         if w.lm > 0:
             out["lm"] = self._grouped_answer_loss(c2t, query, cell)
         t2c = {k: v.to(device) for k, v in batch["t2c"].items()}
-        mapped = self.slot_states(t2c["input_ids"], t2c["attention_mask"], t2c["slot_positions"])
+        mapped = self._grouped_slot_states(t2c)
         if "t2c_index" in batch:  # each distinct description ran once; back to one row per cell
             mapped = mapped[batch["t2c_index"].to(device)]
         out["t2c"] = t2c_loss(mapped, query, b.t2c_loss)
@@ -425,15 +440,17 @@ class Stage2Model(PretrainedModel, nn.Module):
 
     @torch.no_grad()
     def mapped_states(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-        """LLM-mapped query states [len(texts), n, d_q] for descriptions."""
+        """LLM-mapped query states [len(texts), n, d_q] for descriptions; batches of texts of similar length
+        (the order of ``texts`` is kept in the result)."""
         self.eval()
         device, outs = self.device, []
-        for i in range(0, len(texts), batch_size):
-            items = [self.builder.text_to_cell(t) for t in texts[i:i + batch_size]]
-            enc = self.builder.collate(items, padding_side="right")
+        items = [self.builder.text_to_cell(t) for t in texts]
+        order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
+        for i in range(0, len(order), batch_size):
+            enc = self.builder.collate([items[j] for j in order[i:i + batch_size]], padding_side="right")
             outs.append(self.slot_states(enc["input_ids"].to(device), enc["attention_mask"].to(device),
                                          enc["slot_positions"].to(device)).float())
-        return torch.cat(outs)
+        return torch.cat(outs)[torch.argsort(torch.tensor(order))]
 
     @torch.no_grad()
     def generate_pseudocells(self, texts: Sequence[str], n: int, seed: int = 0, noise: float = 1.0,

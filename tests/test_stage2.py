@@ -242,6 +242,35 @@ def test_length_grouped_answer_loss_equals_one_padded_batch(small_corpus, tiny_s
     torch.testing.assert_close(g_grouped, g_one, rtol=1e-4, atol=1e-6)
 
 
+def test_length_grouped_slot_states_equal_one_padded_batch(small_corpus, tiny_stage1, tiny_lm, tmp_path):
+    """The text -> cell sequences (a cell's long caption mixed with short program queries) run as two groups cut to
+    their own length: the same slot states and gradients as one padded batch, each row in its place; and
+    :meth:`mapped_states`, which batches texts by length, keeps the order of its texts."""
+    torch.set_num_threads(1)
+    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path)
+    model.eval()
+    texts = ["B cell with high interferon response.",
+             "A natural killer cell from the blood of a healthy donor. Its transcriptome points to apical surface, "
+             "myogenesis and allograft rejection; it shows strong expression of KLRC2 and XCL2.",
+             "T cell with low hypoxia.", "A monocyte from the blood of a healthy donor, sequenced with 10x 3' v1.",
+             "NK cell."]
+    enc = model.builder.collate([model.builder.text_to_cell(t) for t in texts], padding_side="right")
+    assert len(set(enc["attention_mask"].sum(1).tolist())) == len(texts)  # every row padded differently
+    weight = next(p for p in model.t2c_head.parameters() if p.requires_grad)
+    one = model.slot_states(enc["input_ids"], enc["attention_mask"], enc["slot_positions"])
+    (g_one,) = torch.autograd.grad(one.square().sum(), weight)
+    grouped = model._grouped_slot_states(enc)
+    (g_grouped,) = torch.autograd.grad(grouped.square().sum(), weight)
+    torch.testing.assert_close(grouped, one, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_grouped, g_one, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        one_by_one = torch.cat([model.slot_states(**{k: v[i:i + 1, :int(enc["attention_mask"][i].sum())]
+                                                     if k != "slot_positions" else v[i:i + 1]
+                                                     for k, v in enc.items() if k != "labels"})
+                                for i in range(len(texts))])
+    torch.testing.assert_close(model.mapped_states(texts, batch_size=2), one_by_one.float(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("key,value,message", [("model", {"loss": {"lm_mean": "sentence"}}, "lm_mean"),
                                                ("refit", {"step": 10}, "refit.step"),
                                                ("refit", {"steps": -1}, "steps >= 0")])
