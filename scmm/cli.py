@@ -623,6 +623,7 @@ def _quiet_lost_termination(default_hook):
     def hook(unraisable):
         if not isinstance(unraisable.exc_value, Terminated):
             default_hook(unraisable)
+    hook.quiet_lost_termination = True  # installed once per process however often main() runs
     return hook
 
 
@@ -630,7 +631,8 @@ def _end_on_sigterm() -> None:
     """SIGTERM ends the command with exit 143, one ``error:`` line and nothing half written, even where its exception
     lands in a finaliser."""
     signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
-    sys.unraisablehook = _quiet_lost_termination(sys.unraisablehook)
+    if not getattr(sys.unraisablehook, "quiet_lost_termination", False):
+        sys.unraisablehook = _quiet_lost_termination(sys.unraisablehook)
 
 
 def _error(message: str) -> None:
