@@ -306,14 +306,10 @@ class Stage2Model(PretrainedModel, nn.Module):
         """:meth:`slot_states` of right-padded text -> cell sequences run as two groups of similar length (the
         same states as one padded batch): a cell's full caption is several times longer than the short program
         queries it is mixed with."""
-        out = None
-        for idx, width in length_groups(t2c["attention_mask"].sum(1)):
-            states = self.slot_states(t2c["input_ids"][idx, :width], t2c["attention_mask"][idx, :width],
-                                      t2c["slot_positions"][idx])
-            if out is None:
-                out = states.new_empty((len(t2c["input_ids"]), *states.shape[1:]))
-            out = out.index_copy(0, idx, states)
-        return out
+        groups = length_groups(t2c["attention_mask"].sum(1))
+        states = [self.slot_states(t2c["input_ids"][idx, :width], t2c["attention_mask"][idx, :width],
+                                   t2c["slot_positions"][idx]) for idx, width in groups]
+        return torch.cat(states)[torch.argsort(torch.cat([idx for idx, _ in groups]))]  # back to the batch's order
 
     # --- training ---------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
