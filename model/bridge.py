@@ -38,22 +38,27 @@ from torch import nn
 
 @dataclass
 class BridgeOptions:
-    """Widths of the bridge MLPs (0: the wider of the two sides) and the losses' details."""
+    """The bridge's three heads, field by field (a hidden width of 0: the wider of the two sides), and what they
+    share."""
 
+    # cell -> LLM projector: query states (and optionally the <cls> embedding) to soft tokens
     projector_hidden: int = 0
+    standardize: bool = False  # z-score query states with training statistics (QueryNorm); off: identity
+    # each soft token also reads the cell tower's <cls> embedding (scGPT's cell embedding) beside its query state
+    cell_embedding: bool = False
+    # text -> cell head: LLM hidden states to query states
     t2c_hidden: int = 0
-    decoder_hidden: int = 512
-    dropout: float = 0.0
     t2c_loss: str = "mse"  # mse | cosine (per slot)
+    # pseudo-cell decoder: query states to expression
+    decoder_hidden: int = 512
+    # the decoder models each gene's probability of being zero (a hurdle model): sparse pseudo-cells like real ones
+    zero_inflated: bool = True
     nll_weight: float = 0.1  # weight of the Gaussian NLL that trains the decoder's log-std (LLM path)
     min_log_std: float = -4.0
     max_log_std: float = 1.5
-    standardize: bool = False  # z-score query states with training statistics (QueryNorm); off: identity
+    # all three
+    dropout: float = 0.0
     lr_scale: float = 1.0  # learning rate of the bridge modules relative to train.lr (they start from scratch)
-    # each soft token also reads the cell tower's <cls> embedding (scGPT's cell embedding) beside its query state
-    cell_embedding: bool = False
-    # the decoder models each gene's probability of being zero (a hurdle model): sparse pseudo-cells like real ones
-    zero_inflated: bool = True
 
     def __post_init__(self) -> None:
         if self.t2c_loss not in ("mse", "cosine"):

@@ -52,19 +52,8 @@ import numpy as np
 from scmm.config import read_json
 from scmm.data_pipeline.facts import FactModel
 from scmm.errors import ScmmError
+from scmm.model import pretrained
 from scmm.model.aligner import CellTextAligner
-from scmm.model.pretrained import (
-    FACTS_FILE,
-    FORMATS,
-    LABELS_FILE,
-    check_decodable,
-    marker_format,
-    read_fact_model,
-    read_labels,
-    read_marker,
-    read_panel,
-    reading,
-)
 from scmm.model.stage2 import Stage2Model
 
 log = logging.getLogger("scmm.model")
@@ -73,9 +62,9 @@ __all__ = ["ScmmModel", "load_model", "model_kind", "fingerprint", "files_of", "
            "PACKAGE_FORMAT", "MANIFEST", "NOT_IN_FINGERPRINT", "NOVELTY_FILE"]
 
 PACKAGE_FORMAT = "scmm-model"
-MANIFEST = FORMATS[PACKAGE_FORMAT].marker
+MANIFEST = pretrained.FORMATS[PACKAGE_FORMAT].marker
 # files of a stage-1 folder that do not decide the embedding
-NOT_IN_FINGERPRINT = ("train_summary.json", LABELS_FILE, FACTS_FILE)
+NOT_IN_FINGERPRINT = ("train_summary.json", pretrained.LABELS_FILE, pretrained.FACTS_FILE)
 NOVELTY_FILE = "novelty_reference.npz"  # what scmm.eval.novelty writes and reads (layer 3 owns its content)
 _KINDS = {PACKAGE_FORMAT: "package", Stage2Model.folder_format: "stage2", CellTextAligner.folder_format: "stage1"}
 
@@ -173,7 +162,7 @@ def model_kind(folder: Path) -> str:
         raise ScmmError(f"model folder not found: {folder}")
     if not folder.is_dir():
         raise ScmmError(f"model {folder} is not a folder")
-    found = marker_format(folder)
+    found = pretrained.marker_format(folder)
     if found is None or found[0] not in _KINDS:
         raise ScmmError(f"{folder} is not an scmm model folder (no {MANIFEST}, and no config.json of a stage-1 or "
                         f"stage-2 model)")
@@ -201,47 +190,47 @@ def _verify(folder: Path, manifest: dict, version: int) -> None:
         if sha256_file(p) != digest:
             raise ScmmError(f"model {folder} is corrupted: checksum mismatch in {rel}")
     for rel in files:
-        check_decodable(folder / rel)
+        pretrained.check_decodable(folder / rel)
 
 
 def _novelty_reference(folder: Path) -> dict[str, np.ndarray] | None:
     path = folder / NOVELTY_FILE
     if not path.exists():
         return None
-    with reading(path, "novelty reference"), np.load(path, allow_pickle=False) as npz:
+    with pretrained.reading(path, "novelty reference"), np.load(path, allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
 
 
 def _load_package(folder: Path, verify: bool) -> ScmmModel:
-    manifest, version = read_marker(folder, PACKAGE_FORMAT)
+    manifest, version = pretrained.read_marker(folder, PACKAGE_FORMAT)
     if verify:
         _verify(folder, manifest, version)
-    with reading(folder / MANIFEST, "model manifest"):
+    with pretrained.reading(folder / MANIFEST, "model manifest"):
         s1_files = {k[len("stage1/"):]: v for k, v in manifest["files"].items() if k.startswith("stage1/")}
         has_stage2 = "stage2" in manifest.get("components", [])
     metrics = read_json(folder / "metrics.json", "metrics") if (folder / "metrics.json").exists() else None
     return ScmmModel(folder=folder, stage1_folder=folder / "stage1",
-                     aligner=CellTextAligner.from_pretrained(folder / "stage1"), labels=read_labels(folder),
-                     panel_vocab_ids=read_panel(folder), fingerprint=fingerprint(s1_files),
+                     aligner=CellTextAligner.from_pretrained(folder / "stage1"), labels=pretrained.read_labels(folder),
+                     panel_vocab_ids=pretrained.read_panel(folder), fingerprint=fingerprint(s1_files),
                      stage2_folder=folder / "stage2" if has_stage2 else None,
                      packaged=True, metrics=metrics, novelty_reference=_novelty_reference(folder),
-                     facts=read_fact_model(folder))
+                     facts=pretrained.read_fact_model(folder))
 
 
 def _load_bare(folder: Path, stage2: bool) -> ScmmModel:
     """A stage-1 or stage-2 folder: its own labels and gene panel (a stage-2 folder's, else its stage1/'s)."""
     for rel in _present(folder):
-        check_decodable(folder / rel)
+        pretrained.check_decodable(folder / rel)
     stage1 = folder / "stage1" if stage2 else folder
     sources = (folder, stage1) if stage2 else (folder,)
-    labels = next((x for x in map(read_labels, sources) if x is not None), None)
-    panel = next((x for x in map(read_panel, sources) if x is not None), None)
+    labels = next((x for x in map(pretrained.read_labels, sources) if x is not None), None)
+    panel = next((x for x in map(pretrained.read_panel, sources) if x is not None), None)
     if panel is None:
         log.debug("model %s keeps no gene panel (genes.json): every vocabulary gene of the input is read", folder)
     return ScmmModel(folder=folder, stage1_folder=stage1, aligner=CellTextAligner.from_pretrained(stage1),
                      labels=labels, panel_vocab_ids=panel, fingerprint=fingerprint(files_of(stage1)),
                      stage2_folder=folder if stage2 else None,
-                     facts=next((x for x in map(read_fact_model, sources) if x is not None), None))
+                     facts=next((x for x in map(pretrained.read_fact_model, sources) if x is not None), None))
 
 
 def load_model(folder: str | os.PathLike | ScmmModel, verify: bool = True) -> ScmmModel:

@@ -25,14 +25,7 @@ from tqdm.auto import tqdm
 
 from scmm.annotation import Labeller, label_frame, qc_labels
 from scmm.cell_facts import CellFacts, measure
-from scmm.data_pipeline.reader import (
-    DEFAULT_MIN_COVERAGE,
-    detect_scale,
-    iter_batches,
-    iter_panel_chunks,
-    open_input,
-    plan_genes,
-)
+from scmm.data_pipeline import reader
 from scmm.data_pipeline.scale import check_scale_option
 from scmm.errors import ScmmError
 from scmm.h5ad_writer import ObsColumns
@@ -56,7 +49,7 @@ class Options:
     precision: str = "auto"  # auto (bf16 where native), fp32 or bf16: the cell path's weights
     layer: str | None = None  # X, raw or a layer name (default: raw counts first)
     gene_column: str | None = None  # var column of gene symbols (default feature_name, else the var names)
-    min_gene_coverage: float = DEFAULT_MIN_COVERAGE
+    min_gene_coverage: float = reader.DEFAULT_MIN_COVERAGE
     input_scale: str = "auto"  # auto (detected from the values) or counts, normalized, log1p, log2p1
     progress: bool = False
 
@@ -95,11 +88,11 @@ class PreparedInput:
     """One prepared input: chunked source, gene plan and value scale (coverage and scale checked and logged)."""
 
     def __init__(self, data: Any, model: ScmmModel, opts: Options):
-        self.source = open_input(data, opts.layer)
+        self.source = reader.open_input(data, opts.layer)
         where = str(self.source.path)
-        self.plan = plan_genes(self.source.var, model.vocab, model.panel_vocab_ids, opts.gene_column,
-                               opts.min_gene_coverage, where=where)
-        self.scale = detect_scale(self.source, opts.input_scale)
+        self.plan = reader.plan_genes(self.source.var, model.vocab, model.panel_vocab_ids, opts.gene_column,
+                                      opts.min_gene_coverage, where=where)
+        self.scale = reader.detect_scale(self.source, opts.input_scale)
         self.model, self.opts = model, opts
         log.info("%s: %d cells, element %s, %s", where, self.source.n_obs, self.source.element, self.scale.describe())
 
@@ -108,8 +101,8 @@ class PreparedInput:
         return self.source.n_obs
 
     def batches(self, begin: int = 0, end: int | None = None):
-        return iter_batches(self.source, self.plan, self.scale, self.model.encoding, self.model.vocab,
-                            self.opts.chunk_size, self.opts.batch_size, begin, end)
+        return reader.iter_batches(self.source, self.plan, self.scale, self.model.encoding, self.model.vocab,
+                                   self.opts.chunk_size, self.opts.batch_size, begin, end)
 
     def progress(self, desc: str, total: int | None = None):
         return tqdm(total=self.n_obs if total is None else total, unit="cells", desc=desc,
@@ -241,7 +234,8 @@ def can_measure_facts(model: ScmmModel) -> bool:
 def measured_facts(inp: PreparedInput, start: int, end: int) -> CellFacts:
     """The measured programs and markers of the input's rows ``start:end`` (:mod:`scmm.cell_facts`; one read)."""
     assert inp.model.facts is not None and inp.model.panel_vocab_ids is not None
-    blocks = iter_panel_chunks(inp.source, inp.plan, inp.scale, inp.model.panel_vocab_ids, end - start, start, end)
+    blocks = reader.iter_panel_chunks(inp.source, inp.plan, inp.scale, inp.model.panel_vocab_ids, end - start, start,
+                                      end)
     (_, panel), = blocks
     return measure(inp.model.facts, panel)
 
