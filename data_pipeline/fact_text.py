@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["PROGRAM_PHRASES", "FACT_TEMPLATES", "N_CAPTION_PROGRAMS", "N_CAPTION_MARKERS", "Claims",
            "display_name", "fact_sentence", "fact_template_index", "parse_claims", "join_list",
-           "program_query", "type_program_query"]
+           "FACT_VIEW_PARTS", "fact_view", "program_query", "type_program_query"]
 
 N_CAPTION_PROGRAMS = 3
 N_CAPTION_MARKERS = 3
@@ -137,6 +137,27 @@ def fact_sentence(programs: Sequence[str], genes: Sequence[tuple[str, str | None
     return ""
 
 
+FACT_VIEW_PARTS = ("programs and genes", "programs", "genes")
+
+
+def fact_view(text: str, template: int, parts: str = "programs and genes") -> str:
+    """What ``text`` claims of its cell, alone: its programs and/or genes (``parts``, one of
+    :data:`FACT_VIEW_PARTS`; genes with the full names it gives) as one sentence in phrasing ``template``; empty
+    when it claims none of them. Stage 1 trains on such views (``loss.fact_view``), so that a text about programs or
+    genes without a cell type is aligned with the cells it describes."""
+    if parts not in FACT_VIEW_PARTS:
+        raise ValueError(f"parts must be one of {', '.join(FACT_VIEW_PARTS)}, not {parts!r}")
+    claims = parse_claims(text)
+    names: dict[str, str] = {}
+    for lead in {t.gene_lead for t in FACT_TEMPLATES}:
+        for clause in _clause_genes(text, lead):
+            for symbol, name in _GENE_NAME_RE.findall(clause):
+                names.setdefault(symbol, name)
+    programs = claims.programs if "programs" in parts else []
+    genes = [(g, names.get(g)) for g in claims.genes] if "genes" in parts else []
+    return fact_sentence(programs, genes, template)
+
+
 def program_query(program: str, high: bool = True) -> str:
     """The search text for a program: "cells with high <phrase> activity"."""
     return f"cells with {'high' if high else 'low'} {PROGRAM_PHRASES.get(program, program)} activity"
@@ -160,6 +181,7 @@ _PHRASE_RE = re.compile(r"(?<![\w/-])(" + "|".join(re.escape(p) for p in sorted(
                                                                                    reverse=True)) + r")(?![\w/-])",
                         re.IGNORECASE)
 _GENE_RE = re.compile(r"(?<![\w.-])([A-Za-z0-9][A-Za-z0-9.\-]*) \(")
+_GENE_NAME_RE = re.compile(r"(?<![\w.-])([A-Za-z0-9][A-Za-z0-9.\-]*) \(([^()]*)\)")
 _CLAUSE_END = re.compile(r";|\.(?:\s|$)")
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from scmm.data_pipeline.encoding import CellEncoding
+from scmm.data_pipeline.fact_text import FACT_TEMPLATES, FACT_VIEW_PARTS, fact_view
 from scmm.data_pipeline.store import Corpus
 from scmm.data_pipeline.vocab import GeneVocab
 from scmm.errors import ScmmError
@@ -63,10 +64,15 @@ class AlignerLoss:
     matching_max_length: int = 64  # text tokens seen by the matching head (the cell type comes first)
     matching_max_cells: int = 0  # cells of a batch that enter the matching loss (0: all); it is the costly part
     same_label_not_negative: bool = True
+    # share of training texts replaced by their cell-specific claims alone (fact_text.fact_view): programs, marker
+    # genes or both, without the cell type, so that such text is aligned too (0: the captions as they are)
+    fact_view: float = 0.0
 
     def __post_init__(self) -> None:
         if min(self.contrastive, self.matching, self.reconstruction) < 0 or not 0 <= self.mask_ratio <= 1:
             raise ValueError("loss weights must be >= 0 and mask_ratio in [0, 1]")
+        if not 0 <= self.fact_view <= 1:
+            raise ValueError("fact_view must be in [0, 1]")
 
 
 @dataclass
@@ -251,17 +257,35 @@ class CellTextAligner(PretrainedModel, nn.Module):
         # would become the cell's signature, which a cell at inference (nothing masked) does not have
         query = self.qformer(states, pad | mask.to(device))
         cell_f = self.heads.cell_features(query, states[:, 0]).float()
-        text_f = self.text_features(batch["text"]).float()
+        texts = self._text_views(batch["text"], gen)
+        if labels is not None:
+            # a view shares nothing with another cell's text but what the cells share: unlike two captions of one
+            # type, it is a true negative for the other cells of its type (label -1: never masked)
+            views = torch.tensor([t != u for t, u in zip(texts, batch["text"])], device=device)
+            labels = torch.where(views, torch.full_like(labels, -1), labels)
+        text_f = self.text_features(texts).float()
         out = {"contrastive": contrastive_loss(cell_f, text_f, self.heads.get_logit_scale(), labels, rank, world_size)}
         pred = self.expr_decoder(states)
         out["reconstruction"] = masked_expression_loss(pred.float(), values.float(), mask.to(device))
         out["matching"] = torch.zeros((), device=device)
         if lo.matching > 0:
-            out["matching"] = self._matching_loss(states, pad | mask.to(device), cell_f, text_f, batch["text"],
+            out["matching"] = self._matching_loss(states, pad | mask.to(device), cell_f, text_f, texts,
                                                   labels, gen)
         out["loss"] = lo.contrastive * out["contrastive"] + lo.matching * out["matching"] + \
             lo.reconstruction * out["reconstruction"]
         return out
+
+    def _text_views(self, texts: list[str], gen: torch.Generator) -> list[str]:
+        """Each training text, or with probability ``loss.fact_view`` its programs, its genes or both alone (each
+        as likely) in a random phrasing."""
+        share = self.config.loss.fact_view
+        if share <= 0:
+            return list(texts)
+        pick = (torch.rand(len(texts), generator=gen) < share).tolist()
+        phrasing = torch.randint(len(FACT_TEMPLATES), (len(texts),), generator=gen).tolist()
+        parts = torch.randint(len(FACT_VIEW_PARTS), (len(texts),), generator=gen).tolist()
+        return [(fact_view(t, k, FACT_VIEW_PARTS[j]) if p else "") or t
+                for t, p, k, j in zip(texts, pick, phrasing, parts)]
 
     def _matching_loss(self, states, pad, cell_f, text_f, texts, labels, gen) -> torch.Tensor:
         """Cell–text matching on the positives plus one hard negative per cell and per text (local batch)."""

@@ -17,6 +17,7 @@ from scmm.data_pipeline.fact_text import (
     PROGRAM_PHRASES,
     display_name,
     fact_sentence,
+    fact_view,
     parse_claims,
 )
 from scmm.data_pipeline.facts import GENE_NAMES_FILE, HALLMARK_FILE, FactModel, GeneStats, gene_names, hallmark_sets
@@ -168,6 +169,27 @@ def test_the_parser_reads_nothing_from_a_label_caption():
     claims = parse_claims("Its most active programs are hypoxia, hypoxia and glycolysis; it expresses high levels "
                           "of LYZ (lysozyme), LYZ (lysozyme) and XYZ1 (made up)")
     assert claims.programs == ["HALLMARK_HYPOXIA", "HALLMARK_GLYCOLYSIS"] and claims.genes == ["LYZ", "XYZ1"]
+
+
+def test_a_fact_view_is_the_captions_claims_alone_in_the_asked_phrasing():
+    caption = ("A CD14-positive monocyte from the blood of a healthy donor. " + fact_sentence(
+        ["HALLMARK_INTERFERON_GAMMA_RESPONSE", "HALLMARK_COMPLEMENT"], GENES[:2], 0) + " Measured with 10x 3' v3.")
+    assert fact_view(caption, 2) == ("It shows high activity of interferon-gamma response and complement; among its "
+                                     "most over-expressed genes are HLA-DRA (major histocompatibility complex, "
+                                     "class II, DR alpha) and LYZ (lysozyme).")
+    for template in range(len(FACT_TEMPLATES)):
+        for phrasing in range(len(FACT_TEMPLATES)):
+            text = "A B cell. " + fact_sentence(["HALLMARK_HYPOXIA"], GENES[1:4], template)
+            view = fact_view(text, phrasing)
+            assert "B cell" not in view and parse_claims(view) == parse_claims(text)
+    assert fact_view(caption, 0, "programs") == "Its most active programs are interferon-gamma response and complement."
+    assert fact_view(caption, 1, "genes") == ("Its top marker genes are HLA-DRA (major histocompatibility complex, "
+                                              "class II, DR alpha) and LYZ (lysozyme).")
+    with pytest.raises(ValueError, match="parts"):
+        fact_view(caption, 0, "pathways")
+    assert fact_view("A B cell from the blood. A lymphocyte of B lineage.", 1) == ""
+    assert fact_view("A cell. Its most active programs are hypoxia.", 0, "genes") == ""
+    assert fact_view("A cell. Its most active programs are hypoxia.", 0) == "Its most active programs are hypoxia."
 
 
 # --- facts through a corpus build ---------------------------------------------------------------------------------

@@ -182,3 +182,57 @@ def test_eval_of_an_older_corpus_marks_language_absent(corpora, tmp_path):
     old = _older(corpora["True"], tmp_path / "old")
     m = evaluate(save_tiny_stage1(old, tmp_path / "m"), old, tmp_path / "e", tasks="retrieve", progress=False)
     assert set(m["language"]) == {"absent"} and "retrieval" in m
+
+
+def test_fact_views_replace_the_asked_share_of_texts_and_keep_label_captions(small_corpus, tmp_path):
+    import torch
+
+    from scmm.model.aligner import AlignerLoss, CellTextAligner
+    model = CellTextAligner.from_pretrained(save_tiny_stage1(small_corpus, tmp_path / "s1"))
+    caption = "A B cell from the blood. " + fact_sentence(["HALLMARK_HYPOXIA"], [("LYZ", "lysozyme")], 0)
+    texts = [caption] * 200 + ["A B cell from the blood."] * 50
+
+    def views():
+        return model._text_views(texts, torch.Generator().manual_seed(3))
+
+    assert views() == texts  # fact_view 0: the captions as they are
+    model.config.loss.fact_view = 0.5
+    out = views()
+    assert out == views()  # seeded by the step's generator
+    changed = [v != t for v, t in zip(out, texts)]
+    assert 70 <= sum(changed[:200]) <= 130 and not any(changed[200:])  # a caption without claims stays
+    full = parse_claims(caption)
+    seen = set()
+    for v in (v for v, c in zip(out, changed) if c):
+        claims = parse_claims(v)
+        assert "B cell" not in v and claims.programs in ([], full.programs) and claims.genes in ([], full.genes)
+        seen.add((bool(claims.programs), bool(claims.genes)))
+    assert seen == {(True, True), (True, False), (False, True)}  # programs and genes, programs, genes
+    assert len({v for v, c in zip(out, changed) if c}) > 3  # and several phrasings
+    model.config.loss.fact_view = 1.0
+    assert all(v != t for v, t in zip(views()[:200], texts))
+    with pytest.raises(ValueError, match="fact_view"):
+        AlignerLoss(fact_view=1.5)
+
+
+def test_a_fact_view_is_a_negative_for_the_other_cells_of_its_type(corpora, tmp_path, monkeypatch):
+    """Two captions of one type share its description, so the contrastive loss masks such pairs; a fact view shares
+    nothing but what the cells share, so it enters unmasked (label -1)."""
+    import torch
+
+    from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
+    from scmm.model import aligner as aligner_module
+    model = aligner_module.CellTextAligner.from_pretrained(save_tiny_stage1(corpora["True"], tmp_path / "s1"))
+    model.config.loss.matching = 0.0
+    batch = next(iter(CorpusLoader(corpora["True"], "train", LoaderConfig(batch_size=16, shuffle=False),
+                                   model.encoding, model.vocab)))
+    seen = []
+    real = aligner_module.contrastive_loss
+    monkeypatch.setattr(aligner_module, "contrastive_loss",
+                        lambda cell, text, scale, labels, *rest: seen.append(labels) or real(cell, text, scale, labels,
+                                                                                             *rest))
+    for share in (0.0, 1.0):
+        model.config.loss.fact_view = share
+        model(batch)
+    assert torch.equal(seen[0], batch["labels"]) and (seen[0] >= 0).all()
+    assert (seen[1] == -1).all()
