@@ -65,7 +65,8 @@ class AlignerLoss:
     matching_max_cells: int = 0  # cells of a batch that enter the matching loss (0: all); it is the costly part
     same_label_not_negative: bool = True
     # share of training texts replaced by their cell-specific claims alone (fact_text.fact_view): programs, marker
-    # genes or both, without the cell type, so that such text is aligned too (0: the captions as they are)
+    # genes or both, without the cell type, so that such text is aligned too (0: the captions as they are). On the
+    # demo it lifts search by program text but collapses the query states that stage 2 reads (BENCHMARKS.md)
     fact_view: float = 0.0
 
     def __post_init__(self) -> None:
