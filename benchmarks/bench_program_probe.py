@@ -28,32 +28,20 @@ from common import record, table
 from scmm.data_pipeline.hvg import log1p_profiles
 from scmm.data_pipeline.store import Corpus
 from scmm.eval.annotate import embed_split
-from scmm.eval.language import MIN_TYPE_CELLS, SplitFacts, split_facts
-from scmm.eval.metrics import binary_auroc
+from scmm.eval.language import SplitFacts, search_metrics, split_facts
 from scmm.model.aligner import CellTextAligner
 
 ALPHAS = np.logspace(-3, 3, 13)
 
 
-def _top_quartile(values: np.ndarray) -> np.ndarray:
-    return values >= np.quantile(values, 0.75)
-
-
 def probe(train: np.ndarray, test: np.ndarray, facts: dict[str, SplitFacts]) -> dict[str, float]:
-    """Ridge from ``train`` features to the train cells' program scores, scored on the test cells."""
+    """Ridge from ``train`` features to the train cells' program scores, its test predictions scored by
+    ``language.search``'s own code (each program's prediction stands where the similarity to its query would)."""
     pred = RidgeCV(alphas=ALPHAS).fit(train, facts["train"].scores).predict(test)
-    y, types = facts["test"].scores, facts["test"].types
+    y = facts["test"].scores
     r2 = 1 - ((pred - y) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
-    overall, within = [], []
-    for p in range(y.shape[1]):
-        hi = _top_quartile(y[:, p])
-        overall.append(binary_auroc(pred[hi, p], pred[~hi, p]))
-        for t in sorted(set(types)):
-            rows = np.flatnonzero(types == t)
-            h = _top_quartile(y[rows, p])
-            if len(rows) >= MIN_TYPE_CELLS and h.any() and not h.all():
-                within.append(binary_auroc(pred[rows[h], p], pred[rows[~h], p]))
-    return {"auroc": float(np.mean(overall)), "auroc_within_type": float(np.mean(within)),
+    scored = search_metrics(pred, np.eye(y.shape[1]), facts["test"])
+    return {"auroc": scored["auroc"], "auroc_within_type": scored["auroc_within_type"],
             "r2_median": float(np.median(r2))}
 
 
