@@ -149,7 +149,7 @@ def fact_view(text: str, template: int, parts: str = "programs and genes") -> st
         raise ValueError(f"parts must be one of {', '.join(FACT_VIEW_PARTS)}, not {parts!r}")
     claims = parse_claims(text)
     names: dict[str, str] = {}
-    for lead in {t.gene_lead for t in FACT_TEMPLATES}:
+    for lead in dict.fromkeys(t.gene_lead for t in FACT_TEMPLATES):  # in order: the first name given wins
         for clause in _clause_genes(text, lead):
             for symbol, name in _GENE_NAME_RE.findall(clause):
                 names.setdefault(symbol, name)
