@@ -68,9 +68,13 @@ class AlignerLoss:
     # genes or both, without the cell type, so that such text is aligned too (0: the captions as they are). On the
     # demo it lifts search by program text but collapses the query states that stage 2 reads (BENCHMARKS.md)
     fact_view: float = 0.0
+    # weight of the same contrastive loss on the query states alone (without the <cls> shortcut): keeps the states
+    # that stage 2 reads carrying the cell when the shortcut alone could solve the task (0: off)
+    query_contrastive: float = 0.0
 
     def __post_init__(self) -> None:
-        if min(self.contrastive, self.matching, self.reconstruction) < 0 or not 0 <= self.mask_ratio <= 1:
+        if min(self.contrastive, self.matching, self.reconstruction, self.query_contrastive) < 0 \
+                or not 0 <= self.mask_ratio <= 1:
             raise ValueError("loss weights must be >= 0 and mask_ratio in [0, 1]")
         if not 0 <= self.fact_view <= 1:
             raise ValueError("fact_view must be in [0, 1]")
@@ -266,6 +270,9 @@ class CellTextAligner(PretrainedModel, nn.Module):
             labels = torch.where(views, torch.full_like(labels, -1), labels)
         text_f = self.text_features(texts).float()
         out = {"contrastive": contrastive_loss(cell_f, text_f, self.heads.get_logit_scale(), labels, rank, world_size)}
+        if lo.query_contrastive > 0:
+            out["query_contrastive"] = contrastive_loss(self.heads.cell_features(query).float(), text_f,
+                                                        self.heads.get_logit_scale(), labels, rank, world_size)
         pred = self.expr_decoder(states)
         out["reconstruction"] = masked_expression_loss(pred.float(), values.float(), mask.to(device))
         out["matching"] = torch.zeros((), device=device)
@@ -273,7 +280,7 @@ class CellTextAligner(PretrainedModel, nn.Module):
             out["matching"] = self._matching_loss(states, pad | mask.to(device), cell_f, text_f, texts,
                                                   labels, gen)
         out["loss"] = lo.contrastive * out["contrastive"] + lo.matching * out["matching"] + \
-            lo.reconstruction * out["reconstruction"]
+            lo.reconstruction * out["reconstruction"] + lo.query_contrastive * out.get("query_contrastive", 0.0)
         return out
 
     def _text_views(self, texts: list[str], gen: torch.Generator) -> list[str]:

@@ -236,3 +236,43 @@ def test_a_fact_view_is_a_negative_for_the_other_cells_of_its_type(corpora, tmp_
         model(batch)
     assert torch.equal(seen[0], batch["labels"]) and (seen[0] >= 0).all()
     assert (seen[1] == -1).all()
+
+
+def test_query_contrastive_aligns_the_query_states_alone_and_adds_to_the_loss(corpora, tmp_path):
+    """loss.query_contrastive: the contrastive loss of the query states without the <cls> shortcut (the states
+    stage 2 reads), weighted into the total; its gradient reaches the Q-Former but not the shortcut."""
+    import torch
+
+    from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
+    from scmm.model.aligner import AlignerLoss, CellTextAligner
+    from scmm.model.losses import contrastive_loss, mask_values
+    model = CellTextAligner.from_pretrained(save_tiny_stage1(corpora["True"], tmp_path / "s1"))
+    model.eval()  # no dropout: the forwards below are compared exactly
+    assert model.heads.cls_proj is not None  # the shortcut the query-only term leaves out
+    model.config.loss.matching = 0.0
+    batch = next(iter(CorpusLoader(corpora["True"], "train", LoaderConfig(batch_size=16, shuffle=False),
+                                   model.encoding, model.vocab)))
+    off = model(batch, step=1)
+    assert "query_contrastive" not in off
+    model.config.loss.query_contrastive = 0.5
+    on = model(batch, step=1)
+    lo = model.config.loss
+    torch.testing.assert_close(on["loss"], lo.contrastive * on["contrastive"] + lo.reconstruction * on["reconstruction"]
+                               + 0.5 * on["query_contrastive"])
+    torch.testing.assert_close(on["contrastive"], off["contrastive"])  # the other terms are unchanged
+    with torch.no_grad():  # the same masking as the forward (mask_values seeded by the step)
+        gen = torch.Generator().manual_seed(hash((0, 1, 0)) & 0x7FFFFFFF)
+        masked, mask = mask_values(batch["values"], batch["padding_mask"], lo.mask_ratio,
+                                   mask_value=model.encoding.mask_value, generator=gen)
+        states = model.cell_tower(batch["gene_ids"], masked, batch["padding_mask"])
+        query = model.qformer(states, batch["padding_mask"] | mask)
+        want = contrastive_loss(model.heads.cell_features(query).float(), model.text_features(batch["text"]).float(),
+                                model.heads.get_logit_scale(), batch["labels"] if lo.same_label_not_negative else None)
+    torch.testing.assert_close(on["query_contrastive"], want)
+    model.zero_grad()
+    on["query_contrastive"].backward()
+    assert model.heads.cls_proj.weight.grad is None or not model.heads.cls_proj.weight.grad.any()
+    assert model.qformer.query_tokens.grad is not None
+    assert model.heads.cell_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="loss weights"):
+        AlignerLoss(query_contrastive=-1.0)
