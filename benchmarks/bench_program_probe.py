@@ -8,7 +8,9 @@ within type: each type's own top quartile, types with at least 8 cells). What a 
 find in a representation, a text query cannot find there either.
 
 Representations: the cell-type one-hot (what the label alone says), ``X_scmm`` (the stage-1 model's aligned cell
-embedding), and a PCA of the log1p CP10k panel expression fitted on train (the expression itself, compressed).
+embedding), the log1p CP10k panel expression standardised per gene (the program scores are a linear function of
+it, so this row is near 1 whenever the ridge is not over-regularised: it shows the data carries the programs), and
+a PCA of that expression fitted on train (the expression compressed to as many numbers as an embedding).
 
 Run from a demo folder (``make demo`` done)::
 
@@ -58,7 +60,10 @@ def main() -> None:
     types = sorted(set(facts["train"].types) | set(facts["test"].types))
     onehot = {s: (facts[s].types[:, None] == np.asarray(types)[None]).astype(np.float32) for s in facts}
     pca = PCA(args.pcs, random_state=0).fit(expr["train"])
+    mean, sd = expr["train"].mean(0), expr["train"].std(0)
+    sd[sd == 0] = 1.0
     results = {"type one-hot": probe(onehot["train"], onehot["test"], facts),
+               "expression, every panel gene": probe((expr["train"] - mean) / sd, (expr["test"] - mean) / sd, facts),
                f"expression PCA-{args.pcs}": probe(pca.transform(expr["train"]), pca.transform(expr["test"]), facts)}
     for folder in args.model or [args.run / "stage1" / "model"]:
         model = CellTextAligner.from_pretrained(folder)
