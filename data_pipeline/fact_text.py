@@ -137,6 +137,14 @@ def fact_sentence(programs: Sequence[str], genes: Sequence[tuple[str, str | None
     return ""
 
 
+def program_context(programs: Sequence[str]) -> str:
+    """What a stage-2 prompt is told of a cell's programs as read from its expression (``bridge.programs``), e.g.
+    "Programs read from its expression: interferon-gamma response and allograft rejection." ("" for none)."""
+    if not programs:
+        return ""
+    return f"Programs read from its expression: {join_list([PROGRAM_PHRASES.get(n, n) for n in programs])}."
+
+
 FACT_VIEW_PARTS = ("programs and genes", "programs", "genes")
 
 

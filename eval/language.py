@@ -29,6 +29,10 @@ the claims are read with the closed-vocabulary parser :func:`scmm.data_pipeline.
   types), beside ``baseline_precision`` (the type template) and ``chance`` (3 over the number of programs, at
   most 1). A model that garbles its answers but ranks well learnt the facts and fails at decoding; one at chance
   did not learn them.
+* ``reader`` (a stage-2 model with ``bridge.programs``): its program reader's predicted activities, the input the
+  LLM reads beside the query states, scored like ``search`` (``auroc``, ``auroc_within_type``) and by the precision
+  of its 3 highest programs against the cell's top 3 (``top_precision``, ``top_precision_within_type``): what the
+  descriptions could state at best through that input.
 * ``n_programs``, ``n_cells``.
 """
 from __future__ import annotations
@@ -55,7 +59,8 @@ from scmm.eval.stage2 import _loader
 log = logging.getLogger("scmm.eval.language")
 
 __all__ = ["SplitFacts", "split_facts", "claim_metrics", "type_templates", "search_metrics", "text_to_cell_metrics",
-           "ranked_programs", "ranked_metrics", "TOP_PROGRAMS", "TOP_MARKERS", "MIN_TYPE_CELLS", "MIN_HVG_SET_GENES"]
+           "ranked_programs", "ranked_metrics", "reader_metrics", "program_aurocs", "TOP_PROGRAMS", "TOP_MARKERS",
+           "MIN_TYPE_CELLS", "MIN_HVG_SET_GENES"]
 
 TOP_PROGRAMS = 3
 TOP_MARKERS = 20
@@ -172,7 +177,13 @@ def _top_quartile(values: np.ndarray) -> np.ndarray:
 def search_metrics(cell_embeddings: np.ndarray, text_features: np.ndarray, test: SplitFacts) -> dict[str, float]:
     """``search``: ``cell_embeddings`` [N, D] (L2-normalised, the order of ``test``), ``text_features`` [P, D] of
     :func:`program_query` for each program (same order as ``test.programs``)."""
-    sim = cell_embeddings @ text_features.T
+    return program_aurocs(cell_embeddings @ text_features.T, test)
+
+
+def program_aurocs(sim: np.ndarray, test: SplitFacts) -> dict[str, float]:
+    """Mean over programs of the AUROC of ``sim[:, p]`` (any per-cell score of program ``p``, ``[N, P]`` in the
+    order of ``test`` and ``test.programs``) for the cell's true score being in the top quartile, over all cells
+    and within each type of at least :data:`MIN_TYPE_CELLS` cells."""
     overall, within = [], []
     types = sorted(set(test.types))
     for p in range(len(test.programs)):
@@ -280,6 +291,22 @@ def ranked_programs(stage2, corpus: Corpus, split: str, programs: Sequence[str],
     return out
 
 
+def reader_metrics(stage2, corpus: Corpus, split: str, cells: SplitFacts, batch_size: int = 64) -> dict[str, float]:
+    """``reader``: the stage-2 program reader's predicted activities (``bridge.programs``) of the cells of
+    ``split`` scored against their true scores: AUROC as :func:`program_aurocs`, and the precision of its top
+    programs against the true top programs (over all cells and within type)."""
+    pos = {p: j for j, p in enumerate(stage2.program_names)}
+    cols = [pos[p] for p in cells.programs]
+    predicted: dict[str, np.ndarray] = {}
+    for batch in _loader(stage2, corpus, split, batch_size):
+        predicted.update(zip((str(c) for c in batch["cell_id"]), stage2.predict_programs(batch)[:, cols]))
+    scores = np.stack([predicted[c] for c in cells.cell_ids])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :TOP_PROGRAMS]
+    ranked = ranked_metrics([[cells.programs[j] for j in row] for row in top], cells, {})
+    return {**program_aurocs(scores, cells), "top_precision": ranked["precision"],
+            "top_precision_within_type": ranked["precision_within_type"]}
+
+
 def ranked_metrics(ranked: Sequence[Sequence[str]], test: SplitFacts,
                    templates: Mapping[str, tuple[list[str], list[str]]]) -> dict[str, float]:
     """``answers.ranked_programs`` of ``ranked`` (the LLM's top programs, one list per cell of ``test``)."""
@@ -333,6 +360,8 @@ def language_report(corpus: Corpus, *, embeddings: np.ndarray | None = None, emb
             "marker_claims": claim_metrics([markers.get(c, "") for c in sub.cell_ids], sub, templates)["marker_claims"]}
         ranked = ranked_programs(answers_model, corpus, "test", sub.programs)
         out["answers"]["ranked_programs"] = ranked_metrics([ranked.get(c, []) for c in sub.cell_ids], sub, templates)
+    if answers_model is not None and getattr(answers_model, "reader", None) is not None and len(sub.cell_ids):
+        out["reader"] = reader_metrics(answers_model, corpus, "test", sub)
     if stage2 is not None:
         labels = {t: str(lab) for t, lab in zip(sub.types, sub.labels)}
         out["text_to_cell"] = text_to_cell_metrics(stage2, corpus.fact_arrays(), sub.programs,

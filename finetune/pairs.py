@@ -3,6 +3,9 @@
 Each training cell is paired with one instruction (task and template chosen deterministically from the seed, the
 step, the rank and the cell's place in the batch) and with its own description for the text -> cell path; its
 target profile is its log1p-CP10k expression over the gene panel (the training split's highly variable genes).
+:meth:`PairBuilder.program_scores` gives the cells' program scores (the program reader's targets); with
+``bridge.programs`` each prompt starts with the cell's program context (``PairBuilder.contexts``, set from the fitted
+reader, as :meth:`scmm.model.stage2.Stage2Model.cell_prompts` does at inference).
 On a corpus with per-cell facts the text -> cell input is, by the same deterministic draw, the description or one
 of two short texts: "<type> with high <its most active program> activity" and "<type> with low <its least active
 program> activity" (:func:`scmm.data_pipeline.fact_text.type_program_query`), so that pseudo-cells can be asked for
@@ -48,6 +51,7 @@ class PairBuilder:
         pool: dict[str, int] = {}
         text_of: dict[str, int] = {}
         queries: dict[str, tuple[int, int]] = {}  # cell -> (high query, low query) indices into the pool
+        program_rows: dict[str, np.ndarray] = {}
         facts = corpus.facts
         for entry in corpus.shards(split):
             shard = corpus.read_shard(entry["name"], ("cell_id", "text", "cell_type"))
@@ -55,15 +59,26 @@ class PairBuilder:
             for i, (c, t) in enumerate(zip(shard.obs["cell_id"], shard.obs["text"])):
                 text_of[str(c)] = pool.setdefault(str(t), len(pool))
                 if scores is not None and scores.shape[1]:
+                    program_rows[str(c)] = scores[i]
                     order = np.argsort(-scores[i], kind="stable")
                     label, names = str(shard.obs["cell_type"][i]), facts["programs"]["names"]
                     queries[str(c)] = (pool.setdefault(type_program_query(label, names[order[0]], True), len(pool)),
                                        pool.setdefault(type_program_query(label, names[order[-1]], False),
                                                        len(pool)))
+        self.programs = None  # each profile's program scores (the program reader's target)
+        if program_rows:
+            self.programs = torch.from_numpy(np.stack([program_rows[c] for c in ids]).astype(np.float32))
         self.text_pool = list(pool)
         self.text_index = torch.tensor([text_of[c] for c in ids], dtype=torch.long)
         self.query_index = torch.tensor([queries[c] for c in ids], dtype=torch.long) if queries else None
         self.seed, self.builder = seed, builder
+        self.contexts: dict[str, str] = {}  # cell ID -> what its prompts are told first (bridge.programs)
+
+    def program_scores(self, cell_ids) -> torch.Tensor:
+        """``[n, P]``: the corpus's program scores of these cells (the program reader's targets)."""
+        if self.programs is None:
+            raise ScmmError("the corpus has no per-cell facts")
+        return self.programs[[self.profiles[str(c)] for c in cell_ids]]
 
     def refit_data(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """(texts, text index per profile, profiles) for the decoder refit: each profile with its description and,
@@ -90,7 +105,8 @@ class PairBuilder:
             p = np.array([w for _, _, w in options])
             pick = np.random.default_rng([self.seed, step, rank, i]).choice(len(options), p=p / p.sum())
             prompt, answer, _ = options[pick]
-            c2t.append(self.builder.cell_to_text(prompt, answer))
+            context = self.contexts.get(str(cid))
+            c2t.append(self.builder.cell_to_text(f"{context} {prompt}" if context else prompt, answer))
             t2c = self._t2c_text(str(cid), str(text), step, rank, i)
             index.append(texts.setdefault(t2c, len(texts)))  # each distinct text runs once
             rows.append(self.profiles[str(cid)])

@@ -29,7 +29,7 @@ from scmm.errors import ScmmError
 from scmm.finetune.pairs import PairBuilder, hvg_info
 from scmm.finetune.refit import RefitOptions, refit_decoder
 from scmm.model.aligner import stage1_vocab
-from scmm.model.stage2 import LOSSES, Stage2Config, Stage2Model
+from scmm.model.stage2 import LOSSES, Stage2Config, Stage2Model, reader_info
 from scmm.pretrain.engine import Trainer, TrainOptions, endless_batches, script_main, start_run
 
 log = logging.getLogger("scmm.finetune")
@@ -89,7 +89,7 @@ def train(cfg: Stage2RunConfig, resume: bool = False, deepspeed_json: str | None
     launch = start_run(cfg.out, resume, cfg.train.threads)
     hvg = hvg_info(corpus, cfg.data.n_hvg)
     torch.manual_seed(cfg.seed)
-    model = Stage2Model.build(cfg.model, cfg.stage1, cfg.lm, hvg)
+    model = Stage2Model.build(cfg.model, cfg.stage1, cfg.lm, hvg, reader=reader_info(corpus))
     loader = CorpusLoader(corpus, "train", cfg.loader, model.aligner.encoding, model.aligner.vocab,
                           rank=launch.rank, world_size=launch.world)
     pairs = PairBuilder(corpus, "train", cfg.data.tasks, cfg.seed, np.asarray(hvg["indices"]), model.builder,
@@ -98,6 +98,12 @@ def train(cfg: Stage2RunConfig, resume: bool = False, deepspeed_json: str | None
     if cfg.model.bridge.standardize:  # z-space statistics from the first 256 training cells
         stats = CorpusLoader(corpus, "train", LoaderConfig.inference(64), model.aligner.encoding, model.aligner.vocab)
         model.set_query_stats([b for b, _ in zip(stats, range(4))])
+    if model.reader is not None:  # fitted once on every training cell (the same fit on every rank)
+        cells = CorpusLoader(corpus, "train", LoaderConfig.inference(256), model.aligner.encoding, model.aligner.vocab,
+                             training=False)  # every expressed gene, as inference reads a cell
+        fit = model.fit_reader(cells, pairs.program_scores)
+        log.info("program reader: R^2 %.3f on %d training cells", fit["r2"], fit["n_cells"])
+        pairs.contexts = {str(c): t for b in cells for c, t in zip(b["cell_id"], model.program_contexts(b))}
     trainer = Trainer(model, cfg.train, name="stage2", launch=launch, deepspeed=deepspeed_json or cfg.deepspeed,
                       micro_batch=cfg.loader.batch_size, loader=loader, loss_keys=LOSSES, rate_key="samples_per_s",
                       metrics_path=launch.out / "metrics.jsonl")
@@ -118,7 +124,8 @@ def export(cfg: Stage2RunConfig, trainer: Trainer, corpus: Corpus, hvg: dict, pa
     """Write ``<out>/model``: the consolidated weights, with the decoder refitted on the final LLM (``cfg.refit``),
     and the corpus's gene panel and labels (the folder is self-contained)."""
     out = trainer.launch.out
-    model = trainer.load_trained_state(Stage2Model.build(cfg.model, cfg.stage1, cfg.lm, hvg))
+    model = Stage2Model.build(cfg.model, cfg.stage1, cfg.lm, hvg, reader=reader_info(corpus))
+    model = trainer.load_trained_state(model)
     (out / "decoder_refit.jsonl").unlink(missing_ok=True)  # an interrupted export's refit starts again
     refit = {}
     if cfg.refit.steps > 0:

@@ -5,6 +5,16 @@ the cell tower's ``<cls>`` embedding) pass through :class:`~scmm.model.bridge.Ce
 embeddings of the ``<cell_i>`` slot tokens between ``<cell>`` and ``</cell>``; the LLM is trained on the answer
 tokens only (``lm`` loss).
 
+With ``bridge.programs`` the prompt after the cell block is also told the cell's :data:`CONTEXT_PROGRAMS` most active
+hallmark programs as :class:`~scmm.model.bridge.ProgramReader` predicts them from its expression (a ridge regression
+fitted on the training cells' per-cell scores before stage 2 trains), as text ("Programs read from its expression:
+..."; :func:`~scmm.data_pipeline.fact_text.program_context`), in training and at inference alike;
+:meth:`Stage2Model.predict_programs` returns the whole prediction. **Why text**: the same prediction joined to each
+soft token as numbers was ignored by the demo LLM (val: its descriptions named the same two programs for every
+cell, its likeliest programs at chance, with the reader itself at AUROC 0.999; BENCHMARKS.md, "Telling the LLM each
+cell's programs"); a pretrained LLM can restate what its context says, and a user can read what the LLM was told.
+The demo's 4-layer LLM does not restate it, so the demo leaves the option off.
+
 Text -> cell: the LLM reads ``description <cell> <cell_0..n-1> </cell>``; its last hidden states at the slots pass
 through :class:`~scmm.model.bridge.TextToCellHead` into the query space, trained against the paired real cell's query
 states (``t2c``, stop-gradient on the target). :class:`~scmm.model.bridge.PseudoCellDecoder` maps query states to a
@@ -21,6 +31,7 @@ Saved folder (``save_pretrained``, atomic; ``Stage2Model.from_pretrained`` needs
     bridge.safetensors   projector, text->cell head and decoder
     tokenizer/           the tokenizer with the cell tokens added
     hvg.json             the gene panel: corpus gene indices, symbols, vocabulary ids
+    reader.json          with ``bridge.programs``: the program reader's gene panel (vocabulary ids) and program names
     lm/                  the base LLM folder (copied), so the folder is self-contained
     stage1/              the stage-1 aligner folder (copied, or re-saved when it was trained); a package stores
                          it once, beside stage2/, and passes the loaded aligner to ``from_pretrained``
@@ -41,6 +52,7 @@ import torch
 from torch import nn
 
 from scmm.config import read_json
+from scmm.data_pipeline.fact_text import program_context
 from scmm.data_pipeline.instructions import prompt_for
 from scmm.data_pipeline.store import Corpus
 from scmm.errors import ScmmError
@@ -48,6 +60,7 @@ from scmm.model.aligner import CellTextAligner
 from scmm.model.bridge import (
     BridgeOptions,
     CellProjector,
+    ProgramReader,
     PseudoCellDecoder,
     QueryNorm,
     TextToCellHead,
@@ -65,6 +78,8 @@ BRIDGE_FILE = "bridge.safetensors"
 HVG_FILE = "hvg.json"
 STAGE1_TRAIN = ("none", "qformer", "all")
 LOSSES = ("lm", "t2c", "decode_real", "decode_llm")
+READER_FILE = "reader.json"
+CONTEXT_PROGRAMS = 3  # programs named in the prompt's context with bridge.programs
 LM_MEANS = ("token", "answer")  # how the answer loss averages (Stage2Loss.lm_mean)
 NO_REPEAT_NGRAM_SIZE = 4  # decoding default: no token 4-gram twice in one answer (0: the raw decoder)
 MAX_DESCRIPTION_TOKENS = 192  # decoding default: the longest description generated
@@ -159,7 +174,7 @@ class Stage2Model(PretrainedModel, nn.Module):
     folder_format = "scmm-stage2"
 
     def __init__(self, config: Stage2Config, aligner: CellTextAligner, lm, tokenizer, cell_tokens, hvg: dict,
-                 lm_path: str | Path, stage1_path: str | Path):
+                 lm_path: str | Path, stage1_path: str | Path, reader: dict | None = None):
         super().__init__()
         self.config = config
         self.aligner, self.lm, self.tokenizer, self.cell_tokens = aligner, lm, tokenizer, cell_tokens
@@ -175,6 +190,12 @@ class Stage2Model(PretrainedModel, nn.Module):
         b = config.bridge
         emb = _unwrap(lm).get_input_embeddings().weight
         self.qnorm = QueryNorm(self.n_slots, d_q)
+        self.reader, self.program_names = None, []
+        if b.programs:
+            if reader is None:
+                raise ScmmError("bridge.programs needs a training corpus with per-cell facts (`scmm data build`)")
+            self.program_names = [str(n) for n in reader["programs"]]
+            self.reader = ProgramReader(reader["vocab_ids"], len(self.program_names))
         d_in = d_q + (aligner.cell_tower.d_model if b.cell_embedding else 0)
         self.projector = CellProjector(d_in, d_llm, b.projector_hidden, b.dropout,
                                        embed_std=float(emb.detach().float().std()))
@@ -201,13 +222,14 @@ class Stage2Model(PretrainedModel, nn.Module):
 
     @classmethod
     def build(cls, config: Stage2Config, stage1: str | Path, lm_path: str | Path, hvg: dict,
-              init_profiles: torch.Tensor | None = None) -> Stage2Model:
-        """A fresh stage-2 model for training from a stage-1 folder and a base LLM folder."""
+              init_profiles: torch.Tensor | None = None, reader: dict | None = None) -> Stage2Model:
+        """A fresh stage-2 model for training from a stage-1 folder and a base LLM folder; ``reader``: the corpus
+        gene panel's vocabulary ids and program names (:func:`reader_info`), for ``bridge.programs``."""
         aligner = CellTextAligner.from_pretrained(stage1).float()
         lm, tokenizer = load_lm(str(lm_path), _DTYPES[config.lm_dtype])
         cell_tokens = add_cell_tokens(tokenizer, lm, aligner.qformer.num_queries)
         lm = apply_lora(lm, config.lora, cell_tokens.all_ids)
-        model = cls(config, aligner, lm, tokenizer, cell_tokens, hvg, lm_path, stage1)
+        model = cls(config, aligner, lm, tokenizer, cell_tokens, hvg, lm_path, stage1, reader)
         if init_profiles is not None:
             model.decoder.init_from_profiles(init_profiles)
         return model
@@ -226,6 +248,40 @@ class Stage2Model(PretrainedModel, nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_stage1 != "none"):
             states, query = self.aligner.cell_states(*args)
         return self.qnorm(query), states[:, 0]
+
+    @torch.no_grad()
+    def predict_programs(self, batch: dict) -> np.ndarray:
+        """[B, P] the program reader's predicted activities (standardised like the corpus's scores, in the order
+        of ``program_names``) of a loader-style batch; needs ``bridge.programs``."""
+        if self.reader is None:
+            raise ScmmError("this stage-2 model has no program reader (bridge.programs)")
+        device = self.device
+        return self.reader(batch["gene_ids"].to(device), batch["values"].to(device),
+                           batch["padding_mask"].to(device)).float().cpu().numpy()
+
+    def cell_prompts(self, batch: dict, prompt: str) -> list[str]:
+        """Each cell's prompt: ``prompt``, after the cell's program context with ``bridge.programs``."""
+        n = len(batch["gene_ids"])
+        if self.reader is None:
+            return [prompt] * n
+        return [f"{context} {prompt}" for context in self.program_contexts(batch)]
+
+    def program_contexts(self, batch: dict) -> list[str]:
+        """Each cell's program context (:func:`~scmm.data_pipeline.fact_text.program_context` of the reader's
+        :data:`CONTEXT_PROGRAMS` highest programs)."""
+        top = np.argsort(-self.predict_programs(batch), axis=1, kind="stable")[:, :CONTEXT_PROGRAMS]
+        return [program_context([self.program_names[j] for j in row]) for row in top]
+
+    @torch.no_grad()
+    def fit_reader(self, batches, scores) -> dict[str, float]:
+        """Fit the program reader (:meth:`ProgramReader.fit`) on loader batches of training cells; ``scores``: cell
+        IDs -> their program scores ``[b, P]`` (the corpus's, in the order of ``program_names``)."""
+        if self.reader is None:
+            raise ScmmError("this stage-2 model has no program reader (bridge.programs)")
+        reader = self.reader
+        return reader.fit((reader.panel_values(b["gene_ids"].to(self.device), b["values"].to(self.device),
+                                               b["padding_mask"].to(self.device)), scores(b["cell_id"]))
+                          for b in batches)
 
     @torch.no_grad()
     def set_query_stats(self, batches) -> None:
@@ -374,7 +430,7 @@ class Stage2Model(PretrainedModel, nn.Module):
         device = self.device
         query, cell = self.encode(batch["gene_ids"], batch["values"], batch["padding_mask"])
         prompt = prompt_for(task, template) if prompt is None else prompt
-        items = [self.builder.cell_to_text(prompt, None) for _ in range(query.shape[0])]
+        items = [self.builder.cell_to_text(p, None) for p in self.cell_prompts(batch, prompt)]
         enc = self.builder.collate(items, padding_side="left")
         ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         embeds = self._embed_with_cells(ids, enc["slot_positions"].to(device), query, cell)
@@ -405,11 +461,11 @@ class Stage2Model(PretrainedModel, nn.Module):
         device = self.device
         query, cell = self.encode(batch["gene_ids"], batch["values"], batch["padding_mask"])
         n = query.shape[0]
-        prompt = prompt_for(task, template)
+        prompts = self.cell_prompts(batch, prompt_for(task, template))
         head = _unwrap(self.lm).get_output_embeddings()
         out = torch.zeros(n, len(answers), dtype=torch.float64)
         for j, answer in enumerate(answers):
-            enc = self.builder.collate([self.builder.cell_to_text(prompt, answer)] * n)
+            enc = self.builder.collate([self.builder.cell_to_text(p, answer) for p in prompts])
             ids = enc["input_ids"].to(device)
             embeds = self._embed_with_cells(ids, enc["slot_positions"].to(device), query, cell)
             hidden = self._hidden(inputs_embeds=embeds, attention_mask=enc["attention_mask"].to(device))
@@ -477,12 +533,16 @@ class Stage2Model(PretrainedModel, nn.Module):
         return np.concatenate(parts)
 
     # --- folders ----------------------------------------------------------------------------------
+    def _bridge_parts(self) -> list[tuple[str, nn.Module]]:
+        parts = [("projector.", self.projector), ("t2c_head.", self.t2c_head), ("decoder.", self.decoder),
+                 ("qnorm.", self.qnorm)]
+        return parts + ([("reader.", self.reader)] if self.reader is not None else [])
+
     def bridge_state(self) -> dict[str, torch.Tensor]:
-        """Projector, text->cell head and decoder weights (the new token rows live in the peft adapter, or in
-        lm/ under full fine-tuning)."""
+        """Projector, text->cell head, decoder and program reader weights (the new token rows live in the peft
+        adapter, or in lm/ under full fine-tuning)."""
         state = {}
-        for prefix, module in (("projector.", self.projector), ("t2c_head.", self.t2c_head),
-                               ("decoder.", self.decoder), ("qnorm.", self.qnorm)):
+        for prefix, module in self._bridge_parts():
             state.update({prefix + k: v for k, v in module.state_dict().items()})
         return {k: v.detach().cpu().float().contiguous() for k, v in state.items()}
 
@@ -505,6 +565,11 @@ class Stage2Model(PretrainedModel, nn.Module):
         self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         self.save_weights(tmp / BRIDGE_FILE, self.bridge_state())
         (tmp / HVG_FILE).write_text(json.dumps(self.hvg))
+        if self.reader is not None:
+            vocab_ids = torch.nonzero(self.reader.column >= 0)[:, 0]
+            order = torch.argsort(self.reader.column[vocab_ids])
+            (tmp / READER_FILE).write_text(json.dumps({"vocab_ids": vocab_ids[order].tolist(),
+                                                       "programs": self.program_names}))
         if corpus is not None:
             write_corpus_facts(tmp, corpus)
         ct = self.cell_tokens
@@ -541,18 +606,33 @@ class Stage2Model(PretrainedModel, nn.Module):
                 if merge_lora:
                     lm = lm.merge_and_unload()
         state = cls.load_weights(folder / BRIDGE_FILE)
+        reader = None
+        if config.bridge.programs:
+            raw_reader = read_json(folder / READER_FILE, "program reader's panel")
+            with reading(folder / READER_FILE, "program reader's panel"):
+                reader = {"vocab_ids": [int(i) for i in raw_reader["vocab_ids"]],
+                          "programs": [str(p) for p in raw_reader["programs"]]}
         with reading(folder / HVG_FILE, "gene panel of the pseudo-cells"):
-            model = cls(config, aligner.float(), lm, tokenizer, cell_tokens, hvg, folder / "lm", stage1)
+            model = cls(config, aligner.float(), lm, tokenizer, cell_tokens, hvg, folder / "lm", stage1, reader)
         with reading(folder / BRIDGE_FILE, "weights file"):
             model._load_bridge_state(state)
         return model.to(dtype).eval() if dtype != torch.float32 else model.eval()
 
     @torch.no_grad()
     def _load_bridge_state(self, state: dict[str, torch.Tensor]) -> None:
-        for prefix, module in (("projector.", self.projector), ("t2c_head.", self.t2c_head),
-                               ("decoder.", self.decoder), ("qnorm.", self.qnorm)):
+        for prefix, module in self._bridge_parts():
             sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             module.load_state_dict(sub, strict=True)
 
 
-__all__ = ["Stage2Model", "Stage2Config", "Stage2Loss", "LOSSES", "LM_MEANS"]
+def reader_info(corpus: Corpus) -> dict | None:
+    """What :class:`~scmm.model.bridge.ProgramReader` reads and predicts on ``corpus``: the vocabulary ids of the
+    panel genes in its programs' sets and its program names (None: a corpus without per-cell facts)."""
+    if corpus.facts is None:
+        return None
+    genes = np.unique(corpus.fact_arrays()["program_genes"])
+    return {"vocab_ids": [int(i) for i in corpus.gene_vocab_ids[genes]],
+            "programs": list(corpus.facts["programs"]["names"])}
+
+
+__all__ = ["Stage2Model", "Stage2Config", "Stage2Loss", "LOSSES", "LM_MEANS", "reader_info"]

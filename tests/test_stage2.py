@@ -65,12 +65,12 @@ def _build(small_corpus: Path, tiny_stage1: Path, tiny_lm: Path, tmp_path: Path,
     from scmm.data_pipeline.store import Corpus
     from scmm.finetune.pairs import PairBuilder, hvg_info
     from scmm.finetune.train import load_config
-    from scmm.model.stage2 import Stage2Model
+    from scmm.model.stage2 import Stage2Model, reader_info
     cfg = load_config(str(_stage2_config(tmp_path, small_corpus, tiny_stage1, tiny_lm, "m", 1, bridge)))
     corpus = Corpus(small_corpus)
     hvg = hvg_info(corpus, cfg.data.n_hvg)
     torch.manual_seed(0)
-    model = Stage2Model.build(cfg.model, cfg.stage1, cfg.lm, hvg)
+    model = Stage2Model.build(cfg.model, cfg.stage1, cfg.lm, hvg, reader=reader_info(corpus))
     pairs = PairBuilder(corpus, "train", cfg.data.tasks, 0, np.asarray(hvg["indices"]), model.builder)
     model.decoder.init_from_profiles(pairs.x)
     return cfg, corpus, model, pairs
@@ -166,6 +166,76 @@ def test_soft_tokens_read_the_cell_embedding_only_when_asked(small_corpus, tiny_
     assert torch.equal(embeds[0, ~slots], embeds[1, ~slots])
     differ = (embeds[0, slots] - embeds[1, slots]).abs().amax(-1)
     assert bool((differ > 1e-4).all()) if cell_embedding else bool((differ == 0).all())
+
+
+def test_program_reader_reads_the_panel_values_and_fits_a_hand_computed_ridge():
+    """The reader's input is each cell's values over its genes, genes outside them, <cls> and padding left out;
+    its fit standardises them and solves the ridge in closed form (hand-computed on uncorrelated genes)."""
+    from scmm.model.bridge import ProgramReader
+    reader = ProgramReader([7, 3, 5], n_programs=2)
+    gene_ids = torch.tensor([[0, 3, 5, 9, 7], [0, 7, 3, 1, 1]])  # 0: <cls>; 9: beyond the panel; 1: padding
+    values = torch.tensor([[0.0, 2.0, 4.0, 8.0, 0.0], [0.0, 1.0, 3.0, -2.0, -2.0]])
+    padding = torch.tensor([[False, False, False, False, True], [False, False, False, True, True]])
+    panel = reader.panel_values(gene_ids, values, padding)
+    assert torch.equal(panel, torch.tensor([[0.0, 2.0, 4.0], [1.0, 3.0, 0.0]]))  # columns: genes 7, 3, 5
+    # genes 7 and 3 uncorrelated with unit sd after centring, gene 5 twice gene 7's scale; y0 = 3 z7 + 1, y1 = 2
+    x = torch.tensor([[1.0, 1.0, 2.0], [-1.0, 1.0, -2.0], [1.0, -1.0, 2.0], [-1.0, -1.0, -2.0]]) + 5.0
+    y = torch.stack([3.0 * (x[:, 0] - 5.0) + 1.0, torch.full((4,), 2.0)], dim=1)
+    fit = reader.fit([(x[:2], y[:2]), (x[2:], y[2:])], ridge=0.5)
+    assert torch.allclose(reader.mean, torch.tensor([5.0, 5.0, 5.0]))
+    assert torch.allclose(reader.std, torch.tensor([1.0, 1.0, 2.0]))
+    # z7 = z5 (collinear), z3 alone: (Czz + 0.5 I) w = Czy with Czy = [3, 0, 3] gives w = [1.2, 0, 1.2]
+    assert torch.allclose(reader.weight, torch.tensor([[1.2, 0.0, 1.2], [0.0, 0.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(reader.bias, torch.tensor([1.0, 2.0]))
+    assert fit["n_cells"] == 4
+    # program 0: 2.4 z7 explains 1 - (3 - 2.4)^2 / 9 = 0.96; program 1 is constant (0 variance explained)
+    assert fit["r2"] == pytest.approx((0.96 + 0.0) / 2, abs=1e-6)
+    cell = torch.tensor([[0, 7, 3, 5]]), torch.tensor([[0.0, 6.0, 5.0, 7.0]]), torch.zeros(1, 4, dtype=torch.bool)
+    assert torch.allclose(reader(*cell), torch.tensor([[1.0 + 1.2 * 1.0 + 1.2 * 1.0, 2.0]]))
+
+
+def test_program_reader_recovers_the_corpus_scores_of_unseen_cells(small_corpus, tiny_stage1, tiny_lm, tmp_path):
+    """bridge.programs: fitted on the training cells, the reader predicts the corpus's program scores of val
+    cells (the scores are linear in the log1p values it reads); each prompt, in training and at inference, starts
+    with the predicted top programs; without facts in the corpus the option is an error."""
+    from scmm.data_pipeline.encoding import CellEncoding
+    from scmm.data_pipeline.fact_text import program_context
+    from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
+    from scmm.data_pipeline.vocab import GeneVocab
+    from scmm.errors import ScmmError
+    from scmm.eval.language import reader_metrics, split_facts
+    from scmm.model.stage2 import Stage2Model
+    torch.set_num_threads(1)
+    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path, {"programs": True})
+    names = corpus.facts["programs"]["names"]
+    assert model.program_names == names and len(names) > 0
+    vocab = GeneVocab.load(tiny_stage1 / "cell_tower" / "vocab.json")
+
+    def cells(split):
+        return CorpusLoader(corpus, split, LoaderConfig.inference(64), CellEncoding.load(tiny_stage1), vocab,
+                            training=False)
+    fit = model.fit_reader(cells("train"), pairs.program_scores)
+    assert fit["n_cells"] == corpus.manifest["splits"]["train"] and fit["r2"] > 0.99
+    truth = {str(c): row for e in corpus.shards("val") for c, row in
+             zip(corpus.read_shard(e["name"], ("cell_id",)).obs["cell_id"], corpus.read_facts(e["name"])[0])}
+    batch = next(iter(cells("val")))
+    predicted = model.predict_programs(batch)
+    true = np.stack([truth[str(c)] for c in batch["cell_id"]])
+    assert float(((predicted - true) ** 2).mean()) < 0.01 * float(true.var())
+    top = [names[int(j)] for j in np.argsort(-predicted[0], kind="stable")[:3]]
+    context = program_context(top)
+    assert context.startswith("Programs read from its expression: ")
+    assert model.cell_prompts(batch, "Describe this cell.")[0] == f"{context} Describe this cell."
+    train = next(iter(cells("train")))
+    pairs.contexts = dict(zip(train["cell_id"], model.program_contexts(train)))
+    first = {k: train[k][:1] for k in ("gene_ids", "values", "padding_mask", "cell_id", "text")}
+    assert pairs.contexts[train["cell_id"][0]] in model.tokenizer.decode(pairs(first, 0, 0)["c2t"]["input_ids"][0])
+    # eval's `language.reader`: the prediction ranks the val cells of high program activity first
+    val = split_facts(corpus, "val")
+    figures = reader_metrics(model, corpus, "val", val)
+    assert figures["auroc"] > 0.95 and figures["top_precision"] == 1.0  # one program: its top is always right
+    with pytest.raises(ScmmError, match="per-cell facts"):
+        Stage2Model.build(cfg.model, cfg.stage1, cfg.lm, model.hvg, reader=None)
 
 
 def test_answer_mean_counts_each_answer_once(small_corpus, tiny_stage1, tiny_lm, tmp_path):
@@ -356,19 +426,27 @@ def test_save_reload_gives_identical_generation_and_pseudocells(trained_stage2, 
     assert not np.array_equal(xa, a.generate_pseudocells(texts, 3, seed=8))
 
 
-def test_reloaded_model_equals_the_trained_one(small_corpus, tiny_stage1, tiny_lm, tmp_path):
-    """What the trainer holds and what from_pretrained rebuilds give the same losses and pseudo-cells."""
-    from scmm.model.stage2 import Stage2Model
-    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path)
-    batch = pairs(_loader_batch(corpus, tiny_stage1), 0, 0)
+@pytest.mark.parametrize("programs", [False, True])
+def test_reloaded_model_equals_the_trained_one(small_corpus, tiny_stage1, tiny_lm, tmp_path, programs):
+    """What the trainer holds and what from_pretrained rebuilds give the same losses and pseudo-cells (and, with
+    bridge.programs, the same program predictions)."""
+    from scmm.model.stage2 import LOSSES, Stage2Model
+    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path, {"programs": programs})
+    raw = _loader_batch(corpus, tiny_stage1)
+    if programs:
+        model.fit_reader([raw], pairs.program_scores)
+    batch = pairs(raw, 0, 0)
     _fit(model, batch, steps=2, lr=1e-2)
     model.save_pretrained(tmp_path / "out")
     back = Stage2Model.from_pretrained(tmp_path / "out")
     model.eval()
     with torch.no_grad():
         la, lb = model(batch), back(batch)
-    for k in ("lm", "t2c", "decode_real", "decode_llm"):
+    for k in LOSSES:
         assert float(lb[k]) == pytest.approx(float(la[k]), rel=1e-5, abs=1e-6), k
+    if programs:
+        assert back.program_names == corpus.facts["programs"]["names"]
+        np.testing.assert_allclose(back.predict_programs(raw), model.predict_programs(raw), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(model.generate_pseudocells(["a B cell"], 2, seed=1),
                                back.generate_pseudocells(["a B cell"], 2, seed=1), rtol=1e-5, atol=1e-6)
 
