@@ -26,9 +26,10 @@ then places it among the wrong cells (BENCHMARKS.md, "Sparse pseudo-cells").
 
 * :class:`ProgramReader` (``BridgeOptions.programs``): the cell's expression over the genes of the corpus's
   programs (standardised with training statistics) -> its hallmark-program activities ``[B, P]``, a ridge
-  regression fitted once on the training cells' per-cell program scores. The projector reads the prediction beside
-  the query states: what stage 1 keeps of a cell's programs within a type is little (a probe reads 0.57 from its
-  embedding against 0.94 from the expression, BENCHMARKS.md), so the LLM gets them from the expression directly.
+  regression fitted once on the training cells' per-cell program scores. Its top programs are written into the
+  prompt (:mod:`scmm.model.stage2`): what stage 1 keeps of a cell's programs within a type is little (a probe
+  reads 0.57 from its embedding against 0.94 from the expression, BENCHMARKS.md), so the LLM is told them from
+  the expression directly.
 
 The losses live here too (:func:`decoder_loss`, :func:`t2c_loss`), so that a trainer only weights them.
 """
@@ -52,7 +53,7 @@ class BridgeOptions:
     standardize: bool = False  # z-score query states with training statistics (QueryNorm); off: identity
     # each soft token also reads the cell tower's <cls> embedding (scGPT's cell embedding) beside its query state
     cell_embedding: bool = False
-    # each soft token also reads the cell's program activities as predicted from its expression (ProgramReader);
+    # every prompt is told the cell's top programs as predicted from its expression (ProgramReader), as text;
     # needs a corpus with per-cell facts
     programs: bool = False
     # text -> cell head: LLM hidden states to query states
