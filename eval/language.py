@@ -29,8 +29,8 @@ the claims are read with the closed-vocabulary parser :func:`scmm.data_pipeline.
   types), beside ``baseline_precision`` (the type template) and ``chance`` (3 over the number of programs, at
   most 1). A model that garbles its answers but ranks well learnt the facts and fails at decoding; one at chance
   did not learn them.
-* ``reader`` (a stage-2 model with ``bridge.programs``): its program reader's predicted activities, the input the
-  LLM reads beside the query states, scored like ``search`` (``auroc``, ``auroc_within_type``) and by the precision
+* ``reader`` (a stage-2 model with ``bridge.programs``): its program reader's predicted activities (the LLM's prompt
+  is told their top 3), scored like ``search`` (``auroc``, ``auroc_within_type``) and by the precision
   of its 3 highest programs against the cell's top 3 (``top_precision``, ``top_precision_within_type``): what the
   descriptions could state at best through that input.
 * ``n_programs``, ``n_cells``.
