@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["PROGRAM_PHRASES", "FACT_TEMPLATES", "N_CAPTION_PROGRAMS", "N_CAPTION_MARKERS", "Claims",
-           "display_name", "fact_sentence", "fact_template_index", "parse_claims", "join_list",
-           "FACT_VIEW_PARTS", "fact_view", "program_query", "type_program_query"]
+           "display_name", "fact_sentence", "program_context", "marker_context", "fact_template_index",
+           "parse_claims", "join_list", "FACT_VIEW_PARTS", "fact_view", "program_query", "type_program_query"]
 
 N_CAPTION_PROGRAMS = 3
 N_CAPTION_MARKERS = 3
@@ -143,6 +143,15 @@ def program_context(programs: Sequence[str]) -> str:
     if not programs:
         return ""
     return f"Programs read from its expression: {join_list([PROGRAM_PHRASES.get(n, n) for n in programs])}."
+
+
+def marker_context(genes: Sequence[tuple[str, str | None]]) -> str:
+    """What a stage-2 prompt is told of a cell's most over-expressed genes as read from its expression
+    (``bridge.markers``; (symbol, full name or None) pairs), written as captions write genes, e.g. "Genes
+    over-expressed in it: LYZ (lysozyme) and CD74 (CD74 molecule)." ("" for none)."""
+    if not genes:
+        return ""
+    return f"Genes over-expressed in it: {join_list([f'{s} ({display_name(n)})' if n else s for s, n in genes])}."
 
 
 FACT_VIEW_PARTS = ("programs and genes", "programs", "genes")

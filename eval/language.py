@@ -29,10 +29,12 @@ the claims are read with the closed-vocabulary parser :func:`scmm.data_pipeline.
   types), beside ``baseline_precision`` (the type template) and ``chance`` (3 over the number of programs, at
   most 1). A model that garbles its answers but ranks well learnt the facts and fails at decoding; one at chance
   did not learn them.
-* ``reader`` (a stage-2 model with ``bridge.programs``): its program reader's predicted activities (the LLM's prompt
-  is told their top 3), scored like ``search`` (``auroc``, ``auroc_within_type``) and by the precision
-  of its 3 highest programs against the cell's top 3 (``top_precision``, ``top_precision_within_type``): what the
-  descriptions could state at best through that input.
+* ``reader`` (a stage-2 model with ``bridge.programs`` or ``bridge.markers``): what the LLM's prompt is told of the
+  cell, checked like the claims: the program reader's predicted activities (the prompt is told their top 3),
+  scored like ``search`` (``auroc``, ``auroc_within_type``) and by the precision of its 3 highest programs against
+  the cell's top 3 (``top_precision``, ``top_precision_within_type``); the marker reader's 3 genes by the
+  precision against the cell's top-20 markers (``marker_precision``). What the descriptions could state at best
+  through that input.
 * ``n_programs``, ``n_cells``.
 """
 from __future__ import annotations
@@ -292,19 +294,35 @@ def ranked_programs(stage2, corpus: Corpus, split: str, programs: Sequence[str],
 
 
 def reader_metrics(stage2, corpus: Corpus, split: str, cells: SplitFacts, batch_size: int = 64) -> dict[str, float]:
-    """``reader``: the stage-2 program reader's predicted activities (``bridge.programs``) of the cells of
-    ``split`` scored against their true scores: AUROC as :func:`program_aurocs`, and the precision of its top
-    programs against the true top programs (over all cells and within type)."""
-    pos = {p: j for j, p in enumerate(stage2.program_names)}
-    cols = [pos[p] for p in cells.programs]
+    """``reader``: what the stage-2 readers read of the cells of ``split`` (``cells``, a subset), against their
+    facts: the program reader's predicted activities (``bridge.programs``) by AUROC as :func:`program_aurocs` and
+    the precision of its top programs against the true top programs (over all cells and within type); the marker
+    reader's genes (``bridge.markers``) by the share that are among the cell's top-20 markers."""
+    want = set(cells.cell_ids)
     predicted: dict[str, np.ndarray] = {}
+    genes: dict[str, list[str]] = {}
+    cols = [{p: j for j, p in enumerate(stage2.program_names)}[p] for p in cells.programs] \
+        if stage2.reader is not None else []
     for batch in _loader(stage2, corpus, split, batch_size):
-        predicted.update(zip((str(c) for c in batch["cell_id"]), stage2.predict_programs(batch)[:, cols]))
-    scores = np.stack([predicted[c] for c in cells.cell_ids])
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :TOP_PROGRAMS]
-    ranked = ranked_metrics([[cells.programs[j] for j in row] for row in top], cells, {})
-    return {**program_aurocs(scores, cells), "top_precision": ranked["precision"],
-            "top_precision_within_type": ranked["precision_within_type"]}
+        ids = [str(c) for c in batch["cell_id"]]
+        if not want.intersection(ids):
+            continue
+        if stage2.reader is not None:
+            predicted.update(zip(ids, stage2.predict_programs(batch)[:, cols]))
+        if stage2.markers is not None:
+            genes.update(zip(ids, ([s for s, _ in row] for row in stage2.predict_markers(batch))))
+    out: dict[str, float] = {}
+    if stage2.reader is not None:
+        scores = np.stack([predicted[c] for c in cells.cell_ids])
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :TOP_PROGRAMS]
+        ranked = ranked_metrics([[cells.programs[j] for j in row] for row in top], cells, {})
+        out.update(program_aurocs(scores, cells), top_precision=ranked["precision"],
+                   top_precision_within_type=ranked["precision_within_type"])
+    if stage2.markers is not None:
+        top20 = cells.marker_symbols(TOP_MARKERS)
+        hits = [(g in set(truth)) for c, truth in zip(cells.cell_ids, top20) for g in genes[c]]
+        out["marker_precision"] = float(np.mean(hits)) if hits else float("nan")
+    return out
 
 
 def ranked_metrics(ranked: Sequence[Sequence[str]], test: SplitFacts,
@@ -360,7 +378,7 @@ def language_report(corpus: Corpus, *, embeddings: np.ndarray | None = None, emb
             "marker_claims": claim_metrics([markers.get(c, "") for c in sub.cell_ids], sub, templates)["marker_claims"]}
         ranked = ranked_programs(answers_model, corpus, "test", sub.programs)
         out["answers"]["ranked_programs"] = ranked_metrics([ranked.get(c, []) for c in sub.cell_ids], sub, templates)
-    if answers_model is not None and getattr(answers_model, "reader", None) is not None and len(sub.cell_ids):
+    if answers_model is not None and getattr(answers_model, "has_context", False) and len(sub.cell_ids):
         out["reader"] = reader_metrics(answers_model, corpus, "test", sub)
     if stage2 is not None:
         labels = {t: str(lab) for t, lab in zip(sub.types, sub.labels)}

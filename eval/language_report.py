@@ -65,11 +65,14 @@ def language_section(lang: Mapping[str, Any] | None, generation: Mapping[str, An
                       f"within type (chance {_f(rk.get('chance'))}) | {_f(rk.get('precision'))} / "
                       f"{_f(rk.get('precision_within_type'))} | {_f(rk.get('baseline_precision'))} |"]
     rd = lang.get("reader") or {}
-    if rd:
+    if "auroc" in rd:
         lines += [f"| the program reader (what the LLM reads of the cell's programs): AUROC / within type | "
                   f"{_f(rd.get('auroc'))} / {_f(rd.get('auroc_within_type'))} | 0.5 (random) |",
                   f"| the program reader's 3 highest programs: precision / within type | "
                   f"{_f(rd.get('top_precision'))} / {_f(rd.get('top_precision_within_type'))} | |"]
+    if "marker_precision" in rd:
+        lines += [f"| the marker reader's 3 genes (what the LLM reads of the cell's markers): precision | "
+                  f"{_f(rd.get('marker_precision'))} | |"]
     g = generation or {}
     if "repeated_phrase_rate" in g:
         lines += [f"| descriptions repeating a 4-word phrase (decoding defaults / raw decoder) | "

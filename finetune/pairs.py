@@ -4,8 +4,8 @@ Each training cell is paired with one instruction (task and template chosen dete
 step, the rank and the cell's place in the batch) and with its own description for the text -> cell path; its
 target profile is its log1p-CP10k expression over the gene panel (the training split's highly variable genes).
 :meth:`PairBuilder.program_scores` gives the cells' program scores (the program reader's targets); with
-``bridge.programs`` each prompt starts with the cell's program context (``PairBuilder.contexts``, set from the fitted
-reader, as :meth:`scmm.model.stage2.Stage2Model.cell_prompts` does at inference).
+``bridge.programs``/``bridge.markers`` each prompt starts with the cell's context (``PairBuilder.contexts``, set from
+the fitted readers, as :meth:`scmm.model.stage2.Stage2Model.cell_prompts` does at inference).
 On a corpus with per-cell facts the text -> cell input is, by the same deterministic draw, the description or one
 of two short texts: "<type> with high <its most active program> activity" and "<type> with low <its least active
 program> activity" (:func:`scmm.data_pipeline.fact_text.type_program_query`), so that pseudo-cells can be asked for
@@ -22,6 +22,7 @@ from scmm.data_pipeline.instructions import instruction_dataset
 from scmm.data_pipeline.store import Corpus
 from scmm.errors import ScmmError
 from scmm.model.sequences import SequenceBuilder
+from scmm.model.stage2 import with_context
 
 __all__ = ["PairBuilder", "hvg_info"]
 
@@ -72,7 +73,7 @@ class PairBuilder:
         self.text_index = torch.tensor([text_of[c] for c in ids], dtype=torch.long)
         self.query_index = torch.tensor([queries[c] for c in ids], dtype=torch.long) if queries else None
         self.seed, self.builder = seed, builder
-        self.contexts: dict[str, str] = {}  # cell ID -> what its prompts are told first (bridge.programs)
+        self.contexts: dict[str, str] = {}  # cell ID -> what its prompts are told first (bridge.programs/markers)
 
     def program_scores(self, cell_ids) -> torch.Tensor:
         """``[n, P]``: the corpus's program scores of these cells (the program reader's targets)."""
@@ -105,8 +106,7 @@ class PairBuilder:
             p = np.array([w for _, _, w in options])
             pick = np.random.default_rng([self.seed, step, rank, i]).choice(len(options), p=p / p.sum())
             prompt, answer, _ = options[pick]
-            context = self.contexts.get(str(cid))
-            c2t.append(self.builder.cell_to_text(f"{context} {prompt}" if context else prompt, answer))
+            c2t.append(self.builder.cell_to_text(with_context(self.contexts.get(str(cid), ""), prompt), answer))
             t2c = self._t2c_text(str(cid), str(text), step, rank, i)
             index.append(texts.setdefault(t2c, len(texts)))  # each distinct text runs once
             rows.append(self.profiles[str(cid)])

@@ -98,12 +98,17 @@ def train(cfg: Stage2RunConfig, resume: bool = False, deepspeed_json: str | None
     if cfg.model.bridge.standardize:  # z-space statistics from the first 256 training cells
         stats = CorpusLoader(corpus, "train", LoaderConfig.inference(64), model.aligner.encoding, model.aligner.vocab)
         model.set_query_stats([b for b, _ in zip(stats, range(4))])
-    if model.reader is not None:  # fitted once on every training cell (the same fit on every rank)
+    if model.has_context:  # the readers, fitted once on every training cell (the same fit on every rank)
         cells = CorpusLoader(corpus, "train", LoaderConfig.inference(256), model.aligner.encoding, model.aligner.vocab,
                              training=False)  # every expressed gene, as inference reads a cell
-        fit = model.fit_reader(cells, pairs.program_scores)
-        log.info("program reader: R^2 %.3f on %d training cells", fit["r2"], fit["n_cells"])
-        pairs.contexts = {str(c): t for b in cells for c, t in zip(b["cell_id"], model.program_contexts(b))}
+        fit = model.fit_readers(cells, pairs.program_scores)
+        if "programs" in fit:
+            log.info("program reader: R^2 %.3f on %d training cells", fit["programs"]["r2"],
+                     fit["programs"]["n_cells"])
+        if "markers" in fit:
+            log.info("marker reader: %d genes can be markers (%d training cells)", fit["markers"]["n_eligible"],
+                     fit["markers"]["n_cells"])
+        pairs.contexts = {str(c): t for b in cells for c, t in zip(b["cell_id"], model.cell_contexts(b))}
     trainer = Trainer(model, cfg.train, name="stage2", launch=launch, deepspeed=deepspeed_json or cfg.deepspeed,
                       micro_batch=cfg.loader.batch_size, loader=loader, loss_keys=LOSSES, rate_key="samples_per_s",
                       metrics_path=launch.out / "metrics.jsonl")

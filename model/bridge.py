@@ -30,6 +30,12 @@ then places it among the wrong cells (BENCHMARKS.md, "Sparse pseudo-cells").
   prompt (:mod:`scmm.model.stage2`): what stage 1 keeps of a cell's programs within a type is little (a probe
   reads 0.57 from its embedding against 0.94 from the expression, BENCHMARKS.md), so the LLM is told them from
   the expression directly.
+* :class:`MarkerReader` (``BridgeOptions.markers``): the cell's most over-expressed genes, by the corpus's marker
+  statistic (:mod:`scmm.data_pipeline.facts`: z-score against the training cells' gene mean and sd, among genes
+  the cell expresses and at least 1 % of training cells do) on the values the cell tower gets, with the moments
+  taken from the training cells in the same encoding. Its first genes are written into the prompt the same way:
+  the soft tokens of a 4-layer demo LLM or a 135M one carry no gene symbols it could spell (57 % of the symbols
+  SmolLM2 named without it were not genes).
 
 The losses live here too (:func:`decoder_loss`, :func:`t2c_loss`), so that a trainer only weights them.
 """
@@ -56,6 +62,8 @@ class BridgeOptions:
     # every prompt is told the cell's top programs as predicted from its expression (ProgramReader), as text;
     # needs a corpus with per-cell facts
     programs: bool = False
+    # every prompt is told the cell's most over-expressed genes, read from its expression (MarkerReader), as text
+    markers: bool = False
     # text -> cell head: LLM hidden states to query states
     t2c_hidden: int = 0
     t2c_loss: str = "mse"  # mse | cosine (per slot)
@@ -105,10 +113,38 @@ def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float) -> nn.Sequential:
                          nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
 
 
+class GenePanel(nn.Module):
+    """Reads a loader-style batch (gene vocabulary ids, values, padding mask) as dense values over a fixed gene panel
+    (vocabulary ids ``vocab_ids``, in that column order); genes outside the panel are ignored."""
+
+    def __init__(self, vocab_ids):
+        super().__init__()
+        vocab_ids = torch.as_tensor(list(vocab_ids), dtype=torch.long)
+        column = torch.full((int(vocab_ids.max()) + 1 if len(vocab_ids) else 1,), -1, dtype=torch.long)
+        column[vocab_ids] = torch.arange(len(vocab_ids))
+        self.n_genes = len(vocab_ids)
+        self.register_buffer("column", column)
+
+    def vocab_ids(self) -> list[int]:
+        """The panel's vocabulary ids in column order (what built it)."""
+        ids = torch.nonzero(self.column >= 0)[:, 0]
+        return ids[torch.argsort(self.column[ids])].tolist()
+
+    def panel_values(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, G]``: each cell's values over the panel's genes (0 for genes it does not express)."""
+        ids = gene_ids.long()
+        inside = (ids >= 0) & (ids < len(self.column)) & ~padding_mask.bool()
+        col = torch.where(inside, self.column[ids.clamp(0, len(self.column) - 1)], -1)
+        keep = col >= 0
+        out = torch.zeros(ids.shape[0], self.n_genes + 1, dtype=torch.float32, device=ids.device)
+        out.scatter_(1, torch.where(keep, col, self.n_genes), torch.where(keep, values.float(), 0.0))
+        return out[:, :self.n_genes]
+
+
 READER_RIDGE = 1e-2  # the program reader's ridge, relative to each standardised gene's unit variance
 
 
-class ProgramReader(nn.Module):
+class ProgramReader(GenePanel):
     """A cell's program activities ``[B, P]`` from its expressed genes: its values over the genes of the programs
     (vocabulary ids ``vocab_ids``; other genes are ignored), standardised per gene with training statistics, then a
     linear map fitted in closed form (:meth:`fit`, ridge regression on the training cells' program scores).
@@ -120,26 +156,11 @@ class ProgramReader(nn.Module):
     (squared error 0.8 of a unit variance after 50 demo steps)."""
 
     def __init__(self, vocab_ids, n_programs: int):
-        super().__init__()
-        vocab_ids = torch.as_tensor(list(vocab_ids), dtype=torch.long)
-        column = torch.full((int(vocab_ids.max()) + 1 if len(vocab_ids) else 1,), -1, dtype=torch.long)
-        column[vocab_ids] = torch.arange(len(vocab_ids))
-        self.n_genes = len(vocab_ids)
-        self.register_buffer("column", column)
+        super().__init__(vocab_ids)
         self.register_buffer("mean", torch.zeros(self.n_genes))
         self.register_buffer("std", torch.ones(self.n_genes))
         self.register_buffer("weight", torch.zeros(n_programs, self.n_genes))
         self.register_buffer("bias", torch.zeros(n_programs))
-
-    def panel_values(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        """``[B, G]``: each cell's values over the reader's genes (0 for genes it does not express)."""
-        ids = gene_ids.long()
-        inside = (ids >= 0) & (ids < len(self.column)) & ~padding_mask.bool()
-        col = torch.where(inside, self.column[ids.clamp(0, len(self.column) - 1)], -1)
-        keep = col >= 0
-        out = torch.zeros(ids.shape[0], self.n_genes + 1, dtype=torch.float32, device=ids.device)
-        out.scatter_(1, torch.where(keep, col, self.n_genes), torch.where(keep, values.float(), 0.0))
-        return out[:, :self.n_genes]
 
     @torch.no_grad()
     def fit(self, pairs, ridge: float = READER_RIDGE) -> dict[str, float]:
@@ -177,6 +198,54 @@ class ProgramReader(nn.Module):
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         z = (self.panel_values(gene_ids, values, padding_mask) - self.mean) / self.std
         return z @ self.weight.T.to(z.dtype) + self.bias.to(z.dtype)
+
+
+class MarkerReader(GenePanel):
+    """A cell's most over-expressed genes (panel columns) from its expressed genes, by the corpus's marker
+    statistic (:mod:`scmm.data_pipeline.facts`): each gene's z-score against the training cells' mean and
+    population sd, among the genes the cell expresses (value > 0) with ``z > 0`` that at least ``min_detection`` of
+    training cells express; ties go to the lower column. The moments are fitted (:meth:`fit`) on the values the cell
+    tower is fed, so on log1p CP10k (``n_bins: 0``) the picks are the corpus's markers exactly, and on bins they
+    are the same statistic on the bins."""
+
+    def __init__(self, vocab_ids, min_detection: float):
+        super().__init__(vocab_ids)
+        self.min_detection = float(min_detection)
+        self.register_buffer("mean", torch.zeros(self.n_genes))
+        self.register_buffer("std", torch.zeros(self.n_genes))
+        self.register_buffer("detected", torch.zeros(self.n_genes))
+
+    @torch.no_grad()
+    def fit(self, values) -> dict[str, float]:
+        """Fit the moments from ``values``: an iterable of panel values ``[b, G]`` of training cells (float64 sums).
+        Returns ``n_cells`` and ``n_eligible`` (genes that can be picked)."""
+        n, s, ss = 0, torch.zeros(self.n_genes, dtype=torch.float64), torch.zeros(self.n_genes, dtype=torch.float64)
+        seen = torch.zeros(self.n_genes, dtype=torch.float64)
+        for x in values:
+            x = x.double().cpu()
+            n += len(x)
+            s += x.sum(0)
+            ss += (x * x).sum(0)
+            seen += (x > 0).sum(0)
+        if n < 1:
+            raise ValueError("the marker reader needs at least 1 training cell")
+        mean = s / n
+        self.mean.copy_(mean.float())
+        self.std.copy_((ss / n - mean * mean).clamp_min(0).sqrt().float())
+        self.detected.copy_((seen / n).float())
+        return {"n_cells": n, "n_eligible": int(self._eligible().sum())}
+
+    def _eligible(self) -> torch.Tensor:
+        return (self.detected >= self.min_detection) & (self.std > 0)
+
+    def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor,
+                k: int) -> torch.Tensor:
+        """``[B, k]`` panel columns of each cell's ``k`` highest-scoring genes, -1 where fewer qualify."""
+        x = self.panel_values(gene_ids, values, padding_mask)
+        z = (x - self.mean) / torch.where(self.std > 0, self.std, torch.ones_like(self.std))
+        score = torch.where(self._eligible() & (x > 0) & (z > 0), z, torch.full_like(z, -torch.inf))
+        order = torch.argsort(-score, dim=1, stable=True)[:, :k]
+        return torch.where(torch.isfinite(score.gather(1, order)), order, -1)
 
 
 class CellProjector(nn.Module):
@@ -315,5 +384,5 @@ def t2c_loss(mapped: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> t
     return F.mse_loss(mapped, target)
 
 
-__all__ = ["BridgeOptions", "QueryNorm", "CellProjector", "TextToCellHead", "PseudoCellDecoder", "DecoderOutput",
-           "MIN_DETECTION", "decoder_loss", "t2c_loss"]
+__all__ = ["BridgeOptions", "QueryNorm", "GenePanel", "ProgramReader", "MarkerReader", "CellProjector",
+           "TextToCellHead", "PseudoCellDecoder", "DecoderOutput", "MIN_DETECTION", "decoder_loss", "t2c_loss"]

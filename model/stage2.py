@@ -13,7 +13,11 @@ fitted on the training cells' per-cell scores before stage 2 trains), as text ("
 soft token as numbers was ignored by the demo LLM (val: its descriptions named the same two programs for every
 cell, its likeliest programs at chance, with the reader itself at AUROC 0.999; BENCHMARKS.md, "Telling the LLM each
 cell's programs"); a pretrained LLM can restate what its context says, and a user can read what the LLM was told.
-The demo's 4-layer LLM does not restate it, so the demo leaves the option off.
+The demo's 4-layer LLM does not restate it, so the demo leaves the option off. With ``bridge.markers`` the prompt is
+told the cell's :data:`CONTEXT_MARKERS` most over-expressed genes with their NCBI names the same way
+(:class:`~scmm.model.bridge.MarkerReader`, the corpus's marker statistic on the cell's own values; "Genes
+over-expressed in it: ..."; :func:`~scmm.data_pipeline.fact_text.marker_context`), after the programs;
+:meth:`Stage2Model.cell_contexts` gives both.
 
 Text -> cell: the LLM reads ``description <cell> <cell_0..n-1> </cell>``; its last hidden states at the slots pass
 through :class:`~scmm.model.bridge.TextToCellHead` into the query space, trained against the paired real cell's query
@@ -31,7 +35,9 @@ Saved folder (``save_pretrained``, atomic; ``Stage2Model.from_pretrained`` needs
     bridge.safetensors   projector, text->cell head and decoder
     tokenizer/           the tokenizer with the cell tokens added
     hvg.json             the gene panel: corpus gene indices, symbols, vocabulary ids
-    reader.json          with ``bridge.programs``: the program reader's gene panel (vocabulary ids) and program names
+    reader.json          with ``bridge.programs``/``markers``: the readers' gene panels (vocabulary ids), the program
+                         names, the marker panel's symbols and NCBI names (their fitted statistics are in
+                         bridge.safetensors)
     lm/                  the base LLM folder (copied), so the folder is self-contained
     stage1/              the stage-1 aligner folder (copied, or re-saved when it was trained); a package stores
                          it once, beside stage2/, and passes the loaded aligner to ``from_pretrained``
@@ -52,7 +58,9 @@ import torch
 from torch import nn
 
 from scmm.config import read_json
-from scmm.data_pipeline.fact_text import program_context
+from scmm.data_pipeline.fact_text import marker_context, program_context
+from scmm.data_pipeline.facts import MIN_DETECTION as MARKER_MIN_DETECTION
+from scmm.data_pipeline.facts import gene_names
 from scmm.data_pipeline.instructions import prompt_for
 from scmm.data_pipeline.store import Corpus
 from scmm.errors import ScmmError
@@ -60,6 +68,7 @@ from scmm.model.aligner import CellTextAligner
 from scmm.model.bridge import (
     BridgeOptions,
     CellProjector,
+    MarkerReader,
     ProgramReader,
     PseudoCellDecoder,
     QueryNorm,
@@ -80,6 +89,7 @@ STAGE1_TRAIN = ("none", "qformer", "all")
 LOSSES = ("lm", "t2c", "decode_real", "decode_llm")
 READER_FILE = "reader.json"
 CONTEXT_PROGRAMS = 3  # programs named in the prompt's context with bridge.programs
+CONTEXT_MARKERS = 3  # genes named in the prompt's context with bridge.markers (as many as captions name)
 LM_MEANS = ("token", "answer")  # how the answer loss averages (Stage2Loss.lm_mean)
 NO_REPEAT_NGRAM_SIZE = 4  # decoding default: no token 4-gram twice in one answer (0: the raw decoder)
 MAX_DESCRIPTION_TOKENS = 192  # decoding default: the longest description generated
@@ -190,12 +200,17 @@ class Stage2Model(PretrainedModel, nn.Module):
         b = config.bridge
         emb = _unwrap(lm).get_input_embeddings().weight
         self.qnorm = QueryNorm(self.n_slots, d_q)
-        self.reader, self.program_names = None, []
+        self.reader, self.program_names, self.markers, self.marker_genes = None, [], None, []
+        if (b.programs or b.markers) and reader is None:
+            option = "bridge.programs" if b.programs else "bridge.markers"
+            raise ScmmError(f"{option} needs a training corpus with per-cell facts (`scmm data build`)")
         if b.programs:
-            if reader is None:
-                raise ScmmError("bridge.programs needs a training corpus with per-cell facts (`scmm data build`)")
             self.program_names = [str(n) for n in reader["programs"]]
             self.reader = ProgramReader(reader["vocab_ids"], len(self.program_names))
+        if b.markers:
+            panel = reader["markers"]
+            self.marker_genes = [(str(s), str(n) or None) for s, n in zip(panel["symbols"], panel["names"])]
+            self.markers = MarkerReader(panel["vocab_ids"], float(panel["min_detection"]))
         d_in = d_q + (aligner.cell_tower.d_model if b.cell_embedding else 0)
         self.projector = CellProjector(d_in, d_llm, b.projector_hidden, b.dropout,
                                        embed_std=float(emb.detach().float().std()))
@@ -259,29 +274,59 @@ class Stage2Model(PretrainedModel, nn.Module):
         return self.reader(batch["gene_ids"].to(device), batch["values"].to(device),
                            batch["padding_mask"].to(device)).float().cpu().numpy()
 
-    def cell_prompts(self, batch: dict, prompt: str) -> list[str]:
-        """Each cell's prompt: ``prompt``, after the cell's program context with ``bridge.programs``."""
-        n = len(batch["gene_ids"])
-        if self.reader is None:
-            return [prompt] * n
-        return [f"{context} {prompt}" for context in self.program_contexts(batch)]
+    @torch.no_grad()
+    def predict_markers(self, batch: dict, k: int = CONTEXT_MARKERS) -> list[list[tuple[str, str | None]]]:
+        """Each cell's ``k`` most over-expressed genes as the marker reader reads them, (symbol, NCBI full name or
+        None) pairs, fewer where fewer qualify; needs ``bridge.markers``."""
+        if self.markers is None:
+            raise ScmmError("this stage-2 model has no marker reader (bridge.markers)")
+        device = self.device
+        cols = self.markers(batch["gene_ids"].to(device), batch["values"].to(device),
+                            batch["padding_mask"].to(device), k).cpu().tolist()
+        return [[self.marker_genes[j] for j in row if j >= 0] for row in cols]
 
-    def program_contexts(self, batch: dict) -> list[str]:
-        """Each cell's program context (:func:`~scmm.data_pipeline.fact_text.program_context` of the reader's
-        :data:`CONTEXT_PROGRAMS` highest programs)."""
-        top = np.argsort(-self.predict_programs(batch), axis=1, kind="stable")[:, :CONTEXT_PROGRAMS]
-        return [program_context([self.program_names[j] for j in row]) for row in top]
+    @property
+    def has_context(self) -> bool:
+        """Whether prompts are told what the readers read from each cell (``bridge.programs``/``markers``)."""
+        return self.reader is not None or self.markers is not None
+
+    def cell_contexts(self, batch: dict) -> list[str]:
+        """What each cell's prompt is told first: its :data:`CONTEXT_PROGRAMS` highest programs as the program reader
+        predicts them, then its :data:`CONTEXT_MARKERS` most over-expressed genes as the marker reader picks them
+        (:func:`~scmm.data_pipeline.fact_text.program_context`, :func:`~scmm.data_pipeline.fact_text.marker_context`;
+        each only with its option; "" with neither)."""
+        parts: list[list[str]] = [[] for _ in range(len(batch["gene_ids"]))]
+        if self.reader is not None:
+            top = np.argsort(-self.predict_programs(batch), axis=1, kind="stable")[:, :CONTEXT_PROGRAMS]
+            for out, row in zip(parts, top):
+                out.append(program_context([self.program_names[j] for j in row]))
+        if self.markers is not None:
+            for out, genes in zip(parts, self.predict_markers(batch)):
+                out.append(marker_context(genes))
+        return [" ".join(p for p in out if p) for out in parts]
+
+    def cell_prompts(self, batch: dict, prompt: str) -> list[str]:
+        """Each cell's prompt: ``prompt``, after the cell's context (:meth:`cell_contexts`) when it has one."""
+        if not self.has_context:
+            return [prompt] * len(batch["gene_ids"])
+        return [with_context(context, prompt) for context in self.cell_contexts(batch)]
 
     @torch.no_grad()
-    def fit_reader(self, batches, scores) -> dict[str, float]:
-        """Fit the program reader (:meth:`ProgramReader.fit`) on loader batches of training cells; ``scores``: cell
-        IDs -> their program scores ``[b, P]`` (the corpus's, in the order of ``program_names``)."""
-        if self.reader is None:
-            raise ScmmError("this stage-2 model has no program reader (bridge.programs)")
-        reader = self.reader
-        return reader.fit((reader.panel_values(b["gene_ids"].to(self.device), b["values"].to(self.device),
-                                               b["padding_mask"].to(self.device)), scores(b["cell_id"]))
-                          for b in batches)
+    def fit_readers(self, batches, scores) -> dict[str, dict]:
+        """Fit the program reader (:meth:`ProgramReader.fit`) and the marker reader (:meth:`MarkerReader.fit`),
+        those the options ask for, on loader batches of training cells (a re-iterable: one pass per reader);
+        ``scores``: cell IDs -> their program scores ``[b, P]`` (the corpus's, in the order of ``program_names``).
+        Returns each fit's summary by reader ("programs", "markers")."""
+        device, out = self.device, {}
+
+        def values(module, b):
+            return module.panel_values(b["gene_ids"].to(device), b["values"].to(device), b["padding_mask"].to(device))
+
+        if self.reader is not None:
+            out["programs"] = self.reader.fit((values(self.reader, b), scores(b["cell_id"])) for b in batches)
+        if self.markers is not None:
+            out["markers"] = self.markers.fit(values(self.markers, b) for b in batches)
+        return out
 
     @torch.no_grad()
     def set_query_stats(self, batches) -> None:
@@ -536,7 +581,8 @@ class Stage2Model(PretrainedModel, nn.Module):
     def _bridge_parts(self) -> list[tuple[str, nn.Module]]:
         parts = [("projector.", self.projector), ("t2c_head.", self.t2c_head), ("decoder.", self.decoder),
                  ("qnorm.", self.qnorm)]
-        return parts + ([("reader.", self.reader)] if self.reader is not None else [])
+        return parts + ([("reader.", self.reader)] if self.reader is not None else []) + \
+            ([("markers.", self.markers)] if self.markers is not None else [])
 
     def bridge_state(self) -> dict[str, torch.Tensor]:
         """Projector, text->cell head, decoder and program reader weights (the new token rows live in the peft
@@ -565,11 +611,16 @@ class Stage2Model(PretrainedModel, nn.Module):
         self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         self.save_weights(tmp / BRIDGE_FILE, self.bridge_state())
         (tmp / HVG_FILE).write_text(json.dumps(self.hvg))
-        if self.reader is not None:
-            vocab_ids = torch.nonzero(self.reader.column >= 0)[:, 0]
-            order = torch.argsort(self.reader.column[vocab_ids])
-            (tmp / READER_FILE).write_text(json.dumps({"vocab_ids": vocab_ids[order].tolist(),
-                                                       "programs": self.program_names}))
+        if self.has_context:
+            panels: dict = {}
+            if self.reader is not None:
+                panels.update(vocab_ids=self.reader.vocab_ids(), programs=self.program_names)
+            if self.markers is not None:
+                panels["markers"] = {"vocab_ids": self.markers.vocab_ids(),
+                                     "symbols": [s for s, _ in self.marker_genes],
+                                     "names": [n or "" for _, n in self.marker_genes],
+                                     "min_detection": self.markers.min_detection}
+            (tmp / READER_FILE).write_text(json.dumps(panels))
         if corpus is not None:
             write_corpus_facts(tmp, corpus)
         ct = self.cell_tokens
@@ -607,11 +658,19 @@ class Stage2Model(PretrainedModel, nn.Module):
                     lm = lm.merge_and_unload()
         state = cls.load_weights(folder / BRIDGE_FILE)
         reader = None
-        if config.bridge.programs:
-            raw_reader = read_json(folder / READER_FILE, "program reader's panel")
-            with reading(folder / READER_FILE, "program reader's panel"):
-                reader = {"vocab_ids": [int(i) for i in raw_reader["vocab_ids"]],
-                          "programs": [str(p) for p in raw_reader["programs"]]}
+        if config.bridge.programs or config.bridge.markers:
+            raw_reader = read_json(folder / READER_FILE, "readers' gene panels")
+            with reading(folder / READER_FILE, "readers' gene panels"):
+                reader = {}
+                if config.bridge.programs:
+                    reader.update(vocab_ids=[int(i) for i in raw_reader["vocab_ids"]],
+                                  programs=[str(p) for p in raw_reader["programs"]])
+                if config.bridge.markers:
+                    m = raw_reader["markers"]
+                    reader["markers"] = {"vocab_ids": [int(i) for i in m["vocab_ids"]],
+                                         "symbols": [str(x) for x in m["symbols"]],
+                                         "names": [str(x) for x in m["names"]],
+                                         "min_detection": float(m["min_detection"])}
         with reading(folder / HVG_FILE, "gene panel of the pseudo-cells"):
             model = cls(config, aligner.float(), lm, tokenizer, cell_tokens, hvg, folder / "lm", stage1, reader)
         with reading(folder / BRIDGE_FILE, "weights file"):
@@ -626,13 +685,26 @@ class Stage2Model(PretrainedModel, nn.Module):
 
 
 def reader_info(corpus: Corpus) -> dict | None:
-    """What :class:`~scmm.model.bridge.ProgramReader` reads and predicts on ``corpus``: the vocabulary ids of the
-    panel genes in its programs' sets and its program names (None: a corpus without per-cell facts)."""
+    """What the readers read and name on ``corpus`` (None: a corpus without per-cell facts):
+    :class:`~scmm.model.bridge.ProgramReader` the vocabulary ids of the panel genes in its programs' sets
+    (``vocab_ids``) and the program names (``programs``); :class:`~scmm.model.bridge.MarkerReader` (``markers``) the
+    whole gene panel's vocabulary ids, symbols and NCBI full names ("" where the table has none), and the corpus's
+    detection floor for a marker."""
     if corpus.facts is None:
         return None
     genes = np.unique(corpus.fact_arrays()["program_genes"])
+    symbols = [str(s) for s in corpus.gene_symbols]
+    names = gene_names(symbols)
     return {"vocab_ids": [int(i) for i in corpus.gene_vocab_ids[genes]],
-            "programs": list(corpus.facts["programs"]["names"])}
+            "programs": list(corpus.facts["programs"]["names"]),
+            "markers": {"vocab_ids": [int(i) for i in corpus.gene_vocab_ids], "symbols": symbols,
+                        "names": [names.get(s, "") for s in symbols],
+                        "min_detection": float(corpus.facts["markers"].get("min_detection", MARKER_MIN_DETECTION))}}
 
 
-__all__ = ["Stage2Model", "Stage2Config", "Stage2Loss", "LOSSES", "LM_MEANS", "reader_info"]
+def with_context(context: str, prompt: str) -> str:
+    """A prompt told ``context`` first (training pairs and inference write it the same way)."""
+    return f"{context} {prompt}" if context else prompt
+
+
+__all__ = ["Stage2Model", "Stage2Config", "Stage2Loss", "LOSSES", "LM_MEANS", "reader_info", "with_context"]

@@ -214,7 +214,7 @@ def test_program_reader_recovers_the_corpus_scores_of_unseen_cells(small_corpus,
     def cells(split):
         return CorpusLoader(corpus, split, LoaderConfig.inference(64), CellEncoding.load(tiny_stage1), vocab,
                             training=False)
-    fit = model.fit_reader(cells("train"), pairs.program_scores)
+    fit = model.fit_readers(cells("train"), pairs.program_scores)["programs"]
     assert fit["n_cells"] == corpus.manifest["splits"]["train"] and fit["r2"] > 0.99
     truth = {str(c): row for e in corpus.shards("val") for c, row in
              zip(corpus.read_shard(e["name"], ("cell_id",)).obs["cell_id"], corpus.read_facts(e["name"])[0])}
@@ -227,15 +227,76 @@ def test_program_reader_recovers_the_corpus_scores_of_unseen_cells(small_corpus,
     assert context.startswith("Programs read from its expression: ")
     assert model.cell_prompts(batch, "Describe this cell.")[0] == f"{context} Describe this cell."
     train = next(iter(cells("train")))
-    pairs.contexts = dict(zip(train["cell_id"], model.program_contexts(train)))
+    pairs.contexts = dict(zip(train["cell_id"], model.cell_contexts(train)))
     first = {k: train[k][:1] for k in ("gene_ids", "values", "padding_mask", "cell_id", "text")}
     assert pairs.contexts[train["cell_id"][0]] in model.tokenizer.decode(pairs(first, 0, 0)["c2t"]["input_ids"][0])
     # eval's `language.reader`: the prediction ranks the val cells of high program activity first
     val = split_facts(corpus, "val")
     figures = reader_metrics(model, corpus, "val", val)
     assert figures["auroc"] > 0.95 and figures["top_precision"] == 1.0  # one program: its top is always right
+    assert "marker_precision" not in figures
     with pytest.raises(ScmmError, match="per-cell facts"):
         Stage2Model.build(cfg.model, cfg.stage1, cfg.lm, model.hvg, reader=None)
+
+
+def test_marker_reader_picks_the_corpus_statistic_on_a_hand_computed_fixture():
+    """The marker reader's moments are the training cells' mean, population sd and detected share; it picks the
+    genes the cell expresses with z > 0 among those at least min_detection of training cells express, highest z
+    first, ties to the lower column, -1 where fewer qualify."""
+    from scmm.model.bridge import MarkerReader
+    reader = MarkerReader([4, 2, 6, 8], min_detection=0.5)  # columns: genes 4, 2, 6, 8
+    train = torch.tensor([[1.0, 0.0, 2.0, 0.0], [3.0, 2.0, 2.0, 0.0], [1.0, 2.0, 2.0, 0.0], [3.0, 0.0, 2.0, 4.0]])
+    fit = reader.fit([train[:3], train[3:]])
+    assert torch.allclose(reader.mean, torch.tensor([2.0, 1.0, 2.0, 1.0]))
+    assert torch.allclose(reader.std, torch.tensor([1.0, 1.0, 0.0, 3.0 ** 0.5]))
+    assert torch.allclose(reader.detected, torch.tensor([1.0, 0.5, 1.0, 0.25]))
+    # gene 6 has sd 0 and gene 8 is expressed by a quarter of the cells: neither can be a marker
+    assert fit == {"n_cells": 4, "n_eligible": 2}
+    gene_ids = torch.tensor([[0, 4, 2, 6, 8], [0, 4, 2, 6, 8], [0, 2, 4, 1, 1]])  # 0: <cls>; 1: padding
+    values = torch.tensor([[0.0, 3.0, 2.0, 9.0, 9.0], [0.0, 5.0, 2.0, 1.0, 1.0], [0.0, 0.0, 1.0, 7.0, 7.0]])
+    padding = torch.tensor([[False] * 5, [False] * 5, [False, False, False, True, True]])
+    # cell 0: z(4) = 1, z(2) = 1 (a tie: the lower column first); cell 1: z(4) = 3, z(2) = 1;
+    # cell 2: gene 2 not expressed, gene 4 at its mean (z = 0): nothing qualifies
+    assert reader(gene_ids, values, padding, k=3).tolist() == [[0, 1, -1], [0, 1, -1], [-1, -1, -1]]
+    assert reader.vocab_ids() == [4, 2, 6, 8]
+
+
+def test_marker_reader_finds_the_corpus_markers_and_the_prompt_names_them(small_corpus, tiny_stage1, tiny_lm,
+                                                                          tmp_path):
+    """bridge.markers: fitted on the training cells' log1p values (the demo's encoding), the reader picks exactly
+    the corpus's stored top-20 markers of val cells; each prompt, in training and at inference, names the first 3
+    with their NCBI names; eval's `language.reader` scores them."""
+    from scmm.data_pipeline.encoding import CellEncoding
+    from scmm.data_pipeline.fact_text import marker_context
+    from scmm.data_pipeline.loader import CorpusLoader, LoaderConfig
+    from scmm.data_pipeline.vocab import GeneVocab
+    from scmm.eval.language import reader_metrics, split_facts
+    torch.set_num_threads(1)
+    assert CellEncoding.load(tiny_stage1).n_bins == 0
+    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path, {"markers": True})
+    assert model.reader is None and len(model.marker_genes) == len(corpus.gene_symbols)
+    vocab = GeneVocab.load(tiny_stage1 / "cell_tower" / "vocab.json")
+
+    def cells(split):
+        return CorpusLoader(corpus, split, LoaderConfig.inference(64), CellEncoding.load(tiny_stage1), vocab,
+                            training=False)
+    fit = model.fit_readers(cells("train"), pairs.program_scores)
+    assert set(fit) == {"markers"} and fit["markers"]["n_cells"] == corpus.manifest["splits"]["train"]
+    val = split_facts(corpus, "val")
+    stored = dict(zip(val.cell_ids, val.marker_symbols(20)))
+    batch = next(iter(cells("val")))
+    picked = model.predict_markers(batch, k=20)
+    assert sum(len(p) for p in picked) > 0
+    for cid, genes in zip(batch["cell_id"], picked):
+        assert [s for s, _ in genes] == stored[str(cid)], cid
+    first = model.predict_markers(batch)[0]
+    assert model.cell_contexts(batch)[0] == marker_context(first)
+    assert all(name for _, name in first)  # the fixture's genes all have NCBI names
+    train = next(iter(cells("train")))
+    pairs.contexts = dict(zip(train["cell_id"], model.cell_contexts(train)))
+    one = {k: train[k][:1] for k in ("gene_ids", "values", "padding_mask", "cell_id", "text")}
+    assert pairs.contexts[train["cell_id"][0]] in model.tokenizer.decode(pairs(one, 0, 0)["c2t"]["input_ids"][0])
+    assert reader_metrics(model, corpus, "val", val) == {"marker_precision": 1.0}
 
 
 def test_answer_mean_counts_each_answer_once(small_corpus, tiny_stage1, tiny_lm, tmp_path):
@@ -426,15 +487,16 @@ def test_save_reload_gives_identical_generation_and_pseudocells(trained_stage2, 
     assert not np.array_equal(xa, a.generate_pseudocells(texts, 3, seed=8))
 
 
-@pytest.mark.parametrize("programs", [False, True])
-def test_reloaded_model_equals_the_trained_one(small_corpus, tiny_stage1, tiny_lm, tmp_path, programs):
+@pytest.mark.parametrize("programs,markers", [(False, False), (True, False), (False, True)])
+def test_reloaded_model_equals_the_trained_one(small_corpus, tiny_stage1, tiny_lm, tmp_path, programs, markers):
     """What the trainer holds and what from_pretrained rebuilds give the same losses and pseudo-cells (and, with
-    bridge.programs, the same program predictions)."""
+    bridge.programs / bridge.markers, the same program predictions / marker genes and prompts)."""
     from scmm.model.stage2 import LOSSES, Stage2Model
-    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path, {"programs": programs})
+    cfg, corpus, model, pairs = _build(small_corpus, tiny_stage1, tiny_lm, tmp_path,
+                                       {"programs": programs, "markers": markers})
     raw = _loader_batch(corpus, tiny_stage1)
-    if programs:
-        model.fit_reader([raw], pairs.program_scores)
+    if programs or markers:
+        model.fit_readers([raw], pairs.program_scores)
     batch = pairs(raw, 0, 0)
     _fit(model, batch, steps=2, lr=1e-2)
     model.save_pretrained(tmp_path / "out")
@@ -447,6 +509,10 @@ def test_reloaded_model_equals_the_trained_one(small_corpus, tiny_stage1, tiny_l
     if programs:
         assert back.program_names == corpus.facts["programs"]["names"]
         np.testing.assert_allclose(back.predict_programs(raw), model.predict_programs(raw), rtol=1e-6, atol=1e-7)
+    if markers:
+        assert back.reader is None and back.predict_markers(raw) == model.predict_markers(raw)
+        assert any(model.predict_markers(raw))
+    assert back.cell_prompts(raw, "Describe it.") == model.cell_prompts(raw, "Describe it.")
     np.testing.assert_allclose(model.generate_pseudocells(["a B cell"], 2, seed=1),
                                back.generate_pseudocells(["a B cell"], 2, seed=1), rtol=1e-5, atol=1e-6)
 
