@@ -35,11 +35,16 @@ FIGURES = {"answers (free)": ("generation", "type_accuracy"),
            "  type-template baseline": ("language", "program_claims", "baseline_f1_within_type"),
            "marker claims precision": ("language", "marker_claims", "precision"),
            "  type-template baseline ": ("language", "marker_claims", "baseline_precision"),
+           "named symbols not in the vocabulary": ("language", "marker_claims", "unknown_rate"),
+           "answers to the genes question: precision": ("language", "answers", "marker_claims", "precision"),
            "search by program AUROC": ("language", "search", "auroc"),
            "search by program AUROC within type": ("language", "search", "auroc_within_type"),
            "text-to-cell program AUROC": ("language", "text_to_cell", "auroc"),
            "the LLM's 3 likeliest programs: precision": ("language", "answers", "ranked_programs", "precision"),
-           "  chance": ("language", "answers", "ranked_programs", "chance")}
+           "  chance": ("language", "answers", "ranked_programs", "chance"),
+           # what the prompt is told with bridge.programs / bridge.markers (NaN without them)
+           "program reader AUROC": ("language", "reader", "auroc"),
+           "marker reader precision": ("language", "reader", "marker_precision")}
 
 
 def figure(metrics: dict, path: tuple[str, ...]) -> float:
