@@ -116,6 +116,11 @@ def join_list(items: Sequence[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def gene_list(genes: Sequence[tuple[str, str | None]]) -> str:
+    """(symbol, full name or None) pairs as captions write them: "LYZ (lysozyme) and CD74 (CD74 molecule)"."""
+    return join_list([f"{s} ({display_name(n)})" if n else s for s, n in genes])
+
+
 def fact_template_index(key: str) -> int:
     """Phrasing of the cell-specific sentence for ``key`` (salted so it does not follow the label template)."""
     digest = hashlib.sha256(f"facts\x1f{key}".encode()).digest()
@@ -126,7 +131,7 @@ def fact_sentence(programs: Sequence[str], genes: Sequence[tuple[str, str | None
     """The cell-specific sentence: ``programs`` are hallmark set names, ``genes`` (symbol, full name or None).
     Empty when there is nothing to say; a clause with nothing in it is left out."""
     p = join_list([PROGRAM_PHRASES.get(n, n) for n in programs])
-    g = join_list([f"{s} ({display_name(n)})" if n else s for s, n in genes])
+    g = gene_list(genes)
     t = FACT_TEMPLATES[template]
     if p and g:
         return t.text.format(programs=p, genes=g)
@@ -151,7 +156,7 @@ def marker_context(genes: Sequence[tuple[str, str | None]]) -> str:
     over-expressed in it: LYZ (lysozyme) and CD74 (CD74 molecule)." ("" for none)."""
     if not genes:
         return ""
-    return f"Genes over-expressed in it: {join_list([f'{s} ({display_name(n)})' if n else s for s, n in genes])}."
+    return f"Genes over-expressed in it: {gene_list(genes)}."
 
 
 FACT_VIEW_PARTS = ("programs and genes", "programs", "genes")
